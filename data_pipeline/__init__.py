@@ -1,0 +1,1 @@
+"""Data pipeline: read sources, normalise formats, tokenize with label masks, pack, load."""

@@ -1,0 +1,31 @@
+"""Train: `deepspeed launch/train.py +exp=medical [overrides]`.
+
+Works the same under `deepspeed` (which adds --local_rank=N), `torchrun`, `srun` (SLURM_PROCID...)
+and plain `python` (world size 1). `--cfg job` prints the composed config and trains nothing.
+"""
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.config import check_overrides, register_configs, to_config
+from trainer.distributed import strip_launcher_args
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    config = to_config(cfg)
+    from trainer.loop import fit  # heavy imports (torch, deepspeed) only once the config is valid
+
+    fit(config)
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    register_configs()
+    check_overrides(CONF_DIR, sys.argv[1:])
+    main()

@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO-3 full-parameter trainer: config, model, loop, checkpoints, tracking."""

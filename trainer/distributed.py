@@ -1,0 +1,140 @@
+"""Process-group setup for every launcher: deepspeed, torchrun, srun and plain python.
+
+Launchers disagree on how they say who a process is. deepspeed and torchrun set RANK/WORLD_SIZE/
+LOCAL_RANK (deepspeed also passes --local_rank=N, newer launchers --local-rank=N); srun alone sets
+SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NUM_TASKS; plain python sets nothing and is world size 1.
+`init` maps all of them onto the torch.distributed environment variables, then starts DeepSpeed's
+communication backend (NCCL on GPUs, gloo on CPU) with a collective timeout, so a dead peer turns
+into an error instead of a hang.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import socket
+import subprocess
+import warnings
+from dataclasses import dataclass
+from typing import List
+
+log = logging.getLogger("trainer")
+
+_LAUNCHER_ARG = re.compile(r"^--local[-_]rank(=\d+)?$")
+
+
+def strip_launcher_args(argv: List[str]) -> List[str]:
+    """Drop --local_rank=N / --local-rank=N (and a separate value after them) so Hydra sees only
+    overrides. The rank itself is read from the environment."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if _LAUNCHER_ARG.match(arg):
+            if "=" not in arg:
+                local_rank = argv[i + 1] if i + 1 < len(argv) else "0"
+                os.environ.setdefault("LOCAL_RANK", local_rank)
+                skip = True
+            else:
+                os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            continue
+        out.append(arg)
+    return out
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    on_gpu: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env_from_slurm() -> None:
+    """srun without torchrun: one task per process, rank from SLURM_PROCID."""
+    env = os.environ
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
+    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
+    if "MASTER_ADDR" not in env:
+        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
+                               capture_output=True, text=True, check=True).stdout.split()
+        env["MASTER_ADDR"] = nodes[0]
+    # A port every task derives alike from the job id, away from the ephemeral range.
+    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+def init(timeout_s: int) -> DistInfo:
+    """Initialise torch.distributed through DeepSpeed for whichever launcher started us."""
+    import deepspeed
+    import torch
+
+    env = os.environ
+    if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        _env_from_slurm()
+    if "RANK" not in env:  # plain `python launch/train.py`
+        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=env.get("MASTER_PORT", str(_free_port())))
+    env.setdefault("LOCAL_RANK", "0")
+    on_gpu = torch.cuda.is_available()
+    local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
+    if on_gpu:
+        torch.cuda.set_device(int(env["LOCAL_RANK"]))
+        env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    else:
+        # CPU ranks share the cores; oversubscribing threads makes every rank slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
+                               timeout=datetime.timedelta(seconds=timeout_s))
+    return DistInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]),
+                    local_world_size=local_world, on_gpu=on_gpu)
+
+
+def all_reduce_sum(values: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
+    """Sum a small tensor over all ranks (in place) and return it."""
+    import torch.distributed as dist
+
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly; a gloo group left to interpreter exit can abort the process."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def setup_logging(rank: int) -> None:
+    """Rank 0 logs INFO; other ranks only warnings and errors (no per-rank spam)."""
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", force=True)
+    # DeepSpeed calls torch collectives that torch has renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*", category=FutureWarning)
+    logging.getLogger("trainer.ranks").setLevel(logging.INFO)  # the few lines every rank must say
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

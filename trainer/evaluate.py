@@ -1,0 +1,49 @@
+"""Held-out evaluation: token-weighted loss and perplexity per named set.
+
+Under ZeRO-3 every forward is collective (parameters are gathered layer by layer), so every rank
+runs the same number of forwards; a rank with no rows left runs a fully masked row that adds
+nothing to the sums.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+
+from data_pipeline.dataset import PackedData
+from data_pipeline.packing import IGNORE
+from trainer import distributed
+from trainer.loss import supervised_tokens, token_loss_sum
+
+
+@torch.no_grad()
+def evaluate(engine, sets: Dict[str, PackedData], micro_batch_size: int, rank: int, world_size: int,
+             device: torch.device) -> Dict[str, float]:
+    metrics: Dict[str, float] = {}
+    was_training = engine.module.training
+    engine.eval()
+    for name, data in sets.items():
+        per_round = micro_batch_size * world_size
+        rounds = math.ceil(len(data) / per_round)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for r in range(rounds):
+            idx = [i for i in range(r * per_round + rank * micro_batch_size, r * per_round + (rank + 1) * micro_batch_size)
+                   if i < len(data)]
+            real = bool(idx)
+            idx = idx or [0]
+            labels = torch.from_numpy(data.labels[idx])
+            if not real:
+                labels = torch.full_like(labels, IGNORE)
+            out = engine(input_ids=torch.from_numpy(data.input_ids[idx]).to(device),
+                         position_ids=torch.from_numpy(data.position_ids[idx]).to(device), use_cache=False)
+            sums[0] += token_loss_sum(out.logits, labels).double().cpu()
+            sums[1] += supervised_tokens(labels)
+        distributed.all_reduce_sum(sums)
+        loss = (sums[0] / sums[1].clamp(min=1)).item()
+        metrics[f"eval/{name}/loss"] = loss
+        metrics[f"eval/{name}/ppl"] = math.exp(min(loss, 50.0))
+    if was_training:
+        engine.train()
+    return metrics

@@ -1,0 +1,182 @@
+"""The training loop: build everything, then `fit` runs steps until trainer.max_steps.
+
+Read top to bottom: set up ranks -> data -> model under ZeRO-3 -> DeepSpeed engine -> resume ->
+steps (log, eval, save) -> final save and Hugging Face export. Checkpointing, evaluation and
+tracking are objects the loop calls at one point each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import random
+import resource
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import torch
+
+from data_pipeline.dataset import build_packed
+from data_pipeline.loader import StepLoader
+from trainer import distributed
+from trainer.checkpoint import Checkpointer, TrainState, export_hf
+from trainer.config import Config, redact
+from trainer.deepspeed_config import build_deepspeed_config
+from trainer.evaluate import evaluate
+from trainer.loss import backward_scale, supervised_tokens, token_loss_sum
+from trainer.model import build_model, count_parameters
+from trainer.optim import build_optimizer
+from trainer.tokenizer import load_tokenizer
+from trainer.tracking import Tracker
+
+log = logging.getLogger("trainer")
+
+
+def fit(cfg: Config) -> None:
+    dist = distributed.init(cfg.trainer.dist_timeout_s)
+    distributed.setup_logging(dist.rank)
+    t = cfg.trainer
+    config_tree = redact(dataclasses.asdict(cfg))
+    _announce_config(config_tree, cfg.output_dir, dist)
+    _seed_everything(t.seed)
+
+    # Data. One process per node trains the tokenizer (if any) before the others load it.
+    if dist.local_rank == 0:
+        tokenizer = load_tokenizer(cfg.model)
+    distributed.barrier()
+    if dist.local_rank != 0:
+        tokenizer = load_tokenizer(cfg.model)
+    d = cfg.data
+    train_data = build_packed(d.path, d.format, cfg.stage.name, tokenizer, d.seq_len, d.on_error, d.overlong)
+    eval_sets = {name: build_packed(path, "auto", cfg.stage.name, tokenizer, d.seq_len, d.on_error, d.overlong)
+                 for name, path in cfg.eval.sets.items()}
+
+    # Model, partitioned at construction, and the engine around it.
+    import deepspeed
+
+    ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
+    model = build_model(cfg.model, t, ds_config, tokenizer, d.seq_len)
+    optimizer, scheduler = build_optimizer(model, t, cpu_offload=cfg.deepspeed.offload_optimizer != "none")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    device = engine.device
+
+    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank)
+    state = checkpointer.resume(engine)
+    tracker = Tracker(cfg.logger, cfg.output_dir, cfg.exp_name, config_tree, state.step, enabled=dist.is_main)
+    loader = StepLoader(train_data, t.micro_batch_size, t.grad_accum_steps, dist.rank, dist.world_size, t.seed)
+    log.info("%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
+             f"{count_parameters(engine.module):,}", dist.world_size, len(train_data), d.seq_len,
+             loader.rows_per_step, state.step, t.max_steps)
+
+    if state.step == 0 and eval_sets and cfg.eval.at_start:
+        scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+        tracker.log(0, scores)
+        log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
+    first_step = True
+    while state.step < t.max_steps:
+        started = time.perf_counter()
+        metrics = train_step(engine, loader.micro_batches(state.step), dist.world_size, device,
+                             check_grads=first_step)
+        first_step = False
+        state.step += 1
+        state.tokens_seen += int(metrics.pop("tokens"))
+        state.supervised_tokens_seen += int(metrics.pop("supervised_tokens"))
+        elapsed = time.perf_counter() - started
+        last = state.step == t.max_steps
+        if state.step % t.log_every_steps == 0 or last:
+            metrics.update({"train/tokens_seen": state.tokens_seen,
+                            "train/supervised_tokens_seen": state.supervised_tokens_seen,
+                            "perf/step_time_s": elapsed,
+                            "perf/tokens_per_s": metrics.pop("step_tokens") / elapsed,
+                            "perf/peak_mem_gb": _peak_memory_gb(dist.on_gpu)})
+            tracker.log(state.step, metrics)
+            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s", state.step, t.max_steps,
+                     metrics["train/loss"], metrics["train/lr"], metrics["train/grad_norm"],
+                     metrics["perf/tokens_per_s"])
+        if eval_sets and ((t.eval_every_steps and state.step % t.eval_every_steps == 0) or last):
+            scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+            tracker.log(state.step, scores)
+            log.info("eval at step %d: %s", state.step, {k: round(v, 4) for k, v in scores.items()})
+        if (t.save_every_steps and state.step % t.save_every_steps == 0) or last:
+            checkpointer.save(engine, state)
+
+    if t.export_hf:
+        export_hf(engine, tokenizer, str(Path(cfg.output_dir) / "hf"), dist.rank)
+    tracker.close()
+    log.info("done: %d steps, outputs in %s", state.step, cfg.output_dir)
+    distributed.shutdown()
+
+
+def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
+               check_grads: bool) -> Dict[str, float]:
+    """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
+    token of the step on all ranks (see trainer/loss.py)."""
+    counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
+                           for b in micro_batches], dtype=torch.float64).sum(0)
+    distributed.all_reduce_sum(counts)
+    step_supervised, step_real, step_slots = (float(c) for c in counts)
+    scale = backward_scale(int(step_supervised), world_size)
+    lr = engine.get_lr()[0]
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for batch in micro_batches:
+        out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                     use_cache=False)
+        loss = token_loss_sum(out.logits, batch["labels"])
+        engine.backward(loss * scale, scale_wrt_gas=False)
+        if check_grads and engine.is_gradient_accumulation_boundary():
+            _check_every_parameter_has_a_gradient(engine)
+        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        loss_sum += loss.detach().double().cpu()
+    distributed.all_reduce_sum(loss_sum)
+    grad_norm = engine.get_global_grad_norm()
+    return {"train/loss": float(loss_sum) / max(step_supervised, 1.0),
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "data/packing_efficiency": step_real / step_slots,
+            "data/supervised_token_fraction": step_supervised / step_slots,
+            "tokens": step_real, "supervised_tokens": step_supervised, "step_tokens": step_real}
+
+
+def _check_every_parameter_has_a_gradient(engine) -> None:
+    """Fail loudly after the first backward if a trainable parameter got no gradient anywhere
+    (unused layer, a model-code bug, a checkpointing mode that drops the graph)."""
+    from deepspeed.utils import safe_get_local_grad
+
+    params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    norms = torch.zeros(len(params), dtype=torch.float64)
+    for i, (_, p) in enumerate(params):
+        g = safe_get_local_grad(p)
+        if g is not None:
+            norms[i] = g.detach().double().pow(2).sum().cpu()
+    distributed.all_reduce_sum(norms)
+    missing = [n for (n, _), v in zip(params, norms.tolist()) if v == 0.0]
+    if missing:
+        raise RuntimeError(f"{len(missing)} trainable parameters received no gradient in the first step: "
+                           f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Check activation checkpointing "
+                           "(trainer.activation_checkpointing) and the model code.")
+
+
+def _announce_config(config_tree: dict, output_dir: str, dist) -> None:
+    """Every rank logs the config hash (equal hashes = every rank runs the same config); rank 0 writes
+    the resolved, redacted config to output_dir/config.yaml."""
+    from omegaconf import OmegaConf
+
+    digest = hashlib.sha256(json.dumps(config_tree, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    logging.getLogger("trainer.ranks").info("rank %d/%d config hash %s", dist.rank, dist.world_size, digest)
+    if dist.is_main:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_tree)))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _peak_memory_gb(on_gpu: bool) -> float:
+    if on_gpu:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

@@ -1,0 +1,40 @@
+"""Token-exact loss normalisation.
+
+The loss of an optimizer step is the mean over every supervised token in that step: all
+micro-batches, all ranks. Averaging per micro-batch (the common shortcut) weights a token in a
+short-answer batch more than one in a long-answer batch, and makes the gradient depend on how the
+batch is split. Here each micro-batch contributes sum(token losses) / N_step, where N_step is
+counted before the first backward, so bsz 8 x accum 1, bsz 1 x accum 8 and 2 ranks x bsz 4 give
+the same gradient.
+
+DeepSpeed averages gradients over ranks (divides by world size), so the per-rank loss handed to
+backward is multiplied by world size to undo that:
+
+    sum over ranks r of  world * S_r / N_step  / world  =  (sum_r S_r) / N_step
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of next-token cross-entropy over supervised positions (labels shifted left by one)."""
+    logits = logits[:, :-1, :].float()
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+
+
+def supervised_tokens(labels: torch.Tensor) -> int:
+    """Positions that contribute to token_loss_sum."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def backward_scale(step_tokens: int, world_size: int) -> float:
+    """Factor turning a rank's token_loss_sum into its share of the step's mean loss, given that
+    DeepSpeed averages gradients over `world_size` ranks."""
+    return world_size / max(step_tokens, 1)
