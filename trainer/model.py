@@ -31,19 +31,23 @@ def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, A
         if not (Path(cfg.name_or_path) / "config.json").is_file():
             raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r} is not a local Hugging Face model "
                                     "directory (no config.json); download the model once and point at it")
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=cfg.attn_implementation)
+        hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     else:
         hf_config = AutoConfig.for_model(cfg.model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                          **cfg.arch)
+    max_pos = getattr(hf_config, "max_position_embeddings", None)
+    if max_pos is not None and seq_len > max_pos:
+        raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
+    if cfg.name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype,
+                                                     trust_remote_code=cfg.trust_remote_code,
+                                                     attn_implementation=cfg.attn_implementation)
+    else:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
     model.config.use_cache = False  # a KV cache breaks packed-document isolation and wastes memory
     if trainer.activation_checkpointing != "none":
         every = trainer.activation_checkpointing_every_n if trainer.activation_checkpointing == "every_n" else 1

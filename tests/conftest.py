@@ -1,0 +1,67 @@
+"""Shared helpers: launch the real entry point the way a user would, and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def launcher_cmd(launcher: str, nproc: int = 2) -> List[str]:
+    if launcher == "deepspeed":
+        return [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(_port()), "launch/train.py"]
+    if launcher == "torchrun":
+        return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()), "launch/train.py"]
+    return [sys.executable, "launch/train.py"]
+
+
+def _port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# Small, quick runs: the embedded tiny model on the bundled medical QA pairs.
+QUICK = ["+exp=medical", "logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
+
+
+def run_train(launcher: str, overrides: List[str], nproc: int = 2, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    return subprocess.run(launcher_cmd(launcher, nproc) + overrides, cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)
+
+
+def read_metrics(output_dir: Path) -> List[Dict]:
+    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def series(rows: List[Dict], key: str) -> Dict[int, float]:
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def check(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """The tiny model's sentencepiece tokenizer, trained (or loaded from cache) as a run would."""
+    from hydra import compose, initialize_config_dir
+
+    from trainer.config import register_configs, to_config
+    from trainer.tokenizer import load_tokenizer
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=["+exp=medical"]))
+    return load_tokenizer(cfg.model)

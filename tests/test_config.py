@@ -1,0 +1,87 @@
+"""Config tier: every file under conf/ composes into the typed schema; mistakes fail at compose time
+with a message that names the valid keys."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from trainer.config import Config, register_configs, to_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ("model", "data", "stage", "deepspeed", "regularizer", "logger")
+
+
+def all_conf_files():
+    files = sorted(p.relative_to(CONF) for p in CONF.rglob("*.yaml"))
+    assert files, "no config files found"
+    return files
+
+
+def overrides_for(rel: Path):
+    if rel.parts[0] == "exp":
+        return [f"+exp={rel.with_suffix('').relative_to('exp').as_posix()}"]
+    if rel.parts[0] in GROUPS:
+        return [f"{rel.parts[0]}={rel.with_suffix('').relative_to(rel.parts[0]).as_posix()}"]
+    assert rel == Path("config.yaml"), f"{rel}: a conf file outside the known groups {GROUPS} + exp/"
+    return []
+
+
+@pytest.mark.parametrize("rel", all_conf_files(), ids=str)
+def test_every_conf_file_composes_into_the_schema(rel):
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides_for(rel))
+    config = to_config(cfg)
+    assert isinstance(config, Config)
+    if rel.parts[0] in GROUPS:  # the file was really selected, not silently ignored
+        assert getattr(config, rel.parts[0]) is not None
+
+
+def test_every_group_has_a_yaml_for_its_default_and_exp_medical_exists():
+    for group in GROUPS:
+        assert list((CONF / group).glob("*.yaml")), group
+    assert (CONF / "exp" / "medical.yaml").read_text().startswith("# @package _global_")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_typo_fails_before_any_model_is_built_and_names_the_valid_keys():
+    proc = run_cli("+exp=medical", "trainer.max_stpes=3")
+    assert proc.returncode != 0
+    err = proc.stderr
+    assert "trainer.max_stpes" in err and "max_steps" in err and "micro_batch_size" in err, err
+    assert "Did you mean 'trainer.max_steps'" in err
+    assert "parameters" not in proc.stdout + err  # nothing was built
+
+
+def test_wrong_type_fails_naming_the_key():
+    proc = run_cli("trainer.lr=fast")
+    assert proc.returncode != 0
+    assert "trainer.lr" in proc.stderr and "fast" in proc.stderr
+
+
+def test_cross_field_check_says_what_to_change():
+    proc = run_cli("trainer.activation_checkpointing=sometimes")
+    assert proc.returncode != 0
+    assert "trainer.activation_checkpointing='sometimes'" in proc.stderr and "every_n" in proc.stderr
+
+
+def test_cfg_job_prints_the_composed_config_without_training():
+    proc = run_cli("+exp=medical", "trainer.max_steps=7", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "max_steps: 7" in proc.stdout and "exp_name: medical" in proc.stdout and "name: instruct" in proc.stdout
+
+
+def test_output_dir_is_one_fixed_path_not_a_timestamp():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = to_config(compose(config_name="config", overrides=["+exp=medical"]))
+    assert cfg.output_dir == "outputs/medical"
