@@ -106,25 +106,47 @@ def test_sigkill_of_one_rank_ends_the_job_and_rerun_resumes_exactly(straight_run
     assert steps == list(range(1, 21)), "metrics.jsonl has a gap or a duplicate step"
 
 
-def test_launchers_and_batch_layouts_agree(straight_run, tmp_path):
+ONE_RANK = QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=8", "trainer.export_hf=false"]
+
+
+@pytest.fixture(scope="module")
+def python_run(tmp_path_factory):
+    """Plain `python` (world size 1), micro-batch 8: the same 8 rows per step as the 2-rank runs."""
+    out = tmp_path_factory.mktemp("python")
+    proc = run_train("python", ONE_RANK + [f"output_dir={out}"])
+    check(proc)
+    return out, proc
+
+
+@pytest.mark.parametrize("override", ["trainer.activation_checkpointing=full",
+                                      "trainer.activation_checkpointing=every_n",
+                                      "deepspeed=zero3_offload"])
+def test_checkpointing_and_offload_train_the_same_model(python_run, tmp_path, override):
+    """Activation checkpointing recomputes the same activations and CPU offload runs the same Adam
+    (DeepSpeedCPUAdam): the per-step losses match the plain run."""
+    check(run_train("python", ONE_RANK + [override, f"output_dir={tmp_path}"]))
+    ours, ref = series(read_metrics(tmp_path), "train/loss"), series(read_metrics(python_run[0]), "train/loss")
+    assert sorted(ours) == [1, 2]
+    for step in ours:
+        assert abs(ours[step] - ref[step]) <= 1e-5 * ref[step], (step, ours[step], ref[step])
+
+
+def test_launchers_and_batch_layouts_agree(straight_run, python_run, tmp_path):
     """The same entry point under torchrun (2 ranks, micro 2 x accum 2) and python (1 rank, micro 8)
     trains on the same 8 rows per step as deepspeed (2 ranks x micro 4), so step 1's loss and
     gradient norm agree: the loss is normalised over the whole step."""
     ref = read_metrics(straight_run[0])
-    runs = {
-        "torchrun": run_train("torchrun", QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=2",
-                                                   "trainer.grad_accum_steps=2", f"output_dir={tmp_path / 'tr'}",
-                                                   "trainer.export_hf=false"]),
-        "python": run_train("python", QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=8",
-                                               f"output_dir={tmp_path / 'py'}", "trainer.export_hf=false"]),
-    }
-    for name, proc in runs.items():
-        check(proc)
-        rows = read_metrics(tmp_path / ("tr" if name == "torchrun" else "py"))
+    torchrun = run_train("torchrun", QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=2",
+                                              "trainer.grad_accum_steps=2", f"output_dir={tmp_path}",
+                                              "trainer.export_hf=false"])
+    check(torchrun)
+    for name, out in (("torchrun", tmp_path), ("python", python_run[0])):
+        rows = read_metrics(out)
         for key in ("train/loss", "train/grad_norm"):
             ours, theirs = series(rows, key)[1], series(ref, key)[1]
             assert abs(ours - theirs) <= 1e-4 * abs(theirs), (name, key, ours, theirs)
-    assert "rank 0/1 config hash" in runs["python"].stdout + runs["python"].stderr
+    assert "rank 0/1 config hash" in python_run[1].stdout + python_run[1].stderr
+    assert "rank 1/2 config hash" in torchrun.stdout + torchrun.stderr
 
 
 def test_tied_embeddings_export_keeps_the_tie(tmp_path):

@@ -49,6 +49,9 @@ def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, A
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # a KV cache breaks packed-document isolation and wastes memory
+    if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():
+        raise ValueError("trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
+                         "on CPU they are already there: use trainer.activation_checkpointing=full")
     if trainer.activation_checkpointing != "none":
         every = trainer.activation_checkpointing_every_n if trainer.activation_checkpointing == "every_n" else 1
         # Non-reentrant checkpointing: works with ZeRO-3's parameter hooks and frozen inputs.
