@@ -37,7 +37,7 @@ def test_invalid_json_line_is_reported_with_its_line(tmp_path, tiny_tokenizer):
     f = tmp_path / "d.jsonl"
     good = json.dumps({"instruction": "What is a fever?", "output": "A raised body temperature."})
     f.write_text(good + "\n{broken\n" + good + "\n")
-    with pytest.raises(DataError, match=rf"{f}:2: not valid JSON.*data.on_error=skip"):
+    with pytest.raises(DataError, match=rf"(?s){f}:2: not valid JSON.*data.on_error=skip"):
         build_packed(str(f), "auto", "sft", tiny_tokenizer, 128)
     packed = build_packed(str(f), "auto", "sft", tiny_tokenizer, 128, on_error="skip")
     assert packed.stats["skipped_malformed"] == 1 and packed.stats["samples"] == 2

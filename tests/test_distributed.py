@@ -17,7 +17,7 @@ from conftest import QUICK, ROOT, check, launcher_cmd, read_metrics, run_train, 
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
-STRAIGHT = QUICK + ["trainer.max_steps=20", "trainer.save_every_steps=10", "trainer.eval_every_steps=10"]
+STRAIGHT = QUICK + ["trainer.max_steps=20", "trainer.save_every_steps=5", "trainer.eval_every_steps=10"]
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,9 @@ def test_loss_decreases_and_outputs_are_complete(straight_run):
         assert (out / name).exists(), name
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     assert (out / "checkpoints/latest").read_text() == "step_00000020"
-    # keep_last=2 pruned nothing yet (10 and 20), and both are complete
-    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000010", "step_00000020"]
-    assert all((out / "checkpoints" / t / "COMPLETE").exists() for t in ("step_00000010", "step_00000020"))
+    # saved at 5, 10, 15, 20; keep_last=2 pruned the first two; what is kept is complete
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
+    assert all((out / "checkpoints" / t / "COMPLETE").exists() for t in ("step_00000015", "step_00000020"))
     # every rank logged the same config hash
     hashes = {line.split("config hash ")[1].split()[0] for line in (proc.stdout + proc.stderr).splitlines()
               if "config hash" in line}

@@ -73,6 +73,12 @@ def trained_tokenizer_dir(cfg: ModelConfig) -> Path:
     """Train (once) and cache a sentencepiece BPE tokenizer on cfg.tokenizer_corpus."""
     import sentencepiece
 
+    missing = [f for f in cfg.tokenizer_corpus if not Path(f).is_file()]
+    if missing or not cfg.tokenizer_corpus:
+        raise FileNotFoundError(
+            f"model.tokenizer_corpus: {missing or 'empty list'} not found; the tiny model trains its tokenizer "
+            "on these files. Point model.tokenizer_corpus at existing text/jsonl files (the bundled samples "
+            "live in data_pipeline/samples/) or set model.name_or_path to a local Hugging Face directory.")
     digest = hashlib.sha256(f"{cfg.tokenizer_vocab_size}|{sentencepiece.__version__}|v1".encode())
     for file in cfg.tokenizer_corpus:
         digest.update(Path(file).read_bytes())
