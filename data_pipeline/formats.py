@@ -71,14 +71,19 @@ def normalise(record: Record, fmt: str) -> Example:
             raise DataError(f"{where}: field 'text' is empty")
         return Example(where, text=text)
     if fmt == "completion":
-        return Example(where, prompt=_str_field(data, "prompt", where, fmt),
-                       text=_str_field(data, "completion", where, fmt))
+        completion = _str_field(data, "completion", where, fmt)
+        if not completion.strip():
+            raise DataError(f"{where}: field 'completion' is empty; there is nothing to learn")
+        return Example(where, prompt=_str_field(data, "prompt", where, fmt), text=completion)
     if fmt == "alpaca":
         instruction = _str_field(data, "instruction", where, fmt)
         extra = _str_field(data, "input", where, fmt, required=False)
         messages = [{"role": "system", "content": _str_field(data, "system", where, fmt)}] if data.get("system") else []
         messages.append({"role": "user", "content": f"{instruction}\n\n{extra}" if extra.strip() else instruction})
-        messages.append({"role": "assistant", "content": _str_field(data, "output", where, fmt)})
+        output = _str_field(data, "output", where, fmt)
+        if not output.strip():
+            raise DataError(f"{where}: field 'output' is empty; there is nothing to learn")
+        messages.append({"role": "assistant", "content": output})
         return Example(where, messages=messages)
     if fmt == "sharegpt":
         turns = data.get("conversations")
@@ -99,6 +104,6 @@ def normalise(record: Record, fmt: str) -> Example:
             raise DataError(f"{where}: {key}[{i}] must have '{role_key}' (system/user/assistant"
                             f"{'/human/gpt' if fmt == 'sharegpt' else ''}) and a string '{content_key}', got {turn!r:.120}")
         messages.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise DataError(f"{where}: field '{key}' has no assistant turn to learn from")
+    if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+        raise DataError(f"{where}: field '{key}' has no non-empty assistant turn to learn from")
     return Example(where, messages=messages)

@@ -52,29 +52,70 @@ class ModelConfig:
             raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: use one of {allowed}")
 
 
+FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completion", "text")
+
+
+@dataclass
+class SourceConfig:
+    """A further training source mixed with the main one (`data.sources.<name>` in YAML)."""
+    path: str = MISSING
+    """File, directory or saved dataset, as data.path."""
+    format: str = "auto"
+    """auto | alpaca | sharegpt | messages | completion | text."""
+    weight: float = 1.0
+    """Share of training tokens, relative to data.weight and the other sources' weights."""
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"data.sources.*.format={self.format!r}: use one of {FORMATS}")
+        if self.weight < 0:
+            raise ValueError(f"data.sources.*.weight={self.weight}: must be >= 0")
+
+
 @dataclass
 class DataConfig:
     path: str = MISSING
-    """Main training source: a file (.jsonl/.json/.txt) or a directory of them."""
+    """Main training source: a .jsonl/.json/.txt/.md/.parquet/.csv file, a directory of them, or a
+    dataset saved with `datasets.save_to_disk`."""
+    name: str = "main"
+    """Name of the main source in per-source metrics (train/<name>/loss)."""
     format: str = "auto"
     """auto | alpaca | sharegpt | messages | completion | text."""
+    weight: float = 1.0
+    """Share of training tokens of the main source, relative to the weights in `sources`."""
+    sources: Dict[str, SourceConfig] = field(default_factory=dict)
+    """Further sources mixed in by tokens: name -> {path, format, weight}."""
+    split: str = "train"
+    """Split to read from a saved DatasetDict."""
     on_error: str = "raise"
-    """raise: a malformed record stops with file:line; skip: skip it and count it."""
+    """raise: a malformed record stops with file:line; skip: skip it and count it (in the manifest)."""
     seq_len: int = 512
     """Tokens per packed row."""
-    overlong: str = "truncate"
-    """What to do with a sample longer than seq_len: truncate | drop (| split for pretraining)."""
+    overlong: str = "auto"
+    """A sample longer than seq_len: truncate | drop | split (pretraining only); auto = split for
+    pretraining, truncate otherwise. Every case is counted in the manifest."""
+    packing: bool = True
+    """Pack several samples per row (attention isolated per document). False: one sample per row,
+    padded; costs compute, kept as a baseline and for attention kernels that cannot isolate."""
+    cache_dir: Optional[str] = None
+    """Where prepared data lives (on a filesystem every node sees); None = $FULLFT_CACHE/data or
+    ~/.cache/fullft/data."""
+    prepare_timeout_s: float = 7200.0
+    """How long ranks wait for another process to finish preparing the data."""
 
     def __post_init__(self) -> None:
-        formats = ("auto", "alpaca", "sharegpt", "messages", "completion", "text")
-        if self.format not in formats:
-            raise ValueError(f"data.format={self.format!r}: use one of {formats}")
+        if self.format not in FORMATS:
+            raise ValueError(f"data.format={self.format!r}: use one of {FORMATS}")
         if self.on_error not in ("raise", "skip"):
             raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
-        if self.overlong not in ("truncate", "drop", "split"):
-            raise ValueError(f"data.overlong={self.overlong!r}: use truncate, drop or split")
+        if self.overlong not in ("auto", "truncate", "drop", "split"):
+            raise ValueError(f"data.overlong={self.overlong!r}: use auto, truncate, drop or split")
         if self.seq_len < 16:
             raise ValueError(f"data.seq_len={self.seq_len}: must be at least 16")
+        if self.weight < 0 or self.weight + sum(s.weight for s in self.sources.values()) <= 0:
+            raise ValueError("data.weight and data.sources.*.weight must be >= 0 with a positive sum")
+        if self.name in self.sources:
+            raise ValueError(f"data.sources.{self.name}: clashes with the main source's name (data.name)")
 
 
 @dataclass
@@ -82,6 +123,8 @@ class StageConfig:
     name: str = "sft"
     """pretrain: loss on all tokens, documents concatenated; sft: loss on the final answer;
     instruct: loss on every assistant turn."""
+    system_prompt: Optional[str] = None
+    """System turn added to conversations that have none (sft / instruct)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("pretrain", "sft", "instruct"):
@@ -230,6 +273,21 @@ class Config:
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, DataConfig) and isinstance(self.stage, StageConfig):
+            if self.data.overlong == "split" and self.stage.name != "pretrain":
+                raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.name} "
+                                 "needs whole samples: use data.overlong=truncate or drop")
+            if not self.data.packing and self.stage.name == "pretrain":
+                raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
+
+    @property
+    def overlong(self) -> str:
+        """data.overlong with `auto` resolved for the stage."""
+        if self.data.overlong != "auto":
+            return self.data.overlong
+        return "split" if self.stage.name == "pretrain" else "truncate"
 
 
 GROUP_SCHEMAS = {

@@ -12,14 +12,14 @@ from typing import Dict
 
 import torch
 
-from data_pipeline.dataset import PackedData
+from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
 from trainer.loss import supervised_tokens, token_loss_sum
 
 
 @torch.no_grad()
-def evaluate(engine, sets: Dict[str, PackedData], micro_batch_size: int, rank: int, world_size: int,
+def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int, world_size: int,
              device: torch.device) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     was_training = engine.module.training
@@ -33,11 +33,12 @@ def evaluate(engine, sets: Dict[str, PackedData], micro_batch_size: int, rank: i
                    if i < len(data)]
             real = bool(idx)
             idx = idx or [0]
-            labels = torch.from_numpy(data.labels[idx])
+            rows = data.rows(idx)
+            labels = torch.from_numpy(rows["labels"])
             if not real:
                 labels = torch.full_like(labels, IGNORE)
-            out = engine(input_ids=torch.from_numpy(data.input_ids[idx]).to(device),
-                         position_ids=torch.from_numpy(data.position_ids[idx]).to(device), use_cache=False)
+            out = engine(input_ids=torch.from_numpy(rows["input_ids"]).to(device),
+                         position_ids=torch.from_numpy(rows["position_ids"]).to(device), use_cache=False)
             sums[0] += token_loss_sum(out.logits, labels).double().cpu()
             sums[1] += supervised_tokens(labels)
         distributed.all_reduce_sum(sums)

@@ -49,16 +49,15 @@ def fit(cfg: Config) -> None:
     distributed.barrier()
     if dist.local_rank != 0:
         tokenizer = load_tokenizer(cfg.model)
-    d = cfg.data
-    train_data = build_packed(d.path, d.format, cfg.stage.name, tokenizer, d.seq_len, d.on_error, d.overlong)
-    eval_sets = {name: build_packed(path, "auto", cfg.stage.name, tokenizer, d.seq_len, d.on_error, d.overlong)
-                 for name, path in cfg.eval.sets.items()}
+    # Prepared once per cache (the node's first process prepares, the others wait on the filesystem).
+    data = prepare_data(cfg, tokenizer, preparer=dist.local_rank == 0, progress=dist.is_main)
+    eval_sets = data.eval_sets
 
     # Model, partitioned at construction, and the engine around it.
     import deepspeed
 
     ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
-    model = build_model(cfg.model, t, ds_config, tokenizer, d.seq_len)
+    model = build_model(cfg.model, t, ds_config, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
     optimizer, scheduler = build_optimizer(model, t, cpu_offload=cfg.deepspeed.offload_optimizer != "none")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
@@ -66,10 +65,11 @@ def fit(cfg: Config) -> None:
     checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank)
     state = checkpointer.resume(engine)
     tracker = Tracker(cfg.logger, cfg.output_dir, cfg.exp_name, config_tree, state.step, enabled=dist.is_main)
-    loader = StepLoader(train_data, t.micro_batch_size, t.grad_accum_steps, dist.rank, dist.world_size, t.seed)
+    loader = StepLoader(data.sources, data.weights, t.micro_batch_size, t.grad_accum_steps, dist.rank,
+                        dist.world_size, t.seed)
     log.info("%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
-             f"{count_parameters(engine.module):,}", dist.world_size, len(train_data), d.seq_len,
-             loader.rows_per_step, state.step, t.max_steps)
+             f"{count_parameters(engine.module):,}", dist.world_size, sum(len(s) for s in data.sources),
+             cfg.data.seq_len, loader.rows_per_step, state.step, t.max_steps)
 
     if state.step == 0 and eval_sets and cfg.eval.at_start:
         scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
@@ -79,7 +79,7 @@ def fit(cfg: Config) -> None:
     while state.step < t.max_steps:
         started = time.perf_counter()
         metrics = train_step(engine, loader.micro_batches(state.step), dist.world_size, device,
-                             check_grads=first_step)
+                             check_grads=first_step, source_names=data.names)
         first_step = False
         state.step += 1
         state.tokens_seen += int(metrics.pop("tokens"))
@@ -111,28 +111,40 @@ def fit(cfg: Config) -> None:
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
-               check_grads: bool) -> Dict[str, float]:
+               check_grads: bool, source_names: List[str]) -> Dict[str, float]:
     """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
-    token of the step on all ranks (see trainer/loss.py)."""
+    token of the step on all ranks (see trainer/loss.py). With several sources, each one's loss too."""
     counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
                            for b in micro_batches], dtype=torch.float64).sum(0)
     distributed.all_reduce_sum(counts)
     step_supervised, step_real, step_slots = (float(c) for c in counts)
     scale = backward_scale(int(step_supervised), world_size)
     lr = engine.get_lr()[0]
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # Per source: [loss sum, supervised tokens, real tokens]; row 0 of the sums is the whole step.
+    sums = torch.zeros(len(source_names) + 1, 3, dtype=torch.float64)
     for batch in micro_batches:
         out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                      use_cache=False)
-        loss = token_loss_sum(out.logits, batch["labels"])
+        rows = row_loss_sums(out.logits, batch["labels"])
+        loss = rows.sum()
         engine.backward(loss * scale, scale_wrt_gas=False)
         if check_grads and engine.is_gradient_accumulation_boundary():
             _check_every_parameter_has_a_gradient(engine)
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-        loss_sum += loss.detach().double().cpu()
-    distributed.all_reduce_sum(loss_sum)
+        tokens = (batch["labels"][:, 1:] != IGNORE).sum(1).double()
+        sums[1:, 0].index_add_(0, batch["source"], rows.detach().double().cpu())
+        sums[1:, 1].index_add_(0, batch["source"], tokens)
+        sums[1:, 2].index_add_(0, batch["source"], batch["filled"].double())
+    sums[0] = sums[1:].sum(0)
+    distributed.all_reduce_sum(sums)
     grad_norm = engine.get_global_grad_norm()
-    return {"train/loss": float(loss_sum) / max(step_supervised, 1.0),
+    per_source = {}
+    if len(source_names) > 1:
+        per_source = {f"train/{name}/loss": float(sums[j + 1, 0] / sums[j + 1, 1])
+                      for j, name in enumerate(source_names) if sums[j + 1, 1] > 0}
+        per_source.update({f"data/{name}/token_fraction": float(sums[j + 1, 2] / max(float(sums[0, 2]), 1.0))
+                           for j, name in enumerate(source_names)})
+    return {"train/loss": float(sums[0, 0]) / max(step_supervised, 1.0), **per_source,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "data/packing_efficiency": step_real / step_slots,

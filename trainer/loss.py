@@ -23,10 +23,16 @@ IGNORE = -100
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of next-token cross-entropy over supervised positions (labels shifted left by one)."""
+    return row_loss_sums(logits, labels).sum()
+
+
+def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-row sums of next-token cross-entropy over supervised positions, shape [batch]."""
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                             reduction="none")
+    return losses.view(targets.shape).sum(1)
 
 
 def supervised_tokens(labels: torch.Tensor) -> int:

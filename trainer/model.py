@@ -20,12 +20,12 @@ log = logging.getLogger("trainer")
 _HF_DS_CONFIG = None  # keeps transformers' ZeRO-3 switch alive (it holds only a weak reference)
 
 
-def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, Any], tokenizer, seq_len: int):
+def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, Any], tokenizer, seq_len: int,
+                packed: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
     global _HF_DS_CONFIG
-    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     if cfg.name_or_path:
         if not (Path(cfg.name_or_path) / "config.json").is_file():
@@ -39,6 +39,9 @@ def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, A
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
+    if packed:
+        check_packed_isolation(hf_config, cfg.attn_implementation)
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # from here on, models are built under zero.Init
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code,
@@ -58,6 +61,46 @@ def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, A
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
                                               every_n_layers=every, offload=trainer.activation_checkpointing == "offload")
     return model
+
+
+def check_packed_isolation(hf_config, attn_implementation: str) -> None:
+    """Refuse, before the real model is built, an architecture + attention backend that would let
+    packed documents attend to each other. Proven on a 2-layer, narrow copy of the architecture
+    (random weights, CPU, about a second): the second document's logits inside a packed row must
+    equal its logits alone."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    if attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        log.info("flex_attention isolation is checked on GPU runs only")
+        return
+    small = copy.deepcopy(hf_config)
+    heads = 4
+    changes = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": heads,
+               "num_key_value_heads": 2, "head_dim": 16}
+    for key, value in changes.items():
+        if hasattr(small, key):
+            setattr(small, key, value)
+    if isinstance(getattr(small, "layer_types", None), list):
+        small.layer_types = small.layer_types[:2]
+    try:
+        probe = AutoModelForCausalLM.from_config(small, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation).eval()
+    except Exception as ex:  # an architecture we cannot shrink: say so instead of guessing
+        raise ValueError(f"could not verify that model_type={hf_config.model_type!r} with attn_implementation="
+                         f"{attn_implementation!r} isolates packed documents ({type(ex).__name__}: {ex}); "
+                         "set data.packing=false to train one sample per row") from ex
+    a, b = torch.arange(3, 10)[None], torch.arange(20, 25)[None]
+    packed_ids = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(a.size(1)), torch.arange(b.size(1))])[None]
+    with torch.no_grad():
+        packed = probe(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, a.size(1):]
+        alone = probe(input_ids=b, use_cache=False).logits[0]
+    if not torch.allclose(packed, alone, atol=1e-4):
+        raise ValueError(f"model_type={hf_config.model_type!r} with attn_implementation={attn_implementation!r} "
+                         "lets packed documents attend to each other (checked on a small copy). Use "
+                         "model.attn_implementation=sdpa or eager (or flex_attention on GPU), or data.packing=false.")
 
 
 def count_parameters(model) -> int:

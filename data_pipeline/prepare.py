@@ -1,0 +1,383 @@
+"""Prepare once: read -> normalise -> tokenize -> pack a source into memory-mapped arrays on disk,
+with a manifest, so training (every rank, every rerun) maps the result instead of re-tokenizing.
+
+    <cache>/<key>/manifest.json        what went in (source fingerprints, tokenizer, options) and
+                                       what came out (counts, rows, tokens, packing efficiency)
+    <cache>/<key>/input_ids.npy        uint32 [rows, seq_len]
+    <cache>/<key>/supervised.npy       bool   [rows, seq_len]   label = token where True, else -100
+    <cache>/<key>/position_ids.npy     uint16/int32 [rows, seq_len], restarting at 0 per document
+    <cache>/<key>/filled.npy           int64  [rows]            real (non-padding) tokens per row
+
+`key` hashes the source files (path, size, mtime, first and last MiB), the tokenizer (vocabulary,
+merges, special tokens, chat template) and every option that changes the rows, so a matching cache
+is reused and anything else prepares afresh.
+
+Tokenized samples stream to flat files on disk before packing, so a corpus larger than RAM only
+needs its sample lengths in memory. In a multi-rank job one process per cache directory prepares
+(an O_EXCL lock file) while the others wait on the filesystem, never inside a collective: a long
+tokenization cannot trip the NCCL/gloo timeout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from data_pipeline.formats import normalise
+from data_pipeline.packing import IGNORE, best_fit_decreasing
+from data_pipeline.sources import DataError, list_files, read_records
+from data_pipeline.tokenization import check_chat_template, encode
+
+log = logging.getLogger("data_pipeline")
+
+VERSION = 2  # bump when the on-disk layout or the meaning of a row changes
+_FLUSH_TOKENS = 1 << 20
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """Everything besides the source and the tokenizer that decides the rows."""
+    stage: str
+    """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns)."""
+    seq_len: int
+    """Tokens per row."""
+    fmt: str = "auto"
+    """Record format, or auto to detect per record."""
+    on_error: str = "raise"
+    """raise | skip (count) malformed records."""
+    overlong: str = "truncate"
+    """truncate | drop | split (pretraining only) samples longer than seq_len."""
+    packing: bool = True
+    """False: one sample per row, padded (baseline; needs no attention isolation)."""
+    system_prompt: Optional[str] = None
+    """Added as the system turn of conversations that have none."""
+    split: str = "train"
+    """Split of a saved DatasetDict."""
+
+
+class Prepared:
+    """A prepared source, memory-mapped: rows are read lazily by index."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.manifest = json.loads((directory / "manifest.json").read_text())
+        self.input_ids = np.load(directory / "input_ids.npy", mmap_mode="r")
+        self.supervised = np.load(directory / "supervised.npy", mmap_mode="r")
+        self.position_ids = np.load(directory / "position_ids.npy", mmap_mode="r")
+        self.filled = np.load(directory / "filled.npy")
+
+    def __len__(self) -> int:
+        return len(self.filled)
+
+    @property
+    def stats(self) -> Dict[str, float]:
+        return self.manifest["stats"]
+
+    def rows(self, idx) -> Dict[str, np.ndarray]:
+        """int64 input_ids, labels (-100 where not learned) and position_ids of the given rows."""
+        idx = np.asarray(idx)
+        ids = self.input_ids[idx].astype(np.int64)
+        return {"input_ids": ids, "labels": np.where(self.supervised[idx], ids, IGNORE),
+                "position_ids": self.position_ids[idx].astype(np.int64)}
+
+
+# ---- cache key ----------------------------------------------------------------------------------
+
+def _file_fingerprint(path: Path) -> Dict:
+    if path.is_dir():  # a saved dataset: its arrow files and state
+        return {"path": str(path), "files": [_file_fingerprint(p) for p in sorted(path.rglob("*")) if p.is_file()]}
+    st = path.stat()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+        if st.st_size > 2 << 20:
+            f.seek(-(1 << 20), 2)
+            digest.update(f.read())
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256_head_tail": digest.hexdigest()}
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
+             str(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items())),
+             str(tokenizer.eos_token_id), str(tokenizer.pad_token_id)]
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def cache_key(path: str, tokenizer, options: PrepareOptions) -> tuple:
+    sources = [_file_fingerprint(f) for f in list_files(path)]
+    identity = {"version": VERSION, "sources": sources, "tokenizer": tokenizer_fingerprint(tokenizer),
+                "options": asdict(options)}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20], identity
+
+
+# ---- prepare or wait ----------------------------------------------------------------------------
+
+def prepare(path: str, tokenizer, options: PrepareOptions, cache_dir: str, preparer: bool = True,
+            timeout_s: float = 7200.0, progress: bool = False) -> Prepared:
+    """The prepared rows for `path`, from the cache when it matches. With preparer=False (ranks
+    other than the node's first) only wait for another process to finish preparing."""
+    key, identity = cache_key(path, tokenizer, options)
+    target = Path(cache_dir) / key
+    if (target / "manifest.json").exists():
+        return Prepared(target)
+    lock = target.with_name(key + ".lock")
+    if preparer and _take_lock(lock):
+        try:
+            if not (target / "manifest.json").exists():
+                _prepare_into(target, path, tokenizer, options, identity, progress)
+        finally:
+            lock.unlink(missing_ok=True)
+        return Prepared(target)
+    return _wait_for(target, lock, path, timeout_s)
+
+
+def _take_lock(lock: Path) -> bool:
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if not _lock_is_stale(lock):
+                return False
+            lock.unlink(missing_ok=True)  # its owner died on this host; take over
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
+        return True
+    return False
+
+
+def _lock_is_stale(lock: Path) -> bool:
+    try:
+        owner = json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return False  # being written right now
+    if owner.get("host") != socket.gethostname():
+        return False  # cannot check another host's process
+    try:
+        os.kill(int(owner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _wait_for(target: Path, lock: Path, path: str, timeout_s: float) -> Prepared:
+    deadline = time.monotonic() + timeout_s
+    lock_seen_gone = 0
+    while not (target / "manifest.json").exists():
+        if not lock.exists():
+            lock_seen_gone += 1
+            if lock_seen_gone > 30:  # no one is preparing and nothing appeared
+                raise DataError(f"{path}: waited for another process to prepare it into {target}, but that "
+                                "process stopped without finishing; see its log (usually rank 0's)")
+        else:
+            lock_seen_gone = 0
+        if time.monotonic() > deadline:
+            raise DataError(f"{path}: still being prepared after {timeout_s:.0f} s (lock {lock}). If no process "
+                            "is preparing it, delete the lock; to prepare ahead of time run "
+                            "`python launch/prepare_data.py <same overrides>`")
+        time.sleep(1.0)
+    return Prepared(target)
+
+
+# ---- the pipeline -------------------------------------------------------------------------------
+
+def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, identity: Dict,
+                  progress: bool) -> None:
+    started = time.time()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
+        tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
+        mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
+        if options.stage == "pretrain":
+            rows = _write_chunked(work, tokens, mask, lengths, options.seq_len, tokenizer.pad_token_id)
+        else:
+            rows = _write_packed(work, tokens, mask, lengths, options, tokenizer.pad_token_id)
+        del tokens, mask
+        (work / "tokens.u32").unlink()
+        (work / "mask.u8").unlink()
+        supervised = np.load(work / "supervised.npy", mmap_mode="r")
+        real = int(lengths.sum())
+        stats = dict(counts, samples=int(len(lengths)), rows=int(rows), real_tokens=real,
+                     supervised_tokens=int(np.count_nonzero(supervised)),
+                     packing_efficiency=real / max(rows * options.seq_len, 1))
+        del supervised
+        manifest = {**identity, "stats": stats, "seconds": round(time.time() - started, 2),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seq_len": options.seq_len}
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        if target.exists():  # a leftover without a manifest (it is only ever renamed in whole)
+            shutil.rmtree(target)
+        os.replace(work, target)  # atomic: readers see a complete directory or none
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log.info("%s: prepared %d samples -> %d rows of %d tokens in %.1f s, packing efficiency %.4f, counts %s",
+             path, stats["samples"], rows, options.seq_len, manifest["seconds"], stats["packing_efficiency"],
+             {k: v for k, v in counts.items() if k != "records"})
+
+
+def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path, progress: bool):
+    """Append every usable sample's tokens and supervision mask to flat files; return the lengths
+    and the counts of what was skipped, truncated or dropped (nothing is lost silently)."""
+    counts: Counter = Counter()
+    lengths: List[int] = []
+    buf_ids: List[int] = []
+    buf_mask: List[int] = []
+    chat_checked = False
+    seq_len = options.seq_len
+    bar = _progress_bar(path, progress)
+    with open(work / "tokens.u32", "wb") as f_ids, open(work / "mask.u8", "wb") as f_mask:
+        for record in read_records(path, options.split):
+            counts["records"] += 1
+            bar.update(1)
+            try:
+                example = normalise(record, options.fmt)
+                if example.messages is not None:
+                    if not chat_checked:
+                        check_chat_template(tokenizer, record.where)
+                        chat_checked = True
+                    if options.system_prompt and example.messages[0]["role"] != "system":
+                        example.messages.insert(0, {"role": "system", "content": options.system_prompt})
+                ids, labels = encode(tokenizer, example, options.stage)
+            except DataError as ex:
+                if options.on_error == "raise":
+                    raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
+                counts["skipped_malformed"] += 1
+                if counts["skipped_malformed"] <= 10:
+                    log.warning("skipping %s", ex)
+                continue
+            if len(ids) > seq_len and options.overlong != "split":
+                if options.overlong == "drop":
+                    counts["dropped_overlong"] += 1
+                    continue
+                ids, labels = ids[:seq_len], labels[:seq_len]
+                counts["truncated_overlong"] += 1
+            elif len(ids) > seq_len:
+                counts["split_overlong"] += 1
+            if all(t == IGNORE for t in labels[1:]):
+                # Nothing left to learn (e.g. truncation cut the whole answer): never reaches the loss.
+                counts["dropped_no_supervised_tokens"] += 1
+                continue
+            lengths.append(len(ids))
+            buf_ids.extend(ids)
+            buf_mask.extend(t != IGNORE for t in labels)
+            if len(buf_ids) >= _FLUSH_TOKENS:
+                f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
+                f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
+                buf_ids.clear()
+                buf_mask.clear()
+        f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
+        f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
+    bar.close()
+    if counts["skipped_malformed"] > 10:
+        log.warning("%s: %d malformed records skipped in all (first 10 shown)", path, counts["skipped_malformed"])
+    if not lengths:
+        raise DataError(f"{path}: no usable samples out of {counts['records']} records ({dict(counts)})")
+    return np.asarray(lengths, dtype=np.int64), counts
+
+
+def _progress_bar(path: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=f"tokenizing {Path(path).name}", unit=" records", disable=not enabled, mininterval=1.0)
+
+
+def _open_rows(work: Path, rows: int, seq_len: int):
+    from numpy.lib.format import open_memmap
+
+    pos_dtype = np.uint16 if seq_len <= np.iinfo(np.uint16).max else np.int32
+    return (open_memmap(work / "input_ids.npy", mode="w+", dtype=np.uint32, shape=(rows, seq_len)),
+            open_memmap(work / "supervised.npy", mode="w+", dtype=np.bool_, shape=(rows, seq_len)),
+            open_memmap(work / "position_ids.npy", mode="w+", dtype=pos_dtype, shape=(rows, seq_len)))
+
+
+def _write_packed(work: Path, tokens, mask, lengths: np.ndarray, options: PrepareOptions, pad_id: int) -> int:
+    """SFT / instruct: whole samples into rows (best-fit-decreasing, or one per row without packing).
+    Each sample's positions restart at 0 and its first label is masked (see packing.py)."""
+    seq_len = options.seq_len
+    if options.packing:
+        bins = best_fit_decreasing(lengths.tolist(), seq_len)
+    else:
+        bins = [[i] for i in range(len(lengths))]
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids_out, sup_out, pos_out = _open_rows(work, len(bins), seq_len)
+    filled = np.zeros(len(bins), dtype=np.int64)
+    ids_out[:] = pad_id
+    for r, members in enumerate(bins):
+        at = 0
+        for i in members:
+            a, n = int(offsets[i]), int(lengths[i])
+            ids_out[r, at:at + n] = tokens[a:a + n]
+            sup_out[r, at:at + n] = mask[a:a + n]
+            sup_out[r, at] = False
+            pos_out[r, at:at + n] = np.arange(n)
+            at += n
+        pos_out[r, at:] = np.arange(seq_len - at)  # padding is a document of its own
+        filled[r] = at
+    for arr in (ids_out, sup_out, pos_out):
+        arr.flush()
+    np.save(work / "filled.npy", filled)
+    return len(bins)
+
+
+def _write_chunked(work: Path, tokens, mask, lengths: np.ndarray, seq_len: int, pad_id: int) -> int:
+    """Pretraining: documents back to back, cut into rows of seq_len. A document crossing a row
+    boundary continues at position 0 of the next row. Positions restart at every document start
+    and every row start:
+
+        documents [a a a a a][b b][c c c], seq_len 4
+        rows      [a a a a] [a b b c] [c c pad pad]
+        positions [0 1 2 3] [0 0 1 0] [0 1 0 1]
+        labels    [- a a a] [- - b -] [- c - -]     (- = -100: nothing is predicted across a boundary;
+                                                     a row's first label is never used by the loss anyway)
+    """
+    total = int(lengths.sum())
+    rows = -(-total // seq_len)
+    ids_out, sup_out, pos_out = _open_rows(work, rows, seq_len)
+    doc_offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    block = max(1, (1 << 22) // seq_len)  # rows per block: bounded memory for any corpus size
+    for r0 in range(0, rows, block):
+        r1 = min(rows, r0 + block)
+        a, b = r0 * seq_len, min(total, r1 * seq_len)
+        n = b - a
+        flat_ids = np.full((r1 - r0) * seq_len, pad_id, dtype=np.uint32)
+        flat_sup = np.zeros((r1 - r0) * seq_len, dtype=bool)
+        starts = np.zeros((r1 - r0) * seq_len, dtype=bool)
+        flat_ids[:n] = tokens[a:b]
+        lo, hi = np.searchsorted(doc_offsets, [a, b])
+        starts[doc_offsets[lo:hi] - a] = True
+        if n < len(starts):
+            starts[n] = True  # the padding tail is a segment of its own
+        starts[::seq_len] = True
+        flat_sup[:n] = mask[a:b].astype(bool) & ~starts[:n]
+        # A True starts a segment. For starts [T F F T F], np.maximum.accumulate over
+        # where(starts, index, 0) is [0 0 0 3 3], and index minus that is [0 1 2 0 1].
+        index = np.arange(len(starts))
+        pos = index - np.maximum.accumulate(np.where(starts, index, 0))
+        ids_out[r0:r1] = flat_ids.reshape(-1, seq_len)
+        sup_out[r0:r1] = flat_sup.reshape(-1, seq_len)
+        pos_out[r0:r1] = pos.reshape(-1, seq_len)
+    for arr in (ids_out, sup_out, pos_out):
+        arr.flush()
+    filled = np.full(rows, seq_len, dtype=np.int64)
+    filled[-1] = total - (rows - 1) * seq_len
+    np.save(work / "filled.npy", filled)
+    return rows

@@ -1,0 +1,38 @@
+"""Prepare the data of a run ahead of time: `python launch/prepare_data.py +exp=medical [overrides]`.
+
+Tokenizes and packs every training source and eval set into the data cache (memory-mapped rows +
+manifest) exactly as training would; a later `launch/train.py` with the same overrides maps the
+result instead of tokenizing again. Prints each manifest's counts and packing efficiency.
+"""
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from trainer.config import check_overrides, register_configs, to_config
+from trainer.distributed import strip_launcher_args
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> None:
+    config = to_config(cfg)
+    from trainer.data import prepare_data
+    from trainer.tokenizer import load_tokenizer
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    data = prepare_data(config, load_tokenizer(config.model), preparer=True, progress=True)
+    for name, prepared in [*zip(data.names, data.sources), *data.eval_sets.items()]:
+        print(f"{name}: {prepared.directory}\n  {json.dumps(prepared.stats)}")
+
+
+if __name__ == "__main__":
+    sys.argv = strip_launcher_args(sys.argv)
+    register_configs()
+    check_overrides(CONF_DIR, sys.argv[1:])
+    main()

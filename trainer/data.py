@@ -1,0 +1,59 @@
+"""From the typed config to prepared, memory-mapped data: the training sources (main + weighted
+extras) and the held-out eval sets. Used by the training loop and by launch/prepare_data.py, so
+both compute the same cache keys."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+from data_pipeline.prepare import Prepared, PrepareOptions, prepare
+from trainer.config import Config
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class TrainingData:
+    names: List[str]
+    sources: List[Prepared]
+    weights: List[float]
+    eval_sets: Dict[str, Prepared]
+
+
+def cache_dir(cfg: Config) -> str:
+    if cfg.data.cache_dir:
+        return cfg.data.cache_dir
+    return str(Path(os.environ.get("FULLFT_CACHE", Path.home() / ".cache" / "fullft")) / "data")
+
+
+def options(cfg: Config, fmt: str) -> PrepareOptions:
+    d = cfg.data
+    return PrepareOptions(stage=cfg.stage.name, seq_len=d.seq_len, fmt=fmt, on_error=d.on_error,
+                          overlong=cfg.overlong, packing=d.packing, system_prompt=cfg.stage.system_prompt,
+                          split=d.split)
+
+
+def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False) -> TrainingData:
+    """Every source and eval set, from the cache or prepared now. Only processes with preparer=True
+    prepare; the others wait for them on the filesystem."""
+    d = cfg.data
+    specs = [(d.name, d.path, d.format, d.weight)]
+    specs += [(name, s.path, s.format, s.weight) for name, s in d.sources.items()]
+    where = cache_dir(cfg)
+    kw = dict(cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress)
+    sources = [prepare(path, tokenizer, options(cfg, fmt), **kw) for _, path, fmt, _ in specs]
+    eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto"), **kw) for name, path in cfg.eval.sets.items()}
+    for (name, path, _, weight), src in zip(specs, sources):
+        log.info("source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s", name, weight, path, len(src),
+                 src.stats["packing_efficiency"], _counts(src.stats))
+    return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets)
+
+
+def _counts(stats: Dict) -> str:
+    keys = ("records", "samples", "skipped_malformed", "truncated_overlong", "dropped_overlong", "split_overlong",
+            "dropped_no_supervised_tokens")
+    return ", ".join(f"{k} {int(stats[k])}" for k in keys if stats.get(k))
