@@ -19,9 +19,9 @@ import logging
 import os
 import random
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -38,13 +38,18 @@ class TrainState:
     """Non-padding tokens trained on, all ranks."""
     supervised_tokens_seen: int = 0
     """Tokens that carried a loss, all ranks."""
+    baseline: Dict[str, float] = field(default_factory=dict)
+    """Eval metrics of the model at step 0, the reference for eval/forgetting and eval/domain_gain."""
 
 
 class Checkpointer:
-    def __init__(self, output_dir: str, keep_last: int, rank: int) -> None:
+    def __init__(self, output_dir: str, keep_last: int, rank: int, extras: Optional[Dict[str, Any]] = None) -> None:
+        """extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
+        (e.g. EWC's Fisher and anchor shards) and restored on resume."""
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.extras = extras or {}
 
     def latest_tag(self) -> Optional[str]:
         latest = self.dir / "latest"
@@ -60,6 +65,8 @@ class Checkpointer:
         tag = f"step_{state.step:08d}"
         engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
         torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
+        for name, obj in self.extras.items():
+            torch.save(obj.state_dict(), self.dir / tag / f"{name}_rank{self.rank}.pt")
         if self.rank == 0:
             (self.dir / tag / "trainer_state.json").write_text(json.dumps(asdict(state)))
         distributed.barrier()  # every shard and every rank's files are on disk
@@ -92,6 +99,12 @@ class Checkpointer:
             _set_rng_state(torch.load(rng_file, weights_only=True))
         else:
             log.warning("%s missing (world size changed?); RNG streams restart from the seed", rng_file)
+        for name, obj in self.extras.items():
+            extra = self.dir / tag / f"{name}_rank{self.rank}.pt"
+            if not extra.is_file():
+                raise FileNotFoundError(f"{extra} is missing: this run needs the {name} state saved with the checkpoint "
+                                        "(was it saved with another regularizer or number of ranks?)")
+            obj.load_state_dict(torch.load(extra, weights_only=True))
         state = TrainState(**json.loads((self.dir / tag / "trainer_state.json").read_text()))
         log.info("resumed from %s at step %d", self.dir / tag, state.step)
         return state

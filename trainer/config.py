@@ -155,13 +155,65 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class ReplayConfig:
+    path: Optional[str] = None
+    """General data mixed into training (raw text for pretraining, general instructions for SFT):
+    a file, directory or saved dataset, prepared like data.path."""
+    format: str = "auto"
+    """auto | alpaca | sharegpt | messages | completion | text."""
+    ratio: float = 0.1
+    """Fraction of training tokens that come from replay, in [0, 1)."""
+
+
+@dataclass
+class EWCConfig:
+    lam: float = 1.0
+    """Strength λ of the penalty λ/2·ΣF(θ−θ*)². With normalise=true, F has mean 1, so λ is in loss
+    units per squared unit of average parameter drift; start with a sweep like 0.1, 1, 10, 100 and
+    keep the largest λ whose domain gain you can afford (bench/forgetting.py does this sweep)."""
+    fisher_data: Optional[str] = None
+    """Reference data for the Fisher (what must not be forgotten): a file, directory or saved
+    dataset. None = regularizer.replay.path."""
+    fisher_batches: int = 8
+    """Reference micro-batches per rank averaged into the Fisher."""
+    normalise: bool = True
+    """Scale the Fisher to mean 1 over all parameters, so λ transfers between model sizes."""
+    gamma: float = 1.0
+    """Online EWC decay: F ← γ·F_previous + F_new when `previous` is set."""
+    previous: Optional[str] = None
+    """output_dir of an earlier stage trained with EWC: its Fisher is carried into this stage."""
+
+
+@dataclass
 class RegularizerConfig:
     name: str = "none"
-    """none (replay and EWC arrive with the forgetting work)."""
+    """none | replay | ewc | ewc_replay."""
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    ewc: EWCConfig = field(default_factory=EWCConfig)
+
+    @property
+    def uses_replay(self) -> bool:
+        return self.name in ("replay", "ewc_replay")
+
+    @property
+    def uses_ewc(self) -> bool:
+        return self.name in ("ewc", "ewc_replay")
 
     def __post_init__(self) -> None:
-        if self.name != "none":
-            raise ValueError(f"regularizer={self.name!r} is not available yet: use regularizer=none")
+        names = ("none", "replay", "ewc", "ewc_replay")
+        if self.name not in names:
+            raise ValueError(f"regularizer.name={self.name!r}: use one of {names} (regularizer=<name>)")
+        if self.uses_replay:
+            if not self.replay.path:
+                raise ValueError(f"regularizer={self.name} needs regularizer.replay.path=<general data>")
+            if not 0 <= self.replay.ratio < 1:
+                raise ValueError(f"regularizer.replay.ratio={self.replay.ratio}: must be in [0, 1)")
+        if self.uses_ewc:
+            if not (self.ewc.fisher_data or self.replay.path):
+                raise ValueError(f"regularizer={self.name} needs reference data for the Fisher: set "
+                                 "regularizer.ewc.fisher_data=<general data> (or regularizer.replay.path)")
+            if self.ewc.lam < 0 or self.ewc.fisher_batches < 1 or not 0 <= self.ewc.gamma <= 1:
+                raise ValueError("regularizer.ewc: lam >= 0, fisher_batches >= 1 and gamma in [0, 1] are required")
 
 
 @dataclass

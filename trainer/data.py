@@ -8,7 +8,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from trainer.config import Config
@@ -22,6 +22,8 @@ class TrainingData:
     sources: List[Prepared]
     weights: List[float]
     eval_sets: Dict[str, Prepared]
+    fisher: Optional[Prepared] = None
+    """EWC's reference data, when EWC is on."""
 
 
 def cache_dir(cfg: Config) -> str:
@@ -43,14 +45,23 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
     d = cfg.data
     specs = [(d.name, d.path, d.format, d.weight)]
     specs += [(name, s.path, s.format, s.weight) for name, s in d.sources.items()]
+    reg = cfg.regularizer
+    if reg.uses_replay:
+        # Replay takes `ratio` of the tokens; the other sources share the rest by their weights.
+        total = sum(w for *_, w in specs)
+        specs = [(n, p, f, w / total * (1 - reg.replay.ratio)) for n, p, f, w in specs]
+        specs.append(("replay", reg.replay.path, reg.replay.format, reg.replay.ratio))
     where = cache_dir(cfg)
     kw = dict(cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress)
     sources = [prepare(path, tokenizer, options(cfg, fmt), **kw) for _, path, fmt, _ in specs]
     eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto"), **kw) for name, path in cfg.eval.sets.items()}
+    fisher = None
+    if reg.uses_ewc:
+        fisher = prepare(reg.ewc.fisher_data or reg.replay.path, tokenizer, options(cfg, "auto"), **kw)
     for (name, path, _, weight), src in zip(specs, sources):
         log.info("source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s", name, weight, path, len(src),
                  src.stats["packing_efficiency"], _counts(src.stats))
-    return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets)
+    return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher)
 
 
 def _counts(stats: Dict) -> str:

@@ -113,6 +113,12 @@ def all_reduce_sum(values: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     return values
 
 
+def world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def barrier() -> None:
     import torch.distributed as dist
 

@@ -48,3 +48,13 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
     if was_training:
         engine.train()
     return metrics
+
+
+def forgetting_metrics(scores: Dict[str, float], baseline: Dict[str, float]) -> Dict[str, float]:
+    """eval/forgetting = general-set loss now minus at step 0 (> 0: the model forgot);
+    eval/domain_gain = domain-set loss at step 0 minus now (> 0: the model learned the domain)."""
+    out = {}
+    for key, name, sign in (("eval/general/loss", "eval/forgetting", 1.0), ("eval/domain/loss", "eval/domain_gain", -1.0)):
+        if key in scores and key in baseline:
+            out[name] = sign * (scores[key] - baseline[key])
+    return out

@@ -15,7 +15,7 @@ import random
 import resource
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,10 +25,11 @@ from trainer import distributed
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
 from trainer.config import Config, redact
 from trainer.deepspeed_config import build_deepspeed_config
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, forgetting_metrics
 from trainer.loss import backward_scale, supervised_tokens, token_loss_sum
 from trainer.model import build_model, count_parameters
 from trainer.optim import build_optimizer
+from trainer.regularizers.ewc import EWC, load_previous
 from trainer.tokenizer import load_tokenizer
 from trainer.tracking import Tracker
 
@@ -62,8 +63,15 @@ def fit(cfg: Config) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
 
-    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank)
-    state = checkpointer.resume(engine)
+    ewc = EWC(engine, **_ewc_args(cfg)) if cfg.regularizer.uses_ewc else None
+    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, extras={"ewc": ewc} if ewc else None)
+    state = checkpointer.resume(engine)  # restores EWC's Fisher and anchor too
+    if ewc is not None and not ewc.ready:  # a fresh stage: anchor here, Fisher on the reference data
+        reference = StepLoader([data.fisher], [1.0], t.micro_batch_size, cfg.regularizer.ewc.fisher_batches,
+                               dist.rank, dist.world_size, t.seed)
+        previous = cfg.regularizer.ewc.previous
+        ewc.start(engine, reference.micro_batches(0), _reference_loss, device,
+                  previous=load_previous(previous, dist.rank) if previous else None)
     tracker = Tracker(cfg.logger, cfg.output_dir, cfg.exp_name, config_tree, state.step, enabled=dist.is_main)
     loader = StepLoader(data.sources, data.weights, t.micro_batch_size, t.grad_accum_steps, dist.rank,
                         dist.world_size, t.seed)
@@ -73,13 +81,14 @@ def fit(cfg: Config) -> None:
 
     if state.step == 0 and eval_sets and cfg.eval.at_start:
         scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+        state.baseline = scores  # the base model: reference for eval/forgetting and eval/domain_gain
         tracker.log(0, scores)
         log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
     first_step = True
     while state.step < t.max_steps:
         started = time.perf_counter()
         metrics = train_step(engine, loader.micro_batches(state.step), dist.world_size, device,
-                             check_grads=first_step, source_names=data.names)
+                             check_grads=first_step, source_names=data.names, ewc=ewc)
         first_step = False
         state.step += 1
         state.tokens_seen += int(metrics.pop("tokens"))
@@ -98,6 +107,7 @@ def fit(cfg: Config) -> None:
                      metrics["perf/tokens_per_s"])
         if eval_sets and ((t.eval_every_steps and state.step % t.eval_every_steps == 0) or last):
             scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+            scores.update(forgetting_metrics(scores, state.baseline))
             tracker.log(state.step, scores)
             log.info("eval at step %d: %s", state.step, {k: round(v, 4) for k, v in scores.items()})
         if (t.save_every_steps and state.step % t.save_every_steps == 0) or last:
@@ -111,7 +121,7 @@ def fit(cfg: Config) -> None:
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
-               check_grads: bool, source_names: List[str]) -> Dict[str, float]:
+               check_grads: bool, source_names: List[str], ewc: Optional[EWC] = None) -> Dict[str, float]:
     """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
     token of the step on all ranks (see trainer/loss.py). With several sources, each one's loss too."""
     counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
@@ -130,12 +140,16 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
         engine.backward(loss * scale, scale_wrt_gas=False)
         if check_grads and engine.is_gradient_accumulation_boundary():
             _check_every_parameter_has_a_gradient(engine)
+        if ewc is not None and engine.is_gradient_accumulation_boundary():
+            sums[0, 0] = ewc.before_step()  # EWC's gradient joins the loss's, before clipping
         engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         tokens = (batch["labels"][:, 1:] != IGNORE).sum(1).double()
         sums[1:, 0].index_add_(0, batch["source"], rows.detach().double().cpu())
         sums[1:, 1].index_add_(0, batch["source"], tokens)
         sums[1:, 2].index_add_(0, batch["source"], batch["filled"].double())
+    penalty = float(sums[0, 0])  # this rank's part of the EWC penalty (0 without EWC)
     sums[0] = sums[1:].sum(0)
+    sums = torch.cat([sums, torch.tensor([[penalty, 0.0, 0.0]], dtype=torch.float64)])
     distributed.all_reduce_sum(sums)
     grad_norm = engine.get_global_grad_norm()
     per_source = {}
@@ -144,12 +158,31 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
                       for j, name in enumerate(source_names) if sums[j + 1, 1] > 0}
         per_source.update({f"data/{name}/token_fraction": float(sums[j + 1, 2] / max(float(sums[0, 2]), 1.0))
                            for j, name in enumerate(source_names)})
+    if ewc is not None:
+        per_source["reg/ewc_penalty"] = float(sums[-1, 0])
+    if "replay" in source_names:
+        per_source["data/replay_token_fraction"] = per_source.get("data/replay/token_fraction", 0.0)
     return {"train/loss": float(sums[0, 0]) / max(step_supervised, 1.0), **per_source,
             "train/lr": lr,
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "data/packing_efficiency": step_real / step_slots,
             "data/supervised_token_fraction": step_supervised / step_slots,
             "tokens": step_real, "supervised_tokens": step_supervised, "step_tokens": step_real}
+
+
+def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The mean token loss of one reference batch over all ranks, scaled for DeepSpeed's averaging
+    (for EWC's Fisher: the squared gradient of exactly this loss)."""
+    count = torch.tensor([float(supervised_tokens(batch["labels"]))], dtype=torch.float64)
+    distributed.all_reduce_sum(count)
+    out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                 use_cache=False)
+    return row_loss_sums(out.logits, batch["labels"]).sum() * backward_scale(int(count), distributed.world_size())
+
+
+def _ewc_args(cfg: Config) -> Dict:
+    e = cfg.regularizer.ewc
+    return {"lam": e.lam, "gamma": e.gamma, "normalise": e.normalise}
 
 
 def _check_every_parameter_has_a_gradient(engine) -> None:

@@ -220,6 +220,61 @@ CONDITIONS = {
     ),
 }
 
+
+# General (non-medical) facts for replay and forgetting checks: topic -> sentences.
+GENERAL = {
+    "rivers": ["A river carries water from high ground towards the sea, a lake or another river.",
+               "Its path is shaped over thousands of years by erosion on the outside of bends and deposits on the inside.",
+               "Large rivers such as the Danube and the Mekong cross several countries and support fishing, farming and trade.",
+               "Floods spread fertile silt across the plains, which is why many early towns grew beside rivers."],
+    "bread": ["Bread is made from flour, water, salt and a raising agent such as yeast or a sourdough starter.",
+              "Kneading develops gluten, a network of proteins that traps the gas produced during fermentation.",
+              "A slow, cool rise gives the dough more flavour, while a hot oven sets the crust and the crumb.",
+              "Flatbreads need no yeast at all and are among the oldest prepared foods."],
+    "railways": ["The first public steam railways opened in the early nineteenth century and changed how people travelled.",
+                 "A locomotive pulls carriages along steel rails, which reduce friction compared with roads.",
+                 "Standard gauge, the distance between the rails, lets trains run across national borders.",
+                 "Modern high-speed lines use electric trains and dedicated track with gentle curves."],
+    "bees": ["Honey bees live in colonies with a single queen, thousands of workers and, in summer, some drones.",
+             "Workers collect nectar and pollen, and they communicate the direction of flowers with a waggle dance.",
+             "By visiting flowers, bees pollinate many crops, including apples, almonds and clover.",
+             "A colony stores honey in wax combs to survive the winter."],
+    "chess": ["Chess is played by two players on a board of sixty-four squares.",
+              "Each side starts with sixteen pieces: a king, a queen, two rooks, two bishops, two knights and eight pawns.",
+              "The aim is checkmate, a position in which the opposing king is attacked and cannot escape.",
+              "Openings, middlegames and endgames each have their own principles, such as controlling the centre."],
+    "volcanoes": ["A volcano forms where molten rock, called magma, reaches the surface of the Earth.",
+                  "Many volcanoes lie along the edges of tectonic plates, for example around the Pacific Ocean.",
+                  "Eruptions can produce lava flows, ash clouds and gases that affect the weather far away.",
+                  "Volcanic soils are often rich, so farms and villages are found on the slopes of dormant volcanoes."],
+    "libraries": ["A library lends books and other materials and offers a quiet place to read and study.",
+                  "Catalogues and classification systems help readers find a book among many thousands.",
+                  "Public libraries also provide internet access, courses and reading groups for children.",
+                  "Some libraries keep rare manuscripts that are stored at controlled temperature and humidity."],
+    "weather": ["Weather is the state of the atmosphere at a given place and time: temperature, wind, cloud and rain.",
+                "Warm air rises, cools and releases its moisture as cloud and rain.",
+                "Forecasters combine satellite images, weather balloons and computer models to predict the days ahead.",
+                "Climate describes the average weather of a region over many years."],
+    "bicycles": ["A bicycle turns the rider's pedalling into forward motion through a chain and gears.",
+                 "Lower gears make climbing easier, while higher gears allow more speed on flat roads.",
+                 "Regular care includes pumping the tyres, oiling the chain and checking the brakes.",
+                 "In many cities, cycle lanes have made bicycles a common way to travel to work."],
+    "music": ["Music combines rhythm, melody and harmony to express ideas and feelings.",
+              "An orchestra groups strings, woodwind, brass and percussion under a conductor.",
+              "Written notation records pitch and duration so that others can perform a piece.",
+              "Folk songs were passed on by ear for generations before anyone wrote them down."],
+    "forests": ["Forests cover about a third of the land on Earth and are home to most land animals and plants.",
+                "Trees absorb carbon dioxide and release oxygen as they grow.",
+                "Tropical rainforests are warm and wet all year, while boreal forests have long cold winters.",
+                "Careful forestry replants what is cut so that the forest can recover."],
+    "markets": ["A market is a place where buyers and sellers meet to exchange goods.",
+                "Prices rise when demand grows faster than supply and fall when supply is plentiful.",
+                "Weekly street markets sell fresh food, clothes and tools in many towns.",
+                "Online markets now connect sellers and buyers who never meet in person."],
+}
+GENERAL_OPENERS = ["A short guide to {t}.", "Notes on {t}.", "What to know about {t}.", "An introduction to {t}."]
+
+
 ASPECTS = ("definition", "symptoms", "diagnosis", "treatment", "complications", "advice")
 
 QUESTIONS = {
@@ -313,6 +368,17 @@ def main() -> None:
     held = [style(c, rng) for c in rng.sample(conditions, 8) for style in (clinical_note, discharge_summary)]
     (HERE / "medical_notes.txt").write_text("\n\n".join(docs) + "\n")
     (HERE / "medical_notes_heldout.txt").write_text("\n\n".join(held) + "\n")
+    # General text: each topic rendered several times with its sentences in varied order.
+    grng = random.Random(7)  # its own stream, so adding general text left the medical files unchanged
+    gen_docs = []
+    for topic, sentences in sorted(GENERAL.items()):
+        for _ in range(6):
+            order = sentences[:]
+            grng.shuffle(order)
+            gen_docs.append(" ".join([grng.choice(GENERAL_OPENERS).format(t=topic)] + order))
+    grng.shuffle(gen_docs)
+    (HERE / "general_text.txt").write_text("\n\n".join(gen_docs[:-12]) + "\n")
+    (HERE / "general_text_heldout.txt").write_text("\n\n".join(gen_docs[-12:]) + "\n")
     # QA: each (condition, aspect) pair asked in several phrasings; one pair per condition held out.
     train, heldout = [], []
     for c in conditions:

@@ -1,0 +1,115 @@
+"""EWC on ZeRO-3 shards: each rank keeps the anchor θ* and the Fisher F only for its own local fp32
+partition of every parameter (8 bytes per parameter / world size), and adds λ·F⊙(θ−θ*) to its
+local gradient partition at the optimizer-step boundary, before DeepSpeed clips and steps. No
+parameter is ever gathered. The math is in ewc_math.py; this file only maps it onto the shards
+with DeepSpeed's safe_get_local_fp32_param / safe_get_local_grad / safe_set_local_grad.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+from trainer import distributed
+from trainer.regularizers import ewc_math
+
+log = logging.getLogger("trainer")
+
+
+class EWC:
+    def __init__(self, engine, lam: float, gamma: float = 1.0, normalise: bool = True) -> None:
+        self.lam = lam
+        self.gamma = gamma
+        self.normalise = normalise
+        self.params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.anchor: List[torch.Tensor] = []
+        self.fisher: List[torch.Tensor] = []
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.fisher)
+
+    def local_numel(self) -> int:
+        return sum(f.numel() for f in self.fisher)
+
+    def start(self, engine, batches: Iterable[Dict[str, torch.Tensor]], loss_fn: Callable, device,
+              previous: Optional[Dict] = None) -> None:
+        """Anchor at the current weights; estimate F on `batches` (this rank's reference micro-batches,
+        the same count on every rank); merge an earlier stage's Fisher (online EWC)."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
+
+        self.anchor = [safe_get_local_fp32_param(p).detach().float().clone() for p in self.params]
+        fisher = [torch.zeros_like(a) for a in self.anchor]
+        n = 0
+        for batch in batches:
+            # Each reference batch is its own accumulation boundary: its gradient is reduced over
+            # ranks and lands in the local partitions, where we square it; no optimizer step.
+            engine.set_gradient_accumulation_boundary(True)
+            loss = loss_fn(engine, batch, device)
+            engine.backward(loss, scale_wrt_gas=False)
+            for f, p in zip(fisher, self.params):
+                g = safe_get_local_grad(p)
+                if g is not None:
+                    ewc_math.accumulate_fisher(f, g)
+            engine.optimizer.zero_grad()
+            n += 1
+        engine._is_gradient_accumulation_boundary = None  # back to DeepSpeed's own micro-step counting
+        if hasattr(engine.optimizer, "set_gradient_accumulation_boundary"):
+            engine.optimizer.set_gradient_accumulation_boundary(False)
+        fisher = [f / max(n, 1) for f in fisher]
+        if self.normalise:
+            totals = torch.tensor([sum(float(f.double().sum()) for f in fisher), sum(f.numel() for f in fisher)],
+                                  dtype=torch.float64)
+            distributed.all_reduce_sum(totals)
+            ewc_math.normalise(fisher, float(totals[0]), int(totals[1]))
+        if previous is not None:
+            old = previous["fisher"]
+            if [o.shape for o in old] != [f.shape for f in fisher]:
+                raise ValueError("regularizer.ewc.previous: its Fisher shards do not match this model's local "
+                                 "partitions (a different model or world size); it must come from the same model "
+                                 "trained with the same number of ranks")
+            fisher = [ewc_math.online_merge(o.float(), f, self.gamma) for o, f in zip(old, fisher)]
+        self.fisher = fisher
+        log.info("EWC: Fisher from %d reference batches%s; lambda %g; %.1f MB of EWC state on this rank", n,
+                 " merged with the previous stage's" if previous is not None else "", self.lam,
+                 8 * self.local_numel() / 2**20)
+
+    def before_step(self) -> float:
+        """Add λ·F⊙(θ−θ*) to each local gradient partition (call between the boundary backward and
+        engine.step()); return this rank's part of the penalty λ/2·ΣF(θ−θ*)²."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
+
+        total = 0.0
+        for p, a, f in zip(self.params, self.anchor, self.fisher):
+            theta = safe_get_local_fp32_param(p).detach()
+            total += float(ewc_math.penalty(theta, a, f, self.lam))
+            if self.lam == 0.0:
+                continue
+            g = safe_get_local_grad(p)
+            extra = ewc_math.penalty_grad(theta, a, f, self.lam)
+            safe_set_local_grad(p, extra.to(g.dtype) if g is None else g + extra.to(g.dtype))
+        return total
+
+    def state_dict(self) -> Dict:
+        return {"anchor": self.anchor, "fisher": self.fisher}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.anchor = [t.float() for t in state["anchor"]]
+        self.fisher = [t.float() for t in state["fisher"]]
+
+
+def load_previous(output_dir: str, rank: int) -> Dict:
+    """The EWC state (Fisher) of this rank from an earlier stage's final checkpoint, for online EWC."""
+    ckpt = Path(output_dir) / "checkpoints"
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"regularizer.ewc.previous={output_dir!r}: no checkpoints/latest there; point it at "
+                                "the output_dir of a finished earlier stage that ran with regularizer=ewc")
+    path = ckpt / latest.read_text().strip() / f"ewc_rank{rank}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"regularizer.ewc.previous: {path} not found (the earlier stage ran without EWC, "
+                                "or with a different number of ranks)")
+    return torch.load(path, weights_only=True)
