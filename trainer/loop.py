@@ -19,7 +19,6 @@ from typing import Dict, List, Optional
 
 import torch
 
-from data_pipeline.dataset import build_packed
 from data_pipeline.loader import StepLoader
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
