@@ -23,9 +23,10 @@ from data_pipeline.loader import StepLoader
 from trainer import distributed
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
 from trainer.config import Config, redact
+from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import evaluate, forgetting_metrics
-from trainer.loss import backward_scale, supervised_tokens, token_loss_sum
+from trainer.loss import IGNORE, backward_scale, row_loss_sums, supervised_tokens
 from trainer.model import build_model, count_parameters
 from trainer.optim import build_optimizer
 from trainer.regularizers.ewc import EWC, load_previous
