@@ -293,6 +293,10 @@ class TrainerConfig:
     """Collective timeout: a rank stuck this long in a collective fails instead of hanging."""
     export_hf: bool = True
     """Write the final model to output_dir/hf in Hugging Face format (safetensors)."""
+    max_time: Optional[str] = None
+    """Time budget of this process, "HH:MM:SS", "D-HH:MM:SS" or with a unit ("90m", "2h"); None = no
+    limit. Before a step that would end past it, save and stop (a Slurm batch job requeues itself).
+    Leave room below the walltime for one checkpoint save. See trainer/preemption.py."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_every_steps"):
@@ -307,6 +311,13 @@ class TrainerConfig:
             raise ValueError(f"trainer.activation_checkpointing={self.activation_checkpointing!r}: use one of {modes}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"trainer.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if self.max_time is not None:
+            from trainer.preemption import parse_duration
+
+            try:
+                parse_duration(self.max_time)
+            except ValueError as ex:
+                raise ValueError(f"trainer.max_time: {ex}") from None
 
 
 @dataclass

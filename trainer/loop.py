@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 
 from data_pipeline.loader import StepLoader
-from trainer import distributed
+from trainer import distributed, preemption
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
 from trainer.config import Config, redact
 from trainer.data import prepare_data
@@ -37,6 +37,7 @@ log = logging.getLogger("trainer")
 
 
 def fit(cfg: Config) -> None:
+    stop = preemption.install(cfg.trainer.max_time)  # USR1/TERM/max_time: save and leave (in the step loop)
     dist = distributed.init(cfg.trainer.dist_timeout_s)
     distributed.setup_logging(dist.rank)
     t = cfg.trainer
@@ -112,6 +113,13 @@ def fit(cfg: Config) -> None:
             log.info("eval at step %d: %s", state.step, {k: round(v, 4) for k, v in scores.items()})
         if (t.save_every_steps and state.step % t.save_every_steps == 0) or last:
             checkpointer.save(engine, state)
+        if not last and stop.requested(device):  # every rank agrees to stop at this step
+            if not (t.save_every_steps and state.step % t.save_every_steps == 0):
+                checkpointer.save(engine, state)
+            tracker.close()
+            stop.finish(state.step, dist.rank, device)  # says why; requeues a Slurm job when asked
+            distributed.shutdown()
+            return
 
     if t.export_hf:
         export_hf(engine, tokenizer, str(Path(cfg.output_dir) / "hf"), dist.rank)
