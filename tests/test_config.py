@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
 
 from trainer.config import Config, register_configs, to_config
 
@@ -28,15 +29,23 @@ def overrides_for(rel: Path):
         return [f"+exp={rel.with_suffix('').relative_to('exp').as_posix()}"]
     if rel.parts[0] in GROUPS:
         return [f"{rel.parts[0]}={rel.with_suffix('').relative_to(rel.parts[0]).as_posix()}"]
-    assert rel == Path("config.yaml"), f"{rel}: a conf file outside the known groups {GROUPS} + exp/"
+    if rel.parts[0] == "hydra":  # hydra/<group>/<name>.yaml: one of Hydra's own groups (the Slurm launcher)
+        return [f"{rel.parent.as_posix()}={rel.stem}"]
+    assert rel == Path("config.yaml"), f"{rel}: a conf file outside the known groups {GROUPS} + exp/ + hydra/"
     return []
 
 
 @pytest.mark.parametrize("rel", all_conf_files(), ids=str)
 def test_every_conf_file_composes_into_the_schema(rel):
+    if rel.parts[:2] == ("hydra", "launcher"):
+        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
     register_configs()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides_for(rel))
+        cfg = compose(config_name="config", overrides=overrides_for(rel), return_hydra_config=rel.parts[0] == "hydra")
+    if rel.parts[0] == "hydra":  # selected, with its values in; then the rest as usual
+        assert OmegaConf.select(cfg, ".".join(rel.parent.parts)), rel
+        with open_dict(cfg):
+            del cfg["hydra"]
     config = to_config(cfg)
     assert isinstance(config, Config)
     if rel.parts[0] in GROUPS:  # the file was really selected, not silently ignored
