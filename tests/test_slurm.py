@@ -1,0 +1,239 @@
+"""Slurm tier: the sbatch templates on a real Slurm cluster (munged, slurmctld and one slurmd on
+loopback, started by tests/slurm_cluster.sh for this module and stopped after it). 2 CPU ranks per
+job; marked `slurm`.
+
+Without the Slurm daemons (or root) these tests skip, saying why; with FULLFT_REQUIRE_SLURM=1 (CI)
+they fail instead, so a CI machine that lost Slurm cannot pass silently.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from conftest import ROOT, read_metrics, series
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+# What the #SBATCH GPU defaults become on this CPU node: no GPUs, both cores, 2 ranks on one node.
+CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
+QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
+RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _unavailable() -> str:
+    missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None]
+    if missing:
+        return f"Slurm is not installed ({', '.join(missing)} missing): `sudo tests/slurm_cluster.sh install`"
+    if os.geteuid() != 0:
+        return "the loopback Slurm cluster needs root (slurmd starts jobs as their user)"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A private cluster (own directory, own ports); yields the environment for sbatch & co."""
+    reason = _unavailable()
+    if reason:
+        if os.environ.get("FULLFT_REQUIRE_SLURM") == "1":
+            pytest.fail(f"FULLFT_REQUIRE_SLURM=1 but {reason}")
+        pytest.skip(reason)
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "FULLFT_SLURM_DIR": str(state), "FULLFT_SLURMCTLD_PORT": str(_free_port()),
+           "FULLFT_SLURMD_PORT": str(_free_port()), "SLURM_CONF": str(state / "slurm.conf")}
+    up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, f"cluster did not start:\n{up.stdout}\n{up.stderr}"
+    # The job environment: this interpreter's virtualenv, 2 CPU ranks, W&B offline.
+    env.update(VENV=str(Path(sys.executable).parent.parent), NPROC_PER_NODE="2", WANDB_MODE="offline",
+               PYTHONUNBUFFERED="1")
+    try:
+        yield env
+    finally:
+        subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
+
+
+def sbatch(env: Dict[str, str], script: str, log: Path, overrides: List[str], **extra_env: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={log}", script, *overrides], cwd=ROOT,
+                          env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(env: Dict[str, str], job: str) -> Dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
+                         timeout=30).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for_end(env: Dict[str, str], job: str, log: Path, timeout: float = 400) -> Dict[str, str]:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = job_info(env, job)
+        if info.get("JobState") in TERMINAL:
+            return info
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} still {job_info(env, job).get('JobState')} after {timeout} s\n{_tail(log)}")
+
+
+def wait_for_step(env: Dict[str, str], job: str, out: Path, log: Path, step: int, timeout: float = 300) -> None:
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.exists() and f'"step": {step},' in metrics.read_text():
+            return
+        state = job_info(env, job).get("JobState")
+        assert state not in TERMINAL, f"job {job} ended ({state}) before step {step}\n{_tail(log)}"
+        time.sleep(0.1)
+    pytest.fail(f"job {job} did not reach step {step} within {timeout} s\n{_tail(log)}")
+
+
+def _tail(log: Path, n: int = 6000) -> str:
+    return log.read_text()[-n:] if log.exists() else f"(no log at {log})"
+
+
+def _train_steps(out: Path) -> List[int]:
+    return [r["step"] for r in read_metrics(out) if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def completed_job(cluster, tmp_path_factory):
+    """`sbatch slurm/full_ft.sh` straight through: 12 steps, 2 ranks under one torchrun."""
+    base = tmp_path_factory.mktemp("full_ft")
+    out, log = base / "run", base / "job.out"
+    job = sbatch(cluster, "slurm/full_ft.sh", log, RUN + [f"output_dir={out}"])
+    started = time.time()
+    info = wait_for_end(cluster, job, log)
+    return out, log, info, time.time() - started
+
+
+def test_sbatch_full_ft_completes_with_the_hf_export(completed_job):
+    out, log, info, seconds = completed_job
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']} {info.get('ExitCode')}\n{_tail(log)}"
+    assert _train_steps(out) == list(range(1, 13))
+    for name in ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "checkpoints/latest"):
+        assert (out / name).exists(), name
+    assert "attempt 1 on 1 node(s)" in text and "x 2 process(es)" in text
+    assert "rank 0/2 config hash" in text and "rank 1/2 config hash" in text  # the template's EXP=medical ran
+    assert "+exp=medical" in text
+    print(f"full_ft job: {seconds:.0f} s from submission to COMPLETED")
+
+
+def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, completed_job, tmp_path):
+    """The walltime notice (USR1 to the batch shell, as `--signal=B:USR1@300` sends it): every rank
+    saves at the same step, rank 0 requeues, the job restarts under the same id and output_dir,
+    resumes from that step and ends with the straight run's losses, bit for bit."""
+    ref = series(read_metrics(completed_job[0]), "train/loss")
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(cluster, "slurm/full_ft.sh", log, [o.replace("logger=jsonl", "logger=wandb") for o in RUN]
+                 + [f"output_dir={out}"])
+    wait_for_step(cluster, job, out, log, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
+    signalled = time.time()
+    info = wait_for_end(cluster, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{_tail(log)}"
+    assert info["Restarts"] == "1", f"expected one requeue, got {info['Restarts']}\n{_tail(log)}"
+
+    stopped = re.search(r"STOPPED EARLY at step (\d+): SIGUSR1", text)
+    assert stopped, _tail(log)
+    step = int(stopped.group(1))
+    assert 3 <= step < 12
+    assert f"requeueing Slurm job {job}" in text
+    assert f"resumed from {out}/checkpoints/step_{step:08d} at step {step}" in text
+    assert "attempt 2 on 1 node(s)" in text
+    assert "Traceback" not in text and "FAILED" not in text, _tail(log)
+
+    rows = read_metrics(out)
+    assert _train_steps(out) == list(range(1, 13)), "metrics.jsonl has a gap or a duplicate step"
+    assert series(rows, "train/loss") == ref, "losses after the requeue differ from the straight run"
+    evals = [r["step"] for r in rows if "eval/domain/loss" in r]
+    assert evals == sorted(set(evals)) and evals[-1] == 12
+    assert (out / "checkpoints/latest").read_text() == "step_00000012" and (out / "hf/model.safetensors").exists()
+    # W&B continued the same run: one offline directory per attempt, both with the same run id.
+    attempts = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
+    assert len(attempts) == 2 and len({a.rsplit("-", 1)[1] for a in attempts}) == 1, attempts
+    print(f"USR1 at step >= 3 -> saved at step {step} -> requeued -> COMPLETED "
+          f"{time.time() - signalled:.0f} s after the signal")
+
+
+def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_path):
+    """SIGKILL one rank of a running job (slurm/cpt.sh this time): the job ends FAILED within 60 s,
+    no process of it is left, and the log says which rank died and how."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(cluster, "slurm/cpt.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"])
+    wait_for_step(cluster, job, out, log, 3)
+    victims = _ranks_of(job, rank=1)
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    killed = time.time()
+    info = wait_for_end(cluster, job, log, timeout=120)
+    took = time.time() - killed
+    text = log.read_text()
+    assert info["JobState"] == "FAILED", f"{info['JobState']}\n{_tail(log)}"
+    assert took < 60, f"the job took {took:.0f} s to end after the kill"
+    assert not _ranks_of(job), "processes of the job are still alive"
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), _tail(log)  # torchrun's Root Cause block
+    assert "Signal 9 (SIGKILL)" in text, _tail(log)
+    assert "FAILED: srun exited with code" in text
+    assert "stage=pretrain" in text  # cpt.sh's stage
+    print(f"rank 1 SIGKILLed -> job FAILED after {took:.1f} s")
+
+
+def _ranks_of(job: str, rank: int = None) -> List[int]:
+    """PIDs of the training processes (not the torchrun agents) of a Slurm job on this machine."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"launch/train.py" not in cmdline or any(b"torchrun" in part for part in cmdline):
+            continue
+        if f"SLURM_JOB_ID={job}".encode() not in environ:
+            continue
+        if rank is None or f"RANK={rank}".encode() in environ:
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
+    """`-m hydra/launcher=slurm`: hydra-submitit-launcher submits one job per point (2 ranks each,
+    started by srun); every point trains into its own output_dir."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
+    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=slurm", "+exp=medical", *QUICK,
+           "trainer.max_steps=2", "trainer.export_hf=false", "trainer.lr=1e-3,5e-4",
+           f"output_dir={tmp_path}/lr${{trainer.lr}}", f"hydra.sweep.dir={tmp_path}/sweep",
+           "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.timeout_min=20"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=400)
+    logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "sweep").glob(".submitit/*/*_0_log.out"))
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"
+    for lr in ("0.001", "0.0005"):
+        rows = read_metrics(tmp_path / f"lr{lr}")
+        assert _train_steps(tmp_path / f"lr{lr}") == [1, 2]
+        assert {r["train/lr"] for r in rows if "train/lr" in r}  # trained
+    assert "rank 1/2 config hash" in logs or "rank 0/2 config hash" in logs
