@@ -248,6 +248,11 @@ class EvalConfig:
     """Packed rows per rank per eval forward."""
     at_start: bool = True
     """Evaluate the base model at step 0, so later evals have a reference."""
+    sample_prompts: List[str] = field(default_factory=list)
+    """Prompts generated from at each eval (greedy; chat template for sft/instruct), logged to
+    output_dir/samples.jsonl and a W&B table; empty = no samples. Every rank generates (ZeRO-3)."""
+    sample_max_new_tokens: int = 32
+    """New tokens per sample; generation costs one collective forward per token."""
 
 
 @dataclass

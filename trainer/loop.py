@@ -7,13 +7,12 @@ tracking are objects the loop calls at one point each.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import random
-import resource
-import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -31,7 +30,9 @@ from trainer.model import build_model, count_parameters
 from trainer.optim import build_optimizer
 from trainer.regularizers.ewc import EWC, load_previous
 from trainer.tokenizer import load_tokenizer
-from trainer.tracking import Tracker
+from trainer.perf import PerfMeter
+from trainer.samples import SampleGenerator
+from trainer.tracking import Progress, Tracker
 
 log = logging.getLogger("trainer")
 
@@ -73,7 +74,13 @@ def fit(cfg: Config) -> None:
         previous = cfg.regularizer.ewc.previous
         ewc.start(engine, reference.micro_batches(0), _reference_loss, device,
                   previous=load_previous(previous, dist.rank) if previous else None)
-    tracker = Tracker(cfg.logger, cfg.output_dir, cfg.exp_name, config_tree, state.step, enabled=dist.is_main)
+    tracker = Tracker(cfg.logger, cfg.output_dir, cfg.exp_name, config_tree, state.step, enabled=dist.is_main,
+                      job_type=cfg.stage.name)
+    perf = PerfMeter.for_model(engine.module, cfg.data.seq_len, dist.world_size, dist.rank, dist.on_gpu,
+                               bf16=ds_config["bf16"]["enabled"])
+    samples = SampleGenerator(cfg.eval.sample_prompts, cfg.eval.sample_max_new_tokens, tokenizer,
+                              chat=cfg.stage.name != "pretrain", system_prompt=cfg.stage.system_prompt)
+    progress = Progress(state.step, t.max_steps, enabled=dist.is_main)
     loader = StepLoader(data.sources, data.weights, t.micro_batch_size, t.grad_accum_steps, dist.rank,
                         dist.world_size, t.seed)
     log.info("%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
@@ -84,32 +91,32 @@ def fit(cfg: Config) -> None:
         scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
         state.baseline = scores  # the base model: reference for eval/forgetting and eval/domain_gain
         tracker.log(0, scores)
+        tracker.log_samples(0, samples.generate(engine))
         log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
     first_step = True
     while state.step < t.max_steps:
-        started = time.perf_counter()
-        metrics = train_step(engine, loader.micro_batches(state.step), dist.world_size, device,
-                             check_grads=first_step, source_names=data.names, ewc=ewc)
+        perf.begin_step()
+        with perf.phase("data_wait"):
+            batches = loader.micro_batches(state.step)
+        metrics = train_step(engine, batches, dist.world_size, device,
+                             check_grads=first_step, phase=perf.phase, source_names=data.names, ewc=ewc)
         first_step = False
         state.step += 1
         state.tokens_seen += int(metrics.pop("tokens"))
         state.supervised_tokens_seen += int(metrics.pop("supervised_tokens"))
-        elapsed = time.perf_counter() - started
+        perf.end_step(state.step, metrics.pop("step_tokens"), metrics)
+        progress.update(state.step)
         last = state.step == t.max_steps
         if state.step % t.log_every_steps == 0 or last:
             metrics.update({"train/tokens_seen": state.tokens_seen,
-                            "train/supervised_tokens_seen": state.supervised_tokens_seen,
-                            "perf/step_time_s": elapsed,
-                            "perf/tokens_per_s": metrics.pop("step_tokens") / elapsed,
-                            "perf/peak_mem_gb": _peak_memory_gb(dist.on_gpu)})
+                            "train/supervised_tokens_seen": state.supervised_tokens_seen, **perf.metrics()})
             tracker.log(state.step, metrics)
-            log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s", state.step, t.max_steps,
-                     metrics["train/loss"], metrics["train/lr"], metrics["train/grad_norm"],
-                     metrics["perf/tokens_per_s"])
+            progress.log(state.step, metrics)  # one line per log step (and the bar on a terminal)
         if eval_sets and ((t.eval_every_steps and state.step % t.eval_every_steps == 0) or last):
             scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
             scores.update(forgetting_metrics(scores, state.baseline))
             tracker.log(state.step, scores)
+            tracker.log_samples(state.step, samples.generate(engine))
             log.info("eval at step %d: %s", state.step, {k: round(v, 4) for k, v in scores.items()})
         if (t.save_every_steps and state.step % t.save_every_steps == 0) or last:
             checkpointer.save(engine, state)
@@ -123,15 +130,18 @@ def fit(cfg: Config) -> None:
 
     if t.export_hf:
         export_hf(engine, tokenizer, str(Path(cfg.output_dir) / "hf"), dist.rank)
+    progress.close()
     tracker.close()
     log.info("done: %d steps, outputs in %s", state.step, cfg.output_dir)
     distributed.shutdown()
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
-               check_grads: bool, source_names: List[str], ewc: Optional[EWC] = None) -> Dict[str, float]:
+               check_grads: bool, source_names: List[str],
+               phase=contextlib.nullcontext, ewc: Optional[EWC] = None) -> Dict[str, float]:
     """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
-    token of the step on all ranks (see trainer/loss.py). With several sources, each one's loss too."""
+    token of the step on all ranks (see trainer/loss.py). With several sources, each one's loss too.
+    `phase(name)` is a context manager timing a part of the step (PerfMeter.phase)."""
     counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
                            for b in micro_batches], dtype=torch.float64).sum(0)
     distributed.all_reduce_sum(counts)
@@ -141,16 +151,18 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
     # Per source: [loss sum, supervised tokens, real tokens]; row 0 of the sums is the whole step.
     sums = torch.zeros(len(source_names) + 1, 3, dtype=torch.float64)
     for batch in micro_batches:
-        out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                     use_cache=False)
-        rows = row_loss_sums(out.logits, batch["labels"])
-        loss = rows.sum()
-        engine.backward(loss * scale, scale_wrt_gas=False)
+        with phase("forward_backward"):
+            out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                         use_cache=False)
+            rows = row_loss_sums(out.logits, batch["labels"])
+            loss = rows.sum()
+            engine.backward(loss * scale, scale_wrt_gas=False)
         if check_grads and engine.is_gradient_accumulation_boundary():
             _check_every_parameter_has_a_gradient(engine)
         if ewc is not None and engine.is_gradient_accumulation_boundary():
             sums[0, 0] = ewc.before_step()  # EWC's gradient joins the loss's, before clipping
-        engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+        with phase("optimizer"):
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         tokens = (batch["labels"][:, 1:] != IGNORE).sum(1).double()
         sums[1:, 0].index_add_(0, batch["source"], rows.detach().double().cpu())
         sums[1:, 1].index_add_(0, batch["source"], tokens)
@@ -228,8 +240,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
-
-def _peak_memory_gb(on_gpu: bool) -> float:
-    if on_gpu:
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
