@@ -126,7 +126,7 @@ def fit(cfg: Config) -> None:
             tracker.close()
             stop.finish(state.step, dist.rank, device)  # says why; requeues a Slurm job when asked
             distributed.shutdown()
-            return
+            raise SystemExit(0)  # an orderly stop, but the run is not over: no export, no next recipe stage
 
     if t.export_hf:
         export_hf(engine, tokenizer, str(Path(cfg.output_dir) / "hf"), dist.rank)
