@@ -65,8 +65,9 @@ def test_decide_never_turns_a_cancellation_into_a_requeue():
 
 
 @pytest.fixture
-def handlers():
+def handlers(monkeypatch):
     saved = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    monkeypatch.setattr(preemption, "_ACTIVE", None)  # a fresh process, as far as install() knows
     yield
     for s, h in saved.items():
         signal.signal(s, h)
@@ -79,6 +80,18 @@ def test_a_signal_only_raises_a_flag(handlers, signum, reason):
     assert p.signalled == reason
     flags = p.local_flags()
     assert flags[reason] == 1 and sum(flags) == 1
+
+
+def test_one_clock_per_process_across_recipe_stages(handlers):
+    first = preemption.install("1h")
+    first.started -= 1000  # the first stage ran for 1000 s
+    os.kill(os.getpid(), signal.SIGUSR1)  # a notice between two stages
+    second = preemption.install("20m")
+    assert second is first and second.max_time_s == 1200 and second.signalled == USR1
+    assert second.local_flags() == [0, 1, 0]
+    second.signalled = None
+    second.started -= 300
+    assert second.local_flags()[MAX_TIME] == 1  # 1300 s of the job's 1200 s budget are gone
 
 
 def test_a_second_signal_ends_the_process():

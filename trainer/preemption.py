@@ -180,9 +180,21 @@ def _requeue(job: str) -> bool:
     return True
 
 
+_ACTIVE: Optional[Preemption] = None
+
+
 def install(max_time: Optional[str]) -> Preemption:
-    """Start the clock for `max_time` and catch USR1, USR2 and TERM in this process (main thread)."""
-    p = Preemption(parse_duration(max_time) if max_time is not None else None)
+    """Start the clock for `max_time` and catch USR1, USR2 and TERM in this process (main thread).
+
+    Once per process: the stages of a recipe (several fit() calls) share the clock, so max_time
+    bounds the whole job, and a signal that arrives between two stages stops the next one."""
+    global _ACTIVE
+    budget = parse_duration(max_time) if max_time is not None else None
+    if _ACTIVE is None:
+        _ACTIVE = Preemption(budget)
+    else:
+        _ACTIVE.max_time_s = budget
+        _ACTIVE.last_check = None  # the gap between stages is not a training step
     for signum in _SIGNALS:
-        signal.signal(signum, p._on_signal)
-    return p
+        signal.signal(signum, _ACTIVE._on_signal)
+    return _ACTIVE
