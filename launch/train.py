@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.config import check_overrides, register_configs, to_config
@@ -19,9 +21,12 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> None:
     config = to_config(cfg)
+    from trainer import recipe
     from trainer.loop import fit  # heavy imports (torch, deepspeed) only once the config is valid
 
-    fit(config)
+    # A recipe (several chained stages) composes each stage from the same overrides plus its own.
+    overrides = list(HydraConfig.get().overrides.task)
+    recipe.run(config, lambda extra: to_config(compose(config_name="config", overrides=extra)), overrides, fit)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,9 @@ class EvalConfig:
     """Packed rows per rank per eval forward."""
     at_start: bool = True
     """Evaluate the base model at step 0, so later evals have a reference."""
+    baseline_from: Optional[str] = None
+    """output_dir of an earlier stage whose step-0 general-set eval is the reference for
+    eval/forgetting (set by recipes, so forgetting is measured against the original base model)."""
     sample_prompts: List[str] = field(default_factory=list)
     """Prompts generated from at each eval (greedy; chat template for sft/instruct), logged to
     output_dir/samples.jsonl and a W&B table; empty = no samples. Every rank generates (ZeRO-3)."""
@@ -326,6 +329,17 @@ class TrainerConfig:
 
 
 @dataclass
+class RecipeStage:
+    name: str = MISSING
+    """Stage name; the stage trains into output_dir/<name>."""
+    overrides: List[str] = field(default_factory=list)
+    """Hydra overrides for this stage, on top of the run's own (e.g. stage=pretrain, data=medical_notes)."""
+    random_init_only: bool = False
+    """Run this stage only for a random-init model (e.g. general pretraining that gives the tiny demo
+    model something to forget); skipped when model.name_or_path is set."""
+
+
+@dataclass
 class Config:
     output_dir: str = MISSING
     """One directory for all ranks; rerunning with the same output_dir resumes."""
@@ -341,6 +355,8 @@ class Config:
     logger: LoggerConfig = MISSING
     eval: EvalConfig = field(default_factory=EvalConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    recipe: List[RecipeStage] = field(default_factory=list)
+    """Chained stages run in order by one command (see trainer/recipe.py); empty = a single run."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data, DataConfig) and isinstance(self.stage, StageConfig):

@@ -10,6 +10,7 @@ into an error instead of a hang.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -79,10 +80,20 @@ def _env_from_slurm() -> None:
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
 
 
+_INFO = None  # the process group of this process, once initialised
+_HELD = False  # a recipe keeps one process group across its stages
+
+
 def init(timeout_s: int) -> DistInfo:
-    """Initialise torch.distributed through DeepSpeed for whichever launcher started us."""
+    """Initialise torch.distributed through DeepSpeed for whichever launcher started us (once per
+    process: a second call, e.g. the next stage of a recipe, returns the same group)."""
     import deepspeed
     import torch
+    import torch.distributed as tdist
+
+    global _INFO
+    if _INFO is not None and tdist.is_initialized():
+        return _INFO
 
     env = os.environ
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
@@ -101,8 +112,9 @@ def init(timeout_s: int) -> DistInfo:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
-    return DistInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]),
-                    local_world_size=local_world, on_gpu=on_gpu)
+    _INFO = DistInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]),
+                     local_world_size=local_world, on_gpu=on_gpu)
+    return _INFO
 
 
 def all_reduce_sum(values: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
@@ -125,10 +137,27 @@ def barrier() -> None:
     dist.barrier()
 
 
+@contextlib.contextmanager
+def held():
+    """Keep the process group alive across several fit() calls (the stages of a recipe): a gloo or
+    NCCL group destroyed and created again in one process can hang, so it is made once."""
+    global _HELD
+    _HELD = True
+    try:
+        yield
+    finally:
+        _HELD = False
+        shutdown()
+
+
 def shutdown() -> None:
     """Leave the process group cleanly; a gloo group left to interpreter exit can abort the process."""
     import torch.distributed as dist
 
+    global _INFO
+    if _HELD:
+        return
+    _INFO = None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

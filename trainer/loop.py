@@ -68,6 +68,10 @@ def fit(cfg: Config) -> None:
     ewc = EWC(engine, **_ewc_args(cfg)) if cfg.regularizer.uses_ewc else None
     checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, extras={"ewc": ewc} if ewc else None)
     state = checkpointer.resume(engine)  # restores EWC's Fisher and anchor too
+    if state.step >= t.max_steps and (not t.export_hf or (Path(cfg.output_dir) / "hf" / "config.json").is_file()):
+        log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, state.step)
+        distributed.shutdown()
+        return
     if ewc is not None and not ewc.ready:  # a fresh stage: anchor here, Fisher on the reference data
         reference = StepLoader([data.fisher], [1.0], t.micro_batch_size, cfg.regularizer.ewc.fisher_batches,
                                dist.rank, dist.world_size, t.seed)
@@ -89,7 +93,9 @@ def fit(cfg: Config) -> None:
 
     if state.step == 0 and eval_sets and cfg.eval.at_start:
         scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
-        state.baseline = scores  # the base model: reference for eval/forgetting and eval/domain_gain
+        # The base model is the reference for eval/forgetting and eval/domain_gain; in a recipe,
+        # forgetting is measured against the first stage's base model.
+        state.baseline = {**scores, **_general_baseline(cfg.eval.baseline_from)}
         tracker.log(0, scores)
         tracker.log_samples(0, samples.generate(engine))
         log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
@@ -188,6 +194,15 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
             "data/packing_efficiency": step_real / step_slots,
             "data/supervised_token_fraction": step_supervised / step_slots,
             "tokens": step_real, "supervised_tokens": step_supervised, "step_tokens": step_real}
+
+
+def _general_baseline(earlier_output_dir: Optional[str]) -> Dict[str, float]:
+    """The general-set step-0 eval of an earlier stage (its final trainer_state.json), or nothing."""
+    if not earlier_output_dir:
+        return {}
+    ckpt = Path(earlier_output_dir) / "checkpoints"
+    state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "trainer_state.json").read_text())
+    return {k: v for k, v in state.get("baseline", {}).items() if k.startswith("eval/general/")}
 
 
 def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -26,6 +26,7 @@ def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, A
     from transformers.integrations import HfDeepSpeedConfig
 
     global _HF_DS_CONFIG
+    _HF_DS_CONFIG = None  # an earlier stage's ZeRO-3 switch must not partition the isolation probe
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     if cfg.name_or_path:
         if not (Path(cfg.name_or_path) / "config.json").is_file():
