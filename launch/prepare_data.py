@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.config import check_overrides, register_configs, to_config
@@ -23,12 +25,20 @@ CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 def main(cfg: DictConfig) -> None:
     config = to_config(cfg)
     from trainer.data import prepare_data
+    from trainer.recipe import stage_overrides
     from trainer.tokenizer import load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    data = prepare_data(config, load_tokenizer(config.model), preparer=True, progress=True)
-    for name, prepared in [*zip(data.names, data.sources), *data.eval_sets.items()]:
-        print(f"{name}: {prepared.directory}\n  {json.dumps(prepared.stats)}")
+    stages = [("", config)]
+    if config.recipe:  # every stage of a recipe
+        overrides = list(HydraConfig.get().overrides.task)
+        stages = stage_overrides(config, lambda o: to_config(compose(config_name="config", overrides=o)), overrides)
+    # Later stages start from an earlier stage's export, which carries the first stage's tokenizer.
+    tokenizer = load_tokenizer(stages[0][1].model)
+    for stage, staged in stages:
+        data = prepare_data(staged, tokenizer, preparer=True, progress=True)
+        for name, prepared in [*zip(data.names, data.sources), *data.eval_sets.items()]:
+            print(f"{stage + ': ' if stage else ''}{name}: {prepared.directory}\n  {json.dumps(prepared.stats)}")
 
 
 if __name__ == "__main__":
