@@ -35,7 +35,20 @@ _fullft_on_term() {
     fullft_log "got TERM (cancelled, preempted or requeued): ranks save a checkpoint at the current step if time allows"
 }
 
+_fullft_store() {  # a c10d TCPStore server on this node, at $MASTER_PORT, until srun is over
+    trap '' TERM  # a cancel or requeue TERMs the whole job: the ranks still need the store to stop cleanly
+    exec python -c 'import datetime, os, signal
+from torch.distributed import TCPStore
+store = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=True, multi_tenant=True,
+                 wait_for_workers=False, timeout=datetime.timedelta(hours=1))
+signal.pause()'
+}
+
 fullft_setup() {
+    if [[ -z ${SLURM_JOB_ID:-} ]]; then
+        echo "not inside a Slurm job: submit with sbatch (or run inside salloc)" >&2
+        exit 2
+    fi
     cd "$FULLFT_ROOT" || { echo "cannot cd to $FULLFT_ROOT" >&2; exit 1; }
     if [[ -n ${FULLFT_SETUP:-} ]]; then
         # shellcheck disable=SC1090
@@ -102,12 +115,21 @@ fullft_launch() {
     case $LAUNCHER in
         torchrun)
             srun_args+=(--ntasks="$FULLFT_NNODES" --ntasks-per-node=1 --cpus-per-task="$FULLFT_CPUS_PER_TASK")
-            local signals=""
+            local flags=""
             if torchrun --help 2>/dev/null | grep -q -- --signals-to-handle; then
-                signals="--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"
+                flags="--signals-to-handle=SIGINT,SIGHUP,SIGQUIT"
             fi
-            # c10d rendezvous hosted by the torchrun on $MASTER_ADDR; the id changes per attempt.
-            inner='trap "" USR1 TERM; exec torchrun '"$signals"' --nnodes="$SLURM_JOB_NUM_NODES" \
+            if (( FULLFT_NNODES > 1 )); then
+                # The c10d rendezvous store must outlive every node's torchrun: hosted by the
+                # first node's torchrun, it goes away when that one exits while the others still
+                # use it (a RendezvousConnectionError trace at the end of a good run). The batch
+                # shell runs on the first node; it hosts the store until srun is over.
+                _fullft_store &
+                FULLFT_STORE_PID=$!
+                flags+=" --rdzv-conf=is_host=false"
+            fi
+            # c10d rendezvous at $MASTER_ADDR:$MASTER_PORT; the id changes per attempt.
+            inner='trap "" USR1 TERM; exec torchrun '"$flags"' --nnodes="$SLURM_JOB_NUM_NODES" \
                    --nproc-per-node="$NPROC_PER_NODE" --rdzv-backend=c10d --rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT" \
                    --rdzv-id="$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}" --max-restarts=0 launch/train.py "$@"'
             ;;
@@ -130,13 +152,17 @@ fullft_launch() {
         kill -0 "$pid" 2>/dev/null || break  # still running: a trapped signal interrupted `wait`
     done
     trap - USR1 TERM
+    if [[ -n ${FULLFT_STORE_PID:-} ]]; then kill -KILL "$FULLFT_STORE_PID" 2>/dev/null; fi
     if (( rc == 0 )); then
         fullft_log "training processes exited cleanly (finished, or stopped early: see STOPPED EARLY above)"
     elif [[ -n ${_FULLFT_GOT_TERM:-} ]]; then
         fullft_log "srun exited with code $rc after TERM (the job was cancelled, preempted or requeued)"
-    else
+    elif [[ $LAUNCHER == torchrun ]]; then
         fullft_log "FAILED: srun exited with code $rc. The first rank to fail, and why (exit code or signal)," \
-                   "is in torchrun's 'Root Cause' block above; 'srun: error: NODE: task N' names the node."
+                   "is in torchrun's 'Root Cause' block above; the first 'srun: error: NODE: task N' names its node."
+    else
+        fullft_log "FAILED: srun exited with code $rc. The first 'srun: error: NODE: task N: ...' line above" \
+                   "names the rank that failed first (task N = rank N) and why."
     fi
     exit "$rc"
 }
