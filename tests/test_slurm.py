@@ -1,6 +1,6 @@
-"""Slurm tier: the sbatch templates on a real Slurm cluster (munged, slurmctld and one slurmd on
-loopback, started by tests/slurm_cluster.sh for this module and stopped after it). 2 CPU ranks per
-job; marked `slurm`.
+"""Slurm tier: the sbatch templates on real Slurm clusters started by tests/slurm_cluster.sh for
+this module and stopped after it: one node on loopback (2 CPU ranks per job), and two nodes made of
+network namespaces (1 rank per node). Marked `slurm`.
 
 Without the Slurm daemons (or root) these tests skip, saying why; with FULLFT_REQUIRE_SLURM=1 (CI)
 they fail instead, so a CI machine that lost Slurm cannot pass silently.
@@ -32,6 +32,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
 QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
 RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
+EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
 
 
 def _free_port() -> int:
@@ -40,40 +41,58 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _unavailable() -> str:
+def _unavailable(nodes: int) -> str:
     missing = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol") if shutil.which(b) is None]
+    if nodes > 1:
+        missing += [b for b in ("ip", "nsenter", "unshare") if shutil.which(b) is None]
     if missing:
         return f"Slurm is not installed ({', '.join(missing)} missing): `sudo tests/slurm_cluster.sh install`"
     if os.geteuid() != 0:
-        return "the loopback Slurm cluster needs root (slurmd starts jobs as their user)"
+        return "the test Slurm clusters need root (slurmd starts jobs as their user; network namespaces)"
     return ""
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """A private cluster (own directory, own ports); yields the environment for sbatch & co."""
-    reason = _unavailable()
+def _start_cluster(tmp_path_factory, nodes: int):
+    """A private cluster (own directory, ports and, for several nodes, network); yields the
+    environment for sbatch & co, and stops it afterwards."""
+    reason = _unavailable(nodes)
     if reason:
         if os.environ.get("FULLFT_REQUIRE_SLURM") == "1":
             pytest.fail(f"FULLFT_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
-    state = tmp_path_factory.mktemp("slurm")
+    state = tmp_path_factory.mktemp(f"slurm{nodes}")
     env = {**os.environ, "FULLFT_SLURM_DIR": str(state), "FULLFT_SLURMCTLD_PORT": str(_free_port()),
-           "FULLFT_SLURMD_PORT": str(_free_port()), "SLURM_CONF": str(state / "slurm.conf")}
+           "FULLFT_SLURMD_PORT": str(_free_port()), "SLURM_CONF": str(state / "slurm.conf"),
+           "FULLFT_SLURM_NODES": str(nodes), "FULLFT_SLURM_TAG": f"fft{os.getpid() % 10000}",
+           "FULLFT_SLURM_SUBNET": f"10.{100 + os.getpid() % 100}.{os.getpid() // 100 % 250}"}
     up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
-    assert up.returncode == 0, f"cluster did not start:\n{up.stdout}\n{up.stderr}"
-    # The job environment: this interpreter's virtualenv, 2 CPU ranks, W&B offline.
-    env.update(VENV=str(Path(sys.executable).parent.parent), NPROC_PER_NODE="2", WANDB_MODE="offline",
-               PYTHONUNBUFFERED="1")
     try:
+        assert up.returncode == 0, f"cluster did not start:\n{up.stdout}\n{up.stderr}"
+        # The job environment: this interpreter's virtualenv, CPU ranks (2 per job), W&B offline, and
+        # the single-stage instruction-tuning experiment (EXP is the templates' knob).
+        env.update(VENV=str(Path(sys.executable).parent.parent), NPROC_PER_NODE=str(2 // nodes),
+                   WANDB_MODE="offline", PYTHONUNBUFFERED="1", EXP=EXP)
         yield env
     finally:
         subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
 
 
-def sbatch(env: Dict[str, str], script: str, log: Path, overrides: List[str], **extra_env: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *CPU_NODE, f"--output={log}", script, *overrides], cwd=ROOT,
-                          env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One node on loopback: jobs run 2 ranks under one torchrun."""
+    yield from _start_cluster(tmp_path_factory, nodes=1)
+
+
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory):
+    """Two nodes, each a network namespace with its own address, hostname and slurmd."""
+    yield from _start_cluster(tmp_path_factory, nodes=2)
+
+
+def sbatch(env: Dict[str, str], script: str, log: Path, overrides: List[str], flags: List[str] = (),
+           **extra_env: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *CPU_NODE, *flags, f"--output={log}", script, *overrides],
+                          cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
@@ -134,8 +153,8 @@ def test_sbatch_full_ft_completes_with_the_hf_export(completed_job):
     for name in ("hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "checkpoints/latest"):
         assert (out / name).exists(), name
     assert "attempt 1 on 1 node(s)" in text and "x 2 process(es)" in text
-    assert "rank 0/2 config hash" in text and "rank 1/2 config hash" in text  # the template's EXP=medical ran
-    assert "+exp=medical" in text
+    assert "rank 0/2 config hash" in text and "rank 1/2 config hash" in text
+    assert f"overrides: +exp={EXP} " in text
     print(f"full_ft job: {seconds:.0f} s from submission to COMPLETED")
 
 
@@ -143,14 +162,29 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, completed_job, t
     """The walltime notice (USR1 to the batch shell, as `--signal=B:USR1@300` sends it): every rank
     saves at the same step, rank 0 requeues, the job restarts under the same id and output_dir,
     resumes from that step and ends with the straight run's losses, bit for bit."""
+    _preempt_and_resume(cluster, completed_job, tmp_path, flags=[])
+
+
+def test_two_nodes_usr1_requeue_and_resume_exactly(two_nodes, completed_job, tmp_path):
+    """The same across two hosts: one torchrun per node (srun, c10d rendezvous on the first node),
+    USR1 forwarded to the ranks of both nodes, the requeued job rendezvouses again; the losses
+    equal the one-node run's (same 2 ranks, same rows)."""
+    text = _preempt_and_resume(two_nodes, completed_job, tmp_path, flags=["--nodes=2"])
+    assert "attempt 1 on 2 node(s)" in text and "x 1 process(es)" in text
+    assert re.search(r"^0: .*\[rank 0\] INFO rank 0/2 config hash", text, re.M)  # srun --label: node 0
+    assert re.search(r"^1: .*\[rank 1\] INFO rank 1/2 config hash", text, re.M)  # node 1
+    assert text.count("got SIGUSR1") == 2
+
+
+def _preempt_and_resume(env: Dict[str, str], completed_job, tmp_path: Path, flags: List[str]) -> str:
     ref = series(read_metrics(completed_job[0]), "train/loss")
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(cluster, "slurm/full_ft.sh", log, [o.replace("logger=jsonl", "logger=wandb") for o in RUN]
-                 + [f"output_dir={out}"])
-    wait_for_step(cluster, job, out, log, 3)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True, timeout=30)
+    job = sbatch(env, "slurm/full_ft.sh", log, [o.replace("logger=jsonl", "logger=wandb") for o in RUN]
+                 + [f"output_dir={out}"], flags=flags)
+    wait_for_step(env, job, out, log, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     signalled = time.time()
-    info = wait_for_end(cluster, job, log)
+    info = wait_for_end(env, job, log)
     text = log.read_text()
     assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{_tail(log)}"
     assert info["Restarts"] == "1", f"expected one requeue, got {info['Restarts']}\n{_tail(log)}"
@@ -161,7 +195,7 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, completed_job, t
     assert 3 <= step < 12
     assert f"requeueing Slurm job {job}" in text
     assert f"resumed from {out}/checkpoints/step_{step:08d} at step {step}" in text
-    assert "attempt 2 on 1 node(s)" in text
+    assert re.search(r"attempt 2 on \d node\(s\)", text)
     assert "Traceback" not in text and "FAILED" not in text, _tail(log)
 
     rows = read_metrics(out)
@@ -175,17 +209,16 @@ def test_usr1_checkpoints_requeues_and_resumes_exactly(cluster, completed_job, t
     assert len(attempts) == 2 and len({a.rsplit("-", 1)[1] for a in attempts}) == 1, attempts
     print(f"USR1 at step >= 3 -> saved at step {step} -> requeued -> COMPLETED "
           f"{time.time() - signalled:.0f} s after the signal")
+    return text
 
 
 def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_path):
     """SIGKILL one rank of a running job (slurm/cpt.sh this time): the job ends FAILED within 60 s,
     no process of it is left, and the log says which rank died and how."""
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(cluster, "slurm/cpt.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"])
+    job = sbatch(cluster, "slurm/cpt.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"], EXP="")
     wait_for_step(cluster, job, out, log, 3)
-    victims = _ranks_of(job, rank=1)
-    assert len(victims) == 1, victims
-    os.kill(victims[0], signal.SIGKILL)
+    _kill_rank(job, rank=1)
     killed = time.time()
     info = wait_for_end(cluster, job, log, timeout=120)
     took = time.time() - killed
@@ -196,8 +229,34 @@ def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), _tail(log)  # torchrun's Root Cause block
     assert "Signal 9 (SIGKILL)" in text, _tail(log)
     assert "FAILED: srun exited with code" in text
-    assert "stage=pretrain" in text  # cpt.sh's stage
+    assert "overrides: stage=pretrain " in text  # cpt.sh: the embedded default config, continued pretraining
     print(f"rank 1 SIGKILLed -> job FAILED after {took:.1f} s")
+
+
+def test_a_killed_rank_on_the_second_node_fails_the_job_on_both(two_nodes, tmp_path):
+    """LAUNCHER=srun (one srun task per rank, no torchrun), one rank per node: SIGKILL the rank on
+    the second node; srun --kill-on-bad-exit ends the first node's rank too, FAILED within 60 s."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(two_nodes, "slurm/full_ft.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"],
+                 flags=["--nodes=2"], LAUNCHER="srun")
+    wait_for_step(two_nodes, job, out, log, 3)
+    _kill_rank(job, rank=1)
+    killed = time.time()
+    info = wait_for_end(two_nodes, job, log, timeout=120)
+    took = time.time() - killed
+    text = log.read_text()
+    assert info["JobState"] == "FAILED", f"{info['JobState']}\n{_tail(log)}"
+    assert took < 60, f"the job took {took:.0f} s to end after the kill"
+    assert not _ranks_of(job), "processes of the job are still alive"
+    assert re.search(r"srun: error: \S+-n2: task 1: Killed", text), _tail(log)
+    assert "launcher srun" in text
+    print(f"rank 1 (second node, LAUNCHER=srun) SIGKILLed -> job FAILED after {took:.1f} s")
+
+
+def _kill_rank(job: str, rank: int) -> None:
+    victims = _ranks_of(job, rank)
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
 
 
 def _ranks_of(job: str, rank: int = None) -> List[int]:
@@ -215,19 +274,22 @@ def _ranks_of(job: str, rank: int = None) -> List[int]:
             continue
         if f"SLURM_JOB_ID={job}".encode() not in environ:
             continue
-        if rank is None or f"RANK={rank}".encode() in environ:
+        # torchrun sets RANK for its workers; a task of `srun python` finds its rank in SLURM_PROCID.
+        direct = not any(e.startswith(b"RANK=") for e in environ)
+        if rank is None or f"RANK={rank}".encode() in environ or (direct and f"SLURM_PROCID={rank}".encode() in environ):
             pids.append(int(proc.name))
     return pids
 
 
 def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
-    """`-m hydra/launcher=slurm`: hydra-submitit-launcher submits one job per point (2 ranks each,
-    started by srun); every point trains into its own output_dir."""
+    """`-m hydra/launcher=slurm`: hydra-submitit-launcher submits one job per point (one rank each
+    here, so that both points run at once on the 2 CPUs); every point trains into its own
+    output_dir."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
-    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=slurm", "+exp=medical", *QUICK,
+    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=slurm", f"+exp={EXP}", *QUICK,
            "trainer.max_steps=2", "trainer.export_hf=false", "trainer.lr=1e-3,5e-4",
            f"output_dir={tmp_path}/lr${{trainer.lr}}", f"hydra.sweep.dir={tmp_path}/sweep",
-           "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+           "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
            "hydra.launcher.timeout_min=20"]
     proc = subprocess.run(cmd, cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=400)
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "sweep").glob(".submitit/*/*_0_log.out"))
@@ -236,4 +298,4 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
         rows = read_metrics(tmp_path / f"lr{lr}")
         assert _train_steps(tmp_path / f"lr{lr}") == [1, 2]
         assert {r["train/lr"] for r in rows if "train/lr" in r}  # trained
-    assert "rank 1/2 config hash" in logs or "rank 0/2 config hash" in logs
+    assert logs.count("rank 0/1 config hash") == 2, logs
