@@ -23,7 +23,8 @@ import pytest
 
 from conftest import ROOT, read_metrics, series
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+# Also `distributed` (real multi-rank runs): `make test-fast` leaves them out.
+pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.timeout(900)]
 
 CLUSTER = ROOT / "tests" / "slurm_cluster.sh"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
@@ -67,6 +68,8 @@ def _start_cluster(tmp_path_factory, nodes: int):
            "FULLFT_SLURM_SUBNET": f"10.{100 + os.getpid() % 100}.{os.getpid() // 100 % 250}"}
     up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
     try:
+        if up.returncode != 0 and nodes > 1 and os.environ.get("FULLFT_REQUIRE_SLURM") != "1":
+            pytest.skip(f"no {nodes}-node cluster from network namespaces here: {up.stderr.strip()[-500:]}")
         assert up.returncode == 0, f"cluster did not start:\n{up.stdout}\n{up.stderr}"
         # The job environment: this interpreter's virtualenv, CPU ranks (2 per job), W&B offline, and
         # the single-stage instruction-tuning experiment (EXP is the templates' knob).
