@@ -32,7 +32,7 @@ def _port() -> int:
 
 
 # Small, quick runs: the embedded tiny model on the bundled medical QA pairs.
-QUICK = ["+exp=medical", "logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
+QUICK = ["+exp=medical_qa", "logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
 
 
 def run_train(launcher: str, overrides: List[str], nproc: int = 2, timeout: int = 600, **kw) -> subprocess.CompletedProcess:

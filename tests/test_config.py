@@ -84,7 +84,7 @@ def test_cross_field_check_says_what_to_change():
 
 
 def test_cfg_job_prints_the_composed_config_without_training():
-    proc = run_cli("+exp=medical", "trainer.max_steps=7", "--cfg", "job")
+    proc = run_cli("+exp=medical_qa", "trainer.max_steps=7", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 7" in proc.stdout and "exp_name: medical" in proc.stdout and "name: instruct" in proc.stdout
 
