@@ -58,3 +58,27 @@ def run(cfg: Config, compose: Callable[[List[str]], Config], user_overrides: Lis
         for i, (name, staged) in enumerate(plan):
             log.info("recipe %s: stage %d/%d %s -> %s", cfg.exp_name, i + 1, len(plan), name, staged.output_dir)
             fit(staged)
+        if _is_rank0():
+            _link_final_stage(Path(cfg.output_dir), Path(plan[-1][1].output_dir))
+
+
+def _is_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _link_final_stage(output_dir: Path, last: Path) -> None:
+    """output_dir/{hf,config.yaml,metrics.jsonl,checkpoints,wandb} point at the last stage's, so the
+    recipe's result sits where a single run's would (output_dir/hf is the final model)."""
+    for name in ("hf", "config.yaml", "metrics.jsonl", "checkpoints", "wandb"):
+        link, target = output_dir / name, last / name
+        if not target.exists():
+            continue
+        if link.is_symlink():
+            link.unlink()
+        elif link.exists():
+            log.warning("recipe: %s exists and is not a link; the final stage's %s stays in %s", link, name, last)
+            continue
+        link.symlink_to(Path(last.name) / name)
+    log.info("recipe: final model in %s (-> %s)", output_dir / "hf", last / "hf")
