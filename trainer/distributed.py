@@ -118,9 +118,16 @@ def init(timeout_s: int) -> DistInfo:
 
 
 def all_reduce_sum(values: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
-    """Sum a small tensor over all ranks (in place) and return it."""
+    """Sum a small tensor over all ranks (in place) and return it. NCCL reduces only GPU tensors,
+    so a CPU tensor makes a round trip through the current GPU there."""
+    import torch
     import torch.distributed as dist
 
+    if values.device.type == "cpu" and dist.get_backend() == "nccl":
+        on_gpu = values.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(on_gpu, op=dist.ReduceOp.SUM)
+        values.copy_(on_gpu.cpu())
+        return values
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
