@@ -57,6 +57,8 @@ def test_medical_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_pat
     # the final stage's outputs also sit where a single run's would
     assert (tmp_path / "hf").resolve() == (tmp_path / "instruct" / "hf").resolve()
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "instruct" / "dashboard.png").stat().st_size > 10_000  # drawn without W&B
+    assert "summary eval/forgetting" in log
     instruct = read_metrics(tmp_path / "instruct")
     assert set(series(instruct, "eval/forgetting")) == {2, 4}
     assert "reg/ewc_penalty" in instruct[-3] or any("reg/ewc_penalty" in r for r in instruct)

@@ -138,8 +138,30 @@ def fit(cfg: Config) -> None:
         export_hf(engine, tokenizer, str(Path(cfg.output_dir) / "hf"), dist.rank)
     progress.close()
     tracker.close()
+    if dist.is_main:
+        _summarise(cfg.output_dir, state.baseline)
     log.info("done: %d steps, outputs in %s", state.step, cfg.output_dir)
     distributed.shutdown()
+
+
+def _summarise(output_dir: str, baseline: Dict[str, float]) -> None:
+    """The run's forgetting summary (first vs last eval of each set) in the log, and the PNG
+    dashboard (loss, eval, forgetting, throughput...) in output_dir, with or without W&B."""
+    from launch.plot import load, render
+
+    rows = load(Path(output_dir) / "metrics.jsonl")
+    last = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    for key in sorted(k for k in last if k.endswith("/loss")):
+        if key in baseline:
+            log.info("summary %s: %.4f at the start -> %.4f at the end (%+.4f)", key, baseline[key], last[key],
+                     last[key] - baseline[key])
+    for key in ("eval/forgetting", "eval/domain_gain"):
+        if key in last:
+            log.info("summary %s: %+.4f", key, last[key])
+    try:
+        log.info("dashboard: %s", render(rows, Path(output_dir) / "dashboard.png", title=Path(output_dir).name))
+    except Exception as ex:  # a plot must never fail a finished run
+        log.warning("could not draw the dashboard: %s", ex)
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
