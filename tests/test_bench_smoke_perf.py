@@ -1,0 +1,108 @@
+"""The performance benchmarks' smoke modes run end to end and print their tables (no speed or memory
+assertions: the numbers of a few steps on a shared CPU mean nothing). bench/data_prep.py is a
+plain test; bench/throughput.py and bench/memory.py launch 2-rank DeepSpeed jobs (distributed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+def _bench(*args: str, timeout: int) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+@pytest.mark.timeout(240)
+def test_data_prep_smoke(tmp_path):
+    out = tmp_path / "data_prep.json"
+    proc = _bench("bench/data_prep.py", "--smoke", "--json", str(out), timeout=200)
+    assert "| records | tokens |" in proc.stdout and "anonymous memory" in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["records"] for r in report["results"]] == [1000, 4000]
+    for r in report["results"]:
+        assert r["samples"] > 0 and r["real_tokens"] > 0 and r["tokens_per_s"] > 0
+        assert 0.9 < r["packing_efficiency"] <= 1.0
+        assert r["mib_peak"]["RssAnon"] >= r["mib_before"]["RssAnon"]
+    assert report["commit"] and report["date"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(420)
+def test_throughput_smoke(tmp_path):
+    """(a) ours packed and (b) the HF Trainer, a few steps each. (c) differs from (a) by two overrides;
+    its config is composed and its rows prepared in this run too, but it is not trained (CI time)."""
+    out = tmp_path / "throughput.json"
+    proc = _bench("bench/throughput.py", "--smoke", "--systems", "a,b", "--out", str(tmp_path / "work"),
+                  "--json", str(out), timeout=400)
+    for text in ("(a) ours, packed", "(b) HF Trainer, padded", "tok/s vs (b)", "target:"):
+        assert text in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    results = {r["system"]: r for r in report["results"]}
+    assert sorted(results) == ["a", "b"]
+    for r in results.values():
+        assert r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0
+        assert len(r["peak_mem_gb_per_rank"]) == 2 and all(m > 0 for m in r["peak_mem_gb_per_rank"])
+        assert r["heldout_loss"] > 0 and r["train_loss_at_budget"] is not None
+    assert results["a"]["slot_efficiency"] > results["b"]["slot_efficiency"]  # packing fills rows, padding does not
+    assert report["commit"] and report["date"] and report["load_avg_start"]
+
+
+@pytest.mark.distributed
+@pytest.mark.timeout(420)
+def test_memory_smoke(tmp_path):
+    """1 and 2 ranks trained; the AC and EWC runs' overrides composed through the typed config."""
+    out = tmp_path / "memory.json"
+    proc = _bench("bench/memory.py", "--smoke", "--out", str(tmp_path / "work"), "--json", str(out), timeout=400)
+    for text in ("1 rank", "2 ranks", "1 -> 2 ranks", "config composed, not run"):
+        assert text in proc.stdout, proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["name"] for r in report["results"]] == ["1 rank", "2 ranks"]
+    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC"]
+    for r in report["results"]:
+        assert len(r["peak_mem_gb_per_rank"]) == r["ranks"] and r["step_time_s"] > 0
+    assert "ws_drop_gb" in report["summary"]
+
+
+# ---- the benchmarks' arithmetic, on literal numbers ---------------------------------------------------
+
+def _bench_module(name: str):
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        return __import__(name)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def test_memory_summary_ratios():
+    memory = _bench_module("memory")
+    run = dict(group="ac", ranks=2, unphased_s=0.10)
+    results = [dict(run, name="1 rank", group="ws", ranks=1, peak_mem_gb=4.0, step_time_s=1.0),
+               dict(run, name="2 ranks", group="ws", peak_mem_gb=3.0, step_time_s=2.0),
+               dict(run, name="AC none", peak_mem_gb=5.0, step_time_s=10.0),
+               dict(run, name="AC full", peak_mem_gb=4.0, step_time_s=13.0),
+               dict(run, name="EWC", peak_mem_gb=5.5, step_time_s=10.5, unphased_s=0.30)]
+    s = memory.summarise(results, params=100_000_000)
+    assert s["ws_peak_ratio"] == 0.75 and s["ws_drop_gb"] == 1.0
+    assert abs(s["ws_expected_drop_gb"] - 20 * 1e8 / 2 / 2**30) < 1e-12  # 0.931 GiB
+    assert s["ac_full_mem_ratio"] == 0.8 and s["ac_full_time_ratio"] == 1.3
+    assert abs(s["ewc_own_time_s"] - 0.2) < 1e-12 and abs(s["ewc_own_time_share"] - 0.02) < 1e-12
+    assert s["ewc_cost_target_met"] and abs(s["ewc_extra_gb"] - 0.5) < 1e-12
+
+
+def test_throughput_loss_at_equal_supervised_tokens():
+    throughput = _bench_module("throughput")
+    steps = [{"supervised": 100, "loss": 4.0}, {"supervised": 100, "loss": 3.0}, {"supervised": 100, "loss": 2.0},
+             {"supervised": 100, "loss": 1.0}]
+    # budget 400: the last quarter (300, 400] is step 4 only
+    assert throughput.loss_at(steps, 400) == 1.0
+    # budget 300: steps ending in (225, 300] -> step 3; step 4 ends past the budget
+    assert throughput.loss_at(steps, 300) == 2.0
+    # half the budget as the tail: steps 3 and 4, weighted equally
+    assert throughput.loss_at(steps, 400, tail=0.5) == 1.5
