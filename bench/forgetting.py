@@ -1,0 +1,414 @@
+"""Forgetting benchmark: how much general ability full fine-tuning loses, and what replay and EWC buy back.
+
+    python bench/corpora.py --out /tmp/corpora     # gcide.txt (general English), foldoc.txt (computing)
+    python bench/forgetting.py --general /tmp/corpora/gcide.txt --domain /tmp/corpora/foldoc.txt --out DIR
+    python bench/forgetting.py --smoke --out DIR   # bundled samples, a few steps (CI)
+
+1. Split each corpus (any .txt/.md with blank-line-separated documents, or .jsonl, one record a line)
+   deterministically into train and held-out files under DIR/data (a seeded shuffle, at most
+   --max-docs documents, the first --heldout-docs of them held out).
+2. Pretrain a random-init tiny Llama on the general train split (its sentencepiece tokenizer trained on
+   both train splits), or reuse the one already in DIR/base-<key> (the key hashes the data and settings).
+3. Fully fine-tune that base on the domain train split once per setting: `none`, `replay` at each
+   --replay-ratios, `ewc` at each --lams, `ewc_replay` (--ewc-replay-lam, --ewc-replay-ratio).
+   Every run is the real trainer through its command line (`launch/train.py` with overrides) under
+   --launcher (`python`: one rank; `deepspeed`: --nproc sharded ZeRO-3 ranks), evaluating the held-out
+   general and domain sets at step 0, at each quarter of the run and at the end. Fine-tunes are rerun
+   every time (their directories are replaced); only the base is reused.
+4. Read each run's metrics.jsonl and report, relative to `none`:
+     forgetting  general held-out loss at the end minus at step 0 (> 0: forgot)
+     removed     1 - forgetting / forgetting(none): the share of plain fine-tuning's forgetting removed
+     gain        domain held-out loss at step 0 minus at the end (> 0: learned the domain)
+     kept        gain / gain(none)
+     step time   median perf/step_time_s over the steps after --skip-steps (a median, because other jobs
+                 on a shared machine slow some steps), and the median time per step spent outside the
+                 trainer's timed phases (forward/backward, optimizer, data wait): EWC's gradient work
+                 runs there, so that time's excess over `none`'s, as a share of `none`'s step, is EWC's
+                 own cost (column "outside-phase time vs none"; the EWC target is judged on it)
+     peak mem    perf/peak_mem_gb (peak RSS on CPU, max allocated on a GPU), max over the run
+   Print the table and write DIR/forgetting.json.
+
+Target (issue 4): the best setting removes >= 90% of the forgetting while keeping >= 95% of the gain;
+EWC costs <= 3% step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES = ROOT / "data_pipeline" / "samples"
+TEXT_SUFFIXES = (".txt", ".md")
+TARGET_REMOVED, TARGET_KEPT, TARGET_EWC_COST = 0.90, 0.95, 0.03
+
+
+# ---- corpora: deterministic train / held-out split --------------------------------------------------
+
+def read_documents(path: Path) -> List[str]:
+    """The documents of a corpus, as they will be written back: a .jsonl line each, or a block of
+    non-blank lines of a text file (the data pipeline's own reading of these formats)."""
+    if path.suffix == ".jsonl":
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix not in TEXT_SUFFIXES:
+        raise SystemExit(f"{path}: use a .txt/.md file (documents separated by blank lines) or a .jsonl file")
+    docs, block = [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            block.append(line.rstrip())
+        elif block:
+            docs.append("\n".join(block))
+            block = []
+    if block:
+        docs.append("\n".join(block))
+    return docs
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    # The data pipeline's cache key includes the file's mtime: an unchanged split keeps its cache.
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return
+    path.write_text(text, encoding="utf-8")
+
+
+def split_corpus(path: Path, name: str, out: Path, max_docs: int, heldout_docs: int, seed: int) -> Dict:
+    """Write out/<name>_train.<ext> and out/<name>_heldout.<ext>: a seeded shuffle of the documents,
+    at most max_docs of them, the first heldout_docs held out."""
+    docs = read_documents(path)
+    if len(docs) < 2:
+        raise SystemExit(f"{path}: {len(docs)} document(s); need at least 2 to split into train and held-out")
+    order = list(range(len(docs)))
+    random.Random(f"{seed}:{name}").shuffle(order)
+    order = order[:max_docs]
+    held = min(heldout_docs, max(1, len(order) // 5))  # a small corpus keeps most of it for training
+    ext = ".jsonl" if path.suffix == ".jsonl" else ".txt"
+    sep = "\n" if ext == ".jsonl" else "\n\n"
+    files = {"train": out / f"{name}_train{ext}", "heldout": out / f"{name}_heldout{ext}"}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_if_changed(files["heldout"], sep.join(docs[i] for i in order[:held]) + "\n")
+    _write_if_changed(files["train"], sep.join(docs[i] for i in order[held:]) + "\n")
+    return {"source": str(path), "documents": len(docs), "train_docs": len(order) - held, "heldout_docs": held,
+            "train": str(files["train"]), "heldout": str(files["heldout"]),
+            "train_mib": round(files["train"].stat().st_size / 2**20, 2)}
+
+
+# ---- runs of the real trainer ----------------------------------------------------------------------
+
+@dataclass
+class Setting:
+    name: str
+    regularizer: str
+    overrides: List[str] = field(default_factory=list)
+
+
+def settings(args) -> List[Setting]:
+    out = [Setting("none", "none")]
+    for r in args.replay_ratios:
+        out.append(Setting(f"replay {r:g}", "replay", [f"regularizer.replay.ratio={r}"]))
+    for lam in args.lams:
+        out.append(Setting(f"ewc λ={lam:g}", "ewc", [f"regularizer.ewc.lam={lam}"]))
+    out.append(Setting(f"ewc_replay λ={args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}", "ewc_replay",
+                       [f"regularizer.ewc.lam={args.ewc_replay_lam}", f"regularizer.replay.ratio={args.ewc_replay_ratio}"]))
+    return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
+
+
+def launcher_cmd(launcher: str, nproc: int) -> List[str]:
+    if launcher == "deepspeed":
+        import socket
+
+        with socket.socket() as s:  # a free port, so concurrent benchmarks do not collide
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
+                "launch/train.py"]
+    return [sys.executable, "launch/train.py"]
+
+
+def train(args, overrides: Sequence[str], log_file: Path) -> float:
+    """Run launch/train.py with `overrides`; its output goes to log_file. Returns the wall time."""
+    cmd = launcher_cmd(args.launcher, args.nproc) + list(overrides)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-40:])
+        raise SystemExit(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log_file} (tail)\n{tail}")
+    return wall
+
+
+def common(args, data: Dict) -> List[str]:
+    return ["stage=pretrain", "logger=jsonl", f"data.seq_len={args.seq_len}",
+            f"trainer.micro_batch_size={args.micro_batch}", "trainer.grad_accum_steps=1",
+            f"trainer.seed={args.seed}", "trainer.save_every_steps=0", "trainer.log_every_steps=1",
+            f"+eval.sets.general={data['general']['heldout']}", f"+eval.sets.domain={data['domain']['heldout']}"]
+
+
+def base_overrides(args, data: Dict, out: Path) -> List[str]:
+    g, d = data["general"]["train"], data["domain"]["train"]
+    return common(args, data) + [
+        "model=tiny", f"model.tokenizer_corpus=[{g},{d}]", f"data.path={g}", "regularizer=none",
+        f"trainer.max_steps={args.base_steps}", f"trainer.lr={args.base_lr}", f"trainer.warmup_steps={args.warmup}",
+        f"trainer.eval_every_steps={args.base_steps}", f"output_dir={out}"]
+
+
+def finetune_overrides(args, data: Dict, base: Path, setting: Setting, out: Path) -> List[str]:
+    g = data["general"]["train"]
+    return common(args, data) + [
+        f"model.name_or_path={base}/hf", f"data.path={data['domain']['train']}",
+        f"regularizer={setting.regularizer}", f"regularizer.replay.path={g}", f"regularizer.ewc.fisher_data={g}",
+        f"regularizer.ewc.fisher_batches={args.fisher_batches}", *setting.overrides,
+        f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}",
+        # the forgetting curve at quarters of the run (a short run: only at the start and the end)
+        f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}", "trainer.export_hf=false",
+        f"output_dir={out}"]
+
+
+def base_key(args, data: Dict) -> str:
+    """Identity of the pretrained base: its data (content) and every setting that shapes it."""
+    h = hashlib.sha256()
+    for split in ("train", "heldout"):
+        for corpus in ("general", "domain"):  # the tokenizer is trained on both train splits
+            h.update(Path(data[corpus][split]).read_bytes())
+    h.update(json.dumps([args.base_steps, args.base_lr, args.seq_len, args.micro_batch, args.seed, args.warmup,
+                         args.launcher, args.nproc]).encode())
+    return h.hexdigest()[:12]
+
+
+# ---- reading metrics.jsonl --------------------------------------------------------------------------
+
+def read_metrics(out: Path) -> List[Dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def series(rows: List[Dict], key: str) -> Dict[int, float]:
+    return {r["step"]: r[key] for r in rows if key in r}
+
+
+def summarise(rows: List[Dict], skip_steps: int) -> Dict:
+    general, domain = series(rows, "eval/general/loss"), series(rows, "eval/domain/loss")
+    if 0 not in general or 0 not in domain:
+        raise SystemExit("metrics.jsonl has no step-0 eval of both held-out sets (eval.at_start)")
+    last = max(general)
+    step_time = series(rows, "perf/step_time_s")
+    steps = [s for s in sorted(step_time) if s > skip_steps] or sorted(step_time)
+    phased = {s: sum(r.get(f"perf/{p}_s", 0.0) for p in ("data_wait", "forward_backward", "optimizer"))
+              for r in rows if "perf/step_time_s" in r for s in [r["step"]]}
+    mem = series(rows, "perf/peak_mem_gb")
+    penalty = series(rows, "reg/ewc_penalty")
+    replay = series(rows, "data/replay_token_fraction")
+    return {
+        "general_start": general[0], "general_end": general[last],
+        "domain_start": domain[0], "domain_end": domain[last],
+        "forgetting": general[last] - general[0], "gain": domain[0] - domain[last],
+        "general_curve": general, "domain_curve": domain, "final_step": last,
+        "step_time_s": statistics.median(step_time[s] for s in steps),
+        "unphased_time_s": statistics.median(step_time[s] - phased[s] for s in steps),
+        "peak_mem_gb": max(mem.values()) if mem else None,
+        "final_train_loss": series(rows, "train/loss").get(last),
+        "ewc_penalty_end": penalty.get(last),
+        "replay_token_fraction": statistics.mean(replay.values()) if replay else None,
+    }
+
+
+def relative(results: List[Dict]) -> None:
+    """Add the ratios against `none` (the first result) in place."""
+    ref = results[0]
+    for r in results:
+        r["forgetting_removed"] = 1 - r["forgetting"] / ref["forgetting"] if ref["forgetting"] > 0 else None
+        r["gain_kept"] = r["gain"] / ref["gain"] if ref["gain"] > 0 else None
+        r["step_time_vs_none"] = r["step_time_s"] / ref["step_time_s"] - 1
+        # Time per step outside forward/backward/optimizer/data, beyond none's, as a share of none's step
+        r["extra_unphased_vs_none"] = (r["unphased_time_s"] - ref["unphased_time_s"]) / ref["step_time_s"]
+        r["peak_mem_vs_none_gb"] = (r["peak_mem_gb"] - ref["peak_mem_gb"]
+                                    if r["peak_mem_gb"] is not None and ref["peak_mem_gb"] is not None else None)
+        r["meets_target"] = (r["forgetting_removed"] is not None and r["gain_kept"] is not None
+                             and r["forgetting_removed"] >= TARGET_REMOVED and r["gain_kept"] >= TARGET_KEPT)
+
+
+def verdict(results: List[Dict]) -> Dict:
+    ref = results[0]
+    others = [r for r in results[1:] if r["forgetting_removed"] is not None and r["gain_kept"] is not None]
+    meeting = [r for r in others if r["meets_target"]]
+    # "Best": the most forgetting removed among the settings that keep the gain; else the best trade-off
+    keep = [r for r in others if r["gain_kept"] >= TARGET_KEPT]
+    best = max(keep or others, key=lambda r: r["forgetting_removed"] if keep else
+               min(r["forgetting_removed"] / TARGET_REMOVED, r["gain_kept"] / TARGET_KEPT), default=None)
+    ewc = [r for r in results if r["regularizer"] in ("ewc", "ewc_replay")]
+    return {
+        "none_forgets": ref["forgetting"] > 0, "none_gains": ref["gain"] > 0,
+        "best_setting": best["setting"] if best else None,
+        "forgetting_target_met": bool(meeting), "settings_meeting_target": [r["setting"] for r in meeting],
+        "ewc_step_time_vs_none_max": max((r["step_time_vs_none"] for r in ewc), default=None),
+        "ewc_extra_unphased_vs_none_max": max((r["extra_unphased_vs_none"] for r in ewc), default=None),
+        # EWC's cost is judged on its own time per step (outside the timed phases, beyond none's), which
+        # a busy shared machine inflates far less than it does the whole step's; both are reported.
+        "ewc_cost_target_met": all(r["extra_unphased_vs_none"] <= TARGET_EWC_COST for r in ewc) if ewc else None,
+        "ewc_step_time_target_met_raw": all(r["step_time_vs_none"] <= TARGET_EWC_COST for r in ewc) if ewc else None,
+    }
+
+
+# ---- the table ---------------------------------------------------------------------------------------
+
+def _pct(x: Optional[float], signed: bool = False) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:+.1f}%" if signed else f"{100 * x:.0f}%"
+
+
+def table(results: List[Dict]) -> str:
+    head = ("| setting | general loss start → end | forgetting | removed | domain loss start → end | gain | kept "
+            "| step time (s) | vs none | outside-phase time vs none | peak mem (GB) | vs none | target |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
+    for r in results:
+        mem_delta = "–" if r["peak_mem_vs_none_gb"] is None else f"{r['peak_mem_vs_none_gb']:+.3f}"
+        lines.append(
+            f"| {r['setting']} | {r['general_start']:.3f} → {r['general_end']:.3f} | {r['forgetting']:+.3f} "
+            f"| {_pct(r['forgetting_removed'])} | {r['domain_start']:.3f} → {r['domain_end']:.3f} | {r['gain']:+.3f} "
+            f"| {_pct(r['gain_kept'])} | {r['step_time_s']:.3f} | {_pct(r['step_time_vs_none'], True)} "
+            f"| {_pct(r['extra_unphased_vs_none'], True)} "
+            f"| {r['peak_mem_gb']:.3f} | {mem_delta} | {'yes' if r['meets_target'] else 'no'} |")
+    return "\n".join(lines)
+
+
+# ---- main ------------------------------------------------------------------------------------------
+
+def parse_args(argv: Optional[List[str]] = None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--general", help="general corpus (.txt/.md with blank-line-separated documents, or .jsonl)")
+    p.add_argument("--domain", help="domain corpus, same formats")
+    p.add_argument("--out", required=True, help="output directory (the pretrained base is cached here)")
+    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per setting")
+    p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the base")
+    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
+    p.add_argument("--base-lr", type=float, default=1e-3, help="pretraining peak learning rate")
+    p.add_argument("--warmup", type=int, default=10, help="warmup steps (base and fine-tunes)")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=4, help="packed rows per rank per step")
+    p.add_argument("--max-docs", type=int, default=20000, help="documents kept per corpus (seeded sample)")
+    p.add_argument("--heldout-docs", type=int, default=500, help="held-out documents per corpus")
+    p.add_argument("--lams", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.1, 1.0],
+                   help="EWC λ sweep, comma-separated")
+    p.add_argument("--replay-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.25])
+    p.add_argument("--ewc-replay-lam", type=float, default=None, help="λ of ewc_replay (default: the smallest --lams)")
+    p.add_argument("--ewc-replay-ratio", type=float, default=0.05)
+    p.add_argument("--fisher-batches", type=int, default=8, help="reference micro-batches for the Fisher")
+    p.add_argument("--only", type=lambda s: s.split(","), default=["replay", "ewc", "ewc_replay"],
+                   help="regularizers to run besides none (the reference, always run), e.g. --only ewc")
+    p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the step-time median")
+    p.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
+                   help="python: one rank; deepspeed: --nproc ZeRO-3 ranks")
+    p.add_argument("--nproc", type=int, default=2, help="ranks with --launcher deepspeed")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--smoke", action="store_true", help="bundled sample data, a few steps (seconds to a minute)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.general = args.general or str(SAMPLES / "general_text.txt")
+        args.domain = args.domain or str(SAMPLES / "medical_notes.txt")
+        args.steps, args.base_steps, args.seq_len, args.warmup, args.skip_steps = 3, 3, 128, 1, 0
+        args.heldout_docs, args.fisher_batches, args.lams, args.replay_ratios = 20, 1, [1.0], [0.25]
+    if not (args.general and args.domain):
+        p.error("--general and --domain are required (or --smoke)")
+    if args.ewc_replay_lam is None:
+        args.ewc_replay_lam = min(args.lams)
+    return args
+
+
+def main(argv: Optional[List[str]] = None) -> Dict:
+    args = parse_args(argv)
+    out = Path(args.out).resolve()
+    started = time.perf_counter()
+    data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
+            for name, path in (("general", args.general), ("domain", args.domain))}
+    for name, d in data.items():
+        print(f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
+              f"({d['train_mib']} MiB train)", flush=True)
+
+    base = out / f"base-{base_key(args, data)}"
+    if (base / "hf" / "config.json").is_file():
+        print(f"base: reusing {base}", flush=True)
+        base_wall = None
+    else:
+        print(f"base: pretraining {args.base_steps} steps on the general corpus -> {base}", flush=True)
+        base_wall = train(args, base_overrides(args, data, base), out / "logs" / "base.log")
+    base_rows = read_metrics(base)
+    base_general = series(base_rows, "eval/general/loss")
+    base_domain = series(base_rows, "eval/domain/loss")
+
+    results = []
+    for s in settings(args):
+        run_dir = out / "runs" / s.name.replace(" ", "_").replace("λ=", "lam")
+        shutil.rmtree(run_dir, ignore_errors=True)  # every fine-tune is measured fresh
+        print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
+        wall = train(args, finetune_overrides(args, data, base, s, run_dir), out / "logs" / f"{run_dir.name}.log")
+        results.append({"setting": s.name, "regularizer": s.regularizer, "overrides": s.overrides,
+                        "output_dir": str(run_dir), "wall_s": round(wall, 1),
+                        **summarise(read_metrics(run_dir), args.skip_steps)})
+    relative(results)
+    summary = verdict(results)
+
+    ranks = 1 if args.launcher == "python" else args.nproc
+    launch = "python launch/train.py (1 rank)" if ranks == 1 else f"deepspeed --num_gpus {ranks} (ZeRO-3, {ranks} ranks)"
+    print()
+    print(f"Forgetting: {args.steps} fine-tuning steps on {Path(args.domain).name} from a base pretrained "
+          f"{args.base_steps} steps on {Path(args.general).name}; launcher: {launch}")
+    print(f"base model: general held-out loss {base_general[0]:.3f} -> {base_general[max(base_general)]:.3f}, "
+          f"domain {base_domain[0]:.3f} -> {base_domain[max(base_domain)]:.3f} over pretraining")
+    print(table(results))
+    print(f"target: best setting removes >= {TARGET_REMOVED:.0%} of the forgetting and keeps >= {TARGET_KEPT:.0%} "
+          f"of the gain: {'met by ' + ', '.join(summary['settings_meeting_target']) if summary['forgetting_target_met'] else 'NOT met'}"
+          f" (best: {summary['best_setting']})")
+    yes = {True: "met", False: "NOT met", None: "no EWC run"}
+    print(f"target: EWC costs <= {TARGET_EWC_COST:.0%} of a step: {yes[summary['ewc_cost_target_met']]} by EWC's own time "
+          f"(max {_pct(summary['ewc_extra_unphased_vs_none_max'], True)}), "
+          f"{yes[summary['ewc_step_time_target_met_raw']]} by the whole step's median "
+          f"(max {_pct(summary['ewc_step_time_vs_none_max'], True)})")
+    if not summary["none_forgets"]:
+        print("warning: plain fine-tuning did not forget (general loss did not rise); pretrain the base longer "
+              "(--base-steps) or fine-tune longer / with a higher --lr")
+
+    report = {
+        "date": datetime.date.today().isoformat(), "commit": _git_head(), "machine": _machine(),
+        "launcher": launch, "ranks": ranks, "args": {k: v for k, v in vars(args).items()},
+        "data": data, "base": {"output_dir": str(base), "wall_s": base_wall, "general_loss": base_general,
+                                "domain_loss": base_domain},
+        "results": results, "summary": summary, "table": table(results),
+        "total_wall_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    print(f"wrote {out / 'forgetting.json'}")
+    return report
+
+
+def _git_head() -> Optional[str]:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    main()
