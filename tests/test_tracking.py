@@ -274,7 +274,7 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
     (record,) = run.runs
     assert run.run_id == json.loads((out / "wandb_run.json").read_text())["run_id"]
     assert (record.project, record.run_group, record.job_type, record.display_name) == \
-        ("fullft", "medical", "instruct", out.name)
+        ("fullft", "medical_qa", "instruct", out.name)
     assert list(record.tags) == ["ci"]
     # the resolved config, secrets removed
     assert run.config["trainer"]["max_steps"] == 6 and run.config["stage"]["name"] == "instruct"
