@@ -335,7 +335,7 @@ def parse_args(argv: Optional[List[str]] = None):
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    started = time.perf_counter()
+    started, commit = time.perf_counter(), _git_head()  # the code the runs start from
     data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
             for name, path in (("general", args.general), ("domain", args.domain))}
     for name, d in data.items():
@@ -386,7 +386,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               "(--base-steps) or fine-tune longer / with a higher --lr")
 
     report = {
-        "date": datetime.date.today().isoformat(), "commit": _git_head(), "machine": _machine(),
+        "date": datetime.date.today().isoformat(), "commit": commit, "machine": _machine(),
         "launcher": launch, "ranks": ranks, "args": {k: v for k, v in vars(args).items()},
         "data": data, "base": {"output_dir": str(base), "wall_s": base_wall, "general_loss": base_general,
                                 "domain_loss": base_domain},
