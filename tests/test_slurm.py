@@ -73,8 +73,12 @@ def _start_cluster(tmp_path_factory, nodes: int):
         assert up.returncode == 0, f"cluster did not start:\n{up.stdout}\n{up.stderr}"
         # The job environment: this interpreter's virtualenv, CPU ranks (2 per job), W&B offline, and
         # the single-stage instruction-tuning experiment (EXP is the templates' knob).
+        # One intra-op thread per rank everywhere: the templates give each rank cpus/ranks-per-node
+        # threads (1 on one node, 2 on each of two), and a matmul summed by 2 threads differs from
+        # one summed by 1 in the last bits, so the 1-node and 2-node losses only match bit for bit
+        # with the same threads per rank (CI saw 2e-7 differences from step 2 on without this).
         env.update(VENV=str(Path(sys.executable).parent.parent), NPROC_PER_NODE=str(2 // nodes),
-                   WANDB_MODE="offline", PYTHONUNBUFFERED="1", EXP=EXP)
+                   WANDB_MODE="offline", PYTHONUNBUFFERED="1", EXP=EXP, OMP_NUM_THREADS="1")
         yield env
     finally:
         subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
