@@ -49,6 +49,7 @@ class StepLoader:
         parts = [self.sources[j].rows([i]) for j, i in pairs]
         out = {k: torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in parts[0]}
         out["source"] = torch.tensor([j for j, _ in pairs])
+        out["row"] = torch.tensor([i for _, i in pairs])
         out["filled"] = torch.tensor([int(self.sources[j].filled[i]) for j, i in pairs])
         out["real_tokens"] = out["filled"].sum()
         return out

@@ -17,6 +17,26 @@
 
 fullft_log() { echo "[$(date +%H:%M:%S) slurm/${SLURM_JOB_NAME:-fullft} job ${SLURM_JOB_ID:-?}] $*"; }
 
+# The overrides as they may be logged: the value of a secret-looking key becomes <redacted> (the
+# rule of trainer/config.py's is_secret_key: the key's last word is key/token/password/passwd/
+# secret/apikey, or it contains password, secret or apikey).
+_fullft_redacted() {
+    local arg key last word out=()
+    for arg in "$@"; do
+        key=${arg%%=*}
+        last=${key##*[./+~]}
+        last=${last,,}
+        word=${last##*[_-]}
+        if [[ $arg == *=* && ( $word =~ ^(key|token|password|passwd|secret|apikey)$ || $last == *password* ||
+                               $last == *secret* || $last == *apikey* ) ]]; then
+            out+=("$key=<redacted>")
+        else
+            out+=("$arg")
+        fi
+    done
+    echo "${out[*]}"
+}
+
 # Signals arriving while srun runs: the batch shell (the only process `--signal=B:USR1@T` reaches)
 # passes USR1 on to every process of the job's steps, on every node. torchrun agents ignore it
 # (see fullft_launch); each rank catches it, all ranks agree to stop at the same step, save, and
@@ -103,7 +123,7 @@ fullft_launch() {
     local attempt=$(( ${SLURM_RESTART_COUNT:-0} + 1 ))
     fullft_log "attempt $attempt on $FULLFT_NNODES node(s) [$SLURM_JOB_NODELIST] x $NPROC_PER_NODE process(es)," \
                "rendezvous $MASTER_ADDR:$MASTER_PORT, launcher $LAUNCHER, in $FULLFT_ROOT"
-    fullft_log "overrides: $*"
+    fullft_log "overrides: $(_fullft_redacted "$@")"
 
     # Each srun task starts with USR1 and TERM ignored; the ranks install their own handlers
     # (trainer/preemption.py) and inherit "ignored" until then, so an early signal is not fatal.

@@ -35,10 +35,27 @@ def _port() -> int:
 QUICK = ["+exp=medical_qa", "logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
 
 
-def run_train(launcher: str, overrides: List[str], nproc: int = 2, timeout: int = 600, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+# The reference run of the distributed tiers: 20 steps of 2 ranks x micro 2 x accumulation 2 (8 rows
+# a step, 55 packed rows in the set: three epochs), saved every 5 steps.
+STRAIGHT = QUICK + ["trainer.max_steps=20", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2",
+                    "trainer.save_every_steps=5", "trainer.eval_every_steps=10"]
+
+
+def run_train(launcher: str, overrides: List[str], nproc: int = 2, timeout: int = 600, env: Dict[str, str] = None,
+              **kw) -> subprocess.CompletedProcess:
+    """The entry point under `launcher`; `env`: extra environment variables (e.g. fault injection)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run(launcher_cmd(launcher, nproc) + overrides, cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout, **kw)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory):
+    """STRAIGHT under `deepspeed`, W&B offline: the reference run of test_distributed and test_faults."""
+    out = tmp_path_factory.mktemp("straight")
+    proc = run_train("deepspeed", STRAIGHT + ["logger=wandb", f"output_dir={out}"])
+    check(proc)
+    return out, proc
 
 
 def read_metrics(output_dir: Path) -> List[Dict]:

@@ -94,3 +94,28 @@ def test_output_dir_is_one_fixed_path_not_a_timestamp():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=["+exp=medical"]))
     assert cfg.output_dir == "outputs/medical"
+
+
+def _bad_configs(tmp: Path):
+    contradicting = tmp / "ds.json"
+    contradicting.write_text('{"train_micro_batch_size_per_gpu": 3, "wall_clock_breakdown": true}')
+    (tmp / "a_file").write_text("")
+    return [
+        (["regularizer=replay", "regularizer.replay.ratio=1.0"], "regularizer.replay.ratio=1.0: must be in [0, 1)"),
+        (["regularizer=ewc", "regularizer.ewc.fisher_data=null"], "regularizer=ewc needs reference data for the Fisher"),
+        ([f"deepspeed.config_file={contradicting}"], "contradicts the trainer config"),
+        ([f"output_dir={tmp / 'a_file' / 'out'}"], f"output_dir='{tmp / 'a_file' / 'out'}' is not writable"),
+        ([f"model.name_or_path={tmp / 'no_such_model'}"], f"'{tmp / 'no_such_model'}' does not exist"),
+        (["data.seq_len=4096"], "data.seq_len=4096 exceeds the model's max_position_embeddings=2048"),
+        # OPT masks by row, not by document: packing would leak attention between samples.
+        (["model.model_type=opt"], "model_type='opt' with attn_implementation='sdpa' lets packed documents attend"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_bad_configuration_fails_before_data_or_model_naming_the_fix(case, tmp_path):
+    overrides, message = _bad_configs(tmp_path)[case]
+    proc = run_cli("+exp=medical_qa", f"output_dir={tmp_path / 'run'}", *overrides)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and message in text, text[-3000:]
+    assert "parameters |" not in text and "prepar" not in text.lower(), "it got as far as the data or the model"

@@ -241,7 +241,7 @@ def test_plot_check_sees_an_empty_panel(tmp_path):
 # ---- 2 ranks, real DeepSpeed, logger=wandb offline ----------------------------------------------------
 
 SECRET = "sk-planted-0123456789abcdef"  # a config value under a *_key name
-ENV_SECRET = "0123456789abcdef0123456789abcdef01234567"  # a WANDB_API_KEY in the environment
+ENV_SECRET = "0123456789abcdef0123456789abcdef01234567"  # WANDB_API_KEY and HF_TOKEN in the environment
 WANDB_RUN = QUICK + ["logger=wandb", "trainer.max_steps=6", "trainer.save_every_steps=3", "trainer.eval_every_steps=3",
                      "trainer.export_hf=false", "eval.sample_max_new_tokens=6", "logger.tags=[ci]"]
 
@@ -253,6 +253,7 @@ def wandb_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("wandb_run")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_API_KEY", ENV_SECRET)
+        mp.setenv("HF_TOKEN", ENV_SECRET)
         proc = run_train("deepspeed", WANDB_RUN + [f"+model.arch.api_key={SECRET}", f"output_dir={out}"])
     check(proc)
     return out, proc
@@ -279,10 +280,13 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
     # the resolved config, secrets removed
     assert run.config["trainer"]["max_steps"] == 6 and run.config["stage"]["name"] == "instruct"
     assert run.config["model"]["arch"]["api_key"] == "<redacted>"
-    for path in out.rglob("*"):
-        if path.is_file():
-            data = path.read_bytes()
-            assert SECRET.encode() not in data and ENV_SECRET.encode() not in data, path
+    # the planted secrets (config and environment) are in no file the run wrote, nor in its output
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert len(written) > 20 and any(p.suffix == ".wandb" for p in written)
+    for path in written:
+        data = path.read_bytes()
+        assert SECRET.encode() not in data and ENV_SECRET.encode() not in data, path
+    assert SECRET not in proc.stdout + proc.stderr and ENV_SECRET not in proc.stdout + proc.stderr
     # contract metrics at the trainer steps they belong to, with the trainer step as x-axis
     for key in CONTRACT_TRAIN:
         assert _history_steps(run, key) == [1, 2, 3, 4, 5, 6], key

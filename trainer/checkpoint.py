@@ -1,15 +1,24 @@
-"""Checkpoints: save, resume, keep the last K, and export to Hugging Face format.
+"""Checkpoints: save, verify, resume, keep the last K, and export to Hugging Face format.
 
 Layout under output_dir/checkpoints:
 
     step_00000040/      DeepSpeed's sharded ZeRO-3 state (every rank writes its shard)
-        trainer_state.json   step and counters (rank 0)
+        trainer_state.json   step, counters and world size (rank 0)
         rng_rank<R>.pt       each rank's RNG states
-        COMPLETE             written last, after every rank is done
+        <extra>_rank<R>.pt   e.g. EWC's Fisher and anchor shards
+        COMPLETE             written last: the manifest, size and CRC-32 of every file above
     latest              the tag of the newest COMPLETE checkpoint, replaced atomically
 
-`latest` moves only after a barrier that every rank reaches after writing everything, so a job
-killed mid-save resumes from the previous checkpoint; a directory without COMPLETE is ignored.
+What each failure leaves behind:
+- Killed mid-save: `latest` moves only after every rank has written everything and COMPLETE is on
+  disk, so the rerun resumes from the previous checkpoint; it removes the directory without COMPLETE.
+- A damaged file (truncated, corrupted, deleted): resume checks the manifest (every rank hashes a
+  share of the files) and names the file; with trainer.resume_fallback=true the damaged checkpoint
+  is moved aside (damaged_step_*) and the previous complete one is resumed.
+- Disk full: a save that cannot fit (judged by the previous checkpoint's size) stops before writing
+  anything; one that fails mid-write stops naming the error and the free space. `latest` is untouched.
+- Another world size: ZeRO-3 state is one shard per rank; resume stops before loading and says how
+  to go on. Nothing ever restarts from scratch when a checkpoint exists.
 """
 
 from __future__ import annotations
@@ -19,15 +28,21 @@ import logging
 import os
 import random
 import shutil
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
-from trainer import distributed
+from trainer import distributed, faults
 
 log = logging.getLogger("trainer")
+GB = 1e9
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or resumed; the message says what to do."""
 
 
 @dataclass
@@ -38,40 +53,51 @@ class TrainState:
     """Non-padding tokens trained on, all ranks."""
     supervised_tokens_seen: int = 0
     """Tokens that carried a loss, all ranks."""
+    skipped_steps: int = 0
+    """Steps whose update was skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)."""
+    world_size: int = 0
+    """Ranks that saved the checkpoint (0: unknown, an older checkpoint)."""
     baseline: Dict[str, float] = field(default_factory=dict)
     """Eval metrics of the model at step 0, the reference for eval/forgetting and eval/domain_gain."""
 
 
 class Checkpointer:
-    def __init__(self, output_dir: str, keep_last: int, rank: int, extras: Optional[Dict[str, Any]] = None) -> None:
-        """extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
+    def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
+                 extras: Optional[Dict[str, Any]] = None) -> None:
+        """fallback: resume from the previous complete checkpoint when the latest is damaged.
+        extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
         (e.g. EWC's Fisher and anchor shards) and restored on resume."""
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.world = world_size
+        self.fallback = fallback
         self.extras = extras or {}
 
     def latest_tag(self) -> Optional[str]:
         latest = self.dir / "latest"
-        if not latest.is_file():
-            return None
-        tag = latest.read_text().strip()
-        if not (self.dir / tag / "COMPLETE").is_file():
-            raise RuntimeError(f"{latest} points to {tag}, which is incomplete; delete {self.dir / tag} and point "
-                               "latest at the previous complete checkpoint")
-        return tag
+        return latest.read_text().strip() if latest.is_file() else None
 
+    # -- save ---------------------------------------------------------------------------------
     def save(self, engine, state: TrainState) -> None:
         tag = f"step_{state.step:08d}"
-        engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
-        torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
-        for name, obj in self.extras.items():
-            torch.save(obj.state_dict(), self.dir / tag / f"{name}_rank{self.rank}.pt")
-        if self.rank == 0:
-            (self.dir / tag / "trainer_state.json").write_text(json.dumps(asdict(state)))
+        state.world_size = self.world
+        self._make_room(tag)
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
+            torch.save(_rng_state(), self.dir / tag / f"rng_rank{self.rank}.pt")
+            for name, obj in self.extras.items():
+                torch.save(obj.state_dict(), self.dir / tag / f"{name}_rank{self.rank}.pt")
+            if self.rank == 0:
+                (self.dir / tag / "trainer_state.json").write_text(json.dumps(asdict(state)))
+            faults.kill_in_save(state.step, self.rank)
+        except Exception as ex:  # ENOSPC and friends (torch.save reports them as RuntimeError)
+            raise CheckpointError(self._save_failed(tag, ex)) from ex
         distributed.barrier()  # every shard and every rank's files are on disk
+        manifest = self._hash_files(tag, sorted(self._files(tag)))
         if self.rank == 0:
-            (self.dir / tag / "COMPLETE").write_text("")
+            complete = {"step": state.step, "world_size": self.world, "files": manifest}
+            (self.dir / tag / "COMPLETE").write_text(json.dumps(complete, indent=1))
             tmp = self.dir / "latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.dir / "latest")
@@ -79,35 +105,162 @@ class Checkpointer:
         distributed.barrier()
         log.info("saved checkpoint %s", self.dir / tag)
 
+    def _make_room(self, tag: str) -> None:
+        """Remove a stale directory under this tag (a later save of a run that resumed from an earlier
+        checkpoint), and refuse to start a save that cannot fit: every rank checks its filesystem."""
+        if self.rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if (self.dir / tag).exists():
+                log.warning("replacing %s, left by an earlier attempt that got further", self.dir / tag)
+                shutil.rmtree(self.dir / tag)
+        distributed.barrier()
+        latest = self.latest_tag()
+        need = _manifest_bytes(self.dir / latest) if latest else 0
+        free = shutil.disk_usage(self.dir).free
+        short = torch.tensor([1.0 if need and free < 1.05 * need else 0.0], dtype=torch.float64)
+        if distributed.all_reduce_sum(short).item() > 0:
+            raise CheckpointError(
+                f"not enough space for checkpoint {tag} in {self.dir}: about {need / GB:.3f} GB needed (the size of "
+                f"{latest}), {free / GB:.3f} GB free{'' if free < 1.05 * need else ' here, less on another rank'}. "
+                f"Nothing was written; checkpoints/latest still points at {latest}, which is intact. Free space "
+                "(or move output_dir), then rerun the same command to resume from it.")
+
+    def _save_failed(self, tag: str, ex: Exception) -> str:
+        free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
+        latest = self.latest_tag()
+        where = f"{latest}, which is intact" if latest else "nothing yet (this was the first save)"
+        return (f"could not write checkpoint {self.dir / tag} on rank {self.rank}: {type(ex).__name__}: {ex}. "
+                f"{free / GB:.3f} GB free there. checkpoints/latest still points at {where}; the partial {tag} is "
+                "removed when the run starts again. Free space (or move output_dir), then rerun the same command.")
+
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.dir.glob("step_*") if (p / "COMPLETE").is_file())
         for old in complete[: -self.keep_last]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
 
+    # -- resume -------------------------------------------------------------------------------
     def resume(self, engine) -> TrainState:
-        """Load the latest complete checkpoint into `engine`; a fresh TrainState if there is none."""
-        tag = self.latest_tag()
+        """Load the newest intact checkpoint into `engine`; a fresh TrainState only if there is none."""
+        self._remove_partial()
+        tag = self._choose()
         if tag is None:
             return TrainState()
-        path, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                         load_lr_scheduler_states=True)
-        if path is None:
-            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
-        rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
-        if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        else:
-            log.warning("%s missing (world size changed?); RNG streams restart from the seed", rng_file)
+        path = self.dir / tag
+        state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
+        saved_by = state.world_size or len(list(path.glob("*_optim_states.pt")))
+        if saved_by != self.world:
+            raise CheckpointError(
+                f"{path} was saved by {saved_by} ranks and this run has {self.world}: ZeRO-3 keeps one optimizer "
+                f"shard per rank, so it resumes only on {saved_by} ranks (the same launcher flags or nodes x "
+                f"NPROC_PER_NODE). To go on with {self.world} instead, start a new run from its weights: "
+                f"`python {self.dir}/zero_to_fp32.py {self.dir} <new dir> --tag {tag} --safe_serialization`, copy "
+                f"output_dir/config.yaml's model into a Hugging Face config and the tokenizer beside them, and set "
+                "model.name_or_path to that directory and a new output_dir (the optimizer state starts afresh).")
+        loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+        if loaded is None:
+            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=True))
         for name, obj in self.extras.items():
-            extra = self.dir / tag / f"{name}_rank{self.rank}.pt"
+            extra = path / f"{name}_rank{self.rank}.pt"
             if not extra.is_file():
-                raise FileNotFoundError(f"{extra} is missing: this run needs the {name} state saved with the checkpoint "
-                                        "(was it saved with another regularizer or number of ranks?)")
+                raise CheckpointError(f"{extra} is missing: this run needs the {name} state saved with the checkpoint "
+                                      "(was it saved with another regularizer?)")
             obj.load_state_dict(torch.load(extra, weights_only=True))
-        state = TrainState(**json.loads((self.dir / tag / "trainer_state.json").read_text()))
-        log.info("resumed from %s at step %d", self.dir / tag, state.step)
+        log.info("resumed from %s at step %d", path, state.step)
         return state
+
+    def _remove_partial(self) -> None:
+        """Directories without COMPLETE are saves that never finished (killed, disk full): not resumable."""
+        if self.rank == 0 and self.dir.is_dir():
+            latest = self.latest_tag()
+            for path in sorted(self.dir.glob("step_*")):
+                if path.is_dir() and not (path / "COMPLETE").is_file() and path.name != latest:
+                    log.warning("removing %s: a checkpoint save that did not finish (no COMPLETE)", path)
+                    shutil.rmtree(path, ignore_errors=True)
+        distributed.barrier()
+
+    def _choose(self) -> Optional[str]:
+        """The latest checkpoint if intact; with fallback, the newest intact one before it."""
+        latest = self.latest_tag()
+        complete = sorted((p.name for p in self.dir.glob("step_*") if (p / "COMPLETE").is_file()), reverse=True)
+        if latest is None:
+            if complete:  # `latest` deleted by hand: never silently start over
+                raise CheckpointError(f"{self.dir} holds {complete[0]} but no `latest` file; write the tag to resume "
+                                      f"from into {self.dir / 'latest'}, or delete {self.dir} to start over")
+            return None
+        candidates = [latest] + [t for t in complete if t < latest]
+        for i, tag in enumerate(candidates):
+            problems = self.verify(tag)
+            if not problems:
+                if i > 0 and self.rank == 0:
+                    (self.dir / "latest").write_text(tag)
+                return tag
+            report = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            previous = candidates[i + 1] if i + 1 < len(candidates) else None
+            if not self.fallback:
+                raise CheckpointError(
+                    f"checkpoint {self.dir / tag} is damaged: {report}. Restore the file(s), or rerun with "
+                    f"trainer.resume_fallback=true to resume from the previous complete checkpoint "
+                    f"({previous or 'there is none'}).")
+            log.warning("checkpoint %s is damaged (%s); falling back to %s", self.dir / tag, report, previous)
+            distributed.barrier()  # every rank has read it before it moves
+            if self.rank == 0:
+                os.replace(self.dir / tag, self.dir / f"damaged_{tag}")
+        raise CheckpointError(f"no intact checkpoint in {self.dir} (every one is damaged, see above); delete "
+                              f"{self.dir} to start over")
+
+    def verify(self, tag: str) -> List[str]:
+        """Problems with checkpoint `tag` against its manifest (collective: each rank hashes a share)."""
+        path = self.dir / tag
+        try:
+            complete = json.loads((path / "COMPLETE").read_text() or "{}")
+        except (OSError, ValueError) as ex:
+            return [f"{path / 'COMPLETE'} is unreadable ({ex})"]
+        expected = complete.get("files")
+        if expected is None:
+            log.warning("%s has no manifest (saved by an older version): not verified", path)
+            return []
+        names = sorted(expected)
+        actual = self._hash_files(tag, [n for n in names if (path / n).is_file()])
+        problems = []
+        for name in names:
+            if name not in actual:
+                problems.append(f"{path / name} is missing")
+            elif actual[name][0] != expected[name][0]:
+                problems.append(f"{path / name} is {actual[name][0]} bytes, {expected[name][0]} were written (truncated?)")
+            elif actual[name][1] != expected[name][1]:
+                problems.append(f"{path / name} fails its CRC-32 check (corrupted)")
+        return problems
+
+    def _files(self, tag: str) -> List[str]:
+        path = self.dir / tag
+        return [str(p.relative_to(path)) for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE"]
+
+    def _hash_files(self, tag: str, names: List[str]) -> Dict[str, List[int]]:
+        """{file: [size, crc32]} for `names`, each rank hashing every world-th one; the same on all ranks."""
+        mine = {n: _digest(self.dir / tag / n) for n in names[self.rank::self.world]}
+        merged: Dict[str, List[int]] = {}
+        for part in distributed.all_gather_object(mine):
+            merged.update(part)
+        return merged
+
+
+def _digest(path: Path) -> List[int]:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return [path.stat().st_size, crc]
+
+
+def _manifest_bytes(path: Path) -> int:
+    try:
+        return sum(size for size, _ in json.loads((path / "COMPLETE").read_text())["files"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
 
 
 def _rng_state() -> dict:

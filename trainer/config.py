@@ -11,14 +11,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import re
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-SECRET_MARKERS = ("_key", "_token", "password", "secret")
+# A key names a secret when its last word is one of these (api_key, HF_TOKEN, db_password), or it
+# contains password/secret/apikey anywhere. num_key_value_heads and bos_token_id are not secrets.
+SECRET_WORDS = ("key", "token", "password", "passwd", "secret", "apikey")
 
 
 @dataclass
@@ -301,6 +305,14 @@ class TrainerConfig:
     """Collective timeout: a rank stuck this long in a collective fails instead of hanging."""
     export_hf: bool = True
     """Write the final model to output_dir/hf in Hugging Face format (safetensors)."""
+    resume_fallback: bool = False
+    """When the latest checkpoint is damaged (a file missing, truncated or failing its CRC), move it
+    aside and resume from the previous complete one instead of stopping."""
+    on_nonfinite: str = "stop"
+    """A NaN/inf loss or gradient norm: stop (naming the step and the rows) | skip (the update is
+    dropped, counted in train/skipped_steps, the rows named in a warning)."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite=skip: stop once more than this many steps of the run were skipped."""
     max_time: Optional[str] = None
     """Time budget of this process, "HH:MM:SS", "D-HH:MM:SS" or with a unit ("90m", "2h"); None = no
     limit. Before a step that would end past it, save and stop (a Slurm batch job requeues itself).
@@ -317,6 +329,10 @@ class TrainerConfig:
         modes = ("none", "full", "every_n", "offload")
         if self.activation_checkpointing not in modes:
             raise ValueError(f"trainer.activation_checkpointing={self.activation_checkpointing!r}: use one of {modes}")
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}: use stop or skip")
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"trainer.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.max_time is not None:
@@ -443,7 +459,11 @@ def check_overrides(config_dir: str, argv: List[str]) -> None:
             overrides.append(arg)
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            cfg = compose(config_name="config", overrides=overrides)
+        if not any(a in ("--cfg", "-c") for a in argv):  # Hydra creates output_dir (its run dir) next
+            check_output_dir(str(cfg.output_dir))
+    except PermissionError as ex:
+        raise SystemExit(f"Config error: {ex}") from None
     except ConfigCompositionException as ex:
         cause = ex.__cause__
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
@@ -451,6 +471,20 @@ def check_overrides(config_dir: str, argv: List[str]) -> None:
             raise SystemExit(f"Config error: unknown key '{full_key}'. {explain_key_error(full_key)}") from None
         if isinstance(cause, ValidationError):
             raise SystemExit(f"Config error: {getattr(cause, 'msg', cause)}\n(from: {ex})") from None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Fail in the first second, not at the first save, when output_dir cannot be written."""
+    import os
+
+    probe = Path(output_dir) / f".write_test_{os.getpid()}"
+    try:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as ex:
+        raise PermissionError(f"output_dir={output_dir!r} is not writable ({ex.strerror}: {ex.filename}); "
+                              "choose another output_dir=... or fix its permissions") from None
 
 
 def to_config(cfg: Any) -> Config:
@@ -464,10 +498,16 @@ def to_config(cfg: Any) -> Config:
     return config
 
 
+def is_secret_key(key: Any) -> bool:
+    """A config key whose value must never be written anywhere (api_key, hf_token, db_password...)."""
+    name = str(key).lower()
+    return re.split(r"[_\-]", name)[-1] in SECRET_WORDS or any(w in name for w in ("password", "secret", "apikey"))
+
+
 def redact(tree: Any) -> Any:
     """A copy of a plain config tree with every secret-looking value (*_key, *_token, password) removed."""
     if isinstance(tree, dict):
-        return {k: ("<redacted>" if any(m in str(k).lower() for m in SECRET_MARKERS) else redact(v))
+        return {k: ("<redacted>" if is_secret_key(k) else redact(v))
                 for k, v in tree.items()}
     if isinstance(tree, list):
         return [redact(v) for v in tree]

@@ -132,6 +132,17 @@ def all_reduce_sum(values: "torch.Tensor") -> "torch.Tensor":  # noqa: F821
     return values
 
 
+def all_gather_object(obj):
+    """Every rank's `obj` (picklable, small), in rank order, on every rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def world_size() -> int:
     import torch.distributed as dist
 

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -19,14 +20,14 @@ from typing import Dict, List, Optional
 import torch
 
 from data_pipeline.loader import StepLoader
-from trainer import distributed, preemption
+from trainer import distributed, faults, preemption
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
-from trainer.config import Config, redact
+from trainer.config import Config, check_output_dir, redact
 from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import evaluate, forgetting_metrics
 from trainer.loss import IGNORE, backward_scale, row_loss_sums, supervised_tokens
-from trainer.model import build_model, count_parameters
+from trainer.model import build_model, count_parameters, model_config
 from trainer.optim import build_optimizer
 from trainer.regularizers.ewc import EWC, load_previous
 from trainer.tokenizer import load_tokenizer
@@ -42,6 +43,7 @@ def fit(cfg: Config) -> None:
     dist = distributed.init(cfg.trainer.dist_timeout_s)
     distributed.setup_logging(dist.rank)
     t = cfg.trainer
+    check_output_dir(cfg.output_dir)  # a recipe stage's own directory too
     config_tree = redact(dataclasses.asdict(cfg))
     _announce_config(config_tree, cfg.output_dir, dist)
     _seed_everything(t.seed)
@@ -52,6 +54,9 @@ def fit(cfg: Config) -> None:
     distributed.barrier()
     if dist.local_rank != 0:
         tokenizer = load_tokenizer(cfg.model)
+    # Everything that can be checked without data or weights fails here, in seconds.
+    hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
+    ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
     # Prepared once per cache (the node's first process prepares, the others wait on the filesystem).
     data = prepare_data(cfg, tokenizer, preparer=dist.local_rank == 0, progress=dist.is_main)
     eval_sets = data.eval_sets
@@ -59,15 +64,19 @@ def fit(cfg: Config) -> None:
     # Model, partitioned at construction, and the engine around it.
     import deepspeed
 
-    ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
-    model = build_model(cfg.model, t, ds_config, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
+    model = build_model(cfg.model, hf_config, t, ds_config, tokenizer)
     optimizer, scheduler = build_optimizer(model, t, cpu_offload=cfg.deepspeed.offload_optimizer != "none")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
 
     ewc = EWC(engine, **_ewc_args(cfg)) if cfg.regularizer.uses_ewc else None
-    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, extras={"ewc": ewc} if ewc else None)
+    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, dist.world_size, fallback=t.resume_fallback,
+                                extras={"ewc": ewc} if ewc else None)
     state = checkpointer.resume(engine)  # restores EWC's Fisher and anchor too
+    if state.step > 0 and cfg.model.name_or_path:
+        log.warning("resuming at step %d: the weights come from the checkpoint, not from model.name_or_path=%s "
+                    "(which only started step 0); use a new output_dir to start again from %s",
+                    state.step, cfg.model.name_or_path, cfg.model.name_or_path)
     if state.step >= t.max_steps and (not t.export_hf or (Path(cfg.output_dir) / "hf" / "config.json").is_file()):
         log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, state.step)
         distributed.shutdown()
@@ -104,10 +113,17 @@ def fit(cfg: Config) -> None:
         perf.begin_step()
         with perf.phase("data_wait"):
             batches = loader.micro_batches(state.step)
+        skipped_before = engine.skipped_steps
         metrics = train_step(engine, batches, dist.world_size, device,
-                             check_grads=first_step, phase=perf.phase, source_names=data.names, ewc=ewc)
+                             check_grads=first_step, phase=perf.phase, source_names=data.names, ewc=ewc,
+                             poison=faults.nan_loss(state.step + 1, dist.rank))
         first_step = False
         state.step += 1
+        bad_rows = metrics.pop("nonfinite_rows")
+        if engine.skipped_steps > skipped_before or not math.isfinite(metrics["train/loss"]):
+            state.skipped_steps += 1  # DeepSpeed found the gradient non-finite and did not update
+            _nonfinite(state, metrics, bad_rows, loader.rows(state.step - 1), data.names, t)
+        metrics["train/skipped_steps"] = state.skipped_steps
         state.tokens_seen += int(metrics.pop("tokens"))
         state.supervised_tokens_seen += int(metrics.pop("supervised_tokens"))
         perf.end_step(state.step, metrics.pop("step_tokens"), metrics)
@@ -166,10 +182,12 @@ def _summarise(output_dir: str, baseline: Dict[str, float]) -> None:
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
                check_grads: bool, source_names: List[str],
-               phase=contextlib.nullcontext, ewc: Optional[EWC] = None) -> Dict[str, float]:
+               phase=contextlib.nullcontext, ewc: Optional[EWC] = None, poison: bool = False) -> Dict[str, float]:
     """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
     token of the step on all ranks (see trainer/loss.py). With several sources, each one's loss too.
-    `phase(name)` is a context manager timing a part of the step (PerfMeter.phase)."""
+    `phase(name)` is a context manager timing a part of the step (PerfMeter.phase). Rows whose loss
+    is not finite come back as nonfinite_rows: (source, row, micro-batch) of this rank.
+    `poison`: fault injection, a NaN loss in the first micro-batch (trainer/faults.py)."""
     counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
                            for b in micro_batches], dtype=torch.float64).sum(0)
     distributed.all_reduce_sum(counts)
@@ -178,11 +196,18 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
     lr = engine.get_lr()[0]
     # Per source: [loss sum, supervised tokens, real tokens]; row 0 of the sums is the whole step.
     sums = torch.zeros(len(source_names) + 1, 3, dtype=torch.float64)
-    for batch in micro_batches:
+    nonfinite_rows = []
+    for m, batch in enumerate(micro_batches):
         with phase("forward_backward"):
             out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                          use_cache=False)
             rows = row_loss_sums(out.logits, batch["labels"])
+            if poison and m == 0:
+                rows = rows * torch.tensor(float("nan"), device=rows.device)
+            bad = ~torch.isfinite(rows.detach())
+            if bad.any():
+                nonfinite_rows += [(source_names[int(batch["source"][i])], int(batch["row"][i]), m)
+                                   for i in bad.nonzero().flatten().tolist()]
             loss = rows.sum()
             engine.backward(loss * scale, scale_wrt_gas=False)
         if check_grads and engine.is_gradient_accumulation_boundary():
@@ -215,7 +240,39 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
             "train/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "data/packing_efficiency": step_real / step_slots,
             "data/supervised_token_fraction": step_supervised / step_slots,
-            "tokens": step_real, "supervised_tokens": step_supervised, "step_tokens": step_real}
+            "tokens": step_real, "supervised_tokens": step_supervised, "step_tokens": step_real,
+            "nonfinite_rows": nonfinite_rows}
+
+
+def _nonfinite(state: TrainState, metrics: Dict[str, float], bad_rows: List, step_rows: List, names: List[str],
+               t) -> None:
+    """A step with a NaN/inf loss or gradient: DeepSpeed has already dropped its update (the
+    weights are as before the step). Name the step and the rows, then stop or, with
+    trainer.on_nonfinite=skip, go on within trainer.max_skipped_steps. Called on every rank (the
+    loss and DeepSpeed's overflow flag are reduced over ranks), so all ranks decide alike."""
+    ranks = distributed.all_gather_object((bad_rows, step_rows))
+    culprits = [f"{src}:row {row} (rank {r}, micro-batch {m})" for r, (rows, _) in enumerate(ranks)
+                for src, row, m in rows]
+    if culprits:
+        where = f"rows with a non-finite loss: {', '.join(culprits[:20])}{' ...' if len(culprits) > 20 else ''}"
+    else:  # the loss was finite everywhere: the gradient overflowed; name the whole step
+        rows = [f"{names[src]}:row {row}" for _, per_micro in ranks for micro in per_micro for src, row in micro]
+        where = (f"every row's loss was finite (the gradient overflowed); the step's rows: {', '.join(rows[:40])}"
+                 f"{' ...' if len(rows) > 40 else ''}")
+    what = (f"non-finite loss/gradient at step {state.step} (loss={metrics['train/loss']}, grad_norm="
+            f"{metrics['train/grad_norm']}): {where}. The update was skipped; the weights are those of step "
+            f"{state.step - 1}.")
+    if t.on_nonfinite == "skip" and state.skipped_steps <= t.max_skipped_steps:
+        log.warning("%s Skipped (%d of at most trainer.max_skipped_steps=%d).", what, state.skipped_steps,
+                    t.max_skipped_steps)
+        return
+    if t.on_nonfinite == "skip":
+        advice = (f"{state.skipped_steps} steps skipped, more than trainer.max_skipped_steps={t.max_skipped_steps}: "
+                  "the run is diverging or the data is bad.")
+    else:
+        advice = "trainer.on_nonfinite=skip would skip such steps (counted in train/skipped_steps)."
+    raise RuntimeError(f"{what} Stopped, without saving: the last checkpoint is intact. Inspect those rows "
+                       f"(data_pipeline: source name and row of the prepared cache) or lower trainer.lr; {advice}")
 
 
 def _general_baseline(earlier_output_dir: Optional[str]) -> Dict[str, float]:

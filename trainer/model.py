@@ -14,34 +14,49 @@ from typing import Any, Dict
 
 import torch
 
-from trainer.config import ModelConfig, TrainerConfig
+from trainer.config import ModelConfig, TrainerConfig, is_secret_key
 
 log = logging.getLogger("trainer")
 _HF_DS_CONFIG = None  # keeps transformers' ZeRO-3 switch alive (it holds only a weak reference)
 
 
-def build_model(cfg: ModelConfig, trainer: TrainerConfig, ds_config: Dict[str, Any], tokenizer, seq_len: int,
-                packed: bool = True):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
+def model_config(cfg: ModelConfig, tokenizer, seq_len: int, packed: bool = True):
+    """The model's Hugging Face config, checked before any data is read or weights are built: a
+    local directory with config.json, data.seq_len within its positions, and (packing) an attention
+    backend that keeps packed documents apart."""
+    from transformers import AutoConfig
 
     global _HF_DS_CONFIG
     _HF_DS_CONFIG = None  # an earlier stage's ZeRO-3 switch must not partition the isolation probe
-    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     if cfg.name_or_path:
         if not (Path(cfg.name_or_path) / "config.json").is_file():
             raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r} is not a local Hugging Face model "
                                     "directory (no config.json); download the model once and point at it")
         hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     else:
+        # A secret-looking key would be saved with the model (hf/config.json): never passed on.
+        arch = {k: v for k, v in cfg.arch.items() if not is_secret_key(k)}
+        if len(arch) < len(cfg.arch):
+            log.warning("model.arch: ignoring %s (secret-looking keys are never written to the model config)",
+                        sorted(set(cfg.arch) - set(arch)))
         hf_config = AutoConfig.for_model(cfg.model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         **cfg.arch)
+                                         **arch)
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
     if packed:
         check_packed_isolation(hf_config, cfg.attn_implementation)
+    return hf_config
+
+
+def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: Dict[str, Any], tokenizer):
+    """The model for `hf_config` (from model_config), partitioned by ZeRO-3 as it is constructed."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    global _HF_DS_CONFIG
+    dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # from here on, models are built under zero.Init
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype,
@@ -76,32 +91,33 @@ def check_packed_isolation(hf_config, attn_implementation: str) -> None:
     if attn_implementation == "flex_attention" and not torch.cuda.is_available():
         log.info("flex_attention isolation is checked on GPU runs only")
         return
-    small = copy.deepcopy(hf_config)
-    heads = 4
-    changes = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": heads,
-               "num_key_value_heads": 2, "head_dim": 16}
-    for key, value in changes.items():
-        if hasattr(small, key):
-            setattr(small, key, value)
-    if isinstance(getattr(small, "layer_types", None), list):
-        small.layer_types = small.layer_types[:2]
+    a, b = torch.arange(3, 10)[None], torch.arange(20, 25)[None]
     try:
+        small = copy.deepcopy(hf_config)
+        heads = 4
+        changes = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": heads,
+                   "num_key_value_heads": 2, "head_dim": 16}
+        for key, value in changes.items():
+            if hasattr(small, key) and not isinstance(getattr(type(small), key, None), property):
+                setattr(small, key, value)
+        if isinstance(getattr(small, "layer_types", None), list):
+            small.layer_types = small.layer_types[:2]
         probe = AutoModelForCausalLM.from_config(small, dtype=torch.float32,
                                                  attn_implementation=attn_implementation).eval()
-    except Exception as ex:  # an architecture we cannot shrink: say so instead of guessing
+        packed_ids = torch.cat([a, b], dim=1)
+        positions = torch.cat([torch.arange(a.size(1)), torch.arange(b.size(1))])[None]
+        with torch.no_grad():
+            packed = probe(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, a.size(1):]
+            alone = probe(input_ids=b, use_cache=False).logits[0]
+    except Exception as ex:  # an architecture we cannot shrink or probe: say so instead of guessing
         raise ValueError(f"could not verify that model_type={hf_config.model_type!r} with attn_implementation="
                          f"{attn_implementation!r} isolates packed documents ({type(ex).__name__}: {ex}); "
                          "set data.packing=false to train one sample per row") from ex
-    a, b = torch.arange(3, 10)[None], torch.arange(20, 25)[None]
-    packed_ids = torch.cat([a, b], dim=1)
-    positions = torch.cat([torch.arange(a.size(1)), torch.arange(b.size(1))])[None]
-    with torch.no_grad():
-        packed = probe(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, a.size(1):]
-        alone = probe(input_ids=b, use_cache=False).logits[0]
     if not torch.allclose(packed, alone, atol=1e-4):
         raise ValueError(f"model_type={hf_config.model_type!r} with attn_implementation={attn_implementation!r} "
-                         "lets packed documents attend to each other (checked on a small copy). Use "
-                         "model.attn_implementation=sdpa or eager (or flex_attention on GPU), or data.packing=false.")
+                         "lets packed documents attend to each other (checked on a small copy: it masks by row, not "
+                         "by document). Try another model.attn_implementation (sdpa, eager; flex_attention on GPU) "
+                         "or set data.packing=false to train one sample per row.")
 
 
 def count_parameters(model) -> int:

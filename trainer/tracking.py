@@ -32,7 +32,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from trainer.config import SECRET_MARKERS, LoggerConfig
+from trainer.config import LoggerConfig, is_secret_key
 
 log = logging.getLogger("trainer")
 
@@ -128,7 +128,7 @@ def redact_args(argv: List[str]) -> List[str]:
     for arg in argv:
         key, eq, _ = arg.partition("=")
         last = re.split(r"[./]", key.lstrip("+~"))[-1].lower()
-        out.append(f"{key}=<redacted>" if eq and any(m in last for m in SECRET_MARKERS) else arg)
+        out.append(f"{key}=<redacted>" if eq and is_secret_key(last) else arg)
     return out
 
 

@@ -1,0 +1,37 @@
+"""Fault injection for the reliability tests: environment variables that make a real run fail in
+one precise way at one precise point, which no outside timing could hit reliably.
+
+    FULLFT_FAULT_KILL_IN_SAVE=STEP:RANK   that rank SIGKILLs itself inside the save at STEP, after
+                                          its shards are written and before the save is COMPLETE
+    FULLFT_FAULT_NAN_LOSS=STEP:RANK[,...] that rank's first micro-batch of STEP gets a NaN loss
+
+STEP is the 1-based optimizer step. Unset (every normal run), each check is one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Set, Tuple
+
+KILL_IN_SAVE = "FULLFT_FAULT_KILL_IN_SAVE"
+NAN_LOSS = "FULLFT_FAULT_NAN_LOSS"
+
+
+def _points(name: str) -> Set[Tuple[int, int]]:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return set()
+    try:
+        return {(int(s), int(r)) for s, r in (p.split(":") for p in value.split(","))}
+    except ValueError:
+        raise ValueError(f"{name}={value!r}: expected STEP:RANK[,STEP:RANK...]") from None
+
+
+def kill_in_save(step: int, rank: int) -> None:
+    if (step, rank) in _points(KILL_IN_SAVE):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def nan_loss(step: int, rank: int) -> bool:
+    return (step, rank) in _points(NAN_LOSS)
