@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import QUICK, STRAIGHT, check, read_metrics, run_train, series
+from conftest import QUICK, ROOT, STRAIGHT, check, read_metrics, run_train, series
 from test_distributed import assert_same_steps
 from trainer import faults
 from trainer.checkpoint import Checkpointer
@@ -236,8 +236,15 @@ def test_resuming_on_another_world_size_stops_saying_how_to_go_on(straight_run, 
     assert proc.returncode != 0, _text(proc)[-3000:]
     assert time.time() - started < 120  # the issue asks for 60 s; measured ~20 s on 2 idle cores
     assert f"{out}/checkpoints/{TAG} was saved by 2 ranks and this run has 1" in _text(proc)
-    assert "zero_to_fp32.py" in _text(proc)
     assert series(read_metrics(out), "train/loss") == series(read_metrics(straight_run[0]), "train/loss")
+    # ... and the way on that it names: the step as a Hugging Face model, made on one CPU process,
+    # equal to the straight run's own final export of the same weights.
+    command = f"python launch/export.py {out}/checkpoints/{TAG} <model dir>"
+    assert command in _text(proc)
+    exported = tmp_path / "exported"
+    subprocess.run(command.replace("<model dir>", str(exported)).split(), cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    _same_logits(exported, straight_run[0] / "hf")
 
     # 1 -> 2: a one-rank checkpoint under deepspeed with 2 ranks.
     one = tmp_path / "one"
@@ -250,6 +257,16 @@ def test_resuming_on_another_world_size_stops_saying_how_to_go_on(straight_run, 
     print(f"1 -> 2 ranks: stopped {time.time() - started:.0f} s after the start")
     assert f"{one}/checkpoints/step_00000001 was saved by 1 ranks and this run has 2" in _text(proc)
     assert not _survivors(one)
+
+
+def _same_logits(a: Path, b: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.arange(5, 60)[None]
+    with torch.no_grad():
+        la, lb = (AutoModelForCausalLM.from_pretrained(p).eval()(input_ids=tokens).logits for p in (a, b))
+    assert torch.allclose(la, lb, atol=1e-5), (la - lb).abs().max()
 
 
 @pytest.mark.distributed

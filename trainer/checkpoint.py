@@ -6,6 +6,8 @@ Layout under output_dir/checkpoints:
         trainer_state.json   step, counters and world size (rank 0)
         rng_rank<R>.pt       each rank's RNG states
         <extra>_rank<R>.pt   e.g. EWC's Fisher and anchor shards
+        model/               the model's config.json and tokenizer (rank 0): what launch/export.py
+                             needs to make a Hugging Face model of the step on one CPU process
         COMPLETE             written last: the manifest, size and CRC-32 of every file above
     latest              the tag of the newest COMPLETE checkpoint, replaced atomically
 
@@ -18,7 +20,8 @@ What each failure leaves behind:
 - Disk full: a save that cannot fit (judged by the previous checkpoint's size) stops before writing
   anything; one that fails mid-write stops naming the error and the free space. `latest` is untouched.
 - Another world size: ZeRO-3 state is one shard per rank; resume stops before loading and says how
-  to go on. Nothing ever restarts from scratch when a checkpoint exists.
+  to go on (launch/export.py, then a new run from those weights). Nothing ever restarts from
+  scratch when a checkpoint exists.
 """
 
 from __future__ import annotations
@@ -63,8 +66,9 @@ class TrainState:
 
 class Checkpointer:
     def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
-                 extras: Optional[Dict[str, Any]] = None) -> None:
+                 tokenizer=None, extras: Optional[Dict[str, Any]] = None) -> None:
         """fallback: resume from the previous complete checkpoint when the latest is damaged.
+        tokenizer: saved with the model's config in each checkpoint's model/ (for launch/export.py).
         extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
         (e.g. EWC's Fisher and anchor shards) and restored on resume."""
         self.dir = Path(output_dir) / "checkpoints"
@@ -72,6 +76,7 @@ class Checkpointer:
         self.rank = rank
         self.world = world_size
         self.fallback = fallback
+        self.tokenizer = tokenizer
         self.extras = extras or {}
 
     def latest_tag(self) -> Optional[str]:
@@ -90,6 +95,9 @@ class Checkpointer:
                 torch.save(obj.state_dict(), self.dir / tag / f"{name}_rank{self.rank}.pt")
             if self.rank == 0:
                 (self.dir / tag / "trainer_state.json").write_text(json.dumps(asdict(state)))
+                engine.module.config.save_pretrained(self.dir / tag / "model")
+                if self.tokenizer is not None:
+                    self.tokenizer.save_pretrained(self.dir / tag / "model")
             faults.kill_in_save(state.step, self.rank)
         except Exception as ex:  # ENOSPC and friends (torch.save reports them as RuntimeError)
             raise CheckpointError(self._save_failed(tag, ex)) from ex
@@ -154,9 +162,8 @@ class Checkpointer:
                 f"{path} was saved by {saved_by} ranks and this run has {self.world}: ZeRO-3 keeps one optimizer "
                 f"shard per rank, so it resumes only on {saved_by} ranks (the same launcher flags or nodes x "
                 f"NPROC_PER_NODE). To go on with {self.world} instead, start a new run from its weights: "
-                f"`python {self.dir}/zero_to_fp32.py {self.dir} <new dir> --tag {tag} --safe_serialization`, copy "
-                f"output_dir/config.yaml's model into a Hugging Face config and the tokenizer beside them, and set "
-                "model.name_or_path to that directory and a new output_dir (the optimizer state starts afresh).")
+                f"`python launch/export.py {path} <model dir>` makes them a Hugging Face model, then run with "
+                "model.name_or_path=<model dir> and a new output_dir (the optimizer state starts afresh).")
         loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
                                            load_lr_scheduler_states=True)
         if loaded is None:

@@ -71,7 +71,7 @@ def fit(cfg: Config) -> None:
 
     ewc = EWC(engine, **_ewc_args(cfg)) if cfg.regularizer.uses_ewc else None
     checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, dist.world_size, fallback=t.resume_fallback,
-                                extras={"ewc": ewc} if ewc else None)
+                                tokenizer=tokenizer, extras={"ewc": ewc} if ewc else None)
     state = checkpointer.resume(engine)  # restores EWC's Fisher and anchor too
     if state.step > 0 and cfg.model.name_or_path:
         log.warning("resuming at step %d: the weights come from the checkpoint, not from model.name_or_path=%s "
