@@ -29,6 +29,18 @@ def test_penalty_gradient_matches_autograd_and_finite_differences():
     assert float(ewc_math.penalty(torch.tensor([3.0]), torch.tensor([0.0]), torch.tensor([2.0]), 0.5)) == 4.5
 
 
+def test_the_fused_step_math_equals_the_reference_functions():
+    """penalty_and_grad (float32, one pass; what the training step runs) against penalty (float64)
+    and penalty_grad, on a 1M-element shard."""
+    torch.manual_seed(2)
+    theta, anchor = torch.randn(1000, 1000), torch.randn(1000, 1000)
+    fisher, lam = torch.rand(1000, 1000), 0.3
+    value, grad = ewc_math.penalty_and_grad(theta, anchor, fisher, lam)
+    assert grad.dtype == torch.float32 and torch.equal(grad, ewc_math.penalty_grad(theta, anchor, fisher, lam))
+    reference = float(ewc_math.penalty(theta, anchor, fisher, lam))
+    assert abs(float(value) - reference) <= 1e-5 * reference
+
+
 def test_fisher_is_the_mean_squared_gradient_and_sharding_changes_nothing():
     """Accumulating g² per shard and normalising with global sums equals doing it unsharded."""
     torch.manual_seed(1)

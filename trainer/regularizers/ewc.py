@@ -82,16 +82,18 @@ class EWC:
         engine.step()); return this rank's part of the penalty λ/2·ΣF(θ−θ*)²."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64)
         for p, a, f in zip(self.params, self.anchor, self.fisher):
             theta = safe_get_local_fp32_param(p).detach()
-            total += float(ewc_math.penalty(theta, a, f, self.lam))
+            if theta.numel() == 0:  # no elements of this parameter on this rank
+                continue
+            part, extra = ewc_math.penalty_and_grad(theta, a, f, self.lam)
+            total = total + part.double().cpu()
             if self.lam == 0.0:
                 continue
             g = safe_get_local_grad(p)
-            extra = ewc_math.penalty_grad(theta, a, f, self.lam)
-            safe_set_local_grad(p, extra.to(g.dtype) if g is None else g + extra.to(g.dtype))
-        return total
+            safe_set_local_grad(p, extra.to(g.dtype) if g is None else g.add_(extra.to(g.dtype)))
+        return float(total)
 
     def state_dict(self) -> Dict:
         return {"anchor": self.anchor, "fisher": self.fisher}
