@@ -5,6 +5,7 @@ and plain `python` (world size 1). `--cfg job` prints the composed config and tr
 """
 
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -26,7 +27,11 @@ def main(cfg: DictConfig) -> None:
 
     # A recipe (several chained stages) composes each stage from the same overrides plus its own.
     overrides = list(HydraConfig.get().overrides.task)
-    recipe.run(config, lambda extra: to_config(compose(config_name="config", overrides=extra)), overrides, fit)
+    try:
+        recipe.run(config, lambda extra: to_config(compose(config_name="config", overrides=extra)), overrides, fit)
+    except Exception:  # reported here: Hydra's own report prints every override, secrets included
+        traceback.print_exc()
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
