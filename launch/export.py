@@ -13,8 +13,9 @@ state starts afresh).
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
+
+from trainer.checkpoint import write_hf
 
 
 def export(step_dir: Path, out: Path, bf16: bool = False) -> None:
@@ -30,7 +31,6 @@ def export(step_dir: Path, out: Path, bf16: bool = False) -> None:
         raise SystemExit(f"{step_dir / 'model'} is missing (a checkpoint saved before checkpoints carried the model "
                          f"config): use `python {step_dir.parent}/zero_to_fp32.py` and the run's hf/ config instead")
     config = AutoConfig.from_pretrained(step_dir / "model")
-    config.use_cache = True  # the exported model is for inference and for from_pretrained
     state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -41,12 +41,7 @@ def export(step_dir: Path, out: Path, bf16: bool = False) -> None:
     model.tie_weights()
     if bf16:
         model = model.to(torch.bfloat16)
-    tmp = Path(f"{out}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(step_dir / "model").save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    write_hf(model, AutoTokenizer.from_pretrained(step_dir / "model"), out)
     print(f"exported {step_dir} ({sum(p.numel() for p in model.parameters()):,} parameters) to {out}")
 
 

@@ -46,7 +46,7 @@ def _fake_checkpoint(tmp_path: Path) -> Checkpointer:
                        ("trainer_state.json", 50)):
         (path / name).write_bytes(os.urandom(size))
     files = ck._hash_files(TAG, sorted(ck._files(TAG)))
-    (path / "COMPLETE").write_text(json.dumps({"step": 20, "world_size": 1, "files": files}))
+    (path / "COMPLETE").write_text(json.dumps({"files": files}))
     return ck
 
 

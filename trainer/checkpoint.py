@@ -3,7 +3,7 @@
 Layout under output_dir/checkpoints:
 
     step_00000040/      DeepSpeed's sharded ZeRO-3 state (every rank writes its shard)
-        trainer_state.json   step, counters and world size (rank 0)
+        trainer_state.json   step and counters (rank 0)
         rng_rank<R>.pt       each rank's RNG states
         <extra>_rank<R>.pt   e.g. EWC's Fisher and anchor shards
         model/               the model's config.json and tokenizer (rank 0): what launch/export.py
@@ -58,8 +58,6 @@ class TrainState:
     """Tokens that carried a loss, all ranks."""
     skipped_steps: int = 0
     """Steps whose update was skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)."""
-    world_size: int = 0
-    """Ranks that saved the checkpoint (0: unknown, an older checkpoint)."""
     baseline: Dict[str, float] = field(default_factory=dict)
     """Eval metrics of the model at step 0, the reference for eval/forgetting and eval/domain_gain."""
 
@@ -86,7 +84,6 @@ class Checkpointer:
     # -- save ---------------------------------------------------------------------------------
     def save(self, engine, state: TrainState) -> None:
         tag = f"step_{state.step:08d}"
-        state.world_size = self.world
         self._make_room(tag)
         try:
             engine.save_checkpoint(str(self.dir), tag=tag, save_latest=False)
@@ -104,8 +101,7 @@ class Checkpointer:
         distributed.barrier()  # every shard and every rank's files are on disk
         manifest = self._hash_files(tag, sorted(self._files(tag)))
         if self.rank == 0:
-            complete = {"step": state.step, "world_size": self.world, "files": manifest}
-            (self.dir / tag / "COMPLETE").write_text(json.dumps(complete, indent=1))
+            (self.dir / tag / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
             tmp = self.dir / "latest.tmp"
             tmp.write_text(tag)
             os.replace(tmp, self.dir / "latest")
@@ -156,7 +152,7 @@ class Checkpointer:
             return TrainState()
         path = self.dir / tag
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
-        saved_by = state.world_size or len(list(path.glob("*_optim_states.pt")))
+        saved_by = len(list(path.glob("*_optim_states.pt")))  # DeepSpeed writes one per rank
         if saved_by != self.world:
             raise CheckpointError(
                 f"{path} was saved by {saved_by} ranks and this run has {self.world}: ZeRO-3 keeps one optimizer "
@@ -294,14 +290,21 @@ def export_hf(engine, tokenizer, out_dir: str, rank: int) -> None:
     """
     state_dict = engine._zero3_consolidated_16bit_state_dict()
     if rank == 0:
-        out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model = engine.module
-        model.config.use_cache = True  # the exported model is for inference
-        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-        model.config.use_cache = False
-        tokenizer.save_pretrained(str(tmp))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-        log.info("exported Hugging Face model to %s", out)
+        write_hf(engine.module, tokenizer, Path(out_dir), state_dict)
+        log.info("exported Hugging Face model to %s", out_dir)
     distributed.barrier()
+
+
+def write_hf(model, tokenizer, out: Path, state_dict=None) -> None:
+    """save_pretrained (safetensors, use_cache on: for inference) + the tokenizer, into a temporary
+    directory renamed to `out`, so a half-written export never sits there."""
+    tmp = Path(f"{out}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    use_cache, model.config.use_cache = model.config.use_cache, True
+    try:
+        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
+    finally:
+        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
