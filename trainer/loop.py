@@ -22,7 +22,7 @@ import torch
 from data_pipeline.loader import StepLoader
 from trainer import distributed, faults, preemption
 from trainer.checkpoint import Checkpointer, TrainState, export_hf
-from trainer.config import Config, check_output_dir, redact
+from trainer.config import Config, redact
 from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import evaluate, forgetting_metrics
@@ -43,7 +43,6 @@ def fit(cfg: Config) -> None:
     dist = distributed.init(cfg.trainer.dist_timeout_s)
     distributed.setup_logging(dist.rank)
     t = cfg.trainer
-    check_output_dir(cfg.output_dir)  # a recipe stage's own directory too
     config_tree = redact(dataclasses.asdict(cfg))
     _announce_config(config_tree, cfg.output_dir, dist)
     _seed_everything(t.seed)
@@ -204,10 +203,6 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
             rows = row_loss_sums(out.logits, batch["labels"])
             if poison and m == 0:
                 rows = rows * torch.tensor(float("nan"), device=rows.device)
-            bad = ~torch.isfinite(rows.detach())
-            if bad.any():
-                nonfinite_rows += [(source_names[int(batch["source"][i])], int(batch["row"][i]), m)
-                                   for i in bad.nonzero().flatten().tolist()]
             loss = rows.sum()
             engine.backward(loss * scale, scale_wrt_gas=False)
         if check_grads and engine.is_gradient_accumulation_boundary():
@@ -217,7 +212,12 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
         with phase("optimizer"):
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         tokens = (batch["labels"][:, 1:] != IGNORE).sum(1).double()
-        sums[1:, 0].index_add_(0, batch["source"], rows.detach().double().cpu())
+        row_sums = rows.detach().double().cpu()  # the step's one device -> host copy of the losses
+        bad = ~torch.isfinite(row_sums)
+        if bad.any():
+            nonfinite_rows += [(source_names[int(batch["source"][i])], int(batch["row"][i]), m)
+                               for i in bad.nonzero().flatten().tolist()]
+        sums[1:, 0].index_add_(0, batch["source"], row_sums)
         sums[1:, 1].index_add_(0, batch["source"], tokens)
         sums[1:, 2].index_add_(0, batch["source"], batch["filled"].double())
     penalty = float(sums[0, 0])  # this rank's part of the EWC penalty (0 without EWC)
