@@ -82,18 +82,16 @@ class EWC:
         engine.step()); return this rank's part of the penalty λ/2·ΣF(θ−θ*)²."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_grad
 
-        total = torch.zeros((), dtype=torch.float64)
+        parts = []
         for p, a, f in zip(self.params, self.anchor, self.fisher):
             theta = safe_get_local_fp32_param(p).detach()
-            if theta.numel() == 0:  # no elements of this parameter on this rank
-                continue
             part, extra = ewc_math.penalty_and_grad(theta, a, f, self.lam)
-            total = total + part.double().cpu()
+            parts.append(part)
             if self.lam == 0.0:
                 continue
             g = safe_get_local_grad(p)
             safe_set_local_grad(p, extra.to(g.dtype) if g is None else g.add_(extra.to(g.dtype)))
-        return float(total)
+        return float(torch.stack(parts).double().sum())  # one device -> host sync a step
 
     def state_dict(self) -> Dict:
         return {"anchor": self.anchor, "fisher": self.fisher}

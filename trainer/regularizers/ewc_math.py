@@ -30,18 +30,14 @@ def penalty(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, lam
     return 0.5 * lam * (fisher.double() * d * d).sum()
 
 
-def penalty_grad(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, lam: float) -> torch.Tensor:
-    """λ · F ⊙ (θ − θ*), in θ's dtype."""
-    return (lam * fisher * (theta.float() - anchor.float())).to(theta.dtype)
-
-
 def penalty_and_grad(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor,
                      lam: float) -> "tuple[torch.Tensor, torch.Tensor]":
-    """Both at once, as the training step needs them, in one pass and in θ's dtype (no float64
-    copies): (0-dim penalty, gradient). The penalty is a dot product accumulated in θ's dtype;
-    it is only logged, and equals penalty() to ~1e-6 relative in float32."""
+    """The penalty and its gradient λ · F ⊙ (θ − θ*) at once, as the training step needs them, in
+    one pass and in θ's dtype (no float64 copies): (0-dim penalty, gradient). The penalty is a dot
+    product accumulated in θ's dtype; it is only logged, and equals penalty() to ~1e-6 relative in
+    float32."""
     d = theta - anchor
-    grad = (lam * fisher).mul_(d)  # the same rounding as penalty_grad
+    grad = (lam * fisher).mul_(d)
     return 0.5 * torch.dot(grad.flatten(), d.flatten()), grad
 
 
