@@ -17,25 +17,10 @@
 
 fullft_log() { echo "[$(date +%H:%M:%S) slurm/${SLURM_JOB_NAME:-fullft} job ${SLURM_JOB_ID:-?}] $*"; }
 
-# The overrides as they may be logged: the value of a secret-looking key becomes <redacted> (the
-# rule of trainer/config.py's is_secret_key: the key's last word is key/token/password/passwd/
-# secret/apikey, or it contains password, secret or apikey).
-_fullft_redacted() {
-    local arg key last word out=()
-    for arg in "$@"; do
-        key=${arg%%=*}
-        last=${key##*[./+~]}
-        last=${last,,}
-        word=${last##*[_-]}
-        if [[ $arg == *=* && ( $word =~ ^(key|token|password|passwd|secret|apikey)$ || $last == *password* ||
-                               $last == *secret* || $last == *apikey* ) ]]; then
-            out+=("$key=<redacted>")
-        else
-            out+=("$arg")
-        fi
-    done
-    echo "${out[*]}"
-}
+# The overrides as they may be logged: secret-looking values hidden, by the trainer's own rule
+# (trainer/config.py's redact_args, also what W&B records).
+# Run from $FULLFT_ROOT with the job's Python (fullft_launch's working directory and PATH).
+_fullft_redacted() { python -m trainer.config redact-args "$@"; }
 
 # Signals arriving while srun runs: the batch shell (the only process `--signal=B:USR1@T` reaches)
 # passes USR1 on to every process of the job's steps, on every node. torchrun agents ignore it

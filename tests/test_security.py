@@ -8,7 +8,9 @@ real run's every output file is in test_tracking.py (test_wandb_offline_run_has_
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator, List, Tuple
 
@@ -115,6 +117,7 @@ def test_a_secret_in_model_arch_never_reaches_the_saved_model_config(tiny_tokeni
                                         ("+model.arch.bos_token_id=1", "+model.arch.bos_token_id=1"),
                                         ("trainer.lr=1e-4", "trainer.lr=1e-4"), ("+exp=medical", "+exp=medical")])
 def test_the_slurm_templates_log_overrides_with_secrets_hidden(arg, shown):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the job's Python
     out = subprocess.run(["bash", "-c", 'source slurm/common.sh && _fullft_redacted "$@"', "_", arg],
-                         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
     assert out == shown

@@ -504,6 +504,18 @@ def is_secret_key(key: Any) -> bool:
     return re.split(r"[_\-]", name)[-1] in SECRET_WORDS or any(w in name for w in ("password", "secret", "apikey"))
 
 
+def redact_args(argv: List[str]) -> List[str]:
+    """Command-line overrides with secret-looking values hidden (`+model.arch.api_key=X` ->
+    `+model.arch.api_key=<redacted>`): W&B records the process arguments with the run, and the
+    Slurm templates log them (`python -m trainer.config redact-args ...`)."""
+    out = []
+    for arg in argv:
+        key, eq, _ = arg.partition("=")
+        last = re.split(r"[./]", key.lstrip("+~"))[-1]
+        out.append(f"{key}=<redacted>" if eq and is_secret_key(last) else arg)
+    return out
+
+
 def redact(tree: Any) -> Any:
     """A copy of a plain config tree with every secret-looking value (*_key, *_token, password) removed."""
     if isinstance(tree, dict):
@@ -512,3 +524,10 @@ def redact(tree: Any) -> Any:
     if isinstance(tree, list):
         return [redact(v) for v in tree]
     return tree
+
+
+if __name__ == "__main__":  # for the Slurm templates' log: python -m trainer.config redact-args ARG...
+    import sys
+
+    if sys.argv[1:2] == ["redact-args"]:
+        print(" ".join(redact_args(sys.argv[2:])))

@@ -25,14 +25,13 @@ import contextlib
 import json
 import logging
 import os
-import re
 import sys
 import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from trainer.config import LoggerConfig, is_secret_key
+from trainer.config import LoggerConfig, redact_args
 
 log = logging.getLogger("trainer")
 
@@ -119,17 +118,6 @@ def _drop_after(path: Path, resume_step: int) -> List[Dict[str, Any]]:
     kept = [row for row in kept if row.get("step", 0) <= resume_step]
     path.write_text("".join(json.dumps(row) + "\n" for row in kept))
     return kept
-
-
-def redact_args(argv: List[str]) -> List[str]:
-    """Command-line overrides with secret-looking values hidden (`+model.arch.api_key=X` ->
-    `+model.arch.api_key=<redacted>`): W&B records the process arguments with the run."""
-    out = []
-    for arg in argv:
-        key, eq, _ = arg.partition("=")
-        last = re.split(r"[./]", key.lstrip("+~"))[-1].lower()
-        out.append(f"{key}=<redacted>" if eq and is_secret_key(last) else arg)
-    return out
 
 
 def resolve_mode(cfg: LoggerConfig, env: Dict[str, str]) -> str:
