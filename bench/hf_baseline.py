@@ -113,8 +113,11 @@ def main() -> None:
     transformers.logging.set_verbosity_warning()
     import deepspeed
 
+    from trainer.distributed import release_shm_buffer
+
     # Before the model is built: zero.Init reads the world size from the process group.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    release_shm_buffer()  # DeepSpeed leaves its CPU all-reduce buffers in /dev/shm otherwise
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(args.out)

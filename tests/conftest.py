@@ -58,6 +58,24 @@ def straight_run(tmp_path_factory):
     return out, proc
 
 
+def shm_buffers_left(args: List[str]) -> List[str]:
+    """DeepSpeed CPU all-reduce buffers still in /dev/shm for the run launched with `args` (its
+    --master_port): the trainer unlinks them once every rank has mapped them, killed runs included."""
+    port = args[args.index("--master_port") + 1]
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_shared_memory_left_behind():
+    """The whole suite must not leave DeepSpeed shared-memory buffers behind (64 MiB of RAM each,
+    until reboot): before the trainer unlinked them, one test session left ~9 GiB in /dev/shm and
+    the machine slowed to a crawl."""
+    before = set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    yield
+    left = sorted(p.name for p in set(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")) - before)
+    assert not left, f"{len(left)} DeepSpeed shm buffer(s) left in /dev/shm by this test session: {left[:10]}"
+
+
 def read_metrics(output_dir: Path) -> List[Dict]:
     return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series
+from conftest import QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -33,6 +33,7 @@ def test_loss_decreases_and_outputs_are_complete(straight_run):
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     assert not [p.name for p in (out / "hf").iterdir() if p.suffix in (".bin", ".pt", ".pkl")], "pickled export"
     assert (out / "checkpoints/latest").read_text() == "step_00000020"
+    assert not shm_buffers_left(proc.args), "DeepSpeed's /dev/shm all-reduce buffers outlived the run"
     # saved at 5, 10, 15, 20; keep_last=2 pruned the first two; what is kept is complete
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
     assert all((out / "checkpoints" / t / "COMPLETE").exists() for t in ("step_00000015", "step_00000020"))
@@ -83,6 +84,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_rerun_resumes_exactly(straight_run
     assert time.time() - killed_at < 60
     survivors = subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True, text=True).stdout.split()
     assert not survivors, f"processes still alive after the kill: {survivors}"
+    assert not shm_buffers_left(args), "a killed run left DeepSpeed's all-reduce buffers in /dev/shm"
     assert (out / "checkpoints/latest").read_text() == "step_00000010"
 
     check(run_train("deepspeed", STRAIGHT + [f"output_dir={out}"]))  # the same command again
