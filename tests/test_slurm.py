@@ -33,6 +33,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
 QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
 RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or "py-spy"
 EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
 
 
@@ -117,8 +118,9 @@ def wait_for_end(env: Dict[str, str], job: str, log: Path, timeout: float = 400)
         if info.get("JobState") in TERMINAL:
             return info
         time.sleep(1)
+    report = _stall_report(env, job)
     subprocess.run(["scancel", job], env=env)
-    pytest.fail(f"job {job} still {job_info(env, job).get('JobState')} after {timeout} s\n{_tail(log)}")
+    pytest.fail(f"job {job} still {job_info(env, job).get('JobState')} after {timeout} s\n{_tail(log)}\n{report}")
 
 
 def wait_for_step(env: Dict[str, str], job: str, out: Path, log: Path, step: int, timeout: float = 300) -> None:
@@ -130,7 +132,48 @@ def wait_for_step(env: Dict[str, str], job: str, out: Path, log: Path, step: int
         state = job_info(env, job).get("JobState")
         assert state not in TERMINAL, f"job {job} ended ({state}) before step {step}\n{_tail(log)}"
         time.sleep(0.1)
-    pytest.fail(f"job {job} did not reach step {step} within {timeout} s\n{_tail(log)}")
+    pytest.fail(f"job {job} did not reach step {step} within {timeout} s\n{_tail(log)}\n{_stall_report(env, job)}")
+
+
+def _stall_report(env: Dict[str, str], job: str) -> str:
+    """What a stalled job is doing, for the failure message: Slurm's view of the job and its steps,
+    the job's processes (command, state, kernel wait channel) with the Python stacks of those that
+    run Python (py-spy), who listens on which TCP port, and the tail of every daemon log."""
+    def run(cmd: List[str]) -> str:
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            return (proc.stdout + proc.stderr).strip()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"({' '.join(cmd)}: {exc})"
+
+    parts = [f"--- scontrol show job {job}", run(["scontrol", "show", "job", "-d", job]),
+             "--- squeue --steps", run(["squeue", "--steps"])]
+    for pid in _job_pids(job):
+        try:
+            cmd = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            continue
+        parts.append(f"--- pid {pid} [{stat}, wchan {wchan}] {cmd[:300]}")
+        if "python" in cmd or "torchrun" in cmd:
+            parts.append(run([PY_SPY, "dump", "--pid", str(pid)]) if Path(PY_SPY).exists() else "(no py-spy)")
+    parts += ["--- listening TCP sockets", run(["ss", "-ltnp"])]
+    for daemon_log in sorted(Path(env["FULLFT_SLURM_DIR"], "log").glob("*.log")):
+        parts += [f"--- {daemon_log.name} (tail)", "\n".join(daemon_log.read_text(errors="replace").splitlines()[-30:])]
+    return "\n".join(parts)
+
+
+def _job_pids(job: str) -> List[int]:
+    """Every process on this machine that belongs to the Slurm job (its environment names the job)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"SLURM_JOB_ID={job}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return sorted(pids)
 
 
 def _tail(log: Path, n: int = 6000) -> str:
