@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_pipeline.loader import StepLoader
+from data_pipeline.loader import StepLoader, trim_to_longest
 from data_pipeline.mixing import MixSchedule
 
 
@@ -99,3 +99,34 @@ def test_mixing_rejects_bad_weights():
         MixSchedule([np.ones(3)], [0.0], seed=0)
     with pytest.raises(ValueError, match="source 1 has no rows but weight 1"):
         MixSchedule([np.ones(3), np.ones(0)], [1.0, 1.0], seed=0)
+
+
+def test_unpacked_rows_are_cut_to_the_longest_of_their_batch():
+    ids = np.arange(3 * 32).reshape(3, 32)
+    rows = {"input_ids": ids, "labels": ids + 1, "position_ids": ids + 2}
+    cut = trim_to_longest(rows, np.array([3, 10, 5]), 8)
+    assert {k: v.shape for k, v in cut.items()} == {k: (3, 16) for k in rows}  # 10 -> 16
+    assert all((cut[k] == rows[k][:, :16]).all() and cut[k].flags["C_CONTIGUOUS"] for k in rows)
+    assert trim_to_longest(rows, np.array([3, 10, 5]), 1)["input_ids"].shape == (3, 10)
+    assert trim_to_longest(rows, np.array([3, 30, 5]), 8)["input_ids"].shape == (3, 32)  # never wider
+    assert trim_to_longest(rows, np.array([0, 0, 0]), 8)["input_ids"].shape == (3, 8)  # never empty
+
+
+class RaggedSource(FakeSource):
+    """Right-padded rows of 64 with 5 + 7*i real tokens (i = row)."""
+
+    def __init__(self, n: int):
+        super().__init__(0, n)
+        self.filled = np.array([5 + 7 * i for i in range(n)])
+
+    def rows(self, idx):
+        return {k: np.repeat(v, 16, axis=1) for k, v in super().rows(idx).items()}  # width 64
+
+
+def test_the_loader_pads_unpacked_batches_to_their_longest_row_and_leaves_packed_rows_whole():
+    src = RaggedSource(8)
+    for step in range(3):
+        for b in StepLoader([src], [1.0], 2, 2, 0, 1, seed=1, pad_to_multiple_of=4).micro_batches(step):
+            assert b["input_ids"].shape[1] == min(64, -(-int(b["filled"].max()) // 4) * 4)
+            assert b["labels"].shape == b["position_ids"].shape == b["input_ids"].shape
+        assert all(b["input_ids"].shape[1] == 64 for b in StepLoader([src], [1.0], 2, 2, 0, 1, seed=1).micro_batches(step))

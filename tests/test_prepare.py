@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_pipeline.loader import trim_to_longest
 from data_pipeline.packing import IGNORE
 from data_pipeline.prepare import PrepareOptions, _write_chunked, prepare
 from data_pipeline.sources import DataError
@@ -157,11 +158,16 @@ def test_packed_and_unpacked_training_see_the_same_loss_and_gradients(tmp_path, 
     unpacked = prepare(QA, tiny_tokenizer, PrepareOptions(**opts, packing=False), str(tmp_path))
     assert len(unpacked) == unpacked.stats["samples"] > 3 * len(packed)  # what padding would cost
 
-    def loss_and_grads(prep):
+    widths = []
+
+    def loss_and_grads(prep, trim=None):
         model.zero_grad()
         total, tokens = 0.0, 0
         for chunk in np.array_split(np.arange(len(prep)), 4):
             rows = prep.rows(chunk)
+            if trim:  # what the loader does without packing: cut to the longest sample of the batch
+                rows = trim_to_longest(rows, prep.filled[chunk], trim)
+                widths.append(rows["input_ids"].shape[1])
             labels = torch.from_numpy(rows["labels"])
             out = model(input_ids=torch.from_numpy(rows["input_ids"]), position_ids=torch.from_numpy(rows["position_ids"]),
                         use_cache=False)
@@ -176,3 +182,11 @@ def test_packed_and_unpacked_training_see_the_same_loss_and_gradients(tmp_path, 
     assert tok_p == tok_u
     assert abs(loss_p - loss_u) <= 1e-5 * abs(loss_u)
     assert (grad_p - grad_u).norm() <= 1e-5 * grad_u.norm()  # float32 sums in a different order
+    # Unpacked rows cut to their batch's longest sample (rounded up to 8): the same loss and
+    # gradients, on fewer columns.
+    loss_t, tok_t, grad_t = loss_and_grads(unpacked, trim=8)
+    longest = [int(unpacked.filled[c].max()) for c in np.array_split(np.arange(len(unpacked)), 4)]
+    assert widths == [min(256, -(-n // 8) * 8) for n in longest] and max(widths) < 256, (widths, longest)
+    assert tok_t == tok_u
+    assert abs(loss_t - loss_u) <= 1e-5 * abs(loss_u)
+    assert (grad_t - grad_u).norm() <= 1e-5 * grad_u.norm()

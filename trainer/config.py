@@ -101,6 +101,9 @@ class DataConfig:
     packing: bool = True
     """Pack several samples per row (attention isolated per document). False: one sample per row,
     padded; costs compute, kept as a baseline and for attention kernels that cannot isolate."""
+    pad_to_multiple_of: int = 8
+    """Without packing: each micro-batch is padded only to its longest sample, rounded up to a
+    multiple of this (8 suits tensor cores); packed rows are always seq_len wide."""
     cache_dir: Optional[str] = None
     """Where prepared data lives (on a filesystem every node sees); None = $FULLFT_CACHE/data or
     ~/.cache/fullft/data."""
@@ -114,6 +117,8 @@ class DataConfig:
             raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
         if self.overlong not in ("auto", "truncate", "drop", "split"):
             raise ValueError(f"data.overlong={self.overlong!r}: use auto, truncate, drop or split")
+        if self.pad_to_multiple_of < 1:
+            raise ValueError(f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be at least 1")
         if self.seq_len < 16:
             raise ValueError(f"data.seq_len={self.seq_len}: must be at least 16")
         if self.weight < 0 or self.weight + sum(s.weight for s in self.sources.values()) <= 0:

@@ -8,10 +8,11 @@ nothing to the sums.
 from __future__ import annotations
 
 import math
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
+from data_pipeline.loader import trim_to_longest
 from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
@@ -20,7 +21,9 @@ from trainer.loss import supervised_tokens, token_loss_sum
 
 @torch.no_grad()
 def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int, world_size: int,
-             device: torch.device) -> Dict[str, float]:
+             device: torch.device, pad_to_multiple_of: Optional[int] = None) -> Dict[str, float]:
+    """Mean token loss (and perplexity) of each held-out set, over all ranks. pad_to_multiple_of:
+    unpacked rows are cut to the longest of each micro-batch (data_pipeline.loader.trim_to_longest)."""
     metrics: Dict[str, float] = {}
     was_training = engine.module.training
     engine.eval()
@@ -34,6 +37,8 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
             real = bool(idx)
             idx = idx or [0]
             rows = data.rows(idx)
+            if pad_to_multiple_of:
+                rows = trim_to_longest(rows, data.filled[idx], pad_to_multiple_of)
             labels = torch.from_numpy(rows["labels"])
             if not real:
                 labels = torch.full_like(labels, IGNORE)

@@ -80,9 +80,10 @@ def fit(cfg: Config) -> None:
         log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, state.step)
         distributed.shutdown()
         return
+    pad = None if cfg.data.packing else cfg.data.pad_to_multiple_of  # unpacked rows: pad to the longest
     if ewc is not None and not ewc.ready:  # a fresh stage: anchor here, Fisher on the reference data
         reference = StepLoader([data.fisher], [1.0], t.micro_batch_size, cfg.regularizer.ewc.fisher_batches,
-                               dist.rank, dist.world_size, t.seed)
+                               dist.rank, dist.world_size, t.seed, pad_to_multiple_of=pad)
         previous = cfg.regularizer.ewc.previous
         ewc.start(engine, reference.micro_batches(0), _reference_loss, device,
                   previous=load_previous(previous, dist.rank) if previous else None)
@@ -94,13 +95,13 @@ def fit(cfg: Config) -> None:
                               chat=cfg.stage.name != "pretrain", system_prompt=cfg.stage.system_prompt)
     progress = Progress(state.step, t.max_steps, enabled=dist.is_main)
     loader = StepLoader(data.sources, data.weights, t.micro_batch_size, t.grad_accum_steps, dist.rank,
-                        dist.world_size, t.seed)
+                        dist.world_size, t.seed, pad_to_multiple_of=pad)
     log.info("%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
              f"{count_parameters(engine.module):,}", dist.world_size, sum(len(s) for s in data.sources),
              cfg.data.seq_len, loader.rows_per_step, state.step, t.max_steps)
 
     if state.step == 0 and eval_sets and cfg.eval.at_start:
-        scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+        scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device, pad)
         # The base model is the reference for eval/forgetting and eval/domain_gain; in a recipe,
         # forgetting is measured against the first stage's base model.
         state.baseline = {**scores, **_general_baseline(cfg.eval.baseline_from)}
@@ -134,7 +135,7 @@ def fit(cfg: Config) -> None:
             tracker.log(state.step, metrics)
             progress.log(state.step, metrics)  # one line per log step (and the bar on a terminal)
         if eval_sets and ((t.eval_every_steps and state.step % t.eval_every_steps == 0) or last):
-            scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device)
+            scores = evaluate(engine, eval_sets, cfg.eval.micro_batch_size, dist.rank, dist.world_size, device, pad)
             scores.update(forgetting_metrics(scores, state.baseline))
             tracker.log(state.step, scores)
             tracker.log_samples(state.step, samples.generate(engine))
