@@ -61,7 +61,9 @@ def test_fisher_is_the_mean_squared_gradient_and_sharding_changes_nothing():
     f = [torch.tensor([0.0, 2.0, 6.0])]
     ewc_math.normalise(f, 8.0, 3)  # the worked example in ewc_math's docstring
     assert torch.allclose(f[0], torch.tensor([0.0, 0.75, 2.25]))
-    assert torch.equal(ewc_math.online_merge(torch.tensor([2.0]), torch.tensor([1.0]), 0.5), torch.tensor([2.0]))
+    new = torch.tensor([1.0, 3.0])
+    assert ewc_math.online_merge_(new, torch.tensor([2.0, 4.0]), 0.5) is new  # in place
+    assert torch.equal(new, torch.tensor([2.0, 5.0]))  # 0.5 * old + new
 
 
 # ---- 2 CPU ranks, real DeepSpeed ZeRO-3 ---------------------------------------------------------

@@ -59,7 +59,8 @@ class EWC:
         engine._is_gradient_accumulation_boundary = None  # back to DeepSpeed's own micro-step counting
         if hasattr(engine.optimizer, "set_gradient_accumulation_boundary"):
             engine.optimizer.set_gradient_accumulation_boundary(False)
-        fisher = [f / max(n, 1) for f in fisher]
+        for f in fisher:  # in place: a second list would hold a second copy of the Fisher at once
+            f.div_(max(n, 1))
         if self.normalise:
             totals = torch.tensor([sum(float(f.double().sum()) for f in fisher), sum(f.numel() for f in fisher)],
                                   dtype=torch.float64)
@@ -71,7 +72,8 @@ class EWC:
                 raise ValueError("regularizer.ewc.previous: its Fisher shards do not match this model's local "
                                  "partitions (a different model or world size); it must come from the same model "
                                  "trained with the same number of ranks")
-            fisher = [ewc_math.online_merge(o.float(), f, self.gamma) for o, f in zip(old, fisher)]
+            for f, o in zip(fisher, old):
+                ewc_math.online_merge_(f, o, self.gamma)
         self.fisher = fisher
         log.info("EWC: Fisher from %d reference batches%s; lambda %g; %.1f MB of EWC state on this rank", n,
                  " merged with the previous stage's" if previous is not None else "", self.lam,

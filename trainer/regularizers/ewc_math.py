@@ -42,13 +42,14 @@ def penalty_and_grad(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Te
 
 
 def accumulate_fisher(fisher_sum: torch.Tensor, grad: torch.Tensor) -> None:
-    """fisher_sum += g² (in place, float32)."""
-    fisher_sum.add_(grad.float().pow(2))
+    """fisher_sum += g² (in place, float32; no temporary the size of g when g is float32)."""
+    g = grad.float()
+    fisher_sum.addcmul_(g, g)
 
 
-def online_merge(old: torch.Tensor, new: torch.Tensor, gamma: float) -> torch.Tensor:
-    """F ← γ·F_old + F_new."""
-    return gamma * old + new
+def online_merge_(new: torch.Tensor, old: torch.Tensor, gamma: float) -> torch.Tensor:
+    """F ← γ·F_old + F_new, written into `new` (in place: no second copy of the Fisher) and returned."""
+    return new.add_(old.float() * gamma)
 
 
 def normalise(fishers: Sequence[torch.Tensor], global_sum: float, global_count: int) -> None:
