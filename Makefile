@@ -1,4 +1,5 @@
-# `make train` runs the main job on the embedded default; `make test` runs every test tier.
+# `make train` runs the main job on the embedded default; `make test` runs every test tier (and
+# lists the 25 slowest tests: the suite must stay under ~25 minutes in CI).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXP ?= medical
@@ -19,7 +20,7 @@ train: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed launch/train.py +exp=$(EXP) $(ARGS)
 
 test: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra tests $(ARGS)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 tests $(ARGS)
 
 test-fast: setup
 	$(PY) -m pytest -ra -m "not distributed" tests $(ARGS)
