@@ -119,3 +119,10 @@ def test_bad_configuration_fails_before_data_or_model_naming_the_fix(case, tmp_p
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0 and message in text, text[-3000:]
     assert "parameters |" not in text and "prepar" not in text.lower(), "it got as far as the data or the model"
+
+
+def test_pad_to_multiple_of_below_one_is_refused_naming_the_key():
+    from trainer.config import DataConfig
+
+    with pytest.raises(ValueError, match=r"data.pad_to_multiple_of=0: must be at least 1"):
+        DataConfig(pad_to_multiple_of=0)
