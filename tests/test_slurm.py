@@ -33,7 +33,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
 QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
 RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
-PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or "py-spy"
+PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
 
 
@@ -157,7 +157,7 @@ def _stall_report(env: Dict[str, str], job: str) -> str:
             continue
         parts.append(f"--- pid {pid} [{stat}, wchan {wchan}] {cmd[:300]}")
         if "python" in cmd or "torchrun" in cmd:
-            parts.append(run([PY_SPY, "dump", "--pid", str(pid)]) if Path(PY_SPY).exists() else "(no py-spy)")
+            parts.append(run([PY_SPY, "dump", "--pid", str(pid)]) if PY_SPY else "(no py-spy)")
     parts += ["--- listening TCP sockets", run(["ss", "-ltnp"])]
     for daemon_log in sorted(Path(env["FULLFT_SLURM_DIR"], "log").glob("*.log")):
         parts += [f"--- {daemon_log.name} (tail)", "\n".join(daemon_log.read_text(errors="replace").splitlines()[-30:])]
@@ -312,22 +312,18 @@ def _kill_rank(job: str, rank: int) -> None:
 def _ranks_of(job: str, rank: int = None) -> List[int]:
     """PIDs of the training processes (not the torchrun agents) of a Slurm job on this machine."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in _job_pids(job):
         try:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
             continue
         if b"launch/train.py" not in cmdline or any(b"torchrun" in part for part in cmdline):
             continue
-        if f"SLURM_JOB_ID={job}".encode() not in environ:
-            continue
         # torchrun sets RANK for its workers; a task of `srun python` finds its rank in SLURM_PROCID.
         direct = not any(e.startswith(b"RANK=") for e in environ)
         if rank is None or f"RANK={rank}".encode() in environ or (direct and f"SLURM_PROCID={rank}".encode() in environ):
-            pids.append(int(proc.name))
+            pids.append(pid)
     return pids
 
 

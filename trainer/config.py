@@ -534,5 +534,6 @@ def redact(tree: Any) -> Any:
 if __name__ == "__main__":  # for the Slurm templates' log: python -m trainer.config redact-args ARG...
     import sys
 
-    if sys.argv[1:2] == ["redact-args"]:
-        print(" ".join(redact_args(sys.argv[2:])))
+    if sys.argv[1:2] != ["redact-args"]:
+        raise SystemExit("usage: python -m trainer.config redact-args ARG...")
+    print(" ".join(redact_args(sys.argv[2:])))

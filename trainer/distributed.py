@@ -118,22 +118,12 @@ def init(timeout_s: int) -> DistInfo:
     return _INFO
 
 
-SHM_DIR = "/dev/shm"
-
-
-def shm_buffer_path(rank: int) -> str:
-    """Where DeepSpeed's CPU all-reduce puts rank `rank`'s shared buffer (64 MiB), by the name its
-    shm comm op gives it: deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>."""
-    env = os.environ
-    return (f"{SHM_DIR}/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{rank}")
-
-
 def release_shm_buffer() -> None:
-    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer as soon as every rank has
-    mapped it. On CPU, when all ranks share a host, DeepSpeed's shm comm op creates one file per
-    rank in /dev/shm and never removes it: every run, finished or killed, left 64 MiB per rank of
-    RAM behind (a test suite of short runs filled a 24 GiB machine's memory with them). Each rank
+    """Unlink this rank's DeepSpeed shared-memory all-reduce buffer (64 MiB, named by its shm comm
+    op /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>) as soon as
+    every rank has mapped it. On CPU, when all ranks share a host, DeepSpeed creates one such file
+    per rank and never removes it: every run, finished or killed, left 64 MiB per rank of RAM
+    behind (a test suite of short runs filled a 24 GiB machine's memory with them). Each rank
     maps every peer's buffer before init_distributed returns, so after one barrier the names can
     go: the mappings stay valid, and the kernel frees the memory when the last rank exits, however
     it exits. Call right after deepspeed.init_distributed (every rank, collectively)."""
@@ -141,7 +131,9 @@ def release_shm_buffer() -> None:
 
     if not tdist.is_initialized() or tdist.get_backend() != "gloo":
         return
-    mine = shm_buffer_path(tdist.get_rank())
+    env = os.environ
+    mine = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+            f"{env.get('MASTER_PORT', '')}_{tdist.get_rank()}")
     if tdist.get_world_size() > 1:
         tdist.barrier()
     with contextlib.suppress(FileNotFoundError):
