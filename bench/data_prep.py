@@ -93,7 +93,7 @@ def child(args) -> None:
         return wrapper
 
     prep._tokenize_to_disk = timed(prep._tokenize_to_disk, "tokenize_s")
-    options = prep.PrepareOptions(stage="sft", seq_len=args.seq_len, fmt="alpaca")
+    options = prep.PrepareOptions(objective="sft", seq_len=args.seq_len, fmt="alpaca")
     before = _status_kib()
     start = time.perf_counter()
     with MemorySampler() as mem:

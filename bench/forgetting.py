@@ -2,7 +2,7 @@
 
     python bench/corpora.py --out /tmp/corpora     # gcide.txt (general English), foldoc.txt (computing)
     python bench/forgetting.py --general /tmp/corpora/gcide.txt --domain /tmp/corpora/foldoc.txt --out DIR
-    python bench/forgetting.py --smoke --out DIR   # bundled samples, a few steps (CI)
+    python bench/forgetting.py --smoke --out DIR   # bundled data, a few steps (CI)
 
 1. Split each corpus (any .txt/.md with blank-line-separated documents, or .jsonl, one record a line)
    deterministically into train and held-out files under DIR/data (a seeded shuffle, at most
@@ -38,20 +38,18 @@ import argparse
 import datetime
 import hashlib
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data_pipeline" / "samples"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import BUNDLED, git_head, launch_cmd, machine_line, read_metrics, run_logged, series  # noqa: E402
+
 TEXT_SUFFIXES = (".txt", ".md")
 TARGET_REMOVED, TARGET_KEPT, TARGET_EWC_COST = 0.90, 0.95, 0.03
 
@@ -125,33 +123,9 @@ def settings(args) -> List[Setting]:
     return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
 
 
-def launcher_cmd(launcher: str, nproc: int) -> List[str]:
-    if launcher == "deepspeed":
-        import socket
-
-        with socket.socket() as s:  # a free port, so concurrent benchmarks do not collide
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port", str(port),
-                "launch/train.py"]
-    return [sys.executable, "launch/train.py"]
-
-
 def train(args, overrides: Sequence[str], log_file: Path) -> float:
     """Run launch/train.py with `overrides`; its output goes to log_file. Returns the wall time."""
-    cmd = launcher_cmd(args.launcher, args.nproc) + list(overrides)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log_file, "w") as log:
-        log.write(" ".join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
-        tail = "".join(log_file.read_text(errors="replace").splitlines(keepends=True)[-40:])
-        raise SystemExit(f"training failed (exit {proc.returncode}): {' '.join(cmd)}\n--- {log_file} (tail)\n{tail}")
-    return wall
+    return run_logged(launch_cmd(args.launcher, args.nproc) + list(overrides), log_file)
 
 
 def common(args, data: Dict) -> List[str]:
@@ -190,16 +164,6 @@ def base_key(args, data: Dict) -> str:
     h.update(json.dumps([args.base_steps, args.base_lr, args.seq_len, args.micro_batch, args.seed, args.warmup,
                          args.launcher, args.nproc]).encode())
     return h.hexdigest()[:12]
-
-
-# ---- reading metrics.jsonl --------------------------------------------------------------------------
-
-def read_metrics(out: Path) -> List[Dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def series(rows: List[Dict], key: str) -> Dict[int, float]:
-    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def summarise(rows: List[Dict], skip_steps: int) -> Dict:
@@ -321,8 +285,8 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--smoke", action="store_true", help="bundled sample data, a few steps (seconds to a minute)")
     args = p.parse_args(argv)
     if args.smoke:
-        args.general = args.general or str(SAMPLES / "general_text.txt")
-        args.domain = args.domain or str(SAMPLES / "medical_notes.txt")
+        args.general = args.general or str(BUNDLED / "general_text.txt")
+        args.domain = args.domain or str(BUNDLED / "medical_notes.txt")
         args.steps, args.base_steps, args.seq_len, args.warmup, args.skip_steps = 3, 3, 128, 1, 0
         args.heldout_docs, args.fisher_batches, args.lams, args.replay_ratios = 20, 1, [1.0], [0.25]
     if not (args.general and args.domain):
@@ -335,7 +299,7 @@ def parse_args(argv: Optional[List[str]] = None):
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
     out = Path(args.out).resolve()
-    started, commit = time.perf_counter(), _git_head()  # the code the runs start from
+    started, commit = time.perf_counter(), git_head()  # the code the runs start from
     data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
             for name, path in (("general", args.general), ("domain", args.domain))}
     for name, d in data.items():
@@ -386,7 +350,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
               "(--base-steps) or fine-tune longer / with a higher --lr")
 
     report = {
-        "date": datetime.date.today().isoformat(), "commit": commit, "machine": _machine(),
+        "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine_line(),
         "launcher": launch, "ranks": ranks, "args": {k: v for k, v in vars(args).items()},
         "data": data, "base": {"output_dir": str(base), "wall_s": base_wall, "general_loss": base_general,
                                 "domain_loss": base_domain},
@@ -396,18 +360,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     print(f"wrote {out / 'forgetting.json'}")
     return report
-
-
-def _git_head() -> Optional[str]:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def _machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ synthetic SFT set with a realistic length mix, the composed config and tokenizer
 a random-init starting model on disk, launching the real trainer, and the machine facts every
 BENCHMARKS.md figure carries (date, commit, load).
 
-The synthetic set is alpaca records made of sentences from the bundled samples (text the tiny
+The synthetic set is alpaca records made of sentences from the bundled data (text the tiny
 tokenizer was trained on, so tokens per character are realistic), with answer lengths drawn from a
 lognormal of median 250 tokens and sigma 1 (mean ~410, p99 ~2,600: the long tail of real chat/SFT
 sets, as in bench/packing.py); 40% of records carry an `input` (lognormal, median 60 tokens), as in
@@ -20,7 +20,6 @@ import platform
 import random
 import re
 import resource
-import socket
 import subprocess
 import sys
 import time
@@ -28,21 +27,24 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLES = ROOT / "data_pipeline" / "samples"
+BUNDLED = ROOT / "data_pipeline" / "bundled"
 CONF_DIR = ROOT / "conf"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from trainer.distributed import free_port  # noqa: E402
+from trainer.tracking import read_metrics, series  # noqa: E402,F401  (the one metrics reader)
 
 
 # ---- the synthetic SFT set ------------------------------------------------------------------------
 
 def _sentences():
-    """Every sentence of the bundled samples (notes, general text, QA answers), in file order."""
+    """Every sentence of the bundled data (notes, general text, QA answers), in file order."""
     text = []
     for name in ("medical_notes.txt", "general_text.txt"):
-        text += [line for line in (SAMPLES / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+        text += [line for line in (BUNDLED / name).read_text(encoding="utf-8").splitlines() if line.strip()]
     instructions = []
-    for line in (SAMPLES / "medical_qa.jsonl").read_text(encoding="utf-8").splitlines():
+    for line in (BUNDLED / "medical_qa.jsonl").read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         text.append(rec["output"])
         instructions.append(rec["instruction"])
@@ -90,13 +92,9 @@ def write_alpaca(path: Path, pool: SentencePool, n: int, seed: int, answer_media
 
 def compose(overrides: Sequence[str]):
     """The typed Config for these overrides, composed exactly as launch/train.py does."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from trainer.cli import load_config
 
-    from trainer.config import register_configs, to_config
-
-    register_configs()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+    return load_config(list(overrides))
 
 
 def tiny_tokenizer():
@@ -143,10 +141,12 @@ def param_count(arch: Dict, vocab: int, model_type: str = "llama") -> int:
 
 # ---- launching ------------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch_cmd(launcher: str, nproc: int, script: str = "launch/train.py") -> List[str]:
+    """`script` under `deepspeed --num_gpus N` (on CPU: N CPU ranks over gloo, on a free port, so
+    concurrent benchmarks do not collide) or plain `python` (one rank)."""
+    if launcher == "deepspeed":
+        return deepspeed_cmd(script, nproc)
+    return [sys.executable, script]
 
 
 def deepspeed_cmd(script: str, nproc: int) -> List[str]:
@@ -172,14 +172,6 @@ def run_logged(cmd: Sequence[str], log_file: Path, env: Optional[Dict[str, str]]
     return wall
 
 
-def read_metrics(output_dir: Path) -> List[Dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def series(rows: List[Dict], key: str) -> Dict[int, float]:
-    return {r["step"]: r[key] for r in rows if key in r}
-
-
 # ---- what every figure carries --------------------------------------------------------------------
 
 def git_head() -> Optional[str]:
@@ -188,6 +180,11 @@ def git_head() -> Optional[str]:
                               check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
+
+
+def machine_line() -> str:
+    """The machine in one line, for a table's caption."""
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
 
 
 def load_average() -> List[float]:

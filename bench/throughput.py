@@ -284,7 +284,7 @@ def main(argv=None) -> Dict:
     for packing in (True, False):
         cfg = harness.compose(ours_overrides(args, prof, init, train, cache, packing) + [f"output_dir={out}/x"])
         prepared[packing] = prepare_data(cfg, load_tokenizer(cfg.model), preparer=True).sources[0]
-    held = prepare(str(heldout), tokenizer, PrepareOptions(stage="sft", seq_len=prof.seq_len, fmt="alpaca",
+    held = prepare(str(heldout), tokenizer, PrepareOptions(objective="sft", seq_len=prof.seq_len, fmt="alpaca",
                                                            packing=False), str(cache))
     samples_npz, heldout_npz = data_dir / "train_samples.npz", data_dir / "heldout_samples.npz"
     counts = to_npz(prepared[False], samples_npz)

@@ -18,7 +18,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-IGNORE = -100
+IGNORE = -100  # the label of a position without loss (PyTorch cross_entropy ignore_index); the one definition
 
 
 def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]]:

@@ -49,7 +49,7 @@ _FLUSH_TOKENS = 1 << 20
 @dataclass(frozen=True)
 class PrepareOptions:
     """Everything besides the source and the tokenizer that decides the rows."""
-    stage: str
+    objective: str
     """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns)."""
     seq_len: int
     """Tokens per row."""
@@ -207,7 +207,7 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
         lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
         tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
         mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
-        if options.stage == "pretrain":
+        if options.objective == "pretrain":
             rows = _write_chunked(work, tokens, mask, lengths, options.seq_len, tokenizer.pad_token_id)
         else:
             rows = _write_packed(work, tokens, mask, lengths, options, tokenizer.pad_token_id)
@@ -256,7 +256,7 @@ def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path,
                         chat_checked = True
                     if options.system_prompt and example.messages[0]["role"] != "system":
                         example.messages.insert(0, {"role": "system", "content": options.system_prompt})
-                ids, labels = encode(tokenizer, example, options.stage)
+                ids, labels = encode(tokenizer, example, options.objective)
             except DataError as ex:
                 if options.on_error == "raise":
                     raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None

@@ -1,4 +1,4 @@
-"""Tokenize normalised examples into (input_ids, labels), with labels masked to what the stage learns.
+"""Tokenize normalised examples into (input_ids, labels), with labels masked to what the stage learns (its objective).
 
     pretrain   every token (documents end in EOS, which is learned too)
     sft        the final assistant turn (or the completion)
@@ -16,9 +16,8 @@ from __future__ import annotations
 from typing import List, Tuple
 
 from data_pipeline.formats import Example
+from data_pipeline.packing import IGNORE
 from data_pipeline.sources import DataError
-
-IGNORE = -100
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
@@ -31,14 +30,14 @@ def check_chat_template(tokenizer, source: str) -> None:
                         "template (or use a tokenizer that ships one)")
 
 
-def encode(tokenizer, example: Example, stage: str) -> Tuple[List[int], List[int]]:
+def encode(tokenizer, example: Example, objective: str) -> Tuple[List[int], List[int]]:
     """(input_ids, labels) for one example; labels are -100 where no loss is taken."""
     if example.messages is not None:
-        return _encode_chat(tokenizer, example, last_only=(stage == "sft"), all_tokens=(stage == "pretrain"))
+        return _encode_chat(tokenizer, example, last_only=(objective == "sft"), all_tokens=(objective == "pretrain"))
     eos = tokenizer.eos_token_id
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] if example.prompt else []
     text_ids = tokenizer(example.text, add_special_tokens=not prompt_ids)["input_ids"] + [eos]
-    if stage == "pretrain" or not prompt_ids:
+    if objective == "pretrain" or not prompt_ids:
         return prompt_ids + text_ids, prompt_ids + text_ids
     return prompt_ids + text_ids, [IGNORE] * len(prompt_ids) + text_ids
 

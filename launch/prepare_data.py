@@ -8,17 +8,14 @@ result instead of tokenizing again. Prints each manifest's counts and packing ef
 import json
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.config import check_overrides, register_configs, to_config
+from trainer.cli import CONF_DIR, preflight, to_config, upgrade_overrides
 from trainer.distributed import strip_launcher_args
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -32,7 +29,8 @@ def main(cfg: DictConfig) -> None:
     stages = [("", config)]
     if config.recipe:  # every stage of a recipe
         overrides = list(HydraConfig.get().overrides.task)
-        stages = stage_overrides(config, lambda o: to_config(compose(config_name="config", overrides=o)), overrides)
+        stages = stage_overrides(config, lambda o: to_config(compose(config_name="config", overrides=upgrade_overrides(o))),
+                                 overrides)
     # Later stages start from an earlier stage's export, which carries the first stage's tokenizer.
     tokenizer = load_tokenizer(stages[0][1].model)
     for stage, staged in stages:
@@ -42,7 +40,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = strip_launcher_args(sys.argv)
-    register_configs()
-    check_overrides(CONF_DIR, sys.argv[1:])
+    sys.argv = sys.argv[:1] + preflight(strip_launcher_args(sys.argv)[1:])
     main()

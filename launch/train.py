@@ -2,21 +2,20 @@
 
 Works the same under `deepspeed` (which adds --local_rank=N), `torchrun`, `srun` (SLURM_PROCID...)
 and plain `python` (world size 1). `--cfg job` prints the composed config and trains nothing.
+Exit status: 0 when the run finished or stopped early with a checkpoint (preemption, max_time: the
+same command, or Slurm's requeue, resumes), 1 on an error (its traceback is printed here).
 """
 
 import sys
 import traceback
-from pathlib import Path
 
 import hydra
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.config import check_overrides, register_configs, to_config
+from trainer.cli import CONF_DIR, preflight, to_config, upgrade_overrides
 from trainer.distributed import strip_launcher_args
-
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
@@ -27,15 +26,14 @@ def main(cfg: DictConfig) -> None:
 
     # A recipe (several chained stages) composes each stage from the same overrides plus its own.
     overrides = list(HydraConfig.get().overrides.task)
+    stage = lambda extra: to_config(compose(config_name="config", overrides=upgrade_overrides(extra)))  # noqa: E731
     try:
-        recipe.run(config, lambda extra: to_config(compose(config_name="config", overrides=extra)), overrides, fit)
+        recipe.run(config, stage, overrides, fit)
     except Exception:  # reported here: Hydra's own report prints every override, secrets included
         traceback.print_exc()
         raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    sys.argv = strip_launcher_args(sys.argv)
-    register_configs()
-    check_overrides(CONF_DIR, sys.argv[1:])
+    sys.argv = sys.argv[:1] + preflight(strip_launcher_args(sys.argv)[1:])
     main()

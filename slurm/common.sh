@@ -20,7 +20,7 @@ fullft_log() { echo "[$(date +%H:%M:%S) slurm/${SLURM_JOB_NAME:-fullft} job ${SL
 # The overrides as they may be logged: secret-looking values hidden, by the trainer's own rule
 # (trainer/config.py's redact_args, also what W&B records).
 # Run from $FULLFT_ROOT with the job's Python (fullft_launch's working directory and PATH).
-_fullft_redacted() { python -m trainer.config redact-args "$@"; }
+_fullft_redacted() { python -m trainer.redaction redact-args "$@"; }
 
 # Signals arriving while srun runs: the batch shell (the only process `--signal=B:USR1@T` reaches)
 # passes USR1 on to every process of the job's steps, on every node. torchrun agents ignore it

@@ -64,8 +64,9 @@ class TrainState:
 
 class Checkpointer:
     def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
-                 tokenizer=None, extras: Optional[Dict[str, Any]] = None) -> None:
-        """fallback: resume from the previous complete checkpoint when the latest is damaged.
+                 tokenizer=None, extras: Optional[Dict[str, Any]] = None, every_steps: int = 0) -> None:
+        """every_steps: `maybe_save` saves every this many steps (0: only at the end).
+        fallback: resume from the previous complete checkpoint when the latest is damaged.
         tokenizer: saved with the model's config in each checkpoint's model/ (for launch/export.py).
         extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
         (e.g. EWC's Fisher and anchor shards) and restored on resume."""
@@ -76,6 +77,18 @@ class Checkpointer:
         self.fallback = fallback
         self.tokenizer = tokenizer
         self.extras = extras or {}
+        self.every_steps = every_steps
+        self.saved_step: Optional[int] = None  # the step of this process's last save
+
+    def maybe_save(self, engine, state: "TrainState", last: bool) -> None:
+        """Save at the cadence (every_steps, and the run's last step). Collective."""
+        if last or (self.every_steps and state.step % self.every_steps == 0):
+            self.save(engine, state)
+
+    def save_if_unsaved(self, engine, state: "TrainState") -> None:
+        """Save this step unless the cadence just did (an early stop keeps exactly one checkpoint of it)."""
+        if self.saved_step != state.step:
+            self.save(engine, state)
 
     def latest_tag(self) -> Optional[str]:
         latest = self.dir / "latest"
@@ -107,6 +120,7 @@ class Checkpointer:
             os.replace(tmp, self.dir / "latest")
             self._prune(keep=tag)
         distributed.barrier()
+        self.saved_step = state.step
         log.info("saved checkpoint %s", self.dir / tag)
 
     def _make_room(self, tag: str) -> None:

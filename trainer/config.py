@@ -1,29 +1,85 @@
 """Typed configuration: the dataclass schemas behind every YAML file under conf/.
 
 Each conf/ group file extends its `base_*` schema (its defaults list names it), so Hydra checks
-keys and types at compose time. `launch/train.py` converts the composed config once with
+keys and types at compose time: a misspelt key, a wrong type or a choice outside its Enum fails
+before anything runs. `launch/train.py` converts the composed config once with
 `OmegaConf.to_object`; everything below it sees these dataclasses, never a DictConfig.
 Cross-field checks live in `__post_init__` and say what to change.
+
+This module only describes configuration: it imports no runtime module. The command-line
+preflight (composing, key-error messages, the output_dir probe) is trainer/cli.py; secret
+redaction is trainer/redaction.py.
+
+Choices are `str` Enums: OmegaConf validates them ("expected one of [...]"), and a member still
+compares equal to its string (`Objective.sft == "sft"`), so YAML, overrides and logs read as before.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import importlib.resources
 import re
-import typing
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-# A key names a secret when its last word is one of these (api_key, HF_TOKEN, db_password), or it
-# contains password/secret/apikey anywhere. num_key_value_heads and bos_token_id are not secrets.
-SECRET_WORDS = ("key", "token", "password", "passwd", "secret", "apikey")
 
+class Choice(str, Enum):
+    """A config choice: validated by OmegaConf, printed and compared as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def choice(name: str, *values: str) -> type:
+    """A Choice Enum whose members are named as their values (`choice("Precision", "auto", "bf16")`)."""
+    return Choice(name, [(v, v) for v in values])
+
+
+Objective = choice("Objective", "pretrain", "sft", "instruct")  # what a stage learns (the `stage=` group)
+DataFormat = choice("DataFormat", "auto", "alpaca", "sharegpt", "messages", "completion", "text")
+OnError = choice("OnError", "raise", "skip")
+Overlong = choice("Overlong", "auto", "truncate", "drop", "split")
+Attention = choice("Attention", "sdpa", "eager", "flex_attention")
+OffloadDevice = choice("OffloadDevice", "none", "cpu")
+RegularizerName = choice("RegularizerName", "none", "replay", "ewc", "ewc_replay")
+LoggerBackend = choice("LoggerBackend", "wandb", "jsonl")
+WandbMode = choice("WandbMode", "online", "offline", "disabled")
+LRSchedule = choice("LRSchedule", "cosine", "constant")
+Precision = choice("Precision", "auto", "bf16", "fp32")
+Checkpointing = choice("Checkpointing", "none", "full", "every_n", "offload")
+OnNonFinite = choice("OnNonFinite", "stop", "skip")
+
+
+# ---- durations (trainer.max_time; trainer/preemption.py keeps the clock) -----------------------
+
+_DURATION = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)$")
+_WITH_UNIT = re.compile(r"^(?P<n>\d+(?:\.\d*)?)\s*(?P<unit>s|m|h|d)$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "HH:MM:SS", "D-HH:MM:SS" (as Slurm's --time) or a number with a unit: "90s",
+    "45m", "1.5h", "2d". A bare number is refused: Slurm reads it as minutes, people as seconds.
+
+    >>> parse_duration("1-02:03:04")   # 86400 + 2*3600 + 3*60 + 4
+    93784.0
+    """
+    text = str(text).strip()
+    m = _DURATION.match(text)
+    if m:
+        return (int(m["d"] or 0) * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"]))
+    m = _WITH_UNIT.match(text)
+    if m:
+        return float(m["n"]) * _UNIT_S[m["unit"]]
+    raise ValueError(f"{text!r} is not a duration: use HH:MM:SS, D-HH:MM:SS or a number with a unit "
+                     "(3600s, 60m, 1h)")
+
+
+# ---- schemas -----------------------------------------------------------------------------------
 
 @dataclass
 class ModelConfig:
@@ -43,7 +99,7 @@ class ModelConfig:
     """Jinja chat template; overrides the tokenizer's own when set."""
     trust_remote_code: bool = False
     """Run model code shipped inside name_or_path. Off unless you trust that directory."""
-    attn_implementation: str = "sdpa"
+    attn_implementation: Attention = Attention.sdpa
     """sdpa | eager | flex_attention. sdpa and eager isolate packed documents via position_ids."""
 
     def __post_init__(self) -> None:
@@ -51,12 +107,6 @@ class ModelConfig:
             raise ValueError("model: set model.name_or_path=/local/hf/dir, or model.arch for a random-init model")
         if self.name_or_path is None and self.tokenizer_path is None and not self.tokenizer_corpus:
             raise ValueError("model: a random-init model needs model.tokenizer_path or model.tokenizer_corpus")
-        allowed = ("sdpa", "eager", "flex_attention")
-        if self.attn_implementation not in allowed:
-            raise ValueError(f"model.attn_implementation={self.attn_implementation!r}: use one of {allowed}")
-
-
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completion", "text")
 
 
 @dataclass
@@ -64,14 +114,12 @@ class SourceConfig:
     """A further training source mixed with the main one (`data.sources.<name>` in YAML)."""
     path: str = MISSING
     """File, directory or saved dataset, as data.path."""
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     """auto | alpaca | sharegpt | messages | completion | text."""
     weight: float = 1.0
     """Share of training tokens, relative to data.weight and the other sources' weights."""
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data.sources.*.format={self.format!r}: use one of {FORMATS}")
         if self.weight < 0:
             raise ValueError(f"data.sources.*.weight={self.weight}: must be >= 0")
 
@@ -83,7 +131,7 @@ class DataConfig:
     dataset saved with `datasets.save_to_disk`."""
     name: str = "main"
     """Name of the main source in per-source metrics (train/<name>/loss)."""
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     """auto | alpaca | sharegpt | messages | completion | text."""
     weight: float = 1.0
     """Share of training tokens of the main source, relative to the weights in `sources`."""
@@ -91,11 +139,11 @@ class DataConfig:
     """Further sources mixed in by tokens: name -> {path, format, weight}."""
     split: str = "train"
     """Split to read from a saved DatasetDict."""
-    on_error: str = "raise"
+    on_error: OnError = OnError["raise"]  # `raise` is a keyword: no OnError.raise
     """raise: a malformed record stops with file:line; skip: skip it and count it (in the manifest)."""
     seq_len: int = 512
     """Tokens per packed row."""
-    overlong: str = "auto"
+    overlong: Overlong = Overlong.auto
     """A sample longer than seq_len: truncate | drop | split (pretraining only); auto = split for
     pretraining, truncate otherwise. Every case is counted in the manifest."""
     packing: bool = True
@@ -111,12 +159,6 @@ class DataConfig:
     """How long ranks wait for another process to finish preparing the data."""
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise ValueError(f"data.format={self.format!r}: use one of {FORMATS}")
-        if self.on_error not in ("raise", "skip"):
-            raise ValueError(f"data.on_error={self.on_error!r}: use raise or skip")
-        if self.overlong not in ("auto", "truncate", "drop", "split"):
-            raise ValueError(f"data.overlong={self.overlong!r}: use auto, truncate, drop or split")
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be at least 1")
         if self.seq_len < 16:
@@ -129,22 +171,19 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    name: str = "sft"
-    """pretrain: loss on all tokens, documents concatenated; sft: loss on the final answer;
-    instruct: loss on every assistant turn."""
+    """One stage of training: a single run, or one link of a recipe's chain (`recipe:`)."""
+    objective: Objective = Objective.sft
+    """What the stage learns. pretrain: every token, documents concatenated; sft: the final answer;
+    instruct: every assistant turn."""
     system_prompt: Optional[str] = None
     """System turn added to conversations that have none (sft / instruct)."""
-
-    def __post_init__(self) -> None:
-        if self.name not in ("pretrain", "sft", "instruct"):
-            raise ValueError(f"stage.name={self.name!r}: use pretrain, sft or instruct (stage=<name>)")
 
 
 @dataclass
 class DeepSpeedConfig:
-    offload_optimizer: str = "none"
+    offload_optimizer: OffloadDevice = OffloadDevice.none
     """none | cpu: keep fp32 master weights and Adam state in host memory (DeepSpeedCPUAdam)."""
-    offload_param: str = "none"
+    offload_param: OffloadDevice = OffloadDevice.none
     """none | cpu: keep partitioned parameters in host memory between uses."""
     overlap_comm: bool = True
     """Overlap gradient reduction with backward compute."""
@@ -157,18 +196,13 @@ class DeepSpeedConfig:
     config_file: Optional[str] = None
     """A DeepSpeed JSON whose keys are added to the generated config; a contradiction is an error."""
 
-    def __post_init__(self) -> None:
-        for key in ("offload_optimizer", "offload_param"):
-            if getattr(self, key) not in ("none", "cpu"):
-                raise ValueError(f"deepspeed.{key}={getattr(self, key)!r}: use none or cpu")
-
 
 @dataclass
 class ReplayConfig:
     path: Optional[str] = None
     """General data mixed into training (raw text for pretraining, general instructions for SFT):
     a file, directory or saved dataset, prepared like data.path."""
-    format: str = "auto"
+    format: DataFormat = DataFormat.auto
     """auto | alpaca | sharegpt | messages | completion | text."""
     ratio: float = 0.1
     """Fraction of training tokens that come from replay, in [0, 1)."""
@@ -195,23 +229,22 @@ class EWCConfig:
 
 @dataclass
 class RegularizerConfig:
-    name: str = "none"
-    """none | replay | ewc | ewc_replay."""
+    name: RegularizerName = RegularizerName.none
+    """none | replay | ewc | ewc_replay (the `regularizer=` group)."""
     replay: ReplayConfig = field(default_factory=ReplayConfig)
+    """Replay: general data mixed into every step by tokens (used by replay and ewc_replay)."""
     ewc: EWCConfig = field(default_factory=EWCConfig)
+    """Elastic weight consolidation: a Fisher-weighted pull towards the stage's start (ewc, ewc_replay)."""
 
     @property
     def uses_replay(self) -> bool:
-        return self.name in ("replay", "ewc_replay")
+        return self.name in (RegularizerName.replay, RegularizerName.ewc_replay)
 
     @property
     def uses_ewc(self) -> bool:
-        return self.name in ("ewc", "ewc_replay")
+        return self.name in (RegularizerName.ewc, RegularizerName.ewc_replay)
 
     def __post_init__(self) -> None:
-        names = ("none", "replay", "ewc", "ewc_replay")
-        if self.name not in names:
-            raise ValueError(f"regularizer.name={self.name!r}: use one of {names} (regularizer=<name>)")
         if self.uses_replay:
             if not self.replay.path:
                 raise ValueError(f"regularizer={self.name} needs regularizer.replay.path=<general data>")
@@ -227,7 +260,7 @@ class RegularizerConfig:
 
 @dataclass
 class LoggerConfig:
-    backend: str = "wandb"
+    backend: LoggerBackend = LoggerBackend.wandb
     """wandb: metrics.jsonl and a W&B run (offline without an API key); jsonl: metrics.jsonl only."""
     project: str = "fullft"
     """W&B project."""
@@ -239,14 +272,8 @@ class LoggerConfig:
     """W&B run name; None = the output_dir's name."""
     tags: List[str] = field(default_factory=list)
     """W&B tags."""
-    mode: Optional[str] = None
+    mode: Optional[WandbMode] = None
     """online | offline | disabled; None = WANDB_MODE, else online with WANDB_API_KEY, else offline."""
-
-    def __post_init__(self) -> None:
-        if self.backend not in ("wandb", "jsonl"):
-            raise ValueError(f"logger.backend={self.backend!r}: use wandb or jsonl (logger=wandb|jsonl)")
-        if self.mode not in (None, "online", "offline", "disabled"):
-            raise ValueError(f"logger.mode={self.mode!r}: use online, offline or disabled")
 
 
 @dataclass
@@ -279,22 +306,25 @@ class TrainerConfig:
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
     """Cosine schedule floor, as a fraction of lr."""
-    lr_schedule: str = "cosine"
+    lr_schedule: LRSchedule = LRSchedule.cosine
     """cosine | constant (both after linear warmup)."""
     warmup_steps: int = 10
     """Linear warmup steps from 0 to lr."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
+    """AdamW β1: decay of the first-moment (momentum) average."""
     adam_beta2: float = 0.95
+    """AdamW β2: decay of the second-moment average (0.95 is steadier than 0.999 for LLMs)."""
     adam_eps: float = 1.0e-8
+    """AdamW ε added to the root of the second moment."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
     seed: int = 1234
     """Seeds model init, data order and every RNG."""
-    precision: str = "auto"
+    precision: Precision = Precision.auto
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
-    activation_checkpointing: str = "none"
+    activation_checkpointing: Checkpointing = Checkpointing.none
     """none | full | every_n | offload (full, with saved layer inputs held in host memory)."""
     activation_checkpointing_every_n: int = 2
     """With every_n: checkpoint every n-th decoder layer."""
@@ -305,7 +335,8 @@ class TrainerConfig:
     eval_every_steps: int = 50
     """Evaluate every held-out set every this many steps (and at the end); 0 = only at the end."""
     log_every_steps: int = 10
-    """Write a metrics line every this many steps."""
+    """Write a metrics line every this many steps; each line summarises the steps since the last
+    (token-weighted losses and fractions, summed counts, peak memory's max, the last lr)."""
     dist_timeout_s: int = 600
     """Collective timeout: a rank stuck this long in a collective fails instead of hanging."""
     export_hf: bool = True
@@ -313,7 +344,7 @@ class TrainerConfig:
     resume_fallback: bool = False
     """When the latest checkpoint is damaged (a file missing, truncated or failing its CRC), move it
     aside and resume from the previous complete one instead of stopping."""
-    on_nonfinite: str = "stop"
+    on_nonfinite: OnNonFinite = OnNonFinite.stop
     """A NaN/inf loss or gradient norm: stop (naming the step and the rows) | skip (the update is
     dropped, counted in train/skipped_steps, the rows named in a warning)."""
     max_skipped_steps: int = 10
@@ -327,22 +358,11 @@ class TrainerConfig:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"trainer.lr_schedule={self.lr_schedule!r}: use cosine or constant")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"trainer.precision={self.precision!r}: use auto, bf16 or fp32")
-        modes = ("none", "full", "every_n", "offload")
-        if self.activation_checkpointing not in modes:
-            raise ValueError(f"trainer.activation_checkpointing={self.activation_checkpointing!r}: use one of {modes}")
-        if self.on_nonfinite not in ("stop", "skip"):
-            raise ValueError(f"trainer.on_nonfinite={self.on_nonfinite!r}: use stop or skip")
         if self.max_skipped_steps < 0:
             raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"trainer.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.max_time is not None:
-            from trainer.preemption import parse_duration
-
             try:
                 parse_duration(self.max_time)
             except ValueError as ex:
@@ -369,30 +389,38 @@ class Config:
     # Groups are MISSING here and filled by conf/config.yaml's defaults list, so no schema is
     # instantiated (and checked) before its YAML values are in.
     model: ModelConfig = MISSING
+    """The model and its tokenizer (`model=` group)."""
     data: DataConfig = MISSING
+    """Training data: sources, format, packing (`data=` group)."""
     stage: StageConfig = MISSING
+    """What this stage learns (`stage=` group: pretrain | sft | instruct)."""
     deepspeed: DeepSpeedConfig = MISSING
+    """ZeRO-3 settings (`deepspeed=` group: zero3 | zero3_offload)."""
     regularizer: RegularizerConfig = MISSING
+    """Forgetting control (`regularizer=` group: none | replay | ewc | ewc_replay)."""
     logger: LoggerConfig = MISSING
+    """Where metrics go (`logger=` group: wandb | jsonl)."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out sets, forgetting reference and generated samples."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Steps, batch, optimizer, schedule, checkpoints and the loop's cadences."""
     recipe: List[RecipeStage] = field(default_factory=list)
     """Chained stages run in order by one command (see trainer/recipe.py); empty = a single run."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data, DataConfig) and isinstance(self.stage, StageConfig):
-            if self.data.overlong == "split" and self.stage.name != "pretrain":
-                raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.name} "
+            if self.data.overlong == Overlong.split and self.stage.objective != Objective.pretrain:
+                raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.objective} "
                                  "needs whole samples: use data.overlong=truncate or drop")
-            if not self.data.packing and self.stage.name == "pretrain":
+            if not self.data.packing and self.stage.objective == Objective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
 
     @property
-    def overlong(self) -> str:
+    def overlong(self) -> Overlong:
         """data.overlong with `auto` resolved for the stage."""
-        if self.data.overlong != "auto":
+        if self.data.overlong != Overlong.auto:
             return self.data.overlong
-        return "split" if self.stage.name == "pretrain" else "truncate"
+        return Overlong.split if self.stage.objective == Objective.pretrain else Overlong.truncate
 
 
 GROUP_SCHEMAS = {
@@ -405,135 +433,31 @@ GROUP_SCHEMAS = {
 }
 
 
-def samples_path(name: str) -> str:
-    """`${samples:medical_qa.jsonl}`: a file of the bundled sample data, wherever the package lives."""
-    return str(importlib.resources.files("data_pipeline") / "samples" / name)
+def bundled_path(name: str) -> str:
+    """`${bundled:medical_qa.jsonl}`: a file of the bundled sample data, wherever the package lives."""
+    return str(importlib.resources.files("data_pipeline") / "bundled" / name)
+
+
+def _deprecated_samples(name: str) -> str:
+    global _WARNED_SAMPLES
+    if not _WARNED_SAMPLES:
+        _WARNED_SAMPLES = True
+        warnings.warn("${samples:...} is deprecated: the bundled data is ${bundled:...} (data_pipeline/bundled/)",
+                      DeprecationWarning, stacklevel=2)
+    return bundled_path(name)
+
+
+_WARNED_SAMPLES = False
 
 
 def register_configs() -> None:
     """Register `base_config` and one `base_<group>` schema per group in Hydra's ConfigStore, and the
-    `samples` resolver the YAML files use for bundled data."""
-    OmegaConf.register_new_resolver("samples", samples_path, replace=True)
+    resolvers that need nothing at run time: `bundled` (data shipped in data_pipeline/bundled/);
+    `samples`, its old name, still resolves and says so once. trainer/cli.py's `register` adds the
+    rest (`imported`)."""
+    OmegaConf.register_new_resolver("bundled", bundled_path, replace=True)
+    OmegaConf.register_new_resolver("samples", _deprecated_samples, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, schema in GROUP_SCHEMAS.items():
         cs.store(group=group, name=f"base_{group}", node=schema)
-
-
-# ---- errors a person can act on ---------------------------------------------------------------
-
-def _schema_at(path: List[str]) -> Optional[type]:
-    """The dataclass at a dotted path under Config (e.g. ['trainer'] -> TrainerConfig)."""
-    schema: Any = Config
-    for part in path:
-        schema = typing.get_type_hints(schema).get(part) if dataclasses.is_dataclass(schema) else None
-    return schema if dataclasses.is_dataclass(schema) else None
-
-
-def explain_key_error(full_key: str) -> str:
-    """'Valid keys under trainer: ...; did you mean max_steps?' for an unknown dotted key."""
-    parts = full_key.split(".")
-    schema = _schema_at(parts[:-1])
-    if schema is None:
-        return ""
-    valid = [f.name for f in dataclasses.fields(schema)]
-    where = ".".join(parts[:-1]) or "the top level"
-    close = difflib.get_close_matches(parts[-1], valid, n=1)
-    hint = f" Did you mean '{'.'.join(parts[:-1] + close)}'?" if close else ""
-    return f"Valid keys under {where}: {', '.join(valid)}.{hint}"
-
-
-def check_overrides(config_dir: str, argv: List[str]) -> None:
-    """Compose the config once before Hydra runs, and turn a key or type error into a message that
-    names the key, the valid keys and the fix. Other problems (sweeps, --cfg, hydra/ groups) are left
-    for Hydra itself to report."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import ConfigCompositionException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
-
-    if any(a in ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info") for a in argv):
-        return
-    overrides, skip_next = [], False
-    for arg in argv:
-        if skip_next:
-            skip_next = False
-        elif arg in ("--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--config-path", "-cp",
-                     "--config-dir", "-cd"):
-            skip_next = True
-        elif not arg.startswith("-") and not arg.startswith("hydra.") and not arg.startswith("hydra/"):
-            overrides.append(arg)
-    try:
-        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        if not any(a in ("--cfg", "-c") for a in argv):  # Hydra creates output_dir (its run dir) next
-            check_output_dir(str(cfg.output_dir))
-    except PermissionError as ex:
-        raise SystemExit(f"Config error: {ex}") from None
-    except ConfigCompositionException as ex:
-        cause = ex.__cause__
-        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
-            full_key = getattr(cause, "full_key", "") or ""
-            raise SystemExit(f"Config error: unknown key '{full_key}'. {explain_key_error(full_key)}") from None
-        if isinstance(cause, ValidationError):
-            raise SystemExit(f"Config error: {getattr(cause, 'msg', cause)}\n(from: {ex})") from None
-
-
-def check_output_dir(output_dir: str) -> None:
-    """Fail in the first second, not at the first save, when output_dir cannot be written."""
-    import os
-
-    probe = Path(output_dir) / f".write_test_{os.getpid()}"
-    try:
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as ex:
-        raise PermissionError(f"output_dir={output_dir!r} is not writable ({ex.strerror}: {ex.filename}); "
-                              "choose another output_dir=... or fix its permissions") from None
-
-
-def to_config(cfg: Any) -> Config:
-    """The composed DictConfig as typed dataclasses; a failed cross-field check exits with its message."""
-    try:
-        config = OmegaConf.to_object(cfg)
-    except Exception as ex:  # __post_init__ ValueErrors arrive wrapped by OmegaConf
-        cause = ex.__cause__ or ex
-        raise SystemExit(f"Config error: {cause}") from None
-    assert isinstance(config, Config)
-    return config
-
-
-def is_secret_key(key: Any) -> bool:
-    """A config key whose value must never be written anywhere (api_key, hf_token, db_password...)."""
-    name = str(key).lower()
-    return re.split(r"[_\-]", name)[-1] in SECRET_WORDS or any(w in name for w in ("password", "secret", "apikey"))
-
-
-def redact_args(argv: List[str]) -> List[str]:
-    """Command-line overrides with secret-looking values hidden (`+model.arch.api_key=X` ->
-    `+model.arch.api_key=<redacted>`): W&B records the process arguments with the run, and the
-    Slurm templates log them (`python -m trainer.config redact-args ...`)."""
-    out = []
-    for arg in argv:
-        key, eq, _ = arg.partition("=")
-        last = re.split(r"[./]", key.lstrip("+~"))[-1]
-        out.append(f"{key}=<redacted>" if eq and is_secret_key(last) else arg)
-    return out
-
-
-def redact(tree: Any) -> Any:
-    """A copy of a plain config tree with every secret-looking value (*_key, *_token, password) removed."""
-    if isinstance(tree, dict):
-        return {k: ("<redacted>" if is_secret_key(k) else redact(v))
-                for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [redact(v) for v in tree]
-    return tree
-
-
-if __name__ == "__main__":  # for the Slurm templates' log: python -m trainer.config redact-args ARG...
-    import sys
-
-    if sys.argv[1:2] != ["redact-args"]:
-        raise SystemExit("usage: python -m trainer.config redact-args ARG...")
-    print(" ".join(redact_args(sys.argv[2:])))

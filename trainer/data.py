@@ -5,13 +5,12 @@ both compute the same cache keys."""
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Dict, List, Optional
 
 from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from trainer.config import Config
+from trainer.tokenizer import cache_root
 
 log = logging.getLogger("trainer")
 
@@ -27,15 +26,13 @@ class TrainingData:
 
 
 def cache_dir(cfg: Config) -> str:
-    if cfg.data.cache_dir:
-        return cfg.data.cache_dir
-    return str(Path(os.environ.get("FULLFT_CACHE", Path.home() / ".cache" / "fullft")) / "data")
+    return cfg.data.cache_dir or str(cache_root() / "data")
 
 
 def options(cfg: Config, fmt: str) -> PrepareOptions:
     d = cfg.data
-    return PrepareOptions(stage=cfg.stage.name, seq_len=d.seq_len, fmt=fmt, on_error=d.on_error,
-                          overlong=cfg.overlong, packing=d.packing, system_prompt=cfg.stage.system_prompt,
+    return PrepareOptions(objective=cfg.stage.objective.value, seq_len=d.seq_len, fmt=str(fmt), on_error=str(d.on_error),
+                          overlong=str(cfg.overlong), packing=d.packing, system_prompt=cfg.stage.system_prompt,
                           split=d.split)
 
 

@@ -31,9 +31,9 @@ def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_si
         "stage3_gather_16bit_weights_on_model_save": False,
     }
     if ds.offload_optimizer != "none":
-        zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": on_gpu}
+        zero["offload_optimizer"] = {"device": str(ds.offload_optimizer), "pin_memory": on_gpu}
     if ds.offload_param != "none":
-        zero["offload_param"] = {"device": ds.offload_param, "pin_memory": on_gpu}
+        zero["offload_param"] = {"device": str(ds.offload_param), "pin_memory": on_gpu}
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
         "gradient_accumulation_steps": trainer.grad_accum_steps,

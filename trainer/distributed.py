@@ -17,9 +17,11 @@ import os
 import re
 import socket
 import subprocess
+import time
 import warnings
 from dataclasses import dataclass
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 log = logging.getLogger("trainer")
 
@@ -59,7 +61,8 @@ class DistInfo:
         return self.rank == 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a rendezvous that starts right after)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -78,6 +81,43 @@ def _env_from_slurm() -> None:
         env["MASTER_ADDR"] = nodes[0]
     # A port every task derives alike from the job id, away from the ephemeral range.
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+STALE_LOCK_S = 600  # a CPU op builds in ~90 s on 2 cores; a lock this old was left by a killed build
+
+
+def warn_stale_op_build_lock(now: Optional[float] = None) -> Optional[str]:
+    """On CPU, DeepSpeed JIT-builds its shared-memory all-reduce op at init under a lock file in
+    TORCH_EXTENSIONS_DIR. A process killed mid-build leaves the lock behind, and every later run
+    waits on it forever, silently. Name it instead (returns the path when it looks stale)."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
+    try:
+        age = (now or time.time()) - lock.stat().st_mtime
+    except OSError:
+        return None
+    if age < STALE_LOCK_S:
+        return None
+    log.warning("%s is %.0f minutes old: DeepSpeed waits on it before building its CPU communication op. "
+                "If no other process is building that op now, a killed build left it: delete the file, or "
+                "this run waits forever.", lock, age / 60)
+    return str(lock)
+
+
+def cpu_threads(env, cpu_count: int, local_world_size: int) -> int:
+    """Intra-op threads of a CPU rank: OMP_NUM_THREADS when the user (or a launcher) set it, else
+    the node's cores shared out among its ranks (oversubscribed threads make every rank slower).
+    An explicit setting matters beyond speed: a float sum split over another number of threads
+    can differ in its last bits, so two runs compute identically only with the same thread count.
+
+    >>> cpu_threads({"OMP_NUM_THREADS": "1"}, 16, 2), cpu_threads({}, 16, 2), cpu_threads({}, 2, 4)
+    (1, 8, 1)
+    """
+    given = str(env.get("OMP_NUM_THREADS", "")).strip()
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, cpu_count // max(1, local_world_size))
 
 
 _INFO = None  # the process group of this process, once initialised
@@ -100,7 +140,7 @@ def init(timeout_s: int) -> DistInfo:
         _env_from_slurm()
     if "RANK" not in env:  # plain `python launch/train.py`
         env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=env.get("MASTER_PORT", str(_free_port())))
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=env.get("MASTER_PORT", str(free_port())))
     env.setdefault("LOCAL_RANK", "0")
     on_gpu = torch.cuda.is_available()
     local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or 1)
@@ -108,8 +148,8 @@ def init(timeout_s: int) -> DistInfo:
         torch.cuda.set_device(int(env["LOCAL_RANK"]))
         env.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     else:
-        # CPU ranks share the cores; oversubscribing threads makes every rank slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world)))
+        torch.set_num_threads(cpu_threads(env, os.cpu_count() or 1, local_world))
+        warn_stale_op_build_lock()
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
                                timeout=datetime.timedelta(seconds=timeout_s))
     release_shm_buffer()
@@ -176,6 +216,18 @@ def barrier() -> None:
     import torch.distributed as dist
 
     dist.barrier()
+
+
+@contextlib.contextmanager
+def local_rank_zero_first():
+    """The body runs on each node's first process, then on the others (e.g. training a tokenizer
+    that the others then load from the cache). Collective."""
+    first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+    if first:
+        yield
+    barrier()
+    if not first:
+        yield
 
 
 @contextlib.contextmanager

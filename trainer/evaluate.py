@@ -1,4 +1,5 @@
-"""Held-out evaluation: token-weighted loss and perplexity per named set.
+"""Held-out evaluation: token-weighted loss and perplexity per named set, the forgetting metrics, and
+the cadence at which a run evaluates (Evaluation: step 0, every eval_every_steps, the last step).
 
 Under ZeRO-3 every forward is collective (parameters are gathered layer by layer), so every rank
 runs the same number of forwards; a rank with no rows left runs a fully masked row that adds
@@ -7,7 +8,10 @@ nothing to the sums.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 from typing import Dict, Optional
 
 import torch
@@ -17,6 +21,8 @@ from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
 from trainer.loss import supervised_tokens, token_loss_sum
+
+log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
@@ -63,3 +69,51 @@ def forgetting_metrics(scores: Dict[str, float], baseline: Dict[str, float]) -> 
         if key in scores and key in baseline:
             out[name] = sign * (scores[key] - baseline[key])
     return out
+
+
+def general_baseline(earlier_output_dir: Optional[str]) -> Dict[str, float]:
+    """The general-set step-0 eval of an earlier stage (its final trainer_state.json), or nothing."""
+    if not earlier_output_dir:
+        return {}
+    ckpt = Path(earlier_output_dir) / "checkpoints"
+    state = json.loads((ckpt / (ckpt / "latest").read_text().strip() / "trainer_state.json").read_text())
+    return {k: v for k, v in state.get("baseline", {}).items() if k.startswith("eval/general/")}
+
+
+class Evaluation:
+    """A run's evaluations: the base model at step 0 (the reference for eval/forgetting and
+    eval/domain_gain), every `every_steps` steps and at the last step; each one scores every
+    held-out set and generates the sample prompts. Collective: every rank calls at the same steps."""
+
+    def __init__(self, engine, sets: Dict[str, Prepared], micro_batch_size: int, every_steps: int, at_start: bool,
+                 baseline_from: Optional[str], generator, rank: int, world_size: int, device: torch.device,
+                 pad_to_multiple_of: Optional[int]) -> None:
+        self.engine, self.sets, self.generator = engine, sets, generator
+        self.micro_batch_size, self.every_steps, self.at_start = micro_batch_size, every_steps, at_start
+        self.baseline_from = baseline_from
+        self.rank, self.world_size, self.device, self.pad = rank, world_size, device, pad_to_multiple_of
+
+    def _scores(self) -> Dict[str, float]:
+        return evaluate(self.engine, self.sets, self.micro_batch_size, self.rank, self.world_size, self.device,
+                        self.pad)
+
+    def start(self, state, tracker) -> None:
+        """Step 0: score the model as it starts and keep that as state.baseline. In a recipe,
+        forgetting is measured against the first stage's base model (baseline_from)."""
+        if state.step != 0 or not self.sets or not self.at_start:
+            return
+        scores = self._scores()
+        state.baseline = {**scores, **general_baseline(self.baseline_from)}
+        tracker.log(0, scores)
+        tracker.log_samples(0, self.generator.generate(self.engine))
+        log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
+
+    def maybe(self, state, tracker, last: bool) -> None:
+        """At the cadence: every held-out set, forgetting against state.baseline, the samples."""
+        if not self.sets or not (last or (self.every_steps and state.step % self.every_steps == 0)):
+            return
+        scores = self._scores()
+        scores.update(forgetting_metrics(scores, state.baseline))
+        tracker.log(state.step, scores)
+        tracker.log_samples(state.step, self.generator.generate(self.engine))
+        log.info("eval at step %d: %s", state.step, {k: round(v, 4) for k, v in scores.items()})

@@ -14,7 +14,8 @@ from typing import Any, Dict
 
 import torch
 
-from trainer.config import ModelConfig, TrainerConfig, is_secret_key
+from trainer.config import ModelConfig, TrainerConfig
+from trainer.redaction import is_secret_key
 
 log = logging.getLogger("trainer")
 _HF_DS_CONFIG = None  # keeps transformers' ZeRO-3 switch alive (it holds only a weak reference)
@@ -46,7 +47,7 @@ def model_config(cfg: ModelConfig, tokenizer, seq_len: int, packed: bool = True)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
     if packed:
-        check_packed_isolation(hf_config, cfg.attn_implementation)
+        check_packed_isolation(hf_config, str(cfg.attn_implementation))
     return hf_config
 
 
@@ -61,9 +62,9 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
     if cfg.name_or_path:
         model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype,
                                                      trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=cfg.attn_implementation)
+                                                     attn_implementation=str(cfg.attn_implementation))
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=str(cfg.attn_implementation))
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))

@@ -17,18 +17,19 @@ wait in a collective. So a signal handler only sets a flag, and at every step bo
 sum their flags (one small all-reduce): they stop at the same step or not at all. A second TERM or
 USR1 while a stop is under way gets the default action (the process ends at once).
 
-The pure parts (parsing a duration, the max_time decision) import nothing heavy.
+The pure parts (the max_time decision; durations are parsed by trainer/config.py) import nothing heavy.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import re
 import signal
 import subprocess
 import time
 from typing import Callable, List, Optional
+
+from trainer.config import parse_duration  # the format of trainer.max_time lives with the config
 
 log = logging.getLogger("trainer")
 
@@ -40,29 +41,6 @@ _SIGNALS = {signal.SIGTERM: TERM, signal.SIGUSR1: USR1, signal.SIGUSR2: USR1}
 # After a requeue Slurm ends the job within seconds; until then rank 0 waits rather than exit 0,
 # so that no wrapper (submitit writes its result when the function returns) takes the run as done.
 REQUEUE_WAIT_S = 300
-
-_DURATION = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)$")
-_WITH_UNIT = re.compile(r"^(?P<n>\d+(?:\.\d*)?)\s*(?P<unit>s|m|h|d)$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds in "HH:MM:SS", "D-HH:MM:SS" (as Slurm's --time) or a number with a unit: "90s",
-    "45m", "1.5h", "2d". A bare number is refused: Slurm reads it as minutes, people as seconds.
-
-    >>> parse_duration("1-02:03:04")   # 86400 + 2*3600 + 3*60 + 4
-    93784.0
-    """
-    text = str(text).strip()
-    m = _DURATION.match(text)
-    if m:
-        return (int(m["d"] or 0) * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"]))
-    m = _WITH_UNIT.match(text)
-    if m:
-        return float(m["n"]) * _UNIT_S[m["unit"]]
-    raise ValueError(f"{text!r} is not a duration: use HH:MM:SS, D-HH:MM:SS or a number with a unit "
-                     "(3600s, 60m, 1h)")
-
 
 def out_of_time(elapsed_s: float, longest_step_s: float, budget_s: Optional[float]) -> bool:
     """Stop now if one more step, as long as the longest seen so far, would end past the budget.

@@ -47,19 +47,26 @@ def stage_overrides(cfg: Config, compose: Callable[[List[str]], Config], user_ov
     return plan
 
 
-def run(cfg: Config, compose: Callable[[List[str]], Config], user_overrides: List[str], fit: Callable) -> None:
+def run(cfg: Config, compose: Callable[[List[str]], Config], user_overrides: List[str], fit: Callable):
+    """Train `cfg`: one fit, or each stage of its recipe in order. Returns the last fit's Outcome;
+    a stage that stopped early (preemption, max_time) ends the recipe there, and the same command
+    resumes it."""
     if not cfg.recipe:
-        fit(cfg)
-        return
+        return fit(cfg)
     from trainer import distributed
+    from trainer.loop import Outcome
 
     plan = stage_overrides(cfg, compose, user_overrides)
+    outcome = None
     with distributed.held():  # one process group for every stage
         for i, (name, staged) in enumerate(plan):
             log.info("recipe %s: stage %d/%d %s -> %s", cfg.exp_name, i + 1, len(plan), name, staged.output_dir)
-            fit(staged)
+            outcome = fit(staged)
+            if outcome is Outcome.STOPPED:
+                return outcome
         if _is_rank0():
             _link_final_stage(Path(cfg.output_dir), Path(plan[-1][1].output_dir))
+    return outcome
 
 
 def _is_rank0() -> bool:

@@ -35,9 +35,13 @@ def cache_root() -> Path:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    """The tokenizer for `cfg`, with a pad token distinct from EOS and the configured chat template."""
+    """The tokenizer for `cfg`, with a pad token (never a new one: see below) and the configured chat
+    template."""
     from transformers import AutoTokenizer
 
+    from trainer.model_import import require_model_dir
+
+    require_model_dir(cfg.tokenizer_path or cfg.name_or_path)  # e.g. model=smollm2_135m not imported yet
     path = cfg.tokenizer_path or cfg.name_or_path
     if path is None:
         path = str(trained_tokenizer_dir(cfg))
@@ -50,11 +54,15 @@ def load_tokenizer(cfg: ModelConfig):
     if tok.eos_token_id is None:
         raise ValueError(f"tokenizer at {path} has no EOS token; packed documents need one")
     if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-        # Pad must differ from EOS, or masking pads would also mask the learned end of a sample.
+        # A distinct pad reads better in a padded row, so a spare unk takes the role (SmolLM2: pad =
+        # eos = <|im_end|>, unk = <|endoftext|>). Nothing depends on it: labels are masked by the data
+        # pipeline, never by pad id, and generation pads with an attention mask. So the vocabulary is
+        # never grown for it: a new token would add an untrained embedding row to a pretrained model
+        # and change the vocabulary size its export ships with. Without a spare unk, pad = EOS.
         if tok.unk_token_id is not None and tok.unk_token_id != tok.eos_token_id:
             tok.pad_token = tok.unk_token
-        else:
-            tok.add_special_tokens({"pad_token": "<|pad|>"})
+        elif tok.pad_token_id is None:
+            tok.pad_token = tok.eos_token
     return tok
 
 
@@ -78,7 +86,7 @@ def trained_tokenizer_dir(cfg: ModelConfig) -> Path:
         raise FileNotFoundError(
             f"model.tokenizer_corpus: {missing or 'empty list'} not found; the tiny model trains its tokenizer "
             "on these files. Point model.tokenizer_corpus at existing text/jsonl files (the bundled samples "
-            "live in data_pipeline/samples/) or set model.name_or_path to a local Hugging Face directory.")
+            "live in data_pipeline/bundled/) or set model.name_or_path to a local Hugging Face directory.")
     digest = hashlib.sha256(f"{cfg.tokenizer_vocab_size}|{sentencepiece.__version__}|v1".encode())
     for file in cfg.tokenizer_corpus:
         digest.update(Path(file).read_bytes())

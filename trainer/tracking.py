@@ -31,7 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from trainer.config import LoggerConfig, redact_args
+from trainer.config import LoggerConfig
+from trainer.redaction import redact_args
 
 log = logging.getLogger("trainer")
 
@@ -108,6 +109,39 @@ class Tracker:
             self.run.finish()
             self.run = None
             wandb.teardown()  # finish() can return before the run file is flushed; this waits for it
+
+
+def summarise(output_dir: str, baseline: Dict[str, float]) -> None:
+    """The end of a run (rank 0): the forgetting summary (first vs last eval of each set) in the
+    log, and the PNG dashboard in output_dir, with or without W&B."""
+    from trainer.dashboard import render
+
+    rows = read_metrics(output_dir)
+    last = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    for key in sorted(k for k in last if k.endswith("/loss")):
+        if key in baseline:
+            log.info("summary %s: %.4f at the start -> %.4f at the end (%+.4f)", key, baseline[key], last[key],
+                     last[key] - baseline[key])
+    for key in ("eval/forgetting", "eval/domain_gain"):
+        if key in last:
+            log.info("summary %s: %+.4f", key, last[key])
+    try:
+        log.info("dashboard: %s", render(rows, Path(output_dir) / "dashboard.png", title=Path(output_dir).name))
+    except Exception as ex:  # a plot must never fail a finished run
+        log.warning("could not draw the dashboard: %s", ex)
+
+
+def read_metrics(path) -> List[Dict[str, Any]]:
+    """The rows of a metrics.jsonl (`path` is the file or the output_dir holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def series(rows: List[Dict[str, Any]], key: str) -> Dict[int, Any]:
+    """step -> value of one metric (the last logged at each step)."""
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def _drop_after(path: Path, resume_step: int) -> List[Dict[str, Any]]:

@@ -18,7 +18,7 @@ import torch
 log = logging.getLogger("trainer")
 
 
-class SampleGenerator:
+class Generator:
     def __init__(self, prompts: List[str], max_new_tokens: int, tokenizer, chat: bool,
                  system_prompt: Optional[str] = None) -> None:
         self.prompts, self.max_new_tokens, self.tokenizer = list(prompts), max_new_tokens, tokenizer

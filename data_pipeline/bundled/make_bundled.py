@@ -1,6 +1,6 @@
 """Regenerate the bundled sample data (committed; run only after editing the facts below).
 
-    python data_pipeline/samples/make_samples.py
+    python data_pipeline/bundled/make_bundled.py
 
 The facts are short, general teaching summaries written for this project, for demos and tests of the
 training pipeline only; they are not medical advice. Documents and QA pairs are composed from them

@@ -1,0 +1,85 @@
+"""The PNG dashboard of a run, drawn from its metrics.jsonl: for runs without W&B (or before
+`wandb sync`). The trainer draws output_dir/dashboard.png at the end of every run; `launch/plot.py
+OUTPUT_DIR` draws it for any run, finished or not.
+
+Panels, 3 x 3 in reading order (PANELS): training loss (per source, EWC penalty), eval loss per
+set, forgetting (each set's eval loss minus its first value, and eval/forgetting), learning rate,
+gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown. A panel
+with nothing to show says "no data".
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+PANELS = ("loss", "eval loss", "forgetting (Δ eval loss)", "learning rate", "grad norm", "throughput",
+          "peak memory (GB)", "packing", "step time (s)")
+COLUMNS = 3
+Series = Tuple[List[int], List[float]]
+
+
+def line(rows: List[Dict], key: str) -> Series:
+    """(steps, values) of one metric, one value per step (the last logged)."""
+    by_step = {r["step"]: r[key] for r in rows if key in r and r[key] is not None}
+    steps = sorted(by_step)
+    return steps, [float(by_step[s]) for s in steps]
+
+
+def keys_like(rows: List[Dict], pattern: str) -> List[str]:
+    regex = re.compile(pattern)
+    return sorted({k for r in rows for k in r if regex.fullmatch(k)})
+
+
+def render(rows: List[Dict], out: Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(PANELS) // COLUMNS, COLUMNS, figsize=(15, 11), constrained_layout=True)
+    panels = dict(zip(PANELS, axes.flat))
+
+    def draw(panel: str, keys: List[str], label=lambda k: k, offset_first: bool = False, ax=None, **style) -> int:
+        ax = ax or panels[panel]
+        drawn = 0
+        for key in keys:
+            steps, values = line(rows, key)
+            if not steps:
+                continue
+            if offset_first:  # change since the first value (the base model's, when eval.at_start)
+                values = [v - values[0] for v in values]
+            ax.plot(steps, values, marker="." if len(steps) < 30 else None, label=label(key), **style)
+            drawn += 1
+        return drawn
+
+    draw("loss", ["train/loss"] + keys_like(rows, r"train/.+/loss"))
+    draw("loss", ["reg/ewc_penalty"], linestyle="--")
+    draw("eval loss", keys_like(rows, r"eval/[^/]+/loss"))
+    forgetting = PANELS[2]
+    draw(forgetting, keys_like(rows, r"eval/[^/]+/loss"), label=lambda k: f"Δ {k}", offset_first=True)
+    draw(forgetting, ["eval/forgetting"], linestyle="--")
+    draw("learning rate", ["train/lr"])
+    draw("grad norm", ["train/grad_norm"])
+    draw("throughput", ["perf/tokens_per_s"])
+    if line(rows, "perf/mfu")[0]:
+        draw("throughput", ["perf/mfu"], ax=panels["throughput"].twinx(), color="tab:red", linestyle="--")
+    if not draw("peak memory (GB)", keys_like(rows, r"perf/rank\d+/peak_mem_gb")):
+        draw("peak memory (GB)", ["perf/peak_mem_gb"])
+    draw("packing", ["data/packing_efficiency", "data/supervised_token_fraction", "data/replay_token_fraction"])
+    draw("step time (s)", ["perf/step_time_s", "perf/data_wait_s", "perf/forward_backward_s", "perf/optimizer_s"])
+
+    for name, ax in panels.items():
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=7, loc="best")
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
+    fig.suptitle(title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
