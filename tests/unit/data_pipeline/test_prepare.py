@@ -18,10 +18,10 @@ from data_pipeline.packing import IGNORE
 from data_pipeline.prepare import PrepareOptions, _write_chunked, prepare
 from data_pipeline.sources import DataError
 from trainer.loss import token_loss_sum
-from trainer.config import samples_path
+from trainer.config import bundled_path
 
-QA = samples_path("medical_qa.jsonl")
-NOTES = samples_path("medical_notes.txt")
+QA = bundled_path("medical_qa.jsonl")
+NOTES = bundled_path("medical_notes.txt")
 
 
 def test_chunked_rows_by_hand(tmp_path):
@@ -41,7 +41,7 @@ def test_chunked_rows_by_hand(tmp_path):
 
 @pytest.mark.parametrize("stage,path", [("instruct", QA), ("sft", QA), ("pretrain", NOTES)])
 def test_packed_rows_hold_every_sample_once_with_restarting_positions(tmp_path, tiny_tokenizer, stage, path):
-    p = prepare(path, tiny_tokenizer, PrepareOptions(stage=stage, seq_len=256), str(tmp_path))
+    p = prepare(path, tiny_tokenizer, PrepareOptions(objective=stage, seq_len=256), str(tmp_path))
     rows = p.rows(np.arange(len(p)))
     ids, labels, pos = rows["input_ids"], rows["labels"], rows["position_ids"]
     assert ids.shape == (len(p), 256) and (p.filled <= 256).all()
@@ -64,12 +64,12 @@ def test_packed_rows_hold_every_sample_once_with_restarting_positions(tmp_path, 
 
 
 def test_cache_is_reused_and_any_change_prepares_afresh(tmp_path, tiny_tokenizer):
-    opts = PrepareOptions(stage="sft", seq_len=256)
+    opts = PrepareOptions(objective="sft", seq_len=256)
     first = prepare(QA, tiny_tokenizer, opts, str(tmp_path))
     made = (first.directory / "manifest.json").stat().st_mtime_ns
     again = prepare(QA, tiny_tokenizer, opts, str(tmp_path))
     assert again.directory == first.directory and (again.directory / "manifest.json").stat().st_mtime_ns == made
-    other = prepare(QA, tiny_tokenizer, PrepareOptions(stage="sft", seq_len=128), str(tmp_path))
+    other = prepare(QA, tiny_tokenizer, PrepareOptions(objective="sft", seq_len=128), str(tmp_path))
     assert other.directory != first.directory
     copy = tmp_path / "qa.jsonl"
     copy.write_text(open(QA).read())
@@ -83,7 +83,7 @@ def test_cache_is_reused_and_any_change_prepares_afresh(tmp_path, tiny_tokenizer
 
 
 def test_only_one_process_prepares_and_the_others_wait_on_the_filesystem(tmp_path, tiny_tokenizer):
-    opts = PrepareOptions(stage="sft", seq_len=256)
+    opts = PrepareOptions(objective="sft", seq_len=256)
     from data_pipeline.prepare import cache_key
 
     key, _ = cache_key(QA, tiny_tokenizer, opts)
@@ -101,7 +101,7 @@ def test_only_one_process_prepares_and_the_others_wait_on_the_filesystem(tmp_pat
 
 
 def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, tiny_tokenizer):
-    opts = PrepareOptions(stage="sft", seq_len=256)
+    opts = PrepareOptions(objective="sft", seq_len=256)
     from data_pipeline.prepare import cache_key
 
     key, _ = cache_key(QA, tiny_tokenizer, opts)
@@ -114,7 +114,7 @@ def test_a_stale_lock_from_a_dead_process_is_taken_over(tmp_path, tiny_tokenizer
 
 
 def test_a_waiter_gives_up_with_a_message_when_no_one_prepares(tmp_path, tiny_tokenizer):
-    opts = PrepareOptions(stage="sft", seq_len=256)
+    opts = PrepareOptions(objective="sft", seq_len=256)
     with pytest.raises(DataError, match="still being prepared after 2 s .*launch/prepare_data.py"):
         from data_pipeline.prepare import cache_key
 
@@ -135,7 +135,7 @@ def _tiny_llama(vocab: int, attn: str):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_packed_document_has_its_standalone_logits(tmp_path, tiny_tokenizer, attn):
     model = _tiny_llama(len(tiny_tokenizer), attn)
-    p = prepare(QA, tiny_tokenizer, PrepareOptions(stage="instruct", seq_len=256), str(tmp_path))
+    p = prepare(QA, tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=256), str(tmp_path))
     rows = p.rows(np.arange(3))
     with torch.no_grad():
         packed = model(input_ids=torch.from_numpy(rows["input_ids"]), position_ids=torch.from_numpy(rows["position_ids"]),
@@ -153,7 +153,7 @@ def test_every_packed_document_has_its_standalone_logits(tmp_path, tiny_tokenize
 
 def test_packed_and_unpacked_training_see_the_same_loss_and_gradients(tmp_path, tiny_tokenizer):
     model = _tiny_llama(len(tiny_tokenizer), "sdpa").train()
-    opts = dict(stage="instruct", seq_len=256)
+    opts = dict(objective="instruct", seq_len=256)
     packed = prepare(QA, tiny_tokenizer, PrepareOptions(**opts), str(tmp_path))
     unpacked = prepare(QA, tiny_tokenizer, PrepareOptions(**opts, packing=False), str(tmp_path))
     assert len(unpacked) == unpacked.stats["samples"] > 3 * len(packed)  # what padding would cost

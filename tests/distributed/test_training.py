@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
+from helpers import LAUNCHER, QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -120,13 +120,14 @@ def python_run(tmp_path_factory):
     return out, proc
 
 
-@pytest.mark.parametrize("override", ["trainer.activation_checkpointing=full",
-                                      "trainer.activation_checkpointing=every_n",
-                                      "deepspeed=zero3_offload"])
-def test_checkpointing_and_offload_train_the_same_model(python_run, tmp_path, override):
+@pytest.mark.parametrize("overrides", [["trainer.activation_checkpointing=every_n"],
+                                       ["trainer.activation_checkpointing=full", "deepspeed=zero3_offload"]],
+                         ids=["every_n", "full+offload"])
+def test_checkpointing_and_offload_train_the_same_model(python_run, tmp_path, overrides):
     """Activation checkpointing recomputes the same activations and CPU offload runs the same Adam
-    (DeepSpeedCPUAdam): the per-step losses match the plain run."""
-    check(run_train("python", ONE_RANK + [override, f"output_dir={tmp_path}"]))
+    (DeepSpeedCPUAdam): the per-step losses match the plain run. Full checkpointing and offload
+    share one run: a fault in either would show in its losses."""
+    check(run_train("python", ONE_RANK + overrides + [f"output_dir={tmp_path}"]))
     ours, ref = series(read_metrics(tmp_path), "train/loss"), series(read_metrics(python_run[0]), "train/loss")
     assert sorted(ours) == [1, 2]
     for step in ours:
@@ -157,7 +158,7 @@ def test_tied_embeddings_export_keeps_the_tie(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = tmp_path / "qwen"
-    check(run_train("deepspeed", QUICK + ["model=tiny_qwen2", "trainer.max_steps=3", f"output_dir={out}"]))
+    check(run_train(LAUNCHER, QUICK + ["model=tiny_qwen2", "trainer.max_steps=3", f"output_dir={out}"]))
     model = AutoModelForCausalLM.from_pretrained(out / "hf").eval()
     assert model.config.tie_word_embeddings
     assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()

@@ -16,7 +16,7 @@ from typing import Iterator, List, Tuple
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 CODE = sorted(p for d in ("trainer", "launch", "data_pipeline", "bench") for p in (ROOT / d).rglob("*.py"))
 
@@ -93,7 +93,7 @@ def test_remote_code_runs_only_when_the_config_says_so():
                                          ("num_key_value_heads", False), ("bos_token_id", False), ("max_tokens", False),
                                          ("tokenizer_path", False), ("keep_last", False)])
 def test_what_counts_as_a_secret(key, secret):
-    from trainer.config import is_secret_key
+    from trainer.redaction import is_secret_key
 
     assert is_secret_key(key) is secret
 

@@ -1,6 +1,7 @@
-"""bench/forgetting.py --smoke runs the real trainer end to end (base + every fine-tuning setting) on the
-bundled samples and writes its table and forgetting.json (shape only: no assertion on the numbers'
-size). Also the corpus split and the dictd reader on literals."""
+"""bench/forgetting.py --smoke runs the real trainer end to end (base, `none` and ewc_replay, which
+exercises both the penalty and the replay mix) on the bundled data and writes its table and
+forgetting.json (shape only: no assertion on the numbers' size); the full list of settings, the
+corpus split and the dictd reader on literals."""
 
 from __future__ import annotations
 
@@ -11,27 +12,35 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import corpora  # noqa: E402
 import forgetting  # noqa: E402
 
 SETTINGS = ["none", "replay 0.25", "ewc λ=1", "ewc_replay λ=1 0.05"]
+RUN = ["none", "ewc_replay λ=1 0.05"]
 
 
+def test_the_smoke_sweep_lists_every_setting():
+    assert [s.name for s in forgetting.settings(forgetting.parse_args(["--smoke", "--out", "x"]))] == SETTINGS
+    only = forgetting.parse_args(["--smoke", "--out", "x", "--only", "ewc_replay"])
+    assert [s.name for s in forgetting.settings(only)] == RUN
+
+
+@pytest.mark.distributed  # it trains
 @pytest.mark.timeout(400)
 def test_forgetting_bench_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/forgetting.py", "--smoke", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=360)
+    proc = subprocess.run([sys.executable, "bench/forgetting.py", "--smoke", "--only", "ewc_replay", "--out",
+                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=360)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert rows[0].startswith("| setting | general loss start → end | forgetting | removed")
-    assert [r.split(" | ")[0].lstrip("| ") for r in rows[2:]] == SETTINGS
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows[2:]] == RUN
     assert "launcher: python launch/train.py (1 rank)" in proc.stdout and "target:" in proc.stdout
 
     report = json.loads((tmp_path / "forgetting.json").read_text())
-    assert [r["setting"] for r in report["results"]] == SETTINGS
+    assert [r["setting"] for r in report["results"]] == RUN
     for r in report["results"]:
         for key in ("general_start", "general_end", "forgetting", "domain_start", "domain_end", "gain",
                     "step_time_s", "unphased_time_s", "peak_mem_gb", "step_time_vs_none", "peak_mem_vs_none_gb"):
@@ -40,8 +49,8 @@ def test_forgetting_bench_smoke(tmp_path):
         assert r["gain"] == pytest.approx(r["domain_start"] - r["domain_end"])
         assert r["final_step"] == 3 and set(r["general_curve"]) == {"0", "3"}
     by = {r["regularizer"]: r for r in report["results"]}
-    assert by["ewc"]["ewc_penalty_end"] is not None and by["none"]["ewc_penalty_end"] is None
-    assert by["replay"]["replay_token_fraction"] > 0
+    assert by["ewc_replay"]["ewc_penalty_end"] is not None and by["none"]["ewc_penalty_end"] is None
+    assert by["ewc_replay"]["replay_token_fraction"] > 0
     assert report["results"][0]["step_time_vs_none"] == 0.0
     assert set(report["summary"]) >= {"best_setting", "forgetting_target_met", "ewc_cost_target_met"}
     assert report["launcher"].startswith("python") and report["table"] == "\n".join(rows)

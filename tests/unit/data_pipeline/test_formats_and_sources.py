@@ -125,11 +125,11 @@ BAD_INPUTS = [
 def test_bad_input_is_named_or_counted(tmp_path, tiny_tokenizer, case, name, content, message, count):
     f = tmp_path / name
     f.write_bytes(content)
-    opts = PrepareOptions(stage="sft", seq_len=128)
+    opts = PrepareOptions(objective="sft", seq_len=128)
     with pytest.raises(DataError, match=message.format(f=f)) as raised:
         prepare(str(f), tiny_tokenizer, opts, str(tmp_path / "cache"))
     assert "data.on_error=skip" in str(raised.value)
-    skipped = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="sft", seq_len=128, on_error="skip"),
+    skipped = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=128, on_error="skip"),
                       str(tmp_path / "cache"))
     assert skipped.stats[count] == 1 and skipped.stats["samples"] == skipped.stats["records"] - 1
     assert json_manifest(skipped)["stats"][count] == 1  # reported in the manifest too
@@ -149,7 +149,7 @@ def test_bom_and_crlf_are_read_as_plain_utf8(tmp_path, tiny_tokenizer):
 
 
 def test_empty_file_and_missing_path_and_unsupported_type(tmp_path, tiny_tokenizer):
-    opts = PrepareOptions(stage="sft", seq_len=128)
+    opts = PrepareOptions(objective="sft", seq_len=128)
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match=r"empty.jsonl: file is empty"):
         prepare(str(tmp_path / "empty.jsonl"), tiny_tokenizer, opts, str(tmp_path / "c"))
@@ -168,14 +168,14 @@ def test_overlong_samples_are_truncated_dropped_or_split_and_counted(tmp_path, t
     f = tmp_path / "d.jsonl"
     f.write_text(jl(QA, {"instruction": "Advice?", "output": long_answer}))
     cache = str(tmp_path / "c")
-    truncated = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="sft", seq_len=64, overlong="truncate"), cache)
+    truncated = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=64, overlong="truncate"), cache)
     assert truncated.stats["truncated_overlong"] == 1 and truncated.stats["samples"] == 2
     assert truncated.filled.max() <= 64
-    dropped = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="sft", seq_len=64, overlong="drop"), cache)
+    dropped = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=64, overlong="drop"), cache)
     assert dropped.stats["dropped_overlong"] == 1 and dropped.stats["samples"] == 1
     doc = tmp_path / "d.txt"
     doc.write_text(long_answer + "\n\nShort note.\n")
-    split = prepare(str(doc), tiny_tokenizer, PrepareOptions(stage="pretrain", seq_len=64, overlong="split"), cache)
+    split = prepare(str(doc), tiny_tokenizer, PrepareOptions(objective="pretrain", seq_len=64, overlong="split"), cache)
     assert split.stats["split_overlong"] == 1 and split.stats["real_tokens"] > 64 * 3  # nothing cut away
 
 
@@ -183,7 +183,7 @@ def test_a_sample_with_no_supervised_token_never_reaches_the_loss(tmp_path, tiny
     # A prompt so long that truncation to seq_len leaves none of the answer: dropped and counted.
     f = tmp_path / "d.jsonl"
     f.write_text(jl(QA, {"instruction": "Summarise: " + "history of present illness " * 60, "output": "Stable."}))
-    prepared = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="sft", seq_len=64), str(tmp_path / "c"))
+    prepared = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=64), str(tmp_path / "c"))
     assert prepared.stats["dropped_no_supervised_tokens"] == 1 and prepared.stats["samples"] == 1
 
 
@@ -195,14 +195,14 @@ def test_a_chat_dataset_needs_a_chat_template(tmp_path, tiny_tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text(jl(QA))
     with pytest.raises(DataError, match=r"d.jsonl:1: the tokenizer has no chat template; set model.chat_template"):
-        prepare(str(f), tok, PrepareOptions(stage="sft", seq_len=128), str(tmp_path / "c"))
+        prepare(str(f), tok, PrepareOptions(objective="sft", seq_len=128), str(tmp_path / "c"))
 
 
 def test_system_prompt_is_added_to_conversations_without_one(tmp_path, tiny_tokenizer):
     f = tmp_path / "d.jsonl"
     f.write_text(jl(QA))
-    plain = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="instruct", seq_len=128), str(tmp_path / "c"))
-    with_system = prepare(str(f), tiny_tokenizer, PrepareOptions(stage="instruct", seq_len=128,
+    plain = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=128), str(tmp_path / "c"))
+    with_system = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=128,
                                                                  system_prompt="You are a careful clinician."),
                           str(tmp_path / "c"))
     text = tiny_tokenizer.decode(with_system.rows([0])["input_ids"][0][: with_system.filled[0]])

@@ -11,9 +11,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from trainer.config import Config, register_configs, to_config
+from trainer.cli import to_config
+from trainer.cli import register
+from trainer.config import Config
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
 CONF = ROOT / "conf"
 GROUPS = ("model", "data", "stage", "deepspeed", "regularizer", "logger")
 
@@ -39,7 +41,7 @@ def overrides_for(rel: Path):
 def test_every_conf_file_composes_into_the_schema(rel):
     if rel.parts[:2] == ("hydra", "launcher"):
         pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
-    register_configs()
+    register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides_for(rel), return_hydra_config=rel.parts[0] == "hydra")
     if rel.parts[0] == "hydra":  # selected, with its values in; then the rest as usual
@@ -86,11 +88,11 @@ def test_cross_field_check_says_what_to_change():
 def test_cfg_job_prints_the_composed_config_without_training():
     proc = run_cli("+exp=medical_qa", "trainer.max_steps=7", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
-    assert "max_steps: 7" in proc.stdout and "exp_name: medical" in proc.stdout and "name: instruct" in proc.stdout
+    assert "max_steps: 7" in proc.stdout and "exp_name: medical" in proc.stdout and "objective: instruct" in proc.stdout
 
 
 def test_output_dir_is_one_fixed_path_not_a_timestamp():
-    register_configs()
+    register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = to_config(compose(config_name="config", overrides=["+exp=medical"]))
     assert cfg.output_dir == "outputs/medical"

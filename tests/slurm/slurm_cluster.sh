@@ -2,10 +2,10 @@
 # A throwaway Slurm cluster on this machine, for the Slurm test tier and for trying the sbatch
 # templates by hand: munged, slurmctld and slurmd on loopback, all private to one directory.
 #
-#   tests/slurm_cluster.sh up       # start (idempotent); prints the SLURM_CONF to export
-#   tests/slurm_cluster.sh down     # cancel our jobs, stop our daemons (only the pids we started)
-#   tests/slurm_cluster.sh status   # sinfo/squeue of the private cluster
-#   tests/slurm_cluster.sh install  # apt-get install slurmctld slurmd slurm-client munge (Debian, root)
+#   tests/slurm/slurm_cluster.sh up       # start (idempotent); prints the SLURM_CONF to export
+#   tests/slurm/slurm_cluster.sh down     # cancel our jobs, stop our daemons (only the pids we started)
+#   tests/slurm/slurm_cluster.sh status   # sinfo/squeue of the private cluster
+#   tests/slurm/slurm_cluster.sh install  # apt-get install slurmctld slurmd slurm-client munge (Debian, root)
 #
 # Everything lives under $FULLFT_SLURM_DIR (default /tmp/fullft-slurm): slurm.conf, the munge key
 # and socket, spool and state directories, daemon logs. Clients find it through
@@ -54,7 +54,7 @@ write_conf() {
     mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
     if (( NODES > 1 )); then ctld_addr=$SUBNET.1; fi
     cat > "$CONF" <<EOF
-# Written by tests/slurm_cluster.sh: a throwaway cluster for tests ($NODES node(s) on this machine).
+# Written by tests/slurm/slurm_cluster.sh: a throwaway cluster for tests ($NODES node(s) on this machine).
 ClusterName=fullft
 SlurmctldHost=$HOST($ctld_addr)
 SlurmctldPort=$CTLD_PORT

@@ -1,0 +1,41 @@
+"""Chained recipes (config tier): how stages are composed and chained (model, Fisher, forgetting
+reference), and a pretrained model skipping the random-init stage."""
+
+from __future__ import annotations
+
+
+from hydra import compose, initialize_config_dir
+
+from helpers import ROOT
+from trainer.cli import to_config
+from trainer.cli import register
+from trainer.recipe import stage_overrides
+
+
+def plan_for(overrides):
+    register()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        c = lambda o: to_config(compose(config_name="config", overrides=o))  # noqa: E731
+        return {name: cfg for name, cfg in stage_overrides(c(overrides), c, overrides)}
+
+
+def test_stages_chain_model_fisher_and_forgetting_reference():
+    plan = plan_for(["+exp=medical", "output_dir=/runs/m", "trainer.max_steps=7"])
+    assert list(plan) == ["base", "cpt", "instruct"]
+    base, cpt, instruct = plan.values()
+    assert [c.output_dir for c in plan.values()] == ["/runs/m/base", "/runs/m/cpt", "/runs/m/instruct"]
+    assert all(c.trainer.max_steps == 7 for c in plan.values())  # the command line wins over a stage's own
+    assert (base.stage.objective, cpt.stage.objective, instruct.stage.objective) == ("pretrain", "pretrain", "instruct")
+    assert base.model.name_or_path is None and cpt.model.name_or_path == "/runs/m/base/hf"
+    assert instruct.model.name_or_path == "/runs/m/cpt/hf"
+    assert cpt.regularizer.ewc.previous is None  # base ran without EWC
+    assert instruct.regularizer.ewc.previous == "/runs/m/cpt"  # online EWC: cpt's Fisher carried
+    # forgetting is measured against the model cpt started from, not the random init
+    assert cpt.eval.baseline_from is None and instruct.eval.baseline_from == "/runs/m/cpt"
+    assert all(not c.recipe for c in plan.values())
+
+
+def test_a_pretrained_model_skips_the_random_init_stage():
+    plan = plan_for(["+exp=medical", "model=llama3_8b"])
+    assert list(plan) == ["cpt", "instruct"]
+    assert plan["cpt"].model.name_or_path.endswith("Meta-Llama-3-8B")

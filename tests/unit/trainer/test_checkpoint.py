@@ -1,0 +1,72 @@
+"""trainer/checkpoint.py without a training run: the manifest names a missing, truncated or corrupted
+file; a checkpoint without COMPLETE is removed; fault points parse (trainer/faults.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from trainer import faults
+from trainer.checkpoint import Checkpointer
+
+TAG = "step_00000020"
+
+
+# ---- the manifest (unit) --------------------------------------------------------------------------
+
+
+def _fake_checkpoint(tmp_path: Path) -> Checkpointer:
+    ck = Checkpointer(str(tmp_path), keep_last=2, rank=0, world_size=1)
+    path = ck.dir / TAG
+    path.mkdir(parents=True)
+    for name, size in (("zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000), ("rng_rank0.pt", 300),
+                       ("trainer_state.json", 50)):
+        (path / name).write_bytes(os.urandom(size))
+    files = ck._hash_files(TAG, sorted(ck._files(TAG)))
+    (path / "COMPLETE").write_text(json.dumps({"files": files}))
+    return ck
+
+
+def test_an_intact_checkpoint_verifies(tmp_path):
+    assert _fake_checkpoint(tmp_path).verify(TAG) == []
+
+
+def test_a_missing_truncated_or_corrupted_file_is_named(tmp_path):
+    ck = _fake_checkpoint(tmp_path)
+    path = ck.dir / TAG
+    (path / "rng_rank0.pt").unlink()
+    with open(path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", "r+b") as f:
+        f.truncate(2500)
+    data = bytearray((path / "trainer_state.json").read_bytes())
+    data[10] ^= 0xFF  # one flipped byte, same size
+    (path / "trainer_state.json").write_bytes(bytes(data))
+    assert sorted(ck.verify(TAG)) == sorted([
+        f"{path / 'rng_rank0.pt'} is missing",
+        f"{path / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'} is 2500 bytes, 5000 were written (truncated?)",
+        f"{path / 'trainer_state.json'} fails its CRC-32 check (corrupted)"])
+
+
+def test_a_checkpoint_without_complete_is_removed_at_the_start_and_latest_is_required(tmp_path, monkeypatch):
+    monkeypatch.setattr("trainer.distributed.barrier", lambda: None)  # one process, no group
+    ck = _fake_checkpoint(tmp_path)
+    (ck.dir / "latest").write_text(TAG)
+    partial = ck.dir / "step_00000025"
+    partial.mkdir()
+    (partial / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"half")
+    ck._remove_partial()
+    assert not partial.exists() and (ck.dir / TAG).is_dir()
+    (ck.dir / "latest").unlink()
+    with pytest.raises(RuntimeError, match="no `latest` file"):  # never a silent fresh start
+        ck._choose()
+
+
+def test_fault_points_parse_and_refuse_garbage(monkeypatch):
+    monkeypatch.setenv(faults.NAN_LOSS, "3:1,4:0")
+    assert faults.nan_loss(3, 1) and faults.nan_loss(4, 0) and not faults.nan_loss(3, 0)
+    monkeypatch.setenv(faults.NAN_LOSS, "three")
+    with pytest.raises(ValueError, match="STEP:RANK"):
+        faults.nan_loss(3, 1)
+
