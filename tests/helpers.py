@@ -17,10 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Small, quick runs: the embedded tiny model on the bundled medical QA pairs. No generations at the
-# evals (each costs a collective forward per new token: ~6 s an eval here); the tests that check
-# them (distributed/test_wandb.py) put the prompts back.
+# evals (each costs a collective forward per new token: ~6 s an eval here) and no PNG dashboard at
+# the end (~3 s of matplotlib); the tests that check them (distributed/test_wandb.py,
+# distributed/test_recipe.py, the dashboard's unit tests) keep them.
 QUICK = ["+exp=medical_qa", "logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5",
-         "eval.sample_prompts=[]"]
+         "eval.sample_prompts=[]", "logger.dashboard=false"]
 
 # The launcher of runs where it is incidental: torchrun starts one agent process, the deepspeed
 # launcher two (its runner, then deepspeed.launcher.launch), each importing torch and deepspeed

@@ -274,6 +274,9 @@ class LoggerConfig:
     """W&B tags."""
     mode: Optional[WandbMode] = None
     """online | offline | disabled; None = WANDB_MODE, else online with WANDB_API_KEY, else offline."""
+    dashboard: bool = True
+    """Draw output_dir/dashboard.png from metrics.jsonl at the end of a run (rank 0, ~3 s of
+    matplotlib; `python launch/plot.py OUTPUT_DIR` draws it at any time)."""
 
 
 @dataclass

@@ -158,7 +158,7 @@ class Trainer:
             export_hf(engine, self.tokenizer, str(Path(self.cfg.output_dir) / "hf"), self.dist.rank)
         progress.close()
         if self.dist.is_main:
-            summarise(self.cfg.output_dir, state.baseline)
+            summarise(self.cfg.output_dir, state.baseline, dashboard=self.cfg.logger.dashboard)
         log.info("done: %d steps, outputs in %s", state.step, self.cfg.output_dir)
         return Outcome.DONE
 

@@ -8,7 +8,10 @@ long as the model is used, hence the module-level reference.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Dict
 
@@ -103,6 +106,11 @@ def check_packed_isolation(hf_config, attn_implementation: str) -> None:
                 setattr(small, key, value)
         if isinstance(getattr(small, "layer_types", None), list):
             small.layer_types = small.layer_types[:2]
+        # A pass is remembered per architecture, backend and library versions: every later run of
+        # the same model (each test, each rank, each resume) skips the probe (~2 s of model code).
+        verdict = _isolation_verdict_path(small, attn_implementation)
+        if verdict.is_file():
+            return
         probe = AutoModelForCausalLM.from_config(small, dtype=torch.float32,
                                                  attn_implementation=attn_implementation).eval()
         packed_ids = torch.cat([a, b], dim=1)
@@ -119,6 +127,22 @@ def check_packed_isolation(hf_config, attn_implementation: str) -> None:
                          "lets packed documents attend to each other (checked on a small copy: it masks by row, not "
                          "by document). Try another model.attn_implementation (sdpa, eager; flex_attention on GPU) "
                          "or set data.packing=false to train one sample per row.")
+    verdict.parent.mkdir(parents=True, exist_ok=True)
+    tmp = verdict.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"isolated": True, "max_abs_diff": float((packed - alone).abs().max())}))
+    os.replace(tmp, verdict)
+
+
+def _isolation_verdict_path(small_config, attn_implementation: str):
+    """Where a passed isolation check of this (shrunk) architecture is recorded: keyed by its whole
+    config, the attention backend, and the torch and transformers versions that computed it."""
+    import transformers
+
+    from trainer.tokenizer import cache_root
+
+    key = hashlib.sha256("|".join([small_config.to_json_string(use_diff=False), attn_implementation,
+                                   torch.__version__, transformers.__version__]).encode()).hexdigest()[:16]
+    return cache_root() / "isolation" / f"{small_config.model_type}-{attn_implementation}-{key}.json"
 
 
 def count_parameters(model) -> int:

@@ -111,9 +111,9 @@ class Tracker:
             wandb.teardown()  # finish() can return before the run file is flushed; this waits for it
 
 
-def summarise(output_dir: str, baseline: Dict[str, float]) -> None:
+def summarise(output_dir: str, baseline: Dict[str, float], dashboard: bool = True) -> None:
     """The end of a run (rank 0): the forgetting summary (first vs last eval of each set) in the
-    log, and the PNG dashboard in output_dir, with or without W&B."""
+    log, and (logger.dashboard) the PNG dashboard in output_dir, with or without W&B."""
     from trainer.dashboard import render
 
     rows = read_metrics(output_dir)
@@ -125,6 +125,8 @@ def summarise(output_dir: str, baseline: Dict[str, float]) -> None:
     for key in ("eval/forgetting", "eval/domain_gain"):
         if key in last:
             log.info("summary %s: %+.4f", key, last[key])
+    if not dashboard:
+        return
     try:
         log.info("dashboard: %s", render(rows, Path(output_dir) / "dashboard.png", title=Path(output_dir).name))
     except Exception as ex:  # a plot must never fail a finished run

@@ -30,7 +30,10 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED"}
 # What the #SBATCH GPU defaults become on this CPU node: no GPUs, both cores, 2 ranks on one node.
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
-QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5"]
+# No generations at the evals (a collective forward per new token, ~6 s an eval) and no dashboard: as
+# helpers.QUICK.
+QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5", "eval.sample_prompts=[]",
+         "logger.dashboard=false"]
 RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
@@ -261,17 +264,7 @@ def _preempt_and_resume(env: Dict[str, str], completed_job, tmp_path: Path, flag
 def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_path):
     """SIGKILL one rank of a running job (slurm/cpt.sh this time): the job ends FAILED within 60 s,
     no process of it is left, and the log says which rank died and how."""
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(cluster, "slurm/cpt.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"], EXP="")
-    wait_for_step(cluster, job, out, log, 3)
-    _kill_rank(job, rank=1)
-    killed = time.time()
-    info = wait_for_end(cluster, job, log, timeout=120)
-    took = time.time() - killed
-    text = log.read_text()
-    assert info["JobState"] == "FAILED", f"{info['JobState']}\n{_tail(log)}"
-    assert took < 60, f"the job took {took:.0f} s to end after the kill"
-    assert not _ranks_of(job), "processes of the job are still alive"
+    text, log, took = _kill_rank_1_of_a_running_job(cluster, "slurm/cpt.sh", tmp_path, EXP="")
     assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", text), _tail(log)  # torchrun's Root Cause block
     assert "Signal 9 (SIGKILL)" in text, _tail(log)
     assert "FAILED: srun exited with code" in text
@@ -282,21 +275,28 @@ def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_
 def test_a_killed_rank_on_the_second_node_fails_the_job_on_both(two_nodes, tmp_path):
     """LAUNCHER=srun (one srun task per rank, no torchrun), one rank per node: SIGKILL the rank on
     the second node; srun --kill-on-bad-exit ends the first node's rank too, FAILED within 60 s."""
-    out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(two_nodes, "slurm/full_ft.sh", log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"],
-                 flags=["--nodes=2"], LAUNCHER="srun")
-    wait_for_step(two_nodes, job, out, log, 3)
-    _kill_rank(job, rank=1)
-    killed = time.time()
-    info = wait_for_end(two_nodes, job, log, timeout=120)
-    took = time.time() - killed
-    text = log.read_text()
-    assert info["JobState"] == "FAILED", f"{info['JobState']}\n{_tail(log)}"
-    assert took < 60, f"the job took {took:.0f} s to end after the kill"
-    assert not _ranks_of(job), "processes of the job are still alive"
+    text, log, took = _kill_rank_1_of_a_running_job(two_nodes, "slurm/full_ft.sh", tmp_path, flags=["--nodes=2"],
+                                                    LAUNCHER="srun")
     assert re.search(r"srun: error: \S+-n2: task 1: Killed", text), _tail(log)
     assert "launcher srun" in text
     print(f"rank 1 (second node, LAUNCHER=srun) SIGKILLed -> job FAILED after {took:.1f} s")
+
+
+def _kill_rank_1_of_a_running_job(env: Dict[str, str], script: str, tmp_path: Path, flags: List[str] = (), **extra):
+    """Submit `script` for a long run, SIGKILL rank 1 once step 3 is logged, and check what every
+    kill must give: the job FAILED within 60 s of the kill and none of its processes left. Returns
+    the job log's text, its path and the seconds from the kill to the end."""
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(env, script, log, QUICK + ["trainer.max_steps=200", f"output_dir={out}"], flags=list(flags), **extra)
+    wait_for_step(env, job, out, log, 3)
+    _kill_rank(job, rank=1)
+    killed = time.time()
+    info = wait_for_end(env, job, log, timeout=120)
+    took = time.time() - killed
+    assert info["JobState"] == "FAILED", f"{info['JobState']}\n{_tail(log)}"
+    assert took < 60, f"the job took {took:.0f} s to end after the kill"
+    assert not _ranks_of(job), "processes of the job are still alive"
+    return log.read_text(), log, took
 
 
 def _kill_rank(job: str, rank: int) -> None:
