@@ -198,6 +198,11 @@ def main() -> None:
         (out / "hf_baseline.json").write_text(json.dumps({
             "world_size": world, "batch_size": args.batch_size, "train_s": train_s,
             "peak_mem_gb_per_rank": mem.tolist(), "steps": rows}, indent=1))
+    # Leave the gloo group before the interpreter exits: left to teardown, its threads can abort the
+    # process ("terminate called without an active exception", exit -6) after the work is done.
+    from trainer.distributed import shutdown
+
+    shutdown()
 
 
 if __name__ == "__main__":

@@ -55,7 +55,7 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
         ("fullft", "medical_qa", "instruct", out.name)
     assert list(record.tags) == ["ci"]
     # the resolved config, secrets removed
-    assert run.config["trainer"]["max_steps"] == 6 and run.config["stage"]["name"] == "instruct"
+    assert run.config["trainer"]["max_steps"] == 6 and run.config["stage"]["objective"] == "instruct"
     assert run.config["model"]["arch"]["api_key"] == "<redacted>"
     # the planted secrets (config and environment) are in no file the run wrote, nor in its output
     written = [p for p in out.rglob("*") if p.is_file()]
