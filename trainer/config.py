@@ -101,6 +101,11 @@ class ModelConfig:
     """Run model code shipped inside name_or_path. Off unless you trust that directory."""
     attn_implementation: Attention = Attention.sdpa
     """sdpa | eager | flex_attention. sdpa and eager isolate packed documents via position_ids."""
+    stage_overrides: Dict[str, List[str]] = field(default_factory=dict)
+    """Recipe stage name -> overrides this model needs in that stage (a pretrained model's learning
+    rate, the sequence length and steps that fit where it trains), applied after the stage's own
+    overrides and before the command line's: `+exp=medical model=smollm2_135m` runs the medical
+    recipe with the numbers conf/model/smollm2_135m.yaml gives its cpt and instruct stages."""
 
     def __post_init__(self) -> None:
         if self.name_or_path is None and not self.arch:

@@ -61,6 +61,17 @@ class DistInfo:
         return self.rank == 0
 
 
+def env_rank() -> int:
+    """This process's global rank as its launcher gave it (torchrun/deepspeed: RANK; srun: SLURM_PROCID;
+    plain python: 0), before, or without, a process group."""
+    env = os.environ
+    if "RANK" in env:
+        return int(env["RANK"])
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
+        return int(env["SLURM_PROCID"])
+    return 0
+
+
 def free_port() -> int:
     """A TCP port free on this host now (for a rendezvous that starts right after)."""
     with socket.socket() as s:
@@ -103,6 +114,70 @@ def warn_stale_op_build_lock(now: Optional[float] = None) -> Optional[str]:
                 "If no other process is building that op now, a killed build left it: delete the file, or "
                 "this run waits forever.", lock, age / 60)
     return str(lock)
+
+
+# DeepSpeed's CPU ops a run on CPU can JIT-build at first use (~90 s each on 2 cores): the shared-
+# memory all-reduce at every init, cpu_adam with deepspeed=zero3_offload.
+CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
+
+
+def build_cpu_ops(names=CPU_OPS) -> List[str]:
+    """Build DeepSpeed's CPU ops now, into TORCH_EXTENSIONS_DIR, as `make setup` does, so that no
+    run pays for the build (or, killed during it, leaves the lock every later run waits on). A no-op
+    when they are built already, and on a GPU accelerator (its ops come prebuilt or are CUDA's).
+    Returns the ops that are ready."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return []
+    ready = []
+    for name in names:
+        builder = get_accelerator().create_op_builder(name)
+        if builder is not None and builder.is_compatible(verbose=False):
+            builder.load(verbose=False)
+            ready.append(builder.name)
+    return ready
+
+
+MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def import_muon_uncompiled() -> None:
+    """DeepSpeed (0.19) imports its Muon optimizer whenever it builds a ZeRO engine, only to check
+    that ours is not one, and that module wraps its kernels in torch.compile at import: 2.2 s per
+    rank on a 2-core CPU, in every run, for an optimizer this trainer never builds. Import it once
+    with torch.compile deferred to a wrapped function's first call (which never comes here; if it
+    did, it would compile then, as DeepSpeed meant). Call before deepspeed.initialize."""
+    import functools
+    import importlib
+    import sys
+
+    import torch
+
+    if MUON_MODULE in sys.modules:
+        return
+    compile_now = torch.compile
+
+    def deferred(model=None, **options):
+        def wrap(fn):
+            compiled = None
+
+            @functools.wraps(fn)
+            def call(*args, **kwargs):
+                nonlocal compiled
+                if compiled is None:
+                    compiled = compile_now(fn, **options)
+                return compiled(*args, **kwargs)
+            return call
+        return wrap if model is None else wrap(model)
+
+    torch.compile = deferred
+    try:
+        importlib.import_module(MUON_MODULE)
+    except ImportError:  # a DeepSpeed without Muon: nothing to defer
+        pass
+    finally:
+        torch.compile = compile_now
 
 
 def cpu_threads(env, cpu_count: int, local_world_size: int) -> int:
@@ -266,3 +341,15 @@ def setup_logging(rank: int) -> None:
     logging.getLogger("trainer.ranks").setLevel(logging.INFO)  # the few lines every rank must say
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+if __name__ == "__main__":  # python -m trainer.distributed build-ops
+    import sys
+
+    if sys.argv[1:] != ["build-ops"]:
+        raise SystemExit("usage: python -m trainer.distributed build-ops   (builds DeepSpeed's CPU ops into "
+                         "TORCH_EXTENSIONS_DIR once, as `make setup` does)")
+    started = time.time()
+    ready = build_cpu_ops()
+    print(f"DeepSpeed CPU ops ready in {os.environ.get('TORCH_EXTENSIONS_DIR', '(torch default)')}: "
+          f"{', '.join(ready) or 'none needed'} ({time.time() - started:.0f} s)")

@@ -25,7 +25,7 @@ import torch
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
 from trainer import distributed, faults, preemption
-from trainer.checkpoint import Checkpointer, TrainState, export_hf
+from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
@@ -54,6 +54,13 @@ class Outcome(enum.Enum):
 
 
 def fit(cfg: Config) -> Outcome:
+    """Train one stage; an output_dir that holds it finished is left as it is, before anything is built
+    (a rerun of a finished job or recipe stage costs seconds, not a model build)."""
+    step = finished_step(cfg.output_dir, cfg.trainer.max_steps, cfg.trainer.export_hf)
+    if step is not None and _same_model(cfg):
+        distributed.setup_logging(distributed.env_rank())
+        log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, step)
+        return Outcome.ALREADY_DONE
     return Trainer(cfg).run()
 
 
@@ -85,6 +92,7 @@ class Trainer:
         # The model, partitioned at construction, and the engine around it.
         import deepspeed
 
+        distributed.import_muon_uncompiled()  # 2.2 s a rank of torch.compile for an optimizer never used
         model = build_model(cfg.model, hf_config, t, ds_config, self.tokenizer)
         optimizer, scheduler = build_optimizer(model, t, cpu_offload=cfg.deepspeed.offload_optimizer != OffloadDevice.none)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -323,6 +331,22 @@ def _announce_config(config_tree: dict, output_dir: str, dist) -> None:
     if dist.is_main:
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config_tree)))
+
+
+MODEL_IDENTITY = ("name_or_path", "model_type", "arch", "tokenizer_path")
+
+
+def _same_model(cfg: Config) -> bool:
+    """output_dir/config.yaml (the last start's) names the model this run asks for. A finished run of
+    another model in the same output_dir is not this run's, so it is not skipped."""
+    from omegaconf import OmegaConf
+
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(Path(cfg.output_dir) / "config.yaml"))["model"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    ours = dataclasses.asdict(cfg.model)
+    return all(saved.get(k) == ours.get(k) for k in MODEL_IDENTITY)
 
 
 def _seed_everything(seed: int) -> None:

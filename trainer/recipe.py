@@ -23,13 +23,14 @@ def stage_overrides(cfg: Config, compose: Callable[[List[str]], Config], user_ov
     """(name, composed Config) for every stage that runs, with the chaining overrides applied."""
     plan: List[tuple] = []
     reference_dir = None  # the first stage on the model the user brings: forgetting is measured from it
-    # The command line wins over a stage's own overrides (they are applied after them), except
-    # output_dir, which each stage derives from the run's.
+    # Precedence, lowest first: the stage's own overrides, the model's for that stage
+    # (model.stage_overrides), the command line; output_dir is derived from the run's.
     user = [o for o in user_overrides if not o.lstrip("+~").startswith("output_dir=")]
     for stage in cfg.recipe:
         out = str(Path(cfg.output_dir) / stage.name)
         extra = [f"output_dir={out}", "recipe=[]"]
-        staged = compose(list(stage.overrides) + user + extra)
+        own = list(stage.overrides) + list(cfg.model.stage_overrides.get(stage.name, []))
+        staged = compose(own + user + extra)
         if stage.random_init_only and staged.model.name_or_path:
             log.info("recipe: skipping stage %s (only for a random-init model; model.name_or_path is set)", stage.name)
             continue
@@ -40,7 +41,7 @@ def stage_overrides(cfg: Config, compose: Callable[[List[str]], Config], user_ov
                 extra.append(f"regularizer.ewc.previous={previous.output_dir}")
             if reference_dir is not None:
                 extra.append(f"eval.baseline_from={reference_dir}")
-            staged = compose(list(stage.overrides) + user + extra)
+            staged = compose(own + user + extra)
         if reference_dir is None and not stage.random_init_only:
             reference_dir = out
         plan.append((stage.name, staged))
@@ -72,7 +73,10 @@ def run(cfg: Config, compose: Callable[[List[str]], Config], user_overrides: Lis
 def _is_rank0() -> bool:
     import torch.distributed as dist
 
-    return not dist.is_initialized() or dist.get_rank() == 0
+    from trainer.distributed import env_rank
+
+    # No process group when every stage was already complete (nothing was built): the launcher's rank.
+    return dist.get_rank() == 0 if dist.is_initialized() else env_rank() == 0
 
 
 def _link_final_stage(output_dir: Path, last: Path) -> None:

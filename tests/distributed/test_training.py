@@ -4,14 +4,16 @@ point and launchers. Slow (~20 s a run); marked `distributed`."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import LAUNCHER, QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
+from helpers import LAUNCHER, ONE_RANK, QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -108,33 +110,21 @@ def assert_same_steps(rows, ref_rows, first: int = 1) -> None:
         assert ours == ref, f"{key} after resume differs from the straight run"
 
 
-ONE_RANK = QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=8", "trainer.export_hf=false"]
-
-
-@pytest.fixture(scope="module")
-def python_run(tmp_path_factory):
-    """Plain `python` (world size 1), micro-batch 8: the same 8 rows per step as the 2-rank runs."""
-    out = tmp_path_factory.mktemp("python")
-    proc = run_train("python", ONE_RANK + [f"output_dir={out}"])
-    check(proc)
-    return out, proc
-
-
 @pytest.mark.parametrize("overrides", [["trainer.activation_checkpointing=every_n"],
                                        ["trainer.activation_checkpointing=full", "deepspeed=zero3_offload"]],
                          ids=["every_n", "full+offload"])
-def test_checkpointing_and_offload_train_the_same_model(python_run, tmp_path, overrides):
+def test_checkpointing_and_offload_train_the_same_model(one_rank_run, tmp_path, overrides):
     """Activation checkpointing recomputes the same activations and CPU offload runs the same Adam
     (DeepSpeedCPUAdam): the per-step losses match the plain run. Full checkpointing and offload
     share one run: a fault in either would show in its losses."""
     check(run_train("python", ONE_RANK + overrides + [f"output_dir={tmp_path}"]))
-    ours, ref = series(read_metrics(tmp_path), "train/loss"), series(read_metrics(python_run[0]), "train/loss")
+    ours, ref = series(read_metrics(tmp_path), "train/loss"), series(read_metrics(one_rank_run[0]), "train/loss")
     assert sorted(ours) == [1, 2]
     for step in ours:
         assert abs(ours[step] - ref[step]) <= 1e-5 * ref[step], (step, ours[step], ref[step])
 
 
-def test_launchers_and_batch_layouts_agree(straight_run, python_run, tmp_path):
+def test_launchers_and_batch_layouts_agree(straight_run, one_rank_run, tmp_path):
     """The same entry point under torchrun (2 ranks, micro 4 x accum 1) and python (1 rank, micro 8)
     trains on the same 8 rows per step as deepspeed (2 ranks x micro 2 x accum 2), so step 1's loss
     and gradient norm agree: the loss is normalised over the whole step."""
@@ -143,12 +133,12 @@ def test_launchers_and_batch_layouts_agree(straight_run, python_run, tmp_path):
                                               "trainer.grad_accum_steps=1", f"output_dir={tmp_path}",
                                               "trainer.export_hf=false"])
     check(torchrun)
-    for name, out in (("torchrun", tmp_path), ("python", python_run[0])):
+    for name, out in (("torchrun", tmp_path), ("python", one_rank_run[0])):
         rows = read_metrics(out)
         for key in ("train/loss", "train/grad_norm"):
             ours, theirs = series(rows, key)[1], series(ref, key)[1]
             assert abs(ours - theirs) <= 1e-4 * abs(theirs), (name, key, ours, theirs)
-    assert "rank 0/1 config hash" in python_run[1].stdout + python_run[1].stderr
+    assert "rank 0/1 config hash" in one_rank_run[1].stdout + one_rank_run[1].stderr
     assert "rank 1/2 config hash" in torchrun.stdout + torchrun.stderr
 
 
@@ -171,3 +161,69 @@ def test_tied_embeddings_export_keeps_the_tie(tmp_path):
     live.eval()
     tokens = torch.arange(1, 40).unsqueeze(0)
     assert torch.allclose(_logits_from(model, tokens), _logits_from(live, tokens), atol=1e-5)
+
+
+# ---- resuming the reference runs elsewhere ------------------------------------------------------
+
+TAG = "step_00000020"
+
+
+def _copy_run(src: Path, dst: Path, *skip: str) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("wandb", *skip))
+    return dst
+
+
+def _survivors(out: Path) -> list:
+    return subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True, text=True).stdout.split()
+
+
+@pytest.mark.timeout(600)
+def test_resuming_on_another_world_size_stops_saying_how_to_go_on(straight_run, one_rank_run, tmp_path):
+    # 2 -> 1: the straight run's checkpoint under plain python.
+    out = _copy_run(straight_run[0], tmp_path / "two", "hf")
+    started = time.time()
+    proc = run_train("python", STRAIGHT + [f"output_dir={out}"])
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
+    assert time.time() - started < 120  # the issue asks for 60 s; measured ~20 s on 2 idle cores
+    print(f"2 -> 1 rank: stopped {time.time() - started:.0f} s after the start")
+    assert f"{out}/checkpoints/{TAG} was saved by 2 ranks and this run has 1" in (proc.stdout + proc.stderr)
+    assert series(read_metrics(out), "train/loss") == series(read_metrics(straight_run[0]), "train/loss")
+    # ... and the way on that it names: the step as a Hugging Face model, made on one CPU process,
+    # equal to the straight run's own final export of the same weights.
+    command = f"python launch/export.py {out}/checkpoints/{TAG} <model dir>"
+    assert command in (proc.stdout + proc.stderr)
+    exported = tmp_path / "exported"
+    subprocess.run(command.replace("<model dir>", str(exported)).split(), cwd=ROOT, check=True, timeout=300,
+                   capture_output=True)
+    _same_logits(exported, straight_run[0] / "hf")
+
+    # 1 -> 2: the one-rank run's checkpoint (step 2) under 2 ranks.
+    one = _copy_run(one_rank_run[0], tmp_path / "one")
+    started = time.time()
+    proc = run_train(LAUNCHER, ONE_RANK + ["trainer.max_steps=3", f"output_dir={one}"])
+    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
+    assert time.time() - started < 120
+    print(f"1 -> 2 ranks: stopped {time.time() - started:.0f} s after the start")
+    assert f"{one}/checkpoints/step_00000002 was saved by 1 ranks and this run has 2" in (proc.stdout + proc.stderr)
+    assert not _survivors(one)
+
+
+def _same_logits(a: Path, b: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokens = torch.arange(5, 60)[None]
+    with torch.no_grad():
+        la, lb = (AutoModelForCausalLM.from_pretrained(p).eval()(input_ids=tokens).logits for p in (a, b))
+    assert torch.allclose(la, lb, atol=1e-5), (la - lb).abs().max()
+
+
+@pytest.mark.timeout(600)
+def test_weights_given_and_a_checkpoint_resumed_in_one_run_warn(straight_run, tmp_path):
+    # Without its export, the copy is not finished (trainer.checkpoint.finished_step): it resumes at
+    # step 20, trains nothing and exports.
+    out = _copy_run(straight_run[0], tmp_path / "run", "hf")
+    proc = run_train(LAUNCHER, STRAIGHT + [f"output_dir={out}", f"model.name_or_path={straight_run[0]}/hf"])
+    check(proc)
+    assert (f"resuming at step 20: the weights come from the checkpoint, not from model.name_or_path="
+            f"{straight_run[0]}/hf") in (proc.stdout + proc.stderr)

@@ -70,3 +70,24 @@ def test_fault_points_parse_and_refuse_garbage(monkeypatch):
     with pytest.raises(ValueError, match="STEP:RANK"):
         faults.nan_loss(3, 1)
 
+
+
+def test_finished_step_reads_a_finished_run_from_its_files(tmp_path):
+    """A rerun of a finished run (or recipe stage) is recognised before anything is built: latest ->
+    a COMPLETE checkpoint at max_steps or later, and the export when one is asked for."""
+    from trainer.checkpoint import finished_step
+
+    out = str(tmp_path)
+    assert finished_step(out, 20, export_hf=False) is None  # nothing there
+    ck = tmp_path / "checkpoints"
+    (ck / TAG).mkdir(parents=True)
+    (ck / TAG / "trainer_state.json").write_text(json.dumps({"step": 20}))
+    (ck / "latest").write_text(TAG)
+    assert finished_step(out, 20, export_hf=False) is None  # the save never finished: no COMPLETE
+    (ck / TAG / "COMPLETE").write_text("{}")
+    assert finished_step(out, 20, export_hf=False) == 20
+    assert finished_step(out, 30, export_hf=False) is None  # more steps asked for: resume, not skip
+    assert finished_step(out, 20, export_hf=True) is None  # trained, not yet exported
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    assert finished_step(out, 20, export_hf=True) == 20
