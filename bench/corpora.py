@@ -1,7 +1,13 @@
-"""Real corpora for the forgetting benchmark from Debian's dictd dictionaries.
+"""Real corpora for the forgetting benchmark from Debian packages nobody here wrote: the dictd
+dictionaries GCIDE (general English) and FOLDOC (computing), and the fortune-mod quotations.
 
-    apt-get install -y dict-gcide dict-foldoc        # GCIDE (general English), FOLDOC (computing)
-    python bench/corpora.py --out /tmp/corpora       # -> gcide.txt, foldoc.txt
+    apt-get install -y dict-gcide dict-foldoc fortunes
+    python bench/corpora.py --out /tmp/corpora       # -> gcide.txt, foldoc.txt, fortunes.txt
+
+fortunes.txt is general English prose and verse by many authors (quotations, jokes, poems): the
+`fortunes` package's files minus those about computing (`computers`, `linux`, `debian`, `perl` ...),
+which would overlap a computing domain corpus. A fortune file is entries separated by lines holding
+only `%`; each entry becomes one document, its lines kept (attributions included).
 
 One document per dictionary entry, written as plain text with documents separated by blank lines
 (the data pipeline's .txt format). A dictd database is a gzip-compatible `NAME.dict.dz` plus a
@@ -23,7 +29,11 @@ from pathlib import Path
 from typing import Iterator, List, Optional
 
 DICTD = Path("/usr/share/dictd")
-INSTALL_HINT = "apt-get install -y dict-gcide dict-foldoc"
+FORTUNES = Path("/usr/share/games/fortunes")
+INSTALL_HINT = "apt-get install -y dict-gcide dict-foldoc fortunes"
+# The `fortunes` package's general files (not computing, not ASCII art, not the cookie grab-bags).
+GENERAL_FORTUNES = ("education", "food", "humorists", "kids", "law", "literature", "love", "medicine", "men-women",
+                    "people", "pets", "platitudes", "politics", "science", "songs-poems", "sports", "wisdom", "work")
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 _PRONUNCIATION = re.compile(r"\\[^\\\n]{0,80}\\")
@@ -84,11 +94,33 @@ def write_corpus(name: str, out: Path, min_chars: int = 40, root: Path = DICTD) 
     return len(docs)
 
 
+def fortunes(root: Path = FORTUNES, files=GENERAL_FORTUNES, min_chars: int = 40) -> List[str]:
+    """The entries of the general fortune files, in file order, each with its lines (tabs and runs of
+    spaces collapsed); entries shorter than min_chars are dropped."""
+    docs: List[str] = []
+    for name in files:
+        path = root / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: install the fortunes first ({INSTALL_HINT})")
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = [re.sub(r"[ \t]+", " ", line).strip() for line in entry.strip("%\n").splitlines()]
+            text = "\n".join(line for line in lines if line)
+            if len(text) >= min_chars:
+                docs.append(text)
+    return docs
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory for gcide.txt and foldoc.txt")
+    p.add_argument("--out", required=True, help="directory for fortunes.txt, gcide.txt and foldoc.txt")
     p.add_argument("--dictd", default=str(DICTD), help="where the dictd databases live")
+    p.add_argument("--fortunes", default=str(FORTUNES), help="where the fortune files live")
     args = p.parse_args(argv)
+    docs = fortunes(Path(args.fortunes))
+    path = Path(args.out) / "fortunes.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    print(f"{path}: {len(docs):,} documents, {path.stat().st_size / 2**20:.1f} MiB")
     for name in ("gcide", "foldoc"):
         path = Path(args.out) / f"{name}.txt"
         n = write_corpus(name, path, root=Path(args.dictd))

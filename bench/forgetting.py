@@ -45,7 +45,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import BUNDLED, git_head, launch_cmd, machine_line, read_metrics, run_logged, series  # noqa: E402
@@ -114,6 +114,8 @@ class Setting:
 
 def settings(args) -> List[Setting]:
     out = [Setting("none", "none")]
+    for lr in args.lower_lrs:  # plain fine-tuning at a lower peak LR: a point of its own frontier
+        out.append(Setting(f"none lr={lr:g}", "none", [f"trainer.lr={lr}"]))
     for r in args.replay_ratios:
         out.append(Setting(f"replay {r:g}", "replay", [f"regularizer.replay.ratio={r}"]))
     for lam in args.lams:
@@ -145,14 +147,21 @@ def base_overrides(args, data: Dict, out: Path) -> List[str]:
 
 def finetune_overrides(args, data: Dict, base: Path, setting: Setting, out: Path) -> List[str]:
     g = data["general"]["train"]
-    return common(args, data) + [
+    return merged(common(args, data) + [
         f"model.name_or_path={base}/hf", f"data.path={data['domain']['train']}",
         f"regularizer={setting.regularizer}", f"regularizer.replay.path={g}", f"regularizer.ewc.fisher_data={g}",
-        f"regularizer.ewc.fisher_batches={args.fisher_batches}", *setting.overrides,
+        f"regularizer.ewc.fisher_batches={args.fisher_batches}",
         f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}",
         # the forgetting curve at quarters of the run (a short run: only at the start and the end)
         f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}", "trainer.export_hf=false",
-        f"output_dir={out}"]
+        f"output_dir={out}"], setting.overrides)
+
+
+def merged(overrides: Sequence[str], extra: Sequence[str]) -> List[str]:
+    """`overrides` with `extra` appended, an entry of `overrides` for a key that `extra` sets dropped
+    (Hydra refuses two values for one key)."""
+    keys = {e.split("=", 1)[0].lstrip("+") for e in extra}
+    return [o for o in overrides if o.split("=", 1)[0].lstrip("+") not in keys] + list(extra)
 
 
 def base_key(args, data: Dict) -> str:
@@ -252,7 +261,235 @@ def table(results: List[Dict]) -> str:
     return "\n".join(lines)
 
 
+# ---- the real-model profile (--model) -------------------------------------------------------------
+
+MEASURES = ("general", "chat")  # the forgetting measures the target is judged on (kl: reported beside)
+
+
+def resolve_model(spec: str) -> Path:
+    """--model: a Hugging Face directory, or the name of a model `launch/import_model.py` imports."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SystemExit(f"--model {spec}: no config.json there (a Hugging Face model directory is expected)")
+        return path.resolve()
+    from trainer.model_import import imported_model_dir
+
+    try:
+        found = Path(imported_model_dir(spec))
+    except (KeyError, ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"--model {spec}: neither a directory nor an importable model ({e})") from None
+    if not (found / "config.json").is_file():
+        raise SystemExit(f"--model {spec}: not imported yet ({found}); run `python launch/import_model.py {spec}` "
+                         "once (about a minute, nothing is downloaded)")
+    return found
+
+
+def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Path) -> List[str]:
+    """A fine-tune of the real model: no in-run evaluation (the probe scores the export), exported."""
+    g = data["general"]["train"]
+    model = ["model=smollm2_135m"] if args.model == "smollm2_135m" else []
+    return merged(["stage=pretrain", "logger=jsonl", "logger.dashboard=false", "eval.sample_prompts=[]", *model,
+                   f"model.name_or_path={model_dir}", f"data.seq_len={args.seq_len}",
+                   f"trainer.micro_batch_size={args.micro_batch}", "trainer.grad_accum_steps=1",
+                   f"trainer.seed={args.seed}", "trainer.save_every_steps=0", "trainer.log_every_steps=1",
+                   f"data.path={data['domain']['train']}", f"regularizer={setting.regularizer}",
+                   f"regularizer.replay.path={g}", f"regularizer.ewc.fisher_data={g}",
+                   f"regularizer.ewc.fisher_batches={args.fisher_batches}", f"trainer.max_steps={args.steps}",
+                   f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}", "trainer.eval_every_steps=0",
+                   "trainer.export_hf=true", f"output_dir={out}"], setting.overrides)
+
+
+def method_of(setting: Setting) -> Tuple[str, str]:
+    """(method, knob) of a fine-tune for the frontiers: plain fine-tuning's knob is its peak LR."""
+    if setting.regularizer == "none":
+        lr = next((o.split("=", 1)[1] for o in setting.overrides if o.startswith("trainer.lr=")), None)
+        return "plain (peak LR)", f"lr {lr}" if lr else "default lr"
+    knob = " ".join(o.split("=", 1)[1] for o in setting.overrides)
+    return setting.regularizer, knob
+
+
+def drift_point(setting: str, method: str, knob: str, alpha: str, scores: Dict[str, float]) -> Dict:
+    return {"setting": setting, "method": method, "knob": knob, "alpha": alpha, "scores": scores}
+
+
+def relate(points: List[Dict], base: Dict[str, float], reference: Dict[str, float]) -> None:
+    """Forgetting per measure (general and chat loss above the base's, KL from the base), the share of
+    the reference's (plain fine-tuning's) removed, the domain gain and its share kept; in place.
+    `removed` is the smallest share removed over the measures on which the reference forgot."""
+    ref_forgot = {m: reference[m] - base[m] for m in MEASURES}
+    ref_forgot["kl"] = reference["kl"]
+    ref_gain = base["domain"] - reference["domain"]
+    for p in points:
+        sc = p["scores"]
+        forgot = {m: sc[m] - base[m] for m in MEASURES}
+        forgot["kl"] = sc["kl"]
+        p["forgetting"] = forgot
+        p["removed_by"] = {m: (1 - forgot[m] / ref_forgot[m]) if ref_forgot[m] > 0 else None for m in forgot}
+        judged = [p["removed_by"][m] for m in MEASURES if p["removed_by"][m] is not None]
+        p["removed"] = min(judged) if judged else None
+        p["gain"] = base["domain"] - sc["domain"]
+        p["kept"] = p["gain"] / ref_gain if ref_gain > 0 else None
+        p["meets_target"] = (p["removed"] is not None and p["kept"] is not None
+                             and p["removed"] >= TARGET_REMOVED and p["kept"] >= TARGET_KEPT)
+
+
+def real_table(points: List[Dict], base: Dict[str, float]) -> str:
+    head = ("| setting | α | general loss | chat loss | KL from base | domain loss | removed: general / chat / KL "
+            "| removed (judged) | gain kept | target |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
+             f"| base (start) | 0 | {base['general']:.3f} | {base['chat']:.3f} | 0 | {base['domain']:.3f} | – | – | – | – |"]
+    for p in points:
+        sc, r = p["scores"], p["removed_by"]
+        lines.append(f"| {p['setting']} | {p['alpha']} | {sc['general']:.3f} | {sc['chat']:.3f} | {sc['kl']:.4f} "
+                     f"| {sc['domain']:.3f} | {_pct(r['general'])} / {_pct(r['chat'])} / {_pct(r['kl'])} "
+                     f"| {_pct(p['removed'])} | {_pct(p['kept'])} | {'yes' if p['meets_target'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def group_grid(values: Sequence[float]) -> List[Dict[str, float]]:
+    """Every per-group α from `values`, minus the uniform ones (the uniform sweep has them)."""
+    import itertools
+
+    from trainer.interpolation import GROUPS
+
+    return [dict(zip(GROUPS, combo)) for combo in itertools.product(values, repeat=len(GROUPS))
+            if len(set(combo)) > 1]
+
+
+def real_main(args) -> Dict:
+    """Fine-tune the real model once per setting; score each export and its interpolations with the
+    start on the probe (bench/drift.py); report against plain fine-tuning and draw the frontiers."""
+    import torch
+    from safetensors.torch import load_file
+
+    import drift
+    import frontier
+    from trainer.interpolation import alpha_label, interpolate
+
+    out = Path(args.out).resolve()
+    started, commit = time.perf_counter(), git_head()
+    model_dir = resolve_model(args.model)
+    data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
+            for name, path in (("general", args.general), ("domain", args.domain))}
+    for name, d in data.items():
+        print(f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
+              f"({d['train_mib']} MiB train)", flush=True)
+    held = {n: Path(d["heldout"]) for n, d in data.items()}
+    probe_settings = {"text_tokens": args.probe_tokens, "answer_tokens": args.answer_tokens, "top_k": args.top_k,
+                      "prompts": args.prompts}
+    cache = out / "probe" / f"probe-{drift.key(model_dir, held['general'], held['domain'], probe_settings)}.pt"
+    t0 = time.perf_counter()
+    prompts = drift.CHAT_PROMPTS[:args.prompts]
+    probe = drift.build_probe(model_dir, read_documents(held["general"]), read_documents(held["domain"]), cache,
+                              text_tokens=args.probe_tokens, answer_tokens=args.answer_tokens, top_k=args.top_k,
+                              prompts=prompts)
+    print(f"probe: {probe.tokens()} scored tokens, {len(probe.answers)} base answers ({cache}, "
+          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+
+    model = drift.load_model(model_dir)
+    num_layers = model.config.num_hidden_layers
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = drift.score(model, probe, pad)
+    print(f"base: {json.dumps({k: round(v, 4) for k, v in base.items()})}", flush=True)
+
+    def score_at(tuned: Dict[str, torch.Tensor], alpha) -> Dict[str, float]:
+        missing, unexpected = model.load_state_dict(interpolate(start, tuned, alpha, num_layers), strict=False)
+        if unexpected or set(missing) - {"lm_head.weight"}:
+            raise SystemExit(f"export does not match {model_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        return drift.score(model, probe, pad)
+
+    points, runs = [], []
+    for s in settings(args):
+        run_dir = out / "runs" / s.name.replace(" ", "_").replace("λ=", "lam")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
+        wall = train(args, real_overrides(args, data, model_dir, s, run_dir), out / "logs" / f"{run_dir.name}.log")
+        t0 = time.perf_counter()
+        tuned = load_file(str(run_dir / "hf" / "model.safetensors"))
+        method, knob = method_of(s)
+        mine = [drift_point(s.name, method, knob, "1", score_at(tuned, 1.0))]
+        for a in sorted(args.alphas, reverse=True):
+            mine.append(drift_point(s.name, f"interpolation: {s.name}", f"α {a:g}", f"{a:g}", score_at(tuned, a)))
+        if s.name == "none" and args.group_alphas:
+            for a in group_grid(args.group_alphas):
+                label = alpha_label(a)
+                mine.append(drift_point(s.name, "interpolation per group: none", label.replace("bottom=", "b")
+                                        .replace("middle=", "m").replace("top=", "t"), label, score_at(tuned, a)))
+        rows = read_metrics(run_dir)
+        losses = series(rows, "train/loss")
+        step_time = series(rows, "perf/step_time_s")
+        runs.append({"setting": s.name, "overrides": s.overrides, "wall_s": round(wall, 1),
+                     "score_wall_s": round(time.perf_counter() - t0, 1), "final_train_loss": losses.get(max(losses)),
+                     "step_time_s": statistics.median(step_time.values()) if step_time else None,
+                     "replay_token_fraction": statistics.mean(series(rows, "data/replay_token_fraction").values())
+                     if series(rows, "data/replay_token_fraction") else None})
+        points += mine
+        print(f"  {len(mine)} points scored in {time.perf_counter() - t0:.0f} s; the export at α=1: "
+              f"{json.dumps({k: round(v, 4) for k, v in mine[0]['scores'].items()})}", flush=True)
+        if not args.keep_runs:  # 2 GB of checkpoint and 0.5 GB of export a run; metrics.jsonl stays
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            shutil.rmtree(run_dir / "hf", ignore_errors=True)
+
+    reference = points[0]["scores"]  # none at α=1
+    relate(points, base, reference)
+    fronts = frontier.frontiers(points)
+    best = frontier.best_trade_off(points[1:], TARGET_REMOVED, TARGET_KEPT)
+    png = frontier.plot(points[1:], out / "frontier.png",
+                        f"{model_dir.name}: {args.steps} steps on {Path(args.domain).name}; forgetting removed = min over "
+                        f"{' and '.join(MEASURES)} loss", TARGET_REMOVED, TARGET_KEPT)
+    shown = [p for p in points if not p["method"].startswith("interpolation per group")]
+    grouped = [p for p in fronts.get("interpolation per group: none", [])]
+    print()
+    print(f"Forgetting, real model {model_dir.name}: {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens of "
+          f"{Path(args.domain).name}, lr {args.lr:g}; general text {Path(args.general).name}; chat: the base's greedy "
+          f"answers to {len(probe.answers)} prompts")
+    print(real_table(points[:1] + [p for p in shown[1:]], base))
+    if grouped:
+        print("\nper-group interpolation of `none` (bottom / middle / top α): its Pareto frontier")
+        print(real_table(grouped, base))
+    meeting = [p for p in points[1:] if p["meets_target"]]
+    print(f"target: >= {TARGET_REMOVED:.0%} of the forgetting removed (on every measure where plain fine-tuning forgot) "
+          f"with >= {TARGET_KEPT:.0%} of the gain kept: "
+          + (f"met by {len(meeting)} point(s), best {meeting and frontier.best_trade_off(meeting, 0, 0)['setting']}" if meeting else "NOT met")
+          + (f"; closest: {best['setting']} α {best['alpha']} (removed {_pct(best['removed'])}, kept {_pct(best['kept'])})" if best else ""))
+    print(f"frontiers: {png}")
+    report = {
+        "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine_line(), "profile": "real",
+        "model": str(model_dir), "args": {k: v for k, v in vars(args).items()}, "data": data,
+        "probe": {"cache": str(cache), "tokens": probe.tokens(), "answers": probe.answers}, "base": base,
+        "runs": runs, "points": points, "frontiers": fronts, "best": best,
+        "target_met": bool(meeting), "total_wall_s": round(time.perf_counter() - started, 1),
+    }
+    (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
+    print(f"wrote {out / 'forgetting.json'} ({report['total_wall_s']:.0f} s in all)")
+    return report
+
+
 # ---- main ------------------------------------------------------------------------------------------
+
+def _floats(text: str) -> List[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+# Per profile: the tiny model pretrained here (default), the real model (--model), the CI smoke runs.
+PROFILES = {
+    "tiny": dict(steps=200, base_steps=600, lr=1e-3, base_lr=1e-3, warmup=10, seq_len=512, micro_batch=4,
+                 heldout_docs=500, lams=[0.01, 0.1, 1.0], replay_ratios=[0.05, 0.25], ewc_replay_ratio=0.05,
+                 fisher_batches=8, lower_lrs=[], alphas=[], group_alphas=[], skip_steps=5),
+    # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
+    # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
+    "real": dict(steps=20, lr=1e-4, warmup=2, seq_len=512, micro_batch=1, heldout_docs=200, lams=[0.01, 0.1],
+                 replay_ratios=[0.1, 0.25, 0.5], ewc_replay_ratio=0.25, fisher_batches=4, lower_lrs=[2.5e-5],
+                 alphas=[0.75, 0.5, 0.25], group_alphas=[0.25, 0.5, 1.0], skip_steps=2),
+    "smoke": dict(steps=3, base_steps=3, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1,
+                  lams=[1.0], replay_ratios=[0.25]),
+    "real_smoke": dict(steps=2, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1, lams=[1.0],
+                       replay_ratios=[0.25], lower_lrs=[], alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3,
+                       probe_tokens=200, answer_tokens=8, prompts=3),
+}
+
 
 def parse_args(argv: Optional[List[str]] = None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -260,35 +497,49 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--general", help="general corpus (.txt/.md with blank-line-separated documents, or .jsonl)")
     p.add_argument("--domain", help="domain corpus, same formats")
     p.add_argument("--out", required=True, help="output directory (the pretrained base is cached here)")
-    p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per setting")
-    p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the base")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning peak learning rate")
+    p.add_argument("--model", help="real-model profile: a pretrained Hugging Face directory, or an importable "
+                                    "model's name (smollm2_135m); fine-tuned as it is, no base pretraining")
+    p.add_argument("--steps", type=int, help="fine-tuning steps per setting (tiny 200, real 20)")
+    p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the tiny base")
+    p.add_argument("--lr", type=float, help="fine-tuning peak learning rate (tiny 1e-3, real 1e-4)")
     p.add_argument("--base-lr", type=float, default=1e-3, help="pretraining peak learning rate")
-    p.add_argument("--warmup", type=int, default=10, help="warmup steps (base and fine-tunes)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--micro-batch", type=int, default=4, help="packed rows per rank per step")
+    p.add_argument("--warmup", type=int, help="warmup steps (tiny 10, real 2)")
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--micro-batch", type=int, help="packed rows per rank per step (tiny 4, real 1)")
     p.add_argument("--max-docs", type=int, default=20000, help="documents kept per corpus (seeded sample)")
-    p.add_argument("--heldout-docs", type=int, default=500, help="held-out documents per corpus")
-    p.add_argument("--lams", type=lambda s: [float(x) for x in s.split(",")], default=[0.01, 0.1, 1.0],
-                   help="EWC λ sweep, comma-separated")
-    p.add_argument("--replay-ratios", type=lambda s: [float(x) for x in s.split(",")], default=[0.05, 0.25])
+    p.add_argument("--heldout-docs", type=int, help="held-out documents per corpus (tiny 500, real 200)")
+    p.add_argument("--lams", type=_floats, help="EWC λ sweep, comma-separated")
+    p.add_argument("--replay-ratios", type=_floats, help="replay ratios, comma-separated")
     p.add_argument("--ewc-replay-lam", type=float, default=None, help="λ of ewc_replay (default: the smallest --lams)")
-    p.add_argument("--ewc-replay-ratio", type=float, default=0.05)
-    p.add_argument("--fisher-batches", type=int, default=8, help="reference micro-batches for the Fisher")
+    p.add_argument("--ewc-replay-ratio", type=float)
+    p.add_argument("--lower-lrs", type=_floats, help="plain fine-tuning at these lower peak LRs too (real: 2.5e-5)")
+    p.add_argument("--alphas", type=_floats, help="real: interpolation α with the start, scored for every fine-tune")
+    p.add_argument("--group-alphas", type=_floats,
+                   help="real: per-group α grid (bottom/middle/top each from these values) scored for `none`")
+    p.add_argument("--probe-tokens", type=int, default=3000, help="real: tokens of general and of domain text scored")
+    p.add_argument("--answer-tokens", type=int, default=64, help="real: longest base answer generated per prompt")
+    p.add_argument("--prompts", type=int, help="real: how many of the chat prompts (default: all 24)")
+    p.add_argument("--top-k", type=int, default=64, help="real: the base's next-token probabilities kept for the KL")
+    p.add_argument("--keep-runs", action="store_true", help="real: keep each fine-tune's checkpoint and export")
+    p.add_argument("--fisher-batches", type=int, help="reference micro-batches for the Fisher")
     p.add_argument("--only", type=lambda s: s.split(","), default=["replay", "ewc", "ewc_replay"],
                    help="regularizers to run besides none (the reference, always run), e.g. --only ewc")
-    p.add_argument("--skip-steps", type=int, default=5, help="first steps left out of the step-time median")
+    p.add_argument("--skip-steps", type=int, help="first steps left out of the step-time median")
     p.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
                    help="python: one rank; deepspeed: --nproc ZeRO-3 ranks")
     p.add_argument("--nproc", type=int, default=2, help="ranks with --launcher deepspeed")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--smoke", action="store_true", help="bundled sample data, a few steps (seconds to a minute)")
     args = p.parse_args(argv)
+    given = {k for k, v in vars(args).items() if v is not None and v != p.get_default(k)}
+    profile = dict(PROFILES["real" if args.model else "tiny"])
     if args.smoke:
+        profile.update(PROFILES["real_smoke" if args.model else "smoke"])
         args.general = args.general or str(BUNDLED / "general_text.txt")
         args.domain = args.domain or str(BUNDLED / "medical_notes.txt")
-        args.steps, args.base_steps, args.seq_len, args.warmup, args.skip_steps = 3, 3, 128, 1, 0
-        args.heldout_docs, args.fisher_batches, args.lams, args.replay_ratios = 20, 1, [1.0], [0.25]
+    for k, v in profile.items():
+        if k not in given:
+            setattr(args, k, v)
     if not (args.general and args.domain):
         p.error("--general and --domain are required (or --smoke)")
     if args.ewc_replay_lam is None:
@@ -298,6 +549,8 @@ def parse_args(argv: Optional[List[str]] = None):
 
 def main(argv: Optional[List[str]] = None) -> Dict:
     args = parse_args(argv)
+    if args.model:
+        return real_main(args)
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()  # the code the runs start from
     data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)

@@ -1,0 +1,156 @@
+"""Weight interpolation with a stage's start: θ(α) = θ0 + α·(θ − θ0).
+
+α = 1 is the fine-tuned model, α = 0 the model the stage started from; in between, the domain gain
+and the forgetting both shrink, and for many fine-tunes the forgetting shrinks much faster (Lin et
+al., "Mitigating the Alignment Tax of RLHF", EMNLP 2024: plain interpolation gave the best
+forgetting Pareto front of the methods they compared). No extra training: a sweep of α costs one
+evaluation per α.
+
+α may differ by depth (their heterogeneous model averaging): every parameter belongs to one of three
+groups, `bottom` (token embeddings and the first third of the transformer blocks), `middle` and
+`top` (the last third, the final norm and an untied LM head); a tied LM head is the embedding and
+follows `bottom`. An α is written `0.5` (every group) or `bottom=0.25,middle=0.5,top=1` (each group;
+a group left out takes 1, i.e. keeps its fine-tuned weights).
+
+Used by bench/forgetting.py (the α sweep on exported models) and by `python -m trainer.interpolation`,
+which writes an interpolated Hugging Face directory from a stage's start and its export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+
+GROUPS = ("bottom", "middle", "top")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_TOP = ("norm.weight", "lm_head.weight")  # after the last block
+
+Alpha = Union[float, Dict[str, float]]
+
+
+def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
+    """`0.5` -> 0.5; `bottom=0.25,top=1` -> {bottom: 0.25, middle: 1.0, top: 1.0}. A bad spec raises
+    ValueError naming the part that is wrong."""
+    if isinstance(spec, (int, float)):
+        return float(spec)
+    if isinstance(spec, Mapping):
+        items = dict(spec)
+    else:
+        text = str(spec).strip()
+        if "=" not in text:
+            try:
+                return float(text)
+            except ValueError:
+                raise ValueError(f"interpolation alpha {spec!r}: expected a number (0.5) or group=number pairs "
+                                 f"(bottom=0.25,middle=0.5,top=1) with groups {', '.join(GROUPS)}") from None
+        items = {}
+        for part in text.split(","):
+            key, _, value = part.partition("=")
+            try:
+                items[key.strip()] = float(value)
+            except ValueError:
+                raise ValueError(f"interpolation alpha {spec!r}: {part!r} is not group=number") from None
+    unknown = sorted(set(items) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"interpolation alpha {spec!r}: unknown group(s) {unknown}; the groups are {', '.join(GROUPS)}")
+    return {g: float(items.get(g, 1.0)) for g in GROUPS}
+
+
+def alpha_label(alpha: Alpha) -> str:
+    """The spec parse_alpha reads back: `0.5` or `bottom=0.25,middle=0.5,top=1`."""
+    if isinstance(alpha, dict):
+        return ",".join(f"{g}={alpha[g]:g}" for g in GROUPS)
+    return f"{alpha:g}"
+
+
+def group_of(name: str, num_layers: int) -> str:
+    """The depth group of parameter `name` in a model of `num_layers` transformer blocks (HF names:
+    `model.layers.7.mlp...`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`)."""
+    m = _LAYER.search(name)
+    if m:
+        i = int(m.group(1))
+        return GROUPS[min(3 * i // max(num_layers, 1), 2)]
+    if any(name == t or name.endswith("." + t) for t in _TOP):
+        return "top"
+    return "bottom"  # embeddings and anything before the first block
+
+
+def alpha_of(alpha: Alpha, name: str, num_layers: int) -> float:
+    return alpha[group_of(name, num_layers)] if isinstance(alpha, dict) else alpha
+
+
+def interpolate(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], alpha: Alpha,
+                num_layers: int) -> Dict[str, torch.Tensor]:
+    """θ0 + α(θ − θ0) for every tensor of `end`, α by the tensor's group; computed in fp32 and cast
+    back to `end`'s dtype. Both state dicts must hold the same names and shapes."""
+    missing = sorted(set(end) - set(start))
+    if missing:
+        raise KeyError(f"interpolation: the start has no {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                       "start and fine-tuned model must be the same architecture")
+    out = {}
+    for name, theta in end.items():
+        theta0 = start[name]
+        if theta0.shape != theta.shape:
+            raise ValueError(f"interpolation: {name} is {tuple(theta0.shape)} at the start and {tuple(theta.shape)} "
+                             "after fine-tuning (a resized vocabulary?); interpolate models of the same shapes")
+        a = alpha_of(alpha, name, num_layers)
+        out[name] = torch.lerp(theta0.float(), theta.float(), a).to(theta.dtype)
+    return out
+
+
+def _load_weights(directory: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{directory}: no *.safetensors files (a Hugging Face model directory is expected)")
+    weights: Dict[str, torch.Tensor] = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def write_interpolated(start_dir: str, end_dir: str, alpha: Alpha, out_dir: str) -> Path:
+    """A Hugging Face directory with θ0 + α(θ − θ0): `end_dir`'s config, tokenizer and other files,
+    its weights interpolated with `start_dir`'s. Writes interpolation.json (the α, both sources)."""
+    from safetensors.torch import save_file
+
+    start, end, out = Path(start_dir), Path(end_dir), Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose a new directory (nothing is overwritten)")
+    config = json.loads((end / "config.json").read_text())
+    weights = interpolate(_load_weights(start), _load_weights(end), alpha, int(config["num_hidden_layers"]))
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(end, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "interpolation.json").write_text(json.dumps(
+        {"alpha": alpha_label(alpha), "start": str(start.resolve()), "end": str(end.resolve()),
+         "rule": "theta0 + alpha * (theta - theta0)", "groups": GROUPS}, indent=2))
+    tmp.rename(out)
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Write θ0 + α(θ − θ0) of a stage's start (θ0) and its export (θ) as "
+                                            "a Hugging Face directory.")
+    p.add_argument("start", help="the stage's starting model (its model.name_or_path)")
+    p.add_argument("end", help="the stage's export (OUTPUT_DIR/hf)")
+    p.add_argument("out", help="new directory for the interpolated model")
+    p.add_argument("--alpha", required=True, help="0.5, or per depth group: bottom=0.25,middle=0.5,top=1")
+    args = p.parse_args(argv)
+    try:
+        alpha = parse_alpha(args.alpha)
+    except ValueError as e:
+        p.error(str(e))
+    print(write_interpolated(args.start, args.end, alpha, args.out))
+
+
+if __name__ == "__main__":
+    main()
