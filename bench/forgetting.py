@@ -30,6 +30,20 @@
 
 Target (issue 4): the best setting removes >= 90% of the forgetting while keeping >= 95% of the gain;
 EWC costs <= 3% step time.
+
+The real-model profile (--model DIR or --model smollm2_135m) skips pretraining: the pretrained model is
+the base. It measures what the base loses on a fine-tune of continued pretraining, outside the trainer
+(bench/drift.py): loss on held-out general text, loss of the base's own greedy answers to general chat
+prompts (generated once, before any tuning), and KL(base || tuned) on the general text; domain gain on
+held-out domain text. Every fine-tune is exported and scored, then scored again interpolated with the
+start at each --alphas (θ0 + α(θ − θ0), trainer/interpolation.py); plain fine-tuning is also scored on
+a per-depth-group α grid (--group-alphas). "Removed" is judged on every forgetting measure on which
+plain fine-tuning forgot (its smallest share), "kept" on the domain gain. Each method's Pareto
+frontier over its knob is printed and drawn to DIR/frontier.png (bench/frontier.py).
+
+    apt-get install -y dict-foldoc fortunes && python bench/corpora.py --out /tmp/corpora
+    python bench/forgetting.py --model smollm2_135m --general /tmp/corpora/fortunes.txt \
+        --domain /tmp/corpora/foldoc.txt --out /tmp/bench/forgetting_real        # ~50 min on 2 cores
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import frontier  # noqa: E402
 from harness import BUNDLED, git_head, launch_cmd, machine_line, read_metrics, run_logged, series  # noqa: E402
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -111,6 +126,11 @@ class Setting:
     regularizer: str
     overrides: List[str] = field(default_factory=list)
 
+    @property
+    def dirname(self) -> str:
+        """The run's directory name: no spaces, and no `=` (Hydra would read output_dir=a=b as a parse error)."""
+        return self.name.replace(" ", "_").replace("λ=", "lam").replace("=", "")
+
 
 def settings(args) -> List[Setting]:
     out = [Setting("none", "none")]
@@ -153,7 +173,10 @@ def finetune_overrides(args, data: Dict, base: Path, setting: Setting, out: Path
         f"regularizer.ewc.fisher_batches={args.fisher_batches}",
         f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}",
         # the forgetting curve at quarters of the run (a short run: only at the start and the end)
-        f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}", "trainer.export_hf=false",
+        f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}",
+        # with --alphas, the trainer's own end-of-stage sweep scores θ0 + α(θ − θ0) (it needs the export)
+        *([f"regularizer.interpolation.alphas=[{','.join(f'{a:g}' for a in args.alphas)}]", "trainer.export_hf=true"]
+          if args.alphas else ["trainer.export_hf=false"]),
         f"output_dir={out}"], setting.overrides)
 
 
@@ -199,6 +222,28 @@ def summarise(rows: List[Dict], skip_steps: int) -> Dict:
         "ewc_penalty_end": penalty.get(last),
         "replay_token_fraction": statistics.mean(replay.values()) if replay else None,
     }
+
+
+def tiny_points(results: List[Dict]) -> List[Dict]:
+    """Every fine-tune at its end and, when the trainer swept α, at each α, as frontier points
+    (removed and kept against `none` at its end: results[0])."""
+    ref = results[0]
+    g0, d0 = ref["general_start"], ref["domain_start"]  # every fine-tune starts from the same base
+
+    def point(method: str, knob: str, general: float, domain: float, setting: str, alpha: str) -> Dict:
+        return {"method": method, "knob": knob, "setting": setting, "alpha": alpha,
+                "removed": 1 - (general - g0) / ref["forgetting"] if ref["forgetting"] > 0 else None,
+                "kept": (d0 - domain) / ref["gain"] if ref["gain"] > 0 else None}
+
+    points = []
+    for r in results:
+        knob = " ".join(o.split("=", 1)[1] for o in r["overrides"]) or "-"
+        points.append(point(r["regularizer"], knob, r["general_end"], r["domain_end"], r["setting"], "1"))
+        for row in (r.get("interpolation") or {}).get("rows", []):
+            if row["alpha"] != 1.0:
+                points.append(point(f"interpolation: {r['setting']}", f"α {row['alpha']:g}",
+                                    row["eval/general/loss"], row["eval/domain/loss"], r["setting"], f"{row['alpha']:g}"))
+    return points
 
 
 def relative(results: List[Dict]) -> None:
@@ -264,6 +309,16 @@ def table(results: List[Dict]) -> str:
 # ---- the real-model profile (--model) -------------------------------------------------------------
 
 MEASURES = ("general", "chat")  # the forgetting measures the target is judged on (kl: reported beside)
+# What the real profile leaves out against the tiny one, said at its start (the 60-minute budget).
+REAL_LEAVES_OUT = [
+    "pretraining a base (the pretrained model is the base)",
+    "EWC at λ=1 (on this model it all but replaced the domain gradient: grad norm ~5 -> ~318; "
+    "conf/model/smollm2_135m.yaml) unless --lams asks for it",
+    "the trainer's in-run evals and step-time columns (the probe scores each export; one rank shares 2 cores "
+    "with nothing, but a 20-step median says little)",
+    "per-group α for any fine-tune but plain fine-tuning (--group-alphas)",
+    "more seeds: one seed per setting",
+]
 
 
 def resolve_model(spec: str) -> Path:
@@ -364,12 +419,13 @@ def real_main(args) -> Dict:
     from safetensors.torch import load_file
 
     import drift
-    import frontier
     from trainer.interpolation import alpha_label, interpolate
 
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()
     model_dir = resolve_model(args.model)
+    print(f"real-model profile: {model_dir}; {len(settings(args))} fine-tunes of {args.steps} steps; left out: "
+          + "; ".join(REAL_LEAVES_OUT), flush=True)
     data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
             for name, path in (("general", args.general), ("domain", args.domain))}
     for name, d in data.items():
@@ -402,7 +458,7 @@ def real_main(args) -> Dict:
 
     points, runs = [], []
     for s in settings(args):
-        run_dir = out / "runs" / s.name.replace(" ", "_").replace("λ=", "lam")
+        run_dir = out / "runs" / s.dirname
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
         wall = train(args, real_overrides(args, data, model_dir, s, run_dir), out / "logs" / f"{run_dir.name}.log")
@@ -477,14 +533,14 @@ def _floats(text: str) -> List[float]:
 PROFILES = {
     "tiny": dict(steps=200, base_steps=600, lr=1e-3, base_lr=1e-3, warmup=10, seq_len=512, micro_batch=4,
                  heldout_docs=500, lams=[0.01, 0.1, 1.0], replay_ratios=[0.05, 0.25], ewc_replay_ratio=0.05,
-                 fisher_batches=8, lower_lrs=[], alphas=[], group_alphas=[], skip_steps=5),
+                 fisher_batches=8, lower_lrs=[], alphas=[0.25, 0.5, 0.75], group_alphas=[], skip_steps=5),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
     # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
     "real": dict(steps=20, lr=1e-4, warmup=2, seq_len=512, micro_batch=1, heldout_docs=200, lams=[0.01, 0.1],
                  replay_ratios=[0.1, 0.25, 0.5], ewc_replay_ratio=0.25, fisher_batches=4, lower_lrs=[2.5e-5],
                  alphas=[0.75, 0.5, 0.25], group_alphas=[0.25, 0.5, 1.0], skip_steps=2),
     "smoke": dict(steps=3, base_steps=3, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1,
-                  lams=[1.0], replay_ratios=[0.25]),
+                  lams=[1.0], replay_ratios=[0.25], alphas=[0.5]),
     "real_smoke": dict(steps=2, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1, lams=[1.0],
                        replay_ratios=[0.25], lower_lrs=[], alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3,
                        probe_tokens=200, answer_tokens=8, prompts=3),
@@ -572,15 +628,22 @@ def main(argv: Optional[List[str]] = None) -> Dict:
 
     results = []
     for s in settings(args):
-        run_dir = out / "runs" / s.name.replace(" ", "_").replace("λ=", "lam")
+        run_dir = out / "runs" / s.dirname
         shutil.rmtree(run_dir, ignore_errors=True)  # every fine-tune is measured fresh
         print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
         wall = train(args, finetune_overrides(args, data, base, s, run_dir), out / "logs" / f"{run_dir.name}.log")
+        interp = run_dir / "interpolation.json"
         results.append({"setting": s.name, "regularizer": s.regularizer, "overrides": s.overrides,
                         "output_dir": str(run_dir), "wall_s": round(wall, 1),
-                        **summarise(read_metrics(run_dir), args.skip_steps)})
+                        **summarise(read_metrics(run_dir), args.skip_steps),
+                        "interpolation": json.loads(interp.read_text()) if interp.is_file() else None})
+        shutil.rmtree(run_dir / "hf", ignore_errors=True)  # the export was only the sweep's output
     relative(results)
     summary = verdict(results)
+    points = tiny_points(results)
+    fronts = frontier.frontiers(points)
+    png = frontier.plot(points, out / "frontier.png", f"tiny base, {args.steps} steps on {Path(args.domain).name}",
+                        TARGET_REMOVED, TARGET_KEPT)
 
     ranks = 1 if args.launcher == "python" else args.nproc
     launch = "python launch/train.py (1 rank)" if ranks == 1 else f"deepspeed --num_gpus {ranks} (ZeRO-3, {ranks} ranks)"
@@ -598,6 +661,10 @@ def main(argv: Optional[List[str]] = None) -> Dict:
           f"(max {_pct(summary['ewc_extra_unphased_vs_none_max'], True)}), "
           f"{yes[summary['ewc_step_time_target_met_raw']]} by the whole step's median "
           f"(max {_pct(summary['ewc_step_time_vs_none_max'], True)})")
+    print("\nPareto frontiers (forgetting removed / gain kept over each method's knob):")
+    for method, front in sorted(fronts.items()):
+        print(f"  {method}: " + ", ".join(f"{p['knob']} {_pct(p['removed'])}/{_pct(p['kept'])}" for p in front))
+    print(f"frontiers: {png}")
     if not summary["none_forgets"]:
         print("warning: plain fine-tuning did not forget (general loss did not rise); pretrain the base longer "
               "(--base-steps) or fine-tune longer / with a higher --lr")
@@ -607,7 +674,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         "launcher": launch, "ranks": ranks, "args": {k: v for k, v in vars(args).items()},
         "data": data, "base": {"output_dir": str(base), "wall_s": base_wall, "general_loss": base_general,
                                 "domain_loss": base_domain},
-        "results": results, "summary": summary, "table": table(results),
+        "results": results, "summary": summary, "table": table(results), "points": points, "frontiers": fronts,
         "total_wall_s": round(time.perf_counter() - started, 1),
     }
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))

@@ -30,12 +30,12 @@ def frontiers(points: Sequence[Dict], key: str = "method") -> Dict[str, List[Dic
 
 def best_trade_off(points: Sequence[Dict], removed_target: float, kept_target: float) -> Optional[Dict]:
     """The point meeting both targets with the most forgetting removed; else the one closest to the
-    target corner (the largest min(removed/target, kept/target))."""
+    target corner (the largest min(removed/target, kept/target)) among the undominated points."""
     pts = [p for p in points if p.get("removed") is not None and p.get("kept") is not None]
     meeting = [p for p in pts if p["removed"] >= removed_target and p["kept"] >= kept_target]
     if meeting:
         return max(meeting, key=lambda p: (p["removed"], p["kept"]))
-    return max(pts, key=lambda p: min(p["removed"] / removed_target, p["kept"] / kept_target), default=None)
+    return max(pareto(pts), key=lambda p: min(p["removed"] / removed_target, p["kept"] / kept_target), default=None)
 
 
 def plot(points: Sequence[Dict], path: Path, title: str, removed_target: float, kept_target: float) -> Path:

@@ -233,6 +233,24 @@ class EWCConfig:
 
 
 @dataclass
+class InterpolationConfig:
+    alphas: List[float] = field(default_factory=list)
+    """At the end of the stage, score θ0 + α·(θ − θ0) on the eval sets for each α in [0, 1] (θ0: the
+    stage's start, model.name_or_path; θ: the trained weights), write output_dir/interpolation.json
+    and export the chosen α (trainer/interpolation.py). Empty (and no `alpha`) = off: the export is θ."""
+    alpha: Any = None
+    """Export this α instead of choosing one: a number, or one per depth group,
+    `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1)."""
+    keep_gain: float = 0.95
+    """The choice: the smallest scored α whose domain gain (eval/domain/loss below step 0's) is at least
+    keep_gain × the trained model's (α = 1). Needs eval.sets.domain and the step-0 eval."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.alphas) or self.alpha is not None
+
+
+@dataclass
 class RegularizerConfig:
     name: RegularizerName = RegularizerName.none
     """none | replay | ewc | ewc_replay (the `regularizer=` group)."""
@@ -240,6 +258,8 @@ class RegularizerConfig:
     """Replay: general data mixed into every step by tokens (used by replay and ewc_replay)."""
     ewc: EWCConfig = field(default_factory=EWCConfig)
     """Elastic weight consolidation: a Fisher-weighted pull towards the stage's start (ewc, ewc_replay)."""
+    interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
+    """Weight interpolation with the stage's start after training (with any of the above)."""
 
     @property
     def uses_replay(self) -> bool:
@@ -261,6 +281,20 @@ class RegularizerConfig:
                                  "regularizer.ewc.fisher_data=<general data> (or regularizer.replay.path)")
             if self.ewc.lam < 0 or self.ewc.fisher_batches < 1 or not 0 <= self.ewc.gamma <= 1:
                 raise ValueError("regularizer.ewc: lam >= 0, fisher_batches >= 1 and gamma in [0, 1] are required")
+        i = self.interpolation
+        bad = [a for a in i.alphas if not 0 <= a <= 1]
+        if bad:
+            raise ValueError(f"regularizer.interpolation.alphas={list(i.alphas)}: {bad} outside [0, 1] "
+                             "(0 = the stage's start, 1 = the trained weights)")
+        if not 0 < i.keep_gain <= 1:
+            raise ValueError(f"regularizer.interpolation.keep_gain={i.keep_gain}: must be in (0, 1]")
+        if i.alpha is not None:
+            from trainer.interpolation import parse_alpha
+
+            try:
+                parse_alpha(i.alpha)
+            except ValueError as e:
+                raise ValueError(f"regularizer.interpolation.alpha: {e}") from None
 
 
 @dataclass

@@ -93,7 +93,8 @@ class Evaluation:
         self.baseline_from = baseline_from
         self.rank, self.world_size, self.device, self.pad = rank, world_size, device, pad_to_multiple_of
 
-    def _scores(self) -> Dict[str, float]:
+    def scores(self) -> Dict[str, float]:
+        """Every held-out set's loss and perplexity now. Collective."""
         return evaluate(self.engine, self.sets, self.micro_batch_size, self.rank, self.world_size, self.device,
                         self.pad)
 
@@ -102,7 +103,7 @@ class Evaluation:
         forgetting is measured against the first stage's base model (baseline_from)."""
         if state.step != 0 or not self.sets or not self.at_start:
             return
-        scores = self._scores()
+        scores = self.scores()
         state.baseline = {**scores, **general_baseline(self.baseline_from)}
         tracker.log(0, scores)
         tracker.log_samples(0, self.generator.generate(self.engine))
@@ -112,7 +113,7 @@ class Evaluation:
         """At the cadence: every held-out set, forgetting against state.baseline, the samples."""
         if not self.sets or not (last or (self.every_steps and state.step % self.every_steps == 0)):
             return
-        scores = self._scores()
+        scores = self.scores()
         scores.update(forgetting_metrics(scores, state.baseline))
         tracker.log(state.step, scores)
         tracker.log_samples(state.step, self.generator.generate(self.engine))

@@ -12,20 +12,25 @@ groups, `bottom` (token embeddings and the first third of the transformer blocks
 follows `bottom`. An α is written `0.5` (every group) or `bottom=0.25,middle=0.5,top=1` (each group;
 a group left out takes 1, i.e. keeps its fine-tuned weights).
 
-Used by bench/forgetting.py (the α sweep on exported models) and by `python -m trainer.interpolation`,
-which writes an interpolated Hugging Face directory from a stage's start and its export.
+In a run (`regularizer.interpolation`, see `sweep`): after the last step, each α is applied to the
+ZeRO-3 engine and the eval sets are scored; the chosen α is what the stage exports. Offline: bench/
+forgetting.py sweeps α on exported models, and `python -m trainer.interpolation START END OUT
+--alpha A` writes an interpolated Hugging Face directory from a stage's start and its export.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
+
+log = logging.getLogger("trainer")
 
 GROUPS = ("bottom", "middle", "top")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -135,6 +140,118 @@ def write_interpolated(start_dir: str, end_dir: str, alpha: Alpha, out_dir: str)
          "rule": "theta0 + alpha * (theta - theta0)", "groups": GROUPS}, indent=2))
     tmp.rename(out)
     return out
+
+
+# ---- in a run: θ from the engine, θ0 from the stage's start on disk ------------------------------------
+
+def _start_index(directory: Path) -> Dict[str, Path]:
+    """Tensor name -> the safetensors file of `directory` that holds it."""
+    from safetensors import safe_open
+
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"regularizer.interpolation: {directory} has no *.safetensors; the stage's start "
+                                "(model.name_or_path) must be a Hugging Face directory with safetensors weights")
+    index = {}
+    for f in files:
+        with safe_open(str(f), "pt") as h:
+            index.update({k: f for k in h.keys()})
+    return index
+
+
+@torch.no_grad()
+def apply(engine, start_dir: str, alpha: Alpha, rank: int) -> None:
+    """Set the engine's parameters to θ0 + α(θ − θ0), one parameter at a time. θ is the optimizer's fp32
+    master copy, which this leaves untouched (α = 1 puts the trained weights back); θ0 is read from
+    `start_dir` on rank 0 only, which writes the result that ZeRO-3 then re-partitions to every rank
+    (deepspeed.zero.GatheredParameters). Collective: every rank calls it with the same α."""
+    import deepspeed
+    from deepspeed.utils import safe_get_full_fp32_param
+    from safetensors import safe_open
+
+    module = engine.module
+    num_layers = int(module.config.num_hidden_layers)
+    index = _start_index(Path(start_dir)) if rank == 0 else {}
+    handles = {}
+    try:
+        for name, p in module.named_parameters():
+            theta = safe_get_full_fp32_param(p)  # collective: the full fp32 tensor on every rank
+            if theta is None:  # frozen: not trained, nothing to interpolate
+                continue
+            with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                if rank == 0:
+                    if name not in index:
+                        raise KeyError(f"regularizer.interpolation: {start_dir} has no tensor {name!r}; the stage's "
+                                       "start must be the same architecture as the model trained")
+                    f = index[name]
+                    if f not in handles:
+                        handles[f] = safe_open(str(f), "pt")
+                    theta0 = handles[f].get_tensor(name)
+                    if theta0.shape != theta.shape:
+                        raise ValueError(f"regularizer.interpolation: {name} is {tuple(theta0.shape)} in {start_dir} "
+                                         f"but {tuple(theta.shape)} here (a resized vocabulary?)")
+                    a = alpha_of(alpha, name, num_layers)
+                    p.data.copy_(torch.lerp(theta0.float(), theta.float(), a).to(p.dtype).view_as(p.data))
+    finally:
+        handles.clear()
+
+
+def choose(rows: List[Dict], keep_gain: float) -> Dict:
+    """The row of the smallest α whose domain gain (`eval/domain_gain`) is >= keep_gain x the gain at
+    α = 1 (which `rows` holds); α = 1 when training gained nothing on the domain set."""
+    full = next(r for r in rows if r["alpha"] == 1.0)
+    if full["eval/domain_gain"] <= 0:
+        return full
+    ok = [r for r in rows if r["eval/domain_gain"] >= keep_gain * full["eval/domain_gain"]]
+    return min(ok, key=lambda r: r["alpha"])
+
+
+def sweep(engine, cfg, baseline: Dict[str, float], score: Callable[[], Dict[str, float]], rank: int) -> Dict:
+    """The end of a stage with regularizer.interpolation: score every α on the eval sets (plus α = 1),
+    choose one (or take regularizer.interpolation.alpha) and leave the engine's weights at it for the
+    export. Returns {"alpha", "rows", ...} as written to output_dir/interpolation.json. Collective."""
+    from trainer.evaluate import forgetting_metrics
+
+    i = cfg.regularizer.interpolation
+    start = cfg.model.name_or_path
+    rows: List[Dict] = []
+    if i.alpha is None:
+        for a in sorted(set(i.alphas) | {1.0}):
+            apply(engine, start, a, rank)
+            scores = score()
+            scores.update(forgetting_metrics(scores, baseline))
+            rows.append({"alpha": a, **scores})
+            log.info("interpolation α=%g: %s", a, {k: round(v, 4) for k, v in scores.items() if "ppl" not in k})
+        chosen = choose(rows, i.keep_gain)
+        alpha: Alpha = chosen["alpha"]
+        how = (f"the smallest α keeping >= {i.keep_gain:g} of the domain gain at α=1 "
+               f"({chosen['eval/domain_gain']:.4f} of {next(r for r in rows if r['alpha'] == 1.0)['eval/domain_gain']:.4f})")
+    else:
+        alpha, how = parse_alpha(i.alpha), "regularizer.interpolation.alpha"
+    apply(engine, start, alpha, rank)
+    log.info("interpolation: exporting α=%s (%s)", alpha_label(alpha), how)
+    return {"alpha": alpha_label(alpha), "chosen_by": how, "start": start, "rule": "theta0 + alpha * (theta - theta0)",
+            "groups": GROUPS if isinstance(alpha, dict) else None, "rows": rows}
+
+
+def check(cfg, baseline_expected: bool) -> None:
+    """Before anything is built: what the sweep needs is there."""
+    i = cfg.regularizer.interpolation
+    if not i.enabled:
+        return
+    if not cfg.model.name_or_path:
+        raise ValueError("regularizer.interpolation needs the stage's start on disk: set model.name_or_path to a "
+                         "pretrained Hugging Face directory (a random-init start has nothing to keep)")
+    if not cfg.trainer.export_hf:
+        raise ValueError("regularizer.interpolation chooses what the stage exports: it needs trainer.export_hf=true")
+    if i.alpha is None:
+        if "domain" not in cfg.eval.sets:
+            raise ValueError(f"regularizer.interpolation.alphas={list(i.alphas)} chooses α by the domain gain: add a "
+                             "held-out domain set (+eval.sets.domain=PATH), or export a fixed α with "
+                             "regularizer.interpolation.alpha=0.5")
+        if not baseline_expected:
+            raise ValueError("regularizer.interpolation.alphas measures the domain gain against the step-0 eval: "
+                             "keep eval.at_start=true")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

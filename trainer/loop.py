@@ -24,7 +24,7 @@ import torch
 
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
-from trainer import distributed, faults, preemption
+from trainer import distributed, faults, interpolation, preemption
 from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
@@ -84,6 +84,7 @@ class Trainer:
             self.tokenizer = load_tokenizer(cfg.model)
         # Everything that can be checked without data or weights fails here, in seconds.
         hf_config = model_config(cfg.model, self.tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
+        interpolation.check(cfg, baseline_expected=cfg.eval.at_start)
         ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
         # Prepared once per cache (the node's first process prepares, the others wait on the filesystem).
         self.data = prepare_data(cfg, self.tokenizer, preparer=dist.local_rank == 0, progress=dist.is_main)
@@ -163,7 +164,10 @@ class Trainer:
                 self.checkpointer.save_if_unsaved(engine, state)
                 return Outcome.STOPPED
         if t.export_hf:
+            chosen = self._interpolate(tracker) if self.cfg.regularizer.interpolation.enabled else None
             export_hf(engine, self.tokenizer, str(Path(self.cfg.output_dir) / "hf"), self.dist.rank)
+            if chosen is not None and self.dist.is_main:
+                (Path(self.cfg.output_dir) / "hf" / "interpolation.json").write_text(json.dumps(chosen, indent=2))
         progress.close()
         if self.dist.is_main:
             summarise(self.cfg.output_dir, state.baseline, dashboard=self.cfg.logger.dashboard)
@@ -200,6 +204,18 @@ class Trainer:
                    **self.perf.metrics()}
         tracker.log(state.step, metrics)
         progress.log(state.step, metrics)  # one line per log step (and the bar on a terminal)
+
+    def _interpolate(self, tracker: Tracker) -> Dict:
+        """After the last step: score θ0 + α(θ − θ0) for the configured α, leave the weights at the
+        chosen one for the export (trainer/interpolation.py). The checkpoint keeps θ."""
+        result = interpolation.sweep(self.engine, self.cfg, self.state.baseline, self.evaluation.scores, self.dist.rank)
+        metrics = {f"interpolation/{r['alpha']:g}/{k}": v for r in result["rows"] for k, v in r.items() if k != "alpha"}
+        if all(c in "0123456789." for c in result["alpha"]):
+            metrics["interpolation/alpha"] = float(result["alpha"])
+        tracker.log(self.state.step, metrics)
+        if self.dist.is_main:
+            (Path(self.cfg.output_dir) / "interpolation.json").write_text(json.dumps(result, indent=2))
+        return result
 
     def _start_ewc(self) -> None:
         """A fresh stage with EWC: anchor at the current weights, Fisher on the reference data (a

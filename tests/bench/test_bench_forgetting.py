@@ -60,6 +60,15 @@ def test_forgetting_bench_smoke(tmp_path):
         train, held = (set(forgetting.read_documents(tmp_path / "data" / f"{corpus}_{s}.txt")) for s in ("train", "heldout"))
         assert len(held) == d["heldout_docs"] and not train & held
     assert (tmp_path / report["base"]["output_dir"] / "hf" / "config.json").is_file()
+    # the trainer's own interpolation sweep (regularizer.interpolation) gives each fine-tune's α points
+    for r in report["results"]:
+        rows = {row["alpha"]: row for row in r["interpolation"]["rows"]}
+        assert sorted(rows) == [0.5, 1.0]
+        assert rows[1.0]["eval/general/loss"] == pytest.approx(r["general_end"], rel=1e-6)
+    assert [(p["setting"], p["alpha"]) for p in report["points"]] == [
+        ("none", "1"), ("none", "0.5"), ("ewc_replay λ=1 0.05", "1"), ("ewc_replay λ=1 0.05", "0.5")]
+    assert report["points"][0]["removed"] == pytest.approx(0.0) or report["points"][0]["removed"] is None
+    assert (tmp_path / "frontier.png").is_file() and "Pareto frontiers" in proc.stdout
 
 
 def test_split_is_deterministic_and_reads_text_and_jsonl(tmp_path):
@@ -105,3 +114,78 @@ def test_dictd_reader_dedupes_entries_and_strips_markup(tmp_path):
     assert (tmp_path / "toy.txt").read_text() == (
         "Aerate , v. t. To supply with air; to aerate water.\n\n"
         "COTS <software> commercial off-the-shelf. See commercial software.\n")
+
+
+def test_fortune_files_become_one_document_per_entry(tmp_path):
+    (tmp_path / "wisdom").write_text("A penny saved is a penny earned, they say, and\n\tthey are right.\n"
+                                     "\t\t-- B. Franklin\n%\nShort.\n%\nThe last entry has no\ntrailing percent sign at all.\n")
+    docs = corpora.fortunes(tmp_path, files=("wisdom",), min_chars=20)
+    assert docs == ["A penny saved is a penny earned, they say, and\nthey are right.\n-- B. Franklin",
+                    "The last entry has no\ntrailing percent sign at all."]
+    with pytest.raises(FileNotFoundError, match="apt-get install -y .*fortunes"):
+        corpora.fortunes(tmp_path, files=("love",))
+
+
+def test_profiles_fill_what_the_command_line_leaves_out():
+    real = forgetting.parse_args(["--model", "smollm2_135m", "--general", "g", "--domain", "d", "--out", "x"])
+    assert (real.steps, real.lr, real.micro_batch, real.alphas) == (20, 1e-4, 1, [0.75, 0.5, 0.25])
+    assert [s.name for s in forgetting.settings(real)] == [
+        "none", "none lr=2.5e-05", "replay 0.1", "replay 0.25", "replay 0.5", "ewc λ=0.01", "ewc λ=0.1",
+        "ewc_replay λ=0.01 0.25"]
+    assert [s.dirname for s in forgetting.settings(real)][1:3] == ["none_lr2.5e-05", "replay_0.1"]
+    given = forgetting.parse_args(["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--steps", "7",
+                                   "--lr", "3e-5", "--alphas", "0.5"])
+    assert (given.steps, given.lr, given.alphas) == (7, 3e-5, [0.5])
+    assert forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]).steps == 200  # tiny profile
+    # a setting's own value of a key replaces the common one (Hydra refuses two)
+    assert forgetting.merged(["trainer.lr=1", "+eval.sets.a=p", "x=1"], ["trainer.lr=2", "eval.sets.a=q"]) == [
+        "x=1", "trainer.lr=2", "eval.sets.a=q"]
+    assert len(forgetting.group_grid([0.25, 0.5, 1.0])) == 24  # 27 combinations minus the 3 uniform ones
+
+
+def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():
+    base = {"general": 4.0, "chat": 0.6, "kl": 0.0, "domain": 4.0}
+    none = forgetting.drift_point("none", "plain", "", "1", {"general": 3.9, "chat": 0.8, "kl": 0.2, "domain": 3.0})
+    half = forgetting.drift_point("none", "interp", "α 0.5", "0.5", {"general": 3.8, "chat": 0.61, "kl": 0.05, "domain": 3.05})
+    forgetting.relate([none, half], base, none["scores"])
+    assert none["removed"] is None or none["removed"] == pytest.approx(0.0)
+    assert half["removed_by"]["general"] is None  # general text got better under plain fine-tuning: not judged
+    assert half["removed_by"]["chat"] == pytest.approx(0.95) and half["removed"] == pytest.approx(0.95)
+    assert half["removed_by"]["kl"] == pytest.approx(0.75)
+    assert half["kept"] == pytest.approx(0.95) and half["meets_target"]
+    table = forgetting.real_table([none, half], base)
+    assert "| none | 0.5 | 3.800 | 0.610 | 0.0500 | 3.050 | – / 95% / 75% | 95% | 95% | yes |" in table
+
+
+def test_pareto_frontier_and_best_trade_off(tmp_path):
+    import frontier
+
+    pts = [{"method": "m", "knob": k, "removed": r, "kept": g} for k, r, g in
+           [("a", 0.1, 1.0), ("b", 0.5, 0.9), ("c", 0.4, 0.8), ("d", 0.9, 0.5), ("e", 0.5, 0.95), ("f", None, 1.0)]]
+    assert [p["knob"] for p in frontier.pareto(pts)] == ["a", "e", "d"]
+    # closest to the corner: min(removed/0.9, kept/0.95) is 0.556 for e (and for b, which e dominates), 0.526 for d
+    assert frontier.best_trade_off(pts, 0.9, 0.95)["knob"] == "e"
+    pts.append({"method": "n", "knob": "g", "removed": 0.92, "kept": 0.96})
+    assert frontier.best_trade_off(pts, 0.9, 0.95)["knob"] == "g"
+    assert set(frontier.frontiers(pts)) == {"m", "n"}
+    png = frontier.plot(pts, tmp_path / "f.png", "title", 0.9, 0.95)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_top_k_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it():
+    import torch
+
+    import drift
+
+    torch.manual_seed(0)
+    p = torch.log_softmax(torch.randn(5, 50) * 2, -1)
+    q = torch.log_softmax(torch.randn(5, 50) * 2, -1)
+    full = (p.exp() * (p - q)).sum(-1)
+    top = p.topk(50, -1)
+    assert torch.allclose(drift.kl_topk(top.indices, top.values, q), full, atol=1e-5)
+    for k in (1, 5, 20):
+        top = p.topk(k, -1)
+        approx = drift.kl_topk(top.indices, top.values, q)
+        assert (approx <= full + 1e-6).all() and (approx >= -1e-6).all()
+    top = p.topk(5, -1)
+    assert torch.allclose(drift.kl_topk(top.indices, top.values, p), torch.zeros(5), atol=1e-6)

@@ -3,6 +3,7 @@ point and launchers. Slow (~20 s a run); marked `distributed`."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -227,3 +228,40 @@ def test_weights_given_and_a_checkpoint_resumed_in_one_run_warn(straight_run, tm
     check(proc)
     assert (f"resuming at step 20: the weights come from the checkpoint, not from model.name_or_path="
             f"{straight_run[0]}/hf") in (proc.stdout + proc.stderr)
+
+
+def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_one(straight_run, tmp_path):
+    """regularizer.interpolation on 2 ZeRO-3 ranks, starting from the reference run's export: α = 0
+    scores exactly as the start did at step 0 and α = 1 exactly as the last eval; the chosen α is the
+    rule's on those rows; the export is θ0 + α(θ − θ0) with θ the final checkpoint's fp32 weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from trainer.interpolation import choose
+
+    start, out = straight_run[0] / "hf", tmp_path / "interp"
+    proc = run_train(LAUNCHER, QUICK + [f"model.name_or_path={start}", "trainer.max_steps=3", "trainer.micro_batch_size=2",
+                                        "trainer.warmup_steps=1", "trainer.lr=3e-3", "trainer.eval_every_steps=0",
+                                        "regularizer.interpolation.alphas=[0,0.5]", "regularizer.interpolation.keep_gain=0.6",
+                                        f"output_dir={out}"])
+    check(proc)
+    result = json.loads((out / "interpolation.json").read_text())
+    rows = {r["alpha"]: r for r in result["rows"]}
+    assert sorted(rows) == [0.0, 0.5, 1.0]
+    metrics = read_metrics(out)
+    step0, last = series(metrics, "eval/domain/loss")[0], series(metrics, "eval/domain/loss")[3]
+    assert rows[0.0]["eval/domain/loss"] == pytest.approx(step0, rel=1e-6)
+    assert rows[1.0]["eval/domain/loss"] == pytest.approx(last, rel=1e-6)
+    assert rows[1.0]["eval/domain_gain"] > 0, rows  # 3 steps at lr 3e-3 learn the domain
+    chosen = choose(result["rows"], 0.6)["alpha"]
+    assert result["alpha"] == f"{chosen:g}" and json.loads((out / "hf" / "interpolation.json").read_text()) == result
+    assert series(metrics, "interpolation/alpha")[3] == chosen
+    assert series(metrics, "interpolation/0.5/eval/domain/loss")[3] == rows[0.5]["eval/domain/loss"]
+
+    theta = get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000003")
+    theta0, exported = load_file(str(start / "model.safetensors")), load_file(str(out / "hf" / "model.safetensors"))
+    assert set(exported) <= set(theta0)
+    for name, value in exported.items():
+        expected = torch.lerp(theta0[name].float(), theta[name].float(), chosen)
+        assert torch.allclose(value.float(), expected, atol=1e-6), name
+    assert chosen in (0.5, 1.0) and not torch.equal(exported["model.norm.weight"], theta0["model.norm.weight"])

@@ -1,0 +1,56 @@
+"""bench/forgetting.py's real-model profile end to end on the depth-reduced SmolLM2 copy (its real
+tokenizer and ChatML template): the base's greedy chat answers are generated, two fine-tunes run
+through the real trainer, and every scored point is checked against scoring the kept exports and
+their interpolations directly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helpers import ROOT
+
+pytestmark = [pytest.mark.real_model, pytest.mark.distributed, pytest.mark.timeout(900)]
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, tmp_path):
+    import drift
+    from safetensors.torch import load_file
+
+    from trainer.interpolation import interpolate
+
+    proc = subprocess.run([sys.executable, "bench/forgetting.py", "--model", str(reduced_dir), "--smoke", "--only",
+                           "replay", "--keep-runs", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    report = json.loads((tmp_path / "forgetting.json").read_text())
+    assert report["profile"] == "real" and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    answers = report["probe"]["answers"]
+    assert len(answers) == 3 and all(a["answer"].strip() for a in answers), answers  # the base's own words
+    assert "target:" in proc.stdout and "| setting | α | general loss | chat loss | KL from base" in proc.stdout
+
+    points = {(p["setting"], p["alpha"]): p for p in report["points"]}
+    groups = [p for p in report["points"] if p["method"] == "interpolation per group: none"]
+    assert {("none", "1"), ("none", "0.5"), ("replay 0.25", "1"), ("replay 0.25", "0.5")} <= set(points)
+    assert len(groups) == 6  # {0.5, 1}^3 minus the two uniform corners
+    ref = points[("none", "1")]
+    assert ref["removed_by"]["kl"] == pytest.approx(0.0) and ref["kept"] in (None, pytest.approx(1.0))
+
+    # The points are what scoring the exports (and their interpolations with the start) gives.
+    model = drift.load_model(reduced_dir)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = drift.Probe(**torch.load(report["probe"]["cache"], weights_only=False))
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    assert drift.score(model, probe, pad) == pytest.approx(report["base"], abs=1e-6)
+    assert report["base"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    tuned = load_file(str(tmp_path / "runs" / "none" / "hf" / "model.safetensors"))
+    for alpha, key in ((1.0, "1"), (0.5, "0.5")):
+        model.load_state_dict(interpolate(start, tuned, alpha, model.config.num_hidden_layers), strict=False)
+        assert drift.score(model, probe, pad) == pytest.approx(points[("none", key)]["scores"], rel=1e-5)
+    assert points[("none", "1")]["scores"]["kl"] > points[("none", "0.5")]["scores"]["kl"] > 0
