@@ -141,7 +141,7 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
     base's greedy answers to `prompts` (at most answer_tokens, ending at its end-of-turn token when
     it stops by itself) and its top-k next-token log-probs on the general documents. Cached at `cache`."""
     if cache.is_file():
-        return Probe(**torch.load(cache, weights_only=False))
+        return Probe(**torch.load(cache, weights_only=True))
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -288,13 +288,6 @@ class RegularizerConfig:
                              "(0 = the stage's start, 1 = the trained weights)")
         if not 0 < i.keep_gain <= 1:
             raise ValueError(f"regularizer.interpolation.keep_gain={i.keep_gain}: must be in (0, 1]")
-        if i.alpha is not None:
-            from trainer.interpolation import parse_alpha
-
-            try:
-                parse_alpha(i.alpha)
-            except ValueError as e:
-                raise ValueError(f"regularizer.interpolation.alpha: {e}") from None
 
 
 @dataclass

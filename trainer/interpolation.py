@@ -239,6 +239,11 @@ def check(cfg, baseline_expected: bool) -> None:
     i = cfg.regularizer.interpolation
     if not i.enabled:
         return
+    if i.alpha is not None:
+        try:
+            parse_alpha(i.alpha)
+        except ValueError as e:
+            raise ValueError(f"regularizer.interpolation.alpha: {e}") from None
     if not cfg.model.name_or_path:
         raise ValueError("regularizer.interpolation needs the stage's start on disk: set model.name_or_path to a "
                          "pretrained Hugging Face directory (a random-init start has nothing to keep)")

@@ -45,7 +45,7 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     # The points are what scoring the exports (and their interpolations with the start) gives.
     model = drift.load_model(reduced_dir)
     start = {k: v.clone() for k, v in model.state_dict().items()}
-    probe = drift.Probe(**torch.load(report["probe"]["cache"], weights_only=False))
+    probe = drift.Probe(**torch.load(report["probe"]["cache"], weights_only=True))
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
     assert drift.score(model, probe, pad) == pytest.approx(report["base"], abs=1e-6)
     assert report["base"]["kl"] == pytest.approx(0.0, abs=1e-6)

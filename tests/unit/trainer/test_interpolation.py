@@ -109,8 +109,9 @@ def test_config_checks_name_key_and_value():
         load_config(base + ["regularizer.interpolation.alphas=[0.5,1.5]"])
     with pytest.raises(SystemExit, match=r"keep_gain=0.0: must be in \(0, 1\]"):
         load_config(base + ["regularizer.interpolation.keep_gain=0"])
-    with pytest.raises(SystemExit, match="regularizer.interpolation.alpha: .*unknown group"):
-        load_config(base + ["regularizer.interpolation.alpha={low:0.5}"])
+    bad = load_config(base + ["regularizer.interpolation.alpha={low:0.5}", "model.name_or_path=/m"])
+    with pytest.raises(ValueError, match="regularizer.interpolation.alpha: .*unknown group"):
+        check(bad, baseline_expected=True)
     cfg = load_config(base + ["regularizer.interpolation.alphas=[0.5]"])
     with pytest.raises(ValueError, match="needs the stage's start on disk: set model.name_or_path"):
         check(cfg, baseline_expected=True)
