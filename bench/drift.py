@@ -144,6 +144,8 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
         return Probe(**torch.load(cache, weights_only=True))
     from transformers import AutoTokenizer
 
+    from trainer import rehearsal
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -151,17 +153,9 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
     d = _take(domain, tok, text_tokens, max_doc_tokens)
 
     chat, answers = [], []
-    for prompt in prompts:  # one at a time: no padding inside a greedy generation
-        ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
-        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
-        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                             max_new_tokens=answer_tokens, do_sample=False, pad_token_id=pad,
-                             eos_token_id=tok.eos_token_id)[0, len(ids):].tolist()
-        if tok.eos_token_id in out:
-            out = out[:out.index(tok.eos_token_id) + 1]  # the end-of-turn token is part of the answer
-        chat.append((ids + out, [IGNORE] * len(ids) + out))
-        answers.append({"prompt": prompt, "answer": tok.decode(out, skip_special_tokens=True)})
+    for a in rehearsal.answers(model, tok, prompts, answer_tokens):  # greedy, one at a time: no padding
+        chat.append((a.prompt_ids + a.answer_ids, [IGNORE] * len(a.prompt_ids) + a.answer_ids))
+        answers.append({"prompt": a.prompt, "answer": a.text})
     order = sorted(range(len(chat)), key=lambda i: len(chat[i][0]))
     chat, answers = [chat[i] for i in order], [answers[i] for i in order]
 

@@ -125,6 +125,9 @@ class Setting:
     name: str
     regularizer: str
     overrides: List[str] = field(default_factory=list)
+    method: Optional[str] = None
+    """The frontier it belongs to, when not its regularizer's (e.g. plain fine-tuning at other warmups)."""
+    knob: Optional[str] = None
 
     @property
     def dirname(self) -> str:
@@ -132,16 +135,32 @@ class Setting:
         return self.name.replace(" ", "_").replace("λ=", "lam").replace("=", "")
 
 
-def settings(args) -> List[Setting]:
+def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
+    """Every fine-tune of the run; `rehearsal`: the base's own chat answers (real profile) for chat replay."""
     out = [Setting("none", "none")]
     for lr in args.lower_lrs:  # plain fine-tuning at a lower peak LR: a point of its own frontier
-        out.append(Setting(f"none lr={lr:g}", "none", [f"trainer.lr={lr}"]))
+        out.append(Setting(f"none lr={lr:g}", "none", [f"trainer.lr={lr}"], "plain (peak LR)", f"lr {lr:g}"))
+    for w in args.warmups:  # plain fine-tuning re-warmed over another number of steps (0: none)
+        out.append(Setting(f"none warmup={w}", "none", [f"trainer.warmup_steps={w}"], "plain (warmup)", f"warmup {w}"))
     for r in args.replay_ratios:
         out.append(Setting(f"replay {r:g}", "replay", [f"regularizer.replay.ratio={r}"]))
-    for lam in args.lams:
-        out.append(Setting(f"ewc λ={lam:g}", "ewc", [f"regularizer.ewc.lam={lam}"]))
-    out.append(Setting(f"ewc_replay λ={args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}", "ewc_replay",
-                       [f"regularizer.ewc.lam={args.ewc_replay_lam}", f"regularizer.replay.ratio={args.ewc_replay_ratio}"]))
+    for r in args.chat_replay_ratios if rehearsal else []:
+        out.append(Setting(f"replay chat {r:g}", "replay", [
+            f"regularizer.replay.path={rehearsal}", "regularizer.replay.format=messages",
+            "regularizer.replay.objective=instruct", f"regularizer.replay.ratio={r}"], "replay (own chat answers)", f"{r:g}"))
+    for labels in args.fisher_labels:
+        tag = "" if labels == "data" else f" {labels}"  # the data-label Fisher keeps its old name
+        for lam in args.lams:
+            out.append(Setting(f"ewc λ={lam:g}{tag}", "ewc", [f"regularizer.ewc.lam={lam}",
+                                                              f"regularizer.ewc.fisher_labels={labels}"],
+                               f"ewc{tag}", f"{lam:g}"))
+    if args.ewc_replay_ratio:
+        labels = args.fisher_labels[0]
+        tag = "" if labels == "data" else f" {labels}"
+        out.append(Setting(f"ewc_replay λ={args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}{tag}", "ewc_replay",
+                           [f"regularizer.ewc.lam={args.ewc_replay_lam}", f"regularizer.replay.ratio={args.ewc_replay_ratio}",
+                            f"regularizer.ewc.fisher_labels={labels}"], f"ewc_replay{tag}",
+                           f"{args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}"))
     return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
 
 
@@ -237,8 +256,7 @@ def tiny_points(results: List[Dict]) -> List[Dict]:
 
     points = []
     for r in results:
-        knob = " ".join(o.split("=", 1)[1] for o in r["overrides"]) or "-"
-        points.append(point(r["regularizer"], knob, r["general_end"], r["domain_end"], r["setting"], "1"))
+        points.append(point(r["method"], r["knob"], r["general_end"], r["domain_end"], r["setting"], "1"))
         for row in (r.get("interpolation") or {}).get("rows", []):
             if row["alpha"] != 1.0:
                 points.append(point(f"interpolation: {r['setting']}", f"α {row['alpha']:g}",
@@ -321,23 +339,60 @@ REAL_LEAVES_OUT = [
 ]
 
 
+# Rehearsal prompts for the real profile's chat replay: general tasks on short general-train documents
+# (none of the probe's prompts: those score the chat drift, so nothing trains on them).
+REHEARSAL_TASKS = [
+    "What does this saying mean? Answer briefly.\n\n{doc}",
+    "Give this text a short title.\n\n{doc}",
+    "Explain this to a ten-year-old in two sentences.\n\n{doc}",
+    "Do you agree with this? Say why in a sentence or two.\n\n{doc}",
+]
+
+
+def rehearsal_prompts(docs: Sequence[str], n: int, seed: int, max_chars: int = 300) -> List[str]:
+    """n prompts: the tasks in turn, each on a document (seeded choice, the short ones first; a longer one
+    is cut at a word boundary to max_chars)."""
+    order = list(docs)
+    random.Random(f"{seed}:rehearsal").shuffle(order)
+    order.sort(key=lambda d: len(d) > max_chars)  # stable: the short ones first, in shuffled order
+    cut = [d if len(d) <= max_chars else d[:max_chars].rsplit(" ", 1)[0] + " ..." for d in order[:n]]
+    return [REHEARSAL_TASKS[i % len(REHEARSAL_TASKS)].format(doc=d) for i, d in enumerate(cut)]
+
+
+def build_rehearsal(model_dir: Path, docs: Sequence[str], out: Path, n: int, max_new_tokens: int, seed: int,
+                    keep_cut_off: bool = False) -> Dict:
+    """The base's own greedy answers to rehearsal_prompts, as a messages JSONL (trainer/rehearsal.py),
+    cached at `out` (keyed by the caller). Answers cut off at max_new_tokens are dropped unless
+    keep_cut_off (the smoke's depth-reduced model never ends a turn), as launch/rehearse.py does."""
+    from transformers import AutoTokenizer
+
+    import drift
+    from trainer import rehearsal
+
+    meta = out.with_suffix(".json")
+    if out.is_file() and meta.is_file():
+        return json.loads(meta.read_text())
+    t0 = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    prompts = rehearsal_prompts(docs, n, seed)
+    kept = [a for a in rehearsal.answers(drift.load_model(model_dir), tok, prompts, max_new_tokens)
+            if a.text and (a.finished or keep_cut_off)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(json.dumps(rehearsal.record(a), ensure_ascii=False) + "\n" for a in kept), encoding="utf-8")
+    info = {"path": str(out), "prompts": len(prompts), "answers": len(kept), "dropped_cut_off": len(prompts) - len(kept),
+            "answer_tokens": sum(len(a.answer_ids) for a in kept), "seconds": round(time.perf_counter() - t0, 1)}
+    meta.write_text(json.dumps(info, indent=1))
+    return info
+
+
 def resolve_model(spec: str) -> Path:
     """--model: a Hugging Face directory, or the name of a model `launch/import_model.py` imports."""
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise SystemExit(f"--model {spec}: no config.json there (a Hugging Face model directory is expected)")
-        return path.resolve()
-    from trainer.model_import import imported_model_dir
+    from trainer.model_import import model_dir_of
 
     try:
-        found = Path(imported_model_dir(spec))
-    except (KeyError, ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"--model {spec}: neither a directory nor an importable model ({e})") from None
-    if not (found / "config.json").is_file():
-        raise SystemExit(f"--model {spec}: not imported yet ({found}); run `python launch/import_model.py {spec}` "
-                         "once (about a minute, nothing is downloaded)")
-    return found
+        return model_dir_of(spec)
+    except ValueError as e:
+        raise SystemExit(f"--model {e}") from None
 
 
 def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Path) -> List[str]:
@@ -357,11 +412,11 @@ def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Pat
 
 def method_of(setting: Setting) -> Tuple[str, str]:
     """(method, knob) of a fine-tune for the frontiers: plain fine-tuning's knob is its peak LR."""
+    if setting.method:
+        return setting.method, setting.knob or "-"
     if setting.regularizer == "none":
-        lr = next((o.split("=", 1)[1] for o in setting.overrides if o.startswith("trainer.lr=")), None)
-        return "plain (peak LR)", f"lr {lr}" if lr else "default lr"
-    knob = " ".join(o.split("=", 1)[1] for o in setting.overrides)
-    return setting.regularizer, knob
+        return "plain (peak LR)", "default lr"
+    return setting.regularizer, " ".join(o.split("=", 1)[1] for o in setting.overrides)
 
 
 def drift_point(setting: str, method: str, knob: str, alpha: str, scores: Dict[str, float]) -> Dict:
@@ -424,7 +479,7 @@ def real_main(args) -> Dict:
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()
     model_dir = resolve_model(args.model)
-    print(f"real-model profile: {model_dir}; {len(settings(args))} fine-tunes of {args.steps} steps; left out: "
+    print(f"real-model profile: {model_dir}; {len(settings(args, out))} fine-tunes of {args.steps} steps; left out: "
           + "; ".join(REAL_LEAVES_OUT), flush=True)
     data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
             for name, path in (("general", args.general), ("domain", args.domain))}
@@ -443,6 +498,21 @@ def real_main(args) -> Dict:
     print(f"probe: {probe.tokens()} scored tokens, {len(probe.answers)} base answers ({cache}, "
           f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
+    rehearsal, info = None, None
+    if args.chat_replay_ratios and "replay" in args.only:
+        rkey = hashlib.sha256(json.dumps([cache.name, data["general"]["train"], args.rehearsal_prompts,
+                                          args.rehearsal_tokens, args.seed, args.rehearsal_keep_cut_off]).encode()).hexdigest()[:12]
+        info = build_rehearsal(model_dir, read_documents(Path(data["general"]["train"])),
+                               out / "probe" / f"rehearsal-{rkey}.jsonl", args.rehearsal_prompts, args.rehearsal_tokens,
+                               args.seed, args.rehearsal_keep_cut_off)
+        if not info["answers"]:
+            raise SystemExit(f"rehearsal: none of the base's {info['prompts']} answers ended within "
+                             f"--rehearsal-tokens={args.rehearsal_tokens}; raise it")
+        rehearsal = Path(info["path"])
+        print(f"rehearsal (chat replay): the base's answers to {info['answers']} of {info['prompts']} prompts on general "
+              f"train documents ({info['answer_tokens']} answer tokens; {info['dropped_cut_off']} dropped, cut off at "
+              f"{args.rehearsal_tokens} tokens) -> {rehearsal} ({info['seconds']:.0f} s)", flush=True)
+
     model = drift.load_model(model_dir)
     num_layers = model.config.num_hidden_layers
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
@@ -457,7 +527,7 @@ def real_main(args) -> Dict:
         return drift.score(model, probe, pad)
 
     points, runs = [], []
-    for s in settings(args):
+    for s in settings(args, rehearsal):
         run_dir = out / "runs" / s.dirname
         shutil.rmtree(run_dir, ignore_errors=True)
         print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
@@ -515,6 +585,7 @@ def real_main(args) -> Dict:
         "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine_line(), "profile": "real",
         "model": str(model_dir), "args": {k: v for k, v in vars(args).items()}, "data": data,
         "probe": {"cache": str(cache), "tokens": probe.tokens(), "answers": probe.answers}, "base": base,
+        "rehearsal": info if rehearsal else None,
         "runs": runs, "points": points, "frontiers": fronts, "best": best,
         "target_met": bool(meeting), "total_wall_s": round(time.perf_counter() - started, 1),
     }
@@ -533,17 +604,20 @@ def _floats(text: str) -> List[float]:
 PROFILES = {
     "tiny": dict(steps=200, base_steps=600, lr=1e-3, base_lr=1e-3, warmup=10, seq_len=512, micro_batch=4,
                  heldout_docs=500, lams=[0.01, 0.1, 1.0], replay_ratios=[0.05, 0.25], ewc_replay_ratio=0.05,
-                 fisher_batches=8, lower_lrs=[], alphas=[0.25, 0.5, 0.75], group_alphas=[], skip_steps=5),
+                 fisher_batches=8, lower_lrs=[], alphas=[0.25, 0.5, 0.75], group_alphas=[], skip_steps=5, warmups=[],
+                 fisher_labels=["data"], chat_replay_ratios=[]),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
     # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
     "real": dict(steps=20, lr=1e-4, warmup=2, seq_len=512, micro_batch=1, heldout_docs=200, lams=[0.01, 0.1],
                  replay_ratios=[0.1, 0.25, 0.5], ewc_replay_ratio=0.25, fisher_batches=4, lower_lrs=[2.5e-5],
-                 alphas=[0.75, 0.5, 0.25], group_alphas=[0.25, 0.5, 1.0], skip_steps=2),
+                 alphas=[0.75, 0.5, 0.25], group_alphas=[0.25, 0.5, 1.0], skip_steps=2, warmups=[],
+                 fisher_labels=["data"], chat_replay_ratios=[]),
     "smoke": dict(steps=3, base_steps=3, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1,
-                  lams=[1.0], replay_ratios=[0.25], alphas=[0.5]),
+                  lams=[1.0], replay_ratios=[0.25], alphas=[0.5], fisher_labels=["sampled"]),
     "real_smoke": dict(steps=2, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1, lams=[1.0],
-                       replay_ratios=[0.25], lower_lrs=[], alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3,
-                       probe_tokens=200, answer_tokens=8, prompts=3),
+                       replay_ratios=[], chat_replay_ratios=[0.25], fisher_labels=["sampled"], lower_lrs=[],
+                       alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3, probe_tokens=200, answer_tokens=8, prompts=3,
+                       rehearsal_prompts=4, rehearsal_tokens=16, rehearsal_keep_cut_off=True),
 }
 
 
@@ -569,6 +643,17 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--ewc-replay-lam", type=float, default=None, help="λ of ewc_replay (default: the smallest --lams)")
     p.add_argument("--ewc-replay-ratio", type=float)
     p.add_argument("--lower-lrs", type=_floats, help="plain fine-tuning at these lower peak LRs too (real: 2.5e-5)")
+    p.add_argument("--warmups", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+                   help="plain fine-tuning re-warmed over these numbers of steps too (0 = no warmup)")
+    p.add_argument("--fisher-labels", type=lambda t: [x for x in t.split(",") if x.strip()],
+                   help="EWC's Fisher labels, each run at every --lams: data (the empirical Fisher), sampled (the "
+                        "model's own predictions); e.g. data,sampled")
+    p.add_argument("--chat-replay-ratios", type=_floats,
+                   help="real: replay the base's own answers to general prompts (rehearsal) at these ratios")
+    p.add_argument("--rehearsal-prompts", type=int, default=64, help="real: rehearsal prompts to answer")
+    p.add_argument("--rehearsal-tokens", type=int, default=128, help="real: longest rehearsal answer kept")
+    p.add_argument("--rehearsal-keep-cut-off", action="store_true",
+                   help="real: keep rehearsal answers cut off at --rehearsal-tokens (default: dropped)")
     p.add_argument("--alphas", type=_floats, help="real: interpolation α with the start, scored for every fine-tune")
     p.add_argument("--group-alphas", type=_floats,
                    help="real: per-group α grid (bottom/middle/top each from these values) scored for `none`")
@@ -633,7 +718,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"fine-tune {s.name}: {args.steps} steps -> {run_dir}", flush=True)
         wall = train(args, finetune_overrides(args, data, base, s, run_dir), out / "logs" / f"{run_dir.name}.log")
         interp = run_dir / "interpolation.json"
+        method, knob = method_of(s)
         results.append({"setting": s.name, "regularizer": s.regularizer, "overrides": s.overrides,
+                        "method": method, "knob": knob,
                         "output_dir": str(run_dir), "wall_s": round(wall, 1),
                         **summarise(read_metrics(run_dir), args.skip_steps),
                         "interpolation": json.loads(interp.read_text()) if interp.is_file() else None})

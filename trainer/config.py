@@ -46,6 +46,7 @@ Overlong = choice("Overlong", "auto", "truncate", "drop", "split")
 Attention = choice("Attention", "sdpa", "eager", "flex_attention")
 OffloadDevice = choice("OffloadDevice", "none", "cpu")
 RegularizerName = choice("RegularizerName", "none", "replay", "ewc", "ewc_replay")
+FisherLabels = choice("FisherLabels", "data", "sampled")
 LoggerBackend = choice("LoggerBackend", "wandb", "jsonl")
 WandbMode = choice("WandbMode", "online", "offline", "disabled")
 LRSchedule = choice("LRSchedule", "cosine", "constant")
@@ -211,6 +212,10 @@ class ReplayConfig:
     """auto | alpaca | sharegpt | messages | completion | text."""
     ratio: float = 0.1
     """Fraction of training tokens that come from replay, in [0, 1)."""
+    objective: Optional[Objective] = None
+    """What is learned from the replay data: None = the stage's objective. A chat model's continued
+    pretraining (stage=pretrain) replays its chat data with `instruct` (the assistant turns only),
+    e.g. the base's own answers written by launch/rehearse.py."""
 
 
 @dataclass
@@ -224,6 +229,13 @@ class EWCConfig:
     dataset. None = regularizer.replay.path."""
     fisher_batches: int = 8
     """Reference micro-batches per rank averaged into the Fisher."""
+    fisher_labels: FisherLabels = FisherLabels.data
+    """The targets of the Fisher's loss. data: the reference data's own tokens (the empirical
+    Fisher: the squared gradient of the reference loss). sampled: tokens drawn from the model's own
+    next-token distribution at each position (the Fisher proper, one Monte Carlo sample a position,
+    seeded by trainer.seed and the rank): at weights that already fit the data, the empirical
+    Fisher's batch gradient is mostly noise, while the sampled one estimates the curvature of the
+    model's predictions (Kunstner et al., 2019). bench/forgetting.py compares both."""
     normalise: bool = True
     """Scale the Fisher to mean 1 over all parameters, so λ transfers between model sizes."""
     gamma: float = 1.0
@@ -447,15 +459,24 @@ class Config:
             if self.data.overlong == Overlong.split and self.stage.objective != Objective.pretrain:
                 raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.objective} "
                                  "needs whole samples: use data.overlong=truncate or drop")
+            replay = self.regularizer.replay.objective if isinstance(self.regularizer, RegularizerConfig) else None
+            if self.data.overlong == Overlong.split and replay not in (None, Objective.pretrain):
+                raise ValueError(f"data.overlong=split is for continued pretraining; regularizer.replay.objective={replay} "
+                                 "needs whole samples: use data.overlong=truncate or drop (or auto)")
             if not self.data.packing and self.stage.objective == Objective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
 
     @property
     def overlong(self) -> Overlong:
         """data.overlong with `auto` resolved for the stage."""
+        return self.overlong_for(self.stage.objective)
+
+    def overlong_for(self, objective: Objective) -> Overlong:
+        """data.overlong with `auto` resolved for a source learned with `objective` (a replay source
+        may have its own: regularizer.replay.objective)."""
         if self.data.overlong != Overlong.auto:
             return self.data.overlong
-        return Overlong.split if self.stage.objective == Objective.pretrain else Overlong.truncate
+        return Overlong.split if objective == Objective.pretrain else Overlong.truncate
 
 
 GROUP_SCHEMAS = {

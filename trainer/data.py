@@ -29,33 +29,37 @@ def cache_dir(cfg: Config) -> str:
     return cfg.data.cache_dir or str(cache_root() / "data")
 
 
-def options(cfg: Config, fmt: str) -> PrepareOptions:
+def options(cfg: Config, fmt: str, objective: Optional[str] = None) -> PrepareOptions:
+    """How a source is prepared: the stage's objective unless `objective` (a replay source's own) says otherwise."""
     d = cfg.data
-    return PrepareOptions(objective=cfg.stage.objective.value, seq_len=d.seq_len, fmt=str(fmt), on_error=str(d.on_error),
-                          overlong=str(cfg.overlong), packing=d.packing, system_prompt=cfg.stage.system_prompt,
-                          split=d.split)
+    objective = objective or cfg.stage.objective
+    return PrepareOptions(objective=str(objective), seq_len=d.seq_len, fmt=str(fmt), on_error=str(d.on_error),
+                          overlong=str(cfg.overlong_for(objective)), packing=d.packing,
+                          system_prompt=cfg.stage.system_prompt, split=d.split)
 
 
 def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False) -> TrainingData:
     """Every source and eval set, from the cache or prepared now. Only processes with preparer=True
     prepare; the others wait for them on the filesystem."""
     d = cfg.data
-    specs = [(d.name, d.path, d.format, d.weight)]
-    specs += [(name, s.path, s.format, s.weight) for name, s in d.sources.items()]
+    specs = [(d.name, d.path, d.format, d.weight, None)]
+    specs += [(name, s.path, s.format, s.weight, None) for name, s in d.sources.items()]
     reg = cfg.regularizer
     if reg.uses_replay:
         # Replay takes `ratio` of the tokens; the other sources share the rest by their weights.
-        total = sum(w for *_, w in specs)
-        specs = [(n, p, f, w / total * (1 - reg.replay.ratio)) for n, p, f, w in specs]
-        specs.append(("replay", reg.replay.path, reg.replay.format, reg.replay.ratio))
+        total = sum(spec[3] for spec in specs)
+        specs = [(n, p, f, w / total * (1 - reg.replay.ratio), o) for n, p, f, w, o in specs]
+        specs.append(("replay", reg.replay.path, reg.replay.format, reg.replay.ratio, reg.replay.objective))
     where = cache_dir(cfg)
     kw = dict(cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress)
-    sources = [prepare(path, tokenizer, options(cfg, fmt), **kw) for _, path, fmt, _ in specs]
+    sources = [prepare(path, tokenizer, options(cfg, fmt, objective), **kw) for _, path, fmt, _, objective in specs]
     eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto"), **kw) for name, path in cfg.eval.sets.items()}
     fisher = None
     if reg.uses_ewc:
-        fisher = prepare(reg.ewc.fisher_data or reg.replay.path, tokenizer, options(cfg, "auto"), **kw)
-    for (name, path, _, weight), src in zip(specs, sources):
+        own = reg.ewc.fisher_data is not None  # else the replay data, prepared as replay prepares it
+        fisher = prepare(reg.ewc.fisher_data if own else reg.replay.path, tokenizer,
+                         options(cfg, "auto", None) if own else options(cfg, reg.replay.format, reg.replay.objective), **kw)
+    for (name, path, _, weight, _), src in zip(specs, sources):
         log.info("source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s", name, weight, path, len(src),
                  src.stats["packing_efficiency"], _counts(src.stats))
     return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher)

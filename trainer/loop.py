@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import hashlib
 import json
 import logging
@@ -26,12 +27,12 @@ from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
 from trainer import distributed, faults, interpolation, preemption
 from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
-from trainer.config import Config, Objective, OffloadDevice, OnNonFinite
+from trainer.config import Config, FisherLabels, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import Evaluation
 from trainer.generation import Generator
-from trainer.loss import backward_scale, row_loss_sums, supervised_tokens
+from trainer.loss import backward_scale, row_loss_sums, sampled_labels, supervised_tokens
 from trainer.metrics import MetricWindow, StepResult
 from trainer.model import build_model, count_parameters, model_config
 from trainer.optim import build_optimizer
@@ -225,8 +226,13 @@ class Trainer:
         t, e = self.cfg.trainer, self.cfg.regularizer.ewc
         reference = StepLoader([self.data.fisher], [1.0], t.micro_batch_size, e.fisher_batches, self.dist.rank,
                                self.dist.world_size, t.seed, pad_to_multiple_of=self.pad)
-        self.ewc.start(self.engine, reference.micro_batches(0), _reference_loss, self.device,
-                       previous=load_previous(e.previous, self.dist.rank) if e.previous else None)
+        loss_fn = _reference_loss
+        if e.fisher_labels == FisherLabels.sampled:  # the model's own predictions as targets, seeded per rank
+            draws = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + self.dist.rank)
+            loss_fn = functools.partial(_reference_loss, sample_with=draws)
+        self.ewc.start(self.engine, reference.micro_batches(0), loss_fn, self.device,
+                       previous=load_previous(e.previous, self.dist.rank) if e.previous else None,
+                       labels=str(e.fisher_labels))
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
@@ -308,14 +314,17 @@ def _nonfinite(state: TrainState, result: StepResult, step_rows: List, names: Li
                        f"(data_pipeline: source name and row of the prepared cache) or lower trainer.lr; {advice}")
 
 
-def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device,
+                    sample_with: Optional[torch.Generator] = None) -> torch.Tensor:
     """The mean token loss of one reference batch over all ranks, scaled for DeepSpeed's averaging
-    (for EWC's Fisher: the squared gradient of exactly this loss)."""
+    (for EWC's Fisher: the squared gradient of exactly this loss); with `sample_with`, on targets
+    drawn from the model's own predictions (regularizer.ewc.fisher_labels=sampled)."""
     count = torch.tensor([float(supervised_tokens(batch["labels"]))], dtype=torch.float64)
     distributed.all_reduce_sum(count)
     out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                  use_cache=False)
-    return row_loss_sums(out.logits, batch["labels"]).sum() * backward_scale(int(count), distributed.world_size())
+    labels = batch["labels"] if sample_with is None else sampled_labels(out.logits, batch["labels"], sample_with)
+    return row_loss_sums(out.logits, labels).sum() * backward_scale(int(count), distributed.world_size())
 
 
 def _check_every_parameter_has_a_gradient(engine) -> None:

@@ -44,3 +44,22 @@ def backward_scale(step_tokens: int, world_size: int) -> float:
     """Factor turning a rank's token_loss_sum into its share of the step's mean loss, given that
     DeepSpeed averages gradients over `world_size` ranks."""
     return world_size / max(step_tokens, 1)
+
+
+@torch.no_grad()
+def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`labels` with each supervised next token replaced by one drawn from the model's own prediction
+    there, softmax(logits) (positions that take no loss stay IGNORE). The squared gradient of the loss
+    on these labels estimates the Fisher of the model's predictive distribution; each position's draw
+    is independent, so the cross terms between positions vanish in expectation (EWC's
+    regularizer.ewc.fisher_labels=sampled)."""
+    out = labels.clone()
+    targets = labels[:, 1:].to(logits.device)
+    where = targets != IGNORE
+    if bool(where.any()):
+        probs = torch.softmax(logits[:, :-1][where].float(), dim=-1)
+        draws = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        shifted = targets.clone()
+        shifted[where] = draws
+        out[:, 1:] = shifted.to(out.device)
+    return out

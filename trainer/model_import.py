@@ -128,6 +128,23 @@ def imported_model_dir(name: str) -> str:
         return str(models / f"{name}-{NOT_IMPORTED}")
 
 
+def model_dir_of(spec: str) -> Path:
+    """A command-line tool's `--model`: a Hugging Face directory, or a known model's name (its imported
+    directory). ValueError says which and what to run when it is neither, or not imported yet."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{spec}: no config.json there (a Hugging Face model directory is expected)")
+        return path.resolve()
+    if spec not in KNOWN:
+        raise ValueError(f"{spec}: neither a model directory nor a known model ({', '.join(sorted(KNOWN))})")
+    found = Path(imported_model_dir(spec))
+    if not (found / "config.json").is_file():
+        raise ValueError(f"{spec}: not imported yet ({found}); run `python launch/import_model.py {spec}` once "
+                         "(about a minute, nothing is downloaded)")
+    return found
+
+
 def gguf_sha256(path: Path) -> str:
     """sha256 of a file, remembered in $FULLFT_CACHE/models/sha256.json by (path, size, mtime):
     hashing 93 MB takes ~0.3 s, too slow for every compose (each stage of a recipe composes)."""

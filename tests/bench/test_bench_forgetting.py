@@ -9,6 +9,7 @@ import gzip
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,8 +19,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 import corpora  # noqa: E402
 import forgetting  # noqa: E402
 
-SETTINGS = ["none", "replay 0.25", "ewc λ=1", "ewc_replay λ=1 0.05"]
-RUN = ["none", "ewc_replay λ=1 0.05"]
+# The smoke's EWC runs on the Fisher of sampled labels (the data-label one is the tiny profile's default).
+SETTINGS = ["none", "replay 0.25", "ewc λ=1 sampled", "ewc_replay λ=1 0.05 sampled"]
+RUN = ["none", "ewc_replay λ=1 0.05 sampled"]
 
 
 def test_the_smoke_sweep_lists_every_setting():
@@ -66,7 +68,9 @@ def test_forgetting_bench_smoke(tmp_path):
         assert sorted(rows) == [0.5, 1.0]
         assert rows[1.0]["eval/general/loss"] == pytest.approx(r["general_end"], rel=1e-6)
     assert [(p["setting"], p["alpha"]) for p in report["points"]] == [
-        ("none", "1"), ("none", "0.5"), ("ewc_replay λ=1 0.05", "1"), ("ewc_replay λ=1 0.05", "0.5")]
+        ("none", "1"), ("none", "0.5"), ("ewc_replay λ=1 0.05 sampled", "1"), ("ewc_replay λ=1 0.05 sampled", "0.5")]
+    log = (tmp_path / "logs" / "ewc_replay_lam1_0.05_sampled.log").read_text()
+    assert "EWC: Fisher from 1 reference batches (sampled labels)" in log
     assert report["points"][0]["removed"] == pytest.approx(0.0) or report["points"][0]["removed"] is None
     assert (tmp_path / "frontier.png").is_file() and "Pareto frontiers" in proc.stdout
 
@@ -141,6 +145,19 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     assert forgetting.merged(["trainer.lr=1", "+eval.sets.a=p", "x=1"], ["trainer.lr=2", "eval.sets.a=q"]) == [
         "x=1", "trainer.lr=2", "eval.sets.a=q"]
     assert len(forgetting.group_grid([0.25, 0.5, 1.0])) == 24  # 27 combinations minus the 3 uniform ones
+    # re-warming, the sampled-label Fisher and chat replay (the real profile's rehearsal file) as settings
+    study = forgetting.parse_args(["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--lower-lrs", "",
+                                   "--replay-ratios", "", "--warmups", "0", "--chat-replay-ratios", "0.25",
+                                   "--fisher-labels", "data,sampled", "--lams", "0.1", "--ewc-replay-ratio", "0"])
+    runs = forgetting.settings(study, Path("r.jsonl"))
+    assert [s.name for s in runs] == ["none", "none warmup=0", "replay chat 0.25", "ewc λ=0.1", "ewc λ=0.1 sampled"]
+    assert [forgetting.method_of(s) for s in runs] == [
+        ("plain (peak LR)", "default lr"), ("plain (warmup)", "warmup 0"), ("replay (own chat answers)", "0.25"),
+        ("ewc", "0.1"), ("ewc sampled", "0.1")]
+    assert runs[2].overrides == ["regularizer.replay.path=r.jsonl", "regularizer.replay.format=messages",
+                                 "regularizer.replay.objective=instruct", "regularizer.replay.ratio=0.25"]
+    assert "regularizer.ewc.fisher_labels=sampled" in runs[4].overrides
+    assert [s.name for s in forgetting.settings(study)][2] == "ewc λ=0.1"  # no rehearsal file: no chat replay
 
 
 def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():

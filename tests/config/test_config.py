@@ -128,3 +128,19 @@ def test_pad_to_multiple_of_below_one_is_refused_naming_the_key():
 
     with pytest.raises(ValueError, match=r"data.pad_to_multiple_of=0: must be at least 1"):
         DataConfig(pad_to_multiple_of=0)
+
+
+def test_replay_objective_and_fisher_labels_are_checked_where_they_are_set():
+    from trainer.cli import load_config, preflight
+
+    register()
+    cfg = load_config(["stage=pretrain", "regularizer=ewc_replay", "regularizer.replay.objective=instruct",
+                       "regularizer.ewc.fisher_labels=sampled"])
+    assert cfg.regularizer.replay.objective == "instruct" and cfg.regularizer.ewc.fisher_labels == "sampled"
+    # auto resolves per source: the stage's text is split at row ends, the replayed chats are kept whole
+    assert cfg.overlong == "split" and cfg.overlong_for(cfg.regularizer.replay.objective) == "truncate"
+    with pytest.raises(SystemExit, match=r"regularizer.ewc.fisher_labels='model': use one of data, sampled"):
+        preflight(["regularizer=ewc", "regularizer.ewc.fisher_labels=model"])
+    with pytest.raises(SystemExit, match=r"data.overlong=split is for continued pretraining; "
+                                         r"regularizer.replay.objective=instruct needs whole samples"):
+        load_config(["stage=pretrain", "data.overlong=split", "regularizer=replay", "regularizer.replay.objective=instruct"])

@@ -417,3 +417,43 @@ def test_ewc_shards_sum_to_the_model_and_equal_an_unsharded_rank(tmp_path):
     assert abs(two[0]["penalty"] - one["penalty"]) <= 1e-4 * one["penalty"]
     assert two[0]["round_trip"] and two[1]["round_trip"]
     assert all((tmp_path / f"checkpoints/step_00000002/ewc_rank{r}.pt").is_file() for r in (0, 1))
+
+
+def _fisher_labels(rank, world):
+    """The trainer's own reference loss (trainer.loop._reference_loss) on the data's labels and on labels
+    sampled from the model, seeded as the loop seeds them: the three Fishers, and whether the weights,
+    the optimizer and a later step are as if no Fisher had been estimated."""
+    import functools
+
+    from trainer.loop import _reference_loss as trainer_reference_loss
+    from trainer.regularizers.ewc import EWC
+
+    def batches():
+        out = []
+        for n in range(FISHER_BATCHES):
+            ids = _rows(100 + n, rank, world)
+            out.append({"input_ids": ids, "labels": ids, "position_ids": torch.arange(SEQ).expand_as(ids)})
+        return out
+
+    engine = _engine(world)
+    fishers = {}
+    for name, seed in (("data", None), ("sampled", 7), ("sampled_again", 7), ("other_seed", 8)):
+        ewc = EWC(engine, lam=LAM)
+        loss_fn = trainer_reference_loss if seed is None else functools.partial(
+            trainer_reference_loss, sample_with=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+        ewc.start(engine, batches(), loss_fn, engine.device)
+        fishers[name] = torch.cat([f.flatten() for f in ewc.fisher])
+    plain = _engine(world)
+    return fishers, _train_step(engine, 1, rank, world), _train_step(plain, 1, rank, world)
+
+
+def test_ewc_fisher_on_sampled_labels_is_seeded_normalised_and_leaves_training_untouched():
+    for fishers, after_four_fishers, plain in run_distributed(_fisher_labels, 2):
+        assert after_four_fishers == plain  # estimating Fishers moves no weight and no optimizer state
+        assert torch.equal(fishers["sampled"], fishers["sampled_again"])  # the seed fixes the draws
+        assert not torch.equal(fishers["sampled"], fishers["other_seed"])
+        data, sampled = fishers["data"], fishers["sampled"]
+        assert not torch.allclose(data, sampled, rtol=0.1)  # another estimate, not the data's squared gradient
+        assert float(sampled.min()) >= 0.0 and float(sampled.max()) > 0.0
+        # Both are normalised to mean 1 over both ranks' elements: each rank's part is near it.
+        assert 0.5 < float(sampled.double().mean()) < 2.0 and 0.5 < float(data.double().mean()) < 2.0

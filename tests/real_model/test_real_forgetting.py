@@ -37,7 +37,14 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
 
     points = {(p["setting"], p["alpha"]): p for p in report["points"]}
     groups = [p for p in report["points"] if p["method"] == "interpolation per group: none"]
-    assert {("none", "1"), ("none", "0.5"), ("replay 0.25", "1"), ("replay 0.25", "0.5")} <= set(points)
+    # the chat replay trained on the base's own answers (rehearsal), written as messages records
+    rehearsal = [json.loads(line) for line in open(report["rehearsal"]["path"], encoding="utf-8")]
+    assert len(rehearsal) == report["rehearsal"]["answers"] == 4
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"]
+               for r in rehearsal)
+    log = (tmp_path / "logs" / "replay_chat_0.25.log").read_text()
+    assert "source replay (weight 0.25)" in log and report["rehearsal"]["path"] in log
+    assert {("none", "1"), ("none", "0.5"), ("replay chat 0.25", "1"), ("replay chat 0.25", "0.5")} <= set(points)
     assert len(groups) == 6  # {0.5, 1}^3 minus the two uniform corners
     ref = points[("none", "1")]
     assert ref["removed_by"]["kl"] == pytest.approx(0.0) and ref["kept"] in (None, pytest.approx(1.0))

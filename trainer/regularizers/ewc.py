@@ -36,7 +36,7 @@ class EWC:
         return sum(f.numel() for f in self.fisher)
 
     def start(self, engine, batches: Iterable[Dict[str, torch.Tensor]], loss_fn: Callable, device,
-              previous: Optional[Dict] = None) -> None:
+              previous: Optional[Dict] = None, labels: str = "data") -> None:
         """Anchor at the current weights; estimate F on `batches` (this rank's reference micro-batches,
         the same count on every rank); merge an earlier stage's Fisher (online EWC)."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
@@ -75,7 +75,7 @@ class EWC:
             for f, o in zip(fisher, old):
                 ewc_math.online_merge_(f, o, self.gamma)
         self.fisher = fisher
-        log.info("EWC: Fisher from %d reference batches%s; lambda %g; %.1f MB of EWC state on this rank", n,
+        log.info("EWC: Fisher from %d reference batches (%s labels)%s; lambda %g; %.1f MB of EWC state on this rank", n, labels,
                  " merged with the previous stage's" if previous is not None else "", self.lam,
                  8 * self.local_numel() / 2**20)
 
