@@ -161,6 +161,15 @@ def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
                            [f"regularizer.ewc.lam={args.ewc_replay_lam}", f"regularizer.replay.ratio={args.ewc_replay_ratio}",
                             f"regularizer.ewc.fisher_labels={labels}"], f"ewc_replay{tag}",
                            f"{args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}"))
+    if args.chat_ewc_replay_ratio and rehearsal:  # chat replay + EWC whose Fisher is on the same chats' answers
+        labels = args.fisher_labels[0]
+        tag = "" if labels == "data" else f" {labels}"
+        out.append(Setting(f"ewc_replay chat λ={args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}{tag}", "ewc_replay", [
+            f"regularizer.replay.path={rehearsal}", "regularizer.replay.format=messages",
+            "regularizer.replay.objective=instruct", f"regularizer.replay.ratio={args.chat_ewc_replay_ratio}",
+            "regularizer.ewc.fisher_data=null", f"regularizer.ewc.lam={args.ewc_replay_lam}",
+            f"regularizer.ewc.fisher_labels={labels}"], f"ewc_replay chat{tag}",
+            f"{args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}"))
     return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
 
 
@@ -499,7 +508,7 @@ def real_main(args) -> Dict:
           f"{time.perf_counter() - t0:.0f} s)", flush=True)
 
     rehearsal, info = None, None
-    if args.chat_replay_ratios and "replay" in args.only:
+    if (args.chat_replay_ratios and "replay" in args.only) or (args.chat_ewc_replay_ratio and "ewc_replay" in args.only):
         rkey = hashlib.sha256(json.dumps([cache.name, data["general"]["train"], args.rehearsal_prompts,
                                           args.rehearsal_tokens, args.seed, args.rehearsal_keep_cut_off]).encode()).hexdigest()[:12]
         info = build_rehearsal(model_dir, read_documents(Path(data["general"]["train"])),
@@ -616,6 +625,7 @@ PROFILES = {
                   lams=[1.0], replay_ratios=[0.25], alphas=[0.5], fisher_labels=["sampled"]),
     "real_smoke": dict(steps=2, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1, lams=[1.0],
                        replay_ratios=[], chat_replay_ratios=[0.25], fisher_labels=["sampled"], lower_lrs=[],
+                       ewc_replay_ratio=0, chat_ewc_replay_ratio=0.25,
                        alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3, probe_tokens=200, answer_tokens=8, prompts=3,
                        rehearsal_prompts=4, rehearsal_tokens=16, rehearsal_keep_cut_off=True),
 }
@@ -650,6 +660,9 @@ def parse_args(argv: Optional[List[str]] = None):
                         "model's own predictions); e.g. data,sampled")
     p.add_argument("--chat-replay-ratios", type=_floats,
                    help="real: replay the base's own answers to general prompts (rehearsal) at these ratios")
+    p.add_argument("--chat-ewc-replay-ratio", type=float,
+                   help="real: ewc_replay on the rehearsal: chat replay at this ratio, EWC (--ewc-replay-lam, the "
+                        "first --fisher-labels) with its Fisher on the same chats' answers")
     p.add_argument("--rehearsal-prompts", type=int, default=64, help="real: rehearsal prompts to answer")
     p.add_argument("--rehearsal-tokens", type=int, default=128, help="real: longest rehearsal answer kept")
     p.add_argument("--rehearsal-keep-cut-off", action="store_true",

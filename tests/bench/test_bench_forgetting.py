@@ -148,16 +148,20 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     # re-warming, the sampled-label Fisher and chat replay (the real profile's rehearsal file) as settings
     study = forgetting.parse_args(["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--lower-lrs", "",
                                    "--replay-ratios", "", "--warmups", "0", "--chat-replay-ratios", "0.25",
-                                   "--fisher-labels", "data,sampled", "--lams", "0.1", "--ewc-replay-ratio", "0"])
+                                   "--fisher-labels", "data,sampled", "--lams", "0.1", "--ewc-replay-ratio", "0",
+                                   "--chat-ewc-replay-ratio", "0.1"])
     runs = forgetting.settings(study, Path("r.jsonl"))
-    assert [s.name for s in runs] == ["none", "none warmup=0", "replay chat 0.25", "ewc λ=0.1", "ewc λ=0.1 sampled"]
+    assert [s.name for s in runs] == ["none", "none warmup=0", "replay chat 0.25", "ewc λ=0.1", "ewc λ=0.1 sampled",
+                                      "ewc_replay chat λ=0.1 0.1"]
+    # the chats are the Fisher's data too: fisher_data unset, so the replay's path and objective
+    assert "regularizer.ewc.fisher_data=null" in runs[5].overrides and "regularizer.replay.objective=instruct" in runs[5].overrides
     assert [forgetting.method_of(s) for s in runs] == [
         ("plain (peak LR)", "default lr"), ("plain (warmup)", "warmup 0"), ("replay (own chat answers)", "0.25"),
-        ("ewc", "0.1"), ("ewc sampled", "0.1")]
+        ("ewc", "0.1"), ("ewc sampled", "0.1"), ("ewc_replay chat", "0.1 0.1")]
     assert runs[2].overrides == ["regularizer.replay.path=r.jsonl", "regularizer.replay.format=messages",
                                  "regularizer.replay.objective=instruct", "regularizer.replay.ratio=0.25"]
     assert "regularizer.ewc.fisher_labels=sampled" in runs[4].overrides
-    assert [s.name for s in forgetting.settings(study)][2] == "ewc λ=0.1"  # no rehearsal file: no chat replay
+    assert [s.name for s in forgetting.settings(study)][2:] == ["ewc λ=0.1", "ewc λ=0.1 sampled"]  # no rehearsal file
 
 
 def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():

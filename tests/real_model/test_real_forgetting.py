@@ -26,7 +26,7 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     from trainer.interpolation import interpolate
 
     proc = subprocess.run([sys.executable, "bench/forgetting.py", "--model", str(reduced_dir), "--smoke", "--only",
-                           "replay", "--keep-runs", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                           "replay,ewc_replay", "--keep-runs", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
                           timeout=800)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "forgetting.json").read_text())
@@ -45,6 +45,10 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     log = (tmp_path / "logs" / "replay_chat_0.25.log").read_text()
     assert "source replay (weight 0.25)" in log and report["rehearsal"]["path"] in log
     assert {("none", "1"), ("none", "0.5"), ("replay chat 0.25", "1"), ("replay chat 0.25", "0.5")} <= set(points)
+    # chat replay with EWC whose Fisher is on the same chats (answers only), on the model's sampled labels
+    log = (tmp_path / "logs" / "ewc_replay_chat_lam1_0.25_sampled.log").read_text()
+    assert "EWC: Fisher from 1 reference batches (sampled labels)" in log
+    assert ("ewc_replay chat λ=1 0.25 sampled", "1") in points
     assert len(groups) == 6  # {0.5, 1}^3 minus the two uniform corners
     ref = points[("none", "1")]
     assert ref["removed_by"]["kl"] == pytest.approx(0.0) and ref["kept"] in (None, pytest.approx(1.0))
