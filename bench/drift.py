@@ -119,10 +119,14 @@ def _text_samples(docs: List[List[int]]) -> List[Tuple[List[int], List[int]]]:
 
 
 def key(model_dir: Path, general: Path, domain: Path, settings: Dict) -> str:
+    """The probe's identity: the model's files by path, size and time (hashing them would take seconds),
+    the held-out texts by content (so a probe is found again under another output directory)."""
     h = hashlib.sha256()
-    for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json", general, domain]:
+    for f in sorted(model_dir.glob("*.safetensors")) + [model_dir / "config.json"]:
         st = f.stat()
         h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
+    for f in (general, domain):
+        h.update(hashlib.sha256(f.read_bytes()).digest())
     h.update(json.dumps(settings, sort_keys=True).encode())
     return h.hexdigest()[:12]
 

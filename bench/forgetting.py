@@ -509,8 +509,9 @@ def real_main(args) -> Dict:
 
     rehearsal, info = None, None
     if (args.chat_replay_ratios and "replay" in args.only) or (args.chat_ewc_replay_ratio and "ewc_replay" in args.only):
-        rkey = hashlib.sha256(json.dumps([cache.name, data["general"]["train"], args.rehearsal_prompts,
-                                          args.rehearsal_tokens, args.seed, args.rehearsal_keep_cut_off]).encode()).hexdigest()[:12]
+        train_sha = hashlib.sha256(Path(data["general"]["train"]).read_bytes()).hexdigest()  # content, not path
+        rkey = hashlib.sha256(json.dumps([cache.name, train_sha, args.rehearsal_prompts, args.rehearsal_tokens,
+                                          args.seed, args.rehearsal_keep_cut_off]).encode()).hexdigest()[:12]
         info = build_rehearsal(model_dir, read_documents(Path(data["general"]["train"])),
                                out / "probe" / f"rehearsal-{rkey}.jsonl", args.rehearsal_prompts, args.rehearsal_tokens,
                                args.seed, args.rehearsal_keep_cut_off)
