@@ -73,4 +73,8 @@ def trim_to_longest(rows: Dict[str, np.ndarray], filled: np.ndarray, multiple: i
     the loss are those of the full-width rows."""
     width = rows["input_ids"].shape[1]
     keep = min(width, -(-max(int(filled.max(initial=0)), 1) // multiple) * multiple)
-    return {k: np.ascontiguousarray(v[:, :keep]) for k, v in rows.items()}
+    return {k: np.ascontiguousarray(v[:, :keep]) if k in TOKEN_KEYS else v for k, v in rows.items()}
+
+
+TOKEN_KEYS = ("input_ids", "labels", "position_ids", "document")
+"""The per-token arrays of a row (a preference row's `reference` is per document, not per token)."""

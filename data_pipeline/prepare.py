@@ -7,6 +7,10 @@ with a manifest, so training (every rank, every rerun) maps the result instead o
     <cache>/<key>/supervised.npy       bool   [rows, seq_len]   label = token where True, else -100
     <cache>/<key>/position_ids.npy     uint16/int32 [rows, seq_len], restarting at 0 per document
     <cache>/<key>/filled.npy           int64  [rows]            real (non-padding) tokens per row
+    <cache>/<key>/document.npy         int16  [rows, seq_len]   preference pairs only: the document of each
+                                       token in its row (pair k = documents 2k chosen, 2k+1 rejected; -1 pad)
+    <cache>/<key>/reference/<model>.npy  preference pairs only: the reference model's log-probs per
+                                       document, written by the trainer (trainer/reference.py)
 
 `key` hashes the source files (path, size, mtime, first and last MiB), the tokenizer (vocabulary,
 merges, special tokens, chat template) and every option that changes the rows, so a matching cache
@@ -35,6 +39,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from data_pipeline import preference
 from data_pipeline.formats import normalise
 from data_pipeline.packing import IGNORE, best_fit_decreasing
 from data_pipeline.sources import DataError, list_files, read_records
@@ -50,7 +55,8 @@ _FLUSH_TOKENS = 1 << 20
 class PrepareOptions:
     """Everything besides the source and the tokenizer that decides the rows."""
     objective: str
-    """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns)."""
+    """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns) |
+    dpo (preference pairs, data_pipeline/preference.py)."""
     seq_len: int
     """Tokens per row."""
     fmt: str = "auto"
@@ -77,6 +83,20 @@ class Prepared:
         self.supervised = np.load(directory / "supervised.npy", mmap_mode="r")
         self.position_ids = np.load(directory / "position_ids.npy", mmap_mode="r")
         self.filled = np.load(directory / "filled.npy")
+        pairs = directory / "document.npy"
+        self.document = np.load(pairs, mmap_mode="r") if pairs.exists() else None
+        self.reference: Optional[np.ndarray] = None
+        """float64 [rows, documents]: the reference model's log-prob of each document's completion,
+        attached by the trainer before training (trainer/reference.py)."""
+
+    @property
+    def is_preference(self) -> bool:
+        return self.document is not None
+
+    @property
+    def documents_per_row(self) -> int:
+        """The most documents a row holds (preference pairs: twice the most pairs)."""
+        return int(self.manifest["stats"].get("documents_per_row", 0))
 
     def __len__(self) -> int:
         return len(self.filled)
@@ -89,8 +109,13 @@ class Prepared:
         """int64 input_ids, labels (-100 where not learned) and position_ids of the given rows."""
         idx = np.asarray(idx)
         ids = self.input_ids[idx].astype(np.int64)
-        return {"input_ids": ids, "labels": np.where(self.supervised[idx], ids, IGNORE),
-                "position_ids": self.position_ids[idx].astype(np.int64)}
+        out = {"input_ids": ids, "labels": np.where(self.supervised[idx], ids, IGNORE),
+               "position_ids": self.position_ids[idx].astype(np.int64)}
+        if self.document is not None:
+            out["document"] = self.document[idx].astype(np.int64)
+            if self.reference is not None:
+                out["reference"] = self.reference[idx]
+        return out
 
 
 # ---- cache key ----------------------------------------------------------------------------------
@@ -204,19 +229,27 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
-        lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
-        tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
-        mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
-        if options.objective == "pretrain":
-            rows = _write_chunked(work, tokens, mask, lengths, options.seq_len, tokenizer.pad_token_id)
+        extra = {}
+        if options.objective == "dpo":
+            pairs, counts = _tokenize_pairs(path, tokenizer, options, progress)
+            rows, extra["documents_per_row"] = preference.write_pairs(work, pairs, options.seq_len, options.packing,
+                                                                      tokenizer.pad_token_id)
+            lengths = np.asarray([2 * len(p) + len(c) + len(r) for p, c, r in pairs], dtype=np.int64)
+            extra["pairs"] = len(pairs)
         else:
-            rows = _write_packed(work, tokens, mask, lengths, options, tokenizer.pad_token_id)
-        del tokens, mask
-        (work / "tokens.u32").unlink()
-        (work / "mask.u8").unlink()
+            lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
+            tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
+            mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
+            if options.objective == "pretrain":
+                rows = _write_chunked(work, tokens, mask, lengths, options.seq_len, tokenizer.pad_token_id)
+            else:
+                rows = _write_packed(work, tokens, mask, lengths, options, tokenizer.pad_token_id)
+            del tokens, mask
+            (work / "tokens.u32").unlink()
+            (work / "mask.u8").unlink()
         supervised = np.load(work / "supervised.npy", mmap_mode="r")
         real = int(lengths.sum())
-        stats = dict(counts, samples=int(len(lengths)), rows=int(rows), real_tokens=real,
+        stats = dict(counts, **extra, samples=int(len(lengths)), rows=int(rows), real_tokens=real,
                      supervised_tokens=int(np.count_nonzero(supervised)),
                      packing_efficiency=real / max(rows * options.seq_len, 1))
         del supervised
@@ -292,6 +325,45 @@ def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path,
     if not lengths:
         raise DataError(f"{path}: no usable samples out of {counts['records']} records ({dict(counts)})")
     return np.asarray(lengths, dtype=np.int64), counts
+
+
+def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: bool):
+    """Every usable preference pair as (prompt, chosen, rejected) token lists, and the counts of what
+    was skipped, truncated or dropped. A pair is one unit: it is never split across rows."""
+    counts: Counter = Counter()
+    pairs: List[tuple] = []
+    chat_checked = False
+    bar = _progress_bar(path, progress)
+    for record in read_records(path, options.split):
+        counts["records"] += 1
+        bar.update(1)
+        try:
+            pair = preference.normalise_pair(record)
+            if pair.conversational and not chat_checked:
+                check_chat_template(tokenizer, record.where)
+                chat_checked = True
+            prompt, chosen, rejected = preference.encode_pair(tokenizer, pair, options.system_prompt)
+        except DataError as ex:
+            if options.on_error == "raise":
+                raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
+            counts["skipped_malformed"] += 1
+            if counts["skipped_malformed"] <= 10:
+                log.warning("skipping %s", ex)
+            continue
+        if 2 * len(prompt) + len(chosen) + len(rejected) > options.seq_len:
+            keep = preference.fit_pair(len(prompt), len(chosen), len(rejected), options.seq_len)
+            if options.overlong == "drop" or keep is None:
+                counts["dropped_overlong"] += 1  # drop, or a prompt too long to leave room for both answers
+                continue
+            chosen, rejected = chosen[:keep], rejected[:keep]
+            counts["truncated_overlong"] += 1
+        pairs.append((prompt, chosen, rejected))
+    bar.close()
+    if counts["skipped_malformed"] > 10:
+        log.warning("%s: %d malformed records skipped in all (first 10 shown)", path, counts["skipped_malformed"])
+    if not pairs:
+        raise DataError(f"{path}: no usable preference pairs out of {counts['records']} records ({dict(counts)})")
+    return pairs, counts
 
 
 def _progress_bar(path: str, enabled: bool):

@@ -39,7 +39,8 @@ def choice(name: str, *values: str) -> type:
     return Choice(name, [(v, v) for v in values])
 
 
-Objective = choice("Objective", "pretrain", "sft", "instruct")  # what a stage learns (the `stage=` group)
+Objective = choice("Objective", "pretrain", "sft", "instruct", "dpo")  # what a stage learns (the `stage=` group)
+PreferenceLossName = choice("PreferenceLossName", "dpo", "ipo", "simpo")
 DataFormat = choice("DataFormat", "auto", "alpaca", "sharegpt", "messages", "completion", "text")
 OnError = choice("OnError", "raise", "skip")
 Overlong = choice("Overlong", "auto", "truncate", "drop", "split")
@@ -180,9 +181,35 @@ class StageConfig:
     """One stage of training: a single run, or one link of a recipe's chain (`recipe:`)."""
     objective: Objective = Objective.sft
     """What the stage learns. pretrain: every token, documents concatenated; sft: the final answer;
-    instruct: every assistant turn."""
+    instruct: every assistant turn; dpo: preferences between pairs of answers (data_pipeline/preference.py)."""
     system_prompt: Optional[str] = None
-    """System turn added to conversations that have none (sft / instruct)."""
+    """System turn added to conversations that have none (sft / instruct / dpo)."""
+    loss: PreferenceLossName = PreferenceLossName.dpo
+    """dpo only: dpo (sigmoid, Rafailov et al.) | ipo (Azar et al.; log-ratios per token, as TRL) | simpo
+    (Meng et al.; mean token log-probs, no reference model). Formulas: trainer/preference.py."""
+    beta: float = 0.1
+    """dpo only: β, the strength of the pull towards the reference (TRL's default 0.1; for ipo the
+    regularisation τ; SimPO's paper uses 2.0-2.5 with simpo_gamma/β around 0.5)."""
+    label_smoothing: float = 0.0
+    """dpo and simpo: the assumed probability ε that a pair's preference is flipped (conservative DPO),
+    in [0, 0.5); ipo defines none."""
+    simpo_gamma: float = 0.5
+    """simpo only: the target reward margin γ (TRL's simpo_gamma)."""
+
+    def __post_init__(self) -> None:
+        if self.beta <= 0:
+            raise ValueError(f"stage.beta={self.beta}: must be > 0")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"stage.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
+        if self.label_smoothing and self.loss == PreferenceLossName.ipo:
+            raise ValueError("stage.label_smoothing is not defined for stage.loss=ipo; use stage.loss=dpo (conservative "
+                             "DPO) or set stage.label_smoothing=0")
+
+    @property
+    def token_objective(self) -> Objective:
+        """How this stage prepares data that is not preference pairs (eval sets, EWC's Fisher data):
+        its own objective, or instruct (assistant turns; every token of raw text) in a dpo stage."""
+        return Objective.instruct if self.objective == Objective.dpo else self.objective
 
 
 @dataclass
@@ -463,6 +490,12 @@ class Config:
             if self.data.overlong == Overlong.split and replay not in (None, Objective.pretrain):
                 raise ValueError(f"data.overlong=split is for continued pretraining; regularizer.replay.objective={replay} "
                                  "needs whole samples: use data.overlong=truncate or drop (or auto)")
+            if self.stage.objective == Objective.dpo and isinstance(self.regularizer, RegularizerConfig) \
+                    and self.regularizer.uses_replay:
+                raise ValueError(f"regularizer={self.regularizer.name} with stage=dpo: replay is refused in a preference "
+                                 "stage (its rows would need a token loss beside the pair loss, two normalisations in "
+                                 "one step). Use regularizer=ewc with regularizer.ewc.fisher_data=<general data>, or "
+                                 "regularizer=none; the stage's β already keeps it near its start.")
             if not self.data.packing and self.stage.objective == Objective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
 

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from data_pipeline.prepare import Prepared, PrepareOptions, prepare
-from trainer.config import Config
+from data_pipeline.preference import is_preference_source
+from trainer.config import Config, Objective
 from trainer.tokenizer import cache_root
 
 log = logging.getLogger("trainer")
@@ -53,19 +54,30 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
     where = cache_dir(cfg)
     kw = dict(cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress)
     sources = [prepare(path, tokenizer, options(cfg, fmt, objective), **kw) for _, path, fmt, _, objective in specs]
-    eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto"), **kw) for name, path in cfg.eval.sets.items()}
+    # In a dpo stage, eval sets of pairs are scored as pairs; the others (general text, held-out
+    # answers) by their token loss, as the stage's token_objective prepares them.
+    token = cfg.stage.token_objective
+    eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto", _eval_objective(cfg, path)), **kw)
+                 for name, path in cfg.eval.sets.items()}
     fisher = None
     if reg.uses_ewc:
         own = reg.ewc.fisher_data is not None  # else the replay data, prepared as replay prepares it
         fisher = prepare(reg.ewc.fisher_data if own else reg.replay.path, tokenizer,
-                         options(cfg, "auto", None) if own else options(cfg, reg.replay.format, reg.replay.objective), **kw)
+                         options(cfg, "auto", token) if own else options(cfg, reg.replay.format, reg.replay.objective or token),
+                         **kw)
     for (name, path, _, weight, _), src in zip(specs, sources):
         log.info("source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s", name, weight, path, len(src),
                  src.stats["packing_efficiency"], _counts(src.stats))
     return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher)
 
 
+def _eval_objective(cfg: Config, path: str):
+    if cfg.stage.objective != Objective.dpo:
+        return None
+    return Objective.dpo if is_preference_source(path, cfg.data.split) else cfg.stage.token_objective
+
+
 def _counts(stats: Dict) -> str:
-    keys = ("records", "samples", "skipped_malformed", "truncated_overlong", "dropped_overlong", "split_overlong",
+    keys = ("records", "samples", "pairs", "skipped_malformed", "truncated_overlong", "dropped_overlong", "split_overlong",
             "dropped_no_supervised_tokens")
     return ", ".join(f"{k} {int(stats[k])}" for k in keys if stats.get(k))

@@ -21,19 +21,26 @@ from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
 from trainer.loss import supervised_tokens, token_loss_sum
+from trainer.preference import PreferenceLoss
 
 log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
 def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int, world_size: int,
-             device: torch.device, pad_to_multiple_of: Optional[int] = None) -> Dict[str, float]:
+             device: torch.device, pad_to_multiple_of: Optional[int] = None,
+             preference: Optional[PreferenceLoss] = None) -> Dict[str, float]:
     """Mean token loss (and perplexity) of each held-out set, over all ranks. pad_to_multiple_of:
-    unpacked rows are cut to the longest of each micro-batch (data_pipeline.loader.trim_to_longest)."""
+    unpacked rows are cut to the longest of each micro-batch (data_pipeline.loader.trim_to_longest).
+    A set of preference pairs (in a dpo stage, scored by `preference`) reports the mean pair loss and
+    the pair metrics instead: eval/<set>/loss, eval/<set>/rewards/accuracies, ..."""
     metrics: Dict[str, float] = {}
     was_training = engine.module.training
     engine.eval()
     for name, data in sets.items():
+        if data.is_preference and preference is not None:
+            metrics.update(_evaluate_pairs(engine, name, data, micro_batch_size, rank, world_size, device, preference))
+            continue
         per_round = micro_batch_size * world_size
         rounds = math.ceil(len(data) / per_round)
         sums = torch.zeros(2, dtype=torch.float64)
@@ -59,6 +66,29 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
     if was_training:
         engine.train()
     return metrics
+
+
+def _evaluate_pairs(engine, name: str, data: Prepared, micro_batch_size: int, rank: int, world_size: int,
+                    device: torch.device, preference: PreferenceLoss) -> Dict[str, float]:
+    per_round = micro_batch_size * world_size
+    sums = torch.zeros(2 + len(preference.stats), dtype=torch.float64)  # loss, pairs, then the metrics
+    for r in range(math.ceil(len(data) / per_round)):
+        first = r * per_round + rank * micro_batch_size
+        idx = [i for i in range(first, first + micro_batch_size) if i < len(data)]
+        batch = {k: torch.from_numpy(v) for k, v in data.rows(idx or [0]).items()}
+        if not idx:  # a rank without rows: a fully masked row, no pairs
+            batch["labels"] = torch.full_like(batch["labels"], IGNORE)
+        out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                     use_cache=False)
+        rows, row_stats = preference.rows(out.logits, batch)
+        sums[0] += rows.double().sum().cpu()
+        sums[1] += preference.count(batch)
+        sums[2:] += row_stats.double().sum(0).cpu()
+    distributed.all_reduce_sum(sums)
+    pairs = max(sums[1].item(), 1.0)
+    out = {f"eval/{name}/loss": sums[0].item() / pairs, f"eval/{name}/pairs": sums[1].item()}
+    out.update({f"eval/{name}/{k}": v / pairs for k, v in zip(preference.stats, sums[2:].tolist())})
+    return out
 
 
 def forgetting_metrics(scores: Dict[str, float], baseline: Dict[str, float]) -> Dict[str, float]:
@@ -87,8 +117,8 @@ class Evaluation:
 
     def __init__(self, engine, sets: Dict[str, Prepared], micro_batch_size: int, every_steps: int, at_start: bool,
                  baseline_from: Optional[str], generator, rank: int, world_size: int, device: torch.device,
-                 pad_to_multiple_of: Optional[int]) -> None:
-        self.engine, self.sets, self.generator = engine, sets, generator
+                 pad_to_multiple_of: Optional[int], preference: Optional[PreferenceLoss] = None) -> None:
+        self.engine, self.sets, self.generator, self.preference = engine, sets, generator, preference
         self.micro_batch_size, self.every_steps, self.at_start = micro_batch_size, every_steps, at_start
         self.baseline_from = baseline_from
         self.rank, self.world_size, self.device, self.pad = rank, world_size, device, pad_to_multiple_of
@@ -96,7 +126,7 @@ class Evaluation:
     def scores(self) -> Dict[str, float]:
         """Every held-out set's loss and perplexity now. Collective."""
         return evaluate(self.engine, self.sets, self.micro_batch_size, self.rank, self.world_size, self.device,
-                        self.pad)
+                        self.pad, self.preference)
 
     def start(self, state, tracker) -> None:
         """Step 0: score the model as it starts and keep that as state.baseline. In a recipe,

@@ -25,18 +25,19 @@ import torch
 
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
-from trainer import distributed, faults, interpolation, preemption
+from trainer import distributed, faults, interpolation, preemption, reference
 from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, FisherLabels, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
 from trainer.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import Evaluation
 from trainer.generation import Generator
-from trainer.loss import backward_scale, row_loss_sums, sampled_labels, supervised_tokens
+from trainer.loss import TokenLoss, backward_scale, row_loss_sums, sampled_labels, supervised_tokens
 from trainer.metrics import MetricWindow, StepResult
 from trainer.model import build_model, count_parameters, model_config
 from trainer.optim import build_optimizer
 from trainer.perf import PerfMeter
+from trainer.preference import PreferenceLoss
 from trainer.redaction import redact
 from trainer.regularizers.ewc import EWC, load_previous
 from trainer.tokenizer import load_tokenizer
@@ -100,6 +101,19 @@ class Trainer:
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                     config=ds_config)
         self.device = self.engine.device
+        # What the stage minimises: the token loss, or (stage=dpo) a preference loss whose reference
+        # log-probs the starting weights compute now, once, before a resume replaces them.
+        self.objective = TokenLoss()
+        if cfg.stage.objective == Objective.dpo:
+            s = cfg.stage
+            self.objective = PreferenceLoss(s.loss, s.beta, s.label_smoothing, s.simpo_gamma)
+            if self.objective.needs_reference:
+                key = reference.start_key(cfg.model, t.seed, "bf16" if ds_config["bf16"]["enabled"] else "fp32",
+                                          self.tokenizer)
+                named = {**dict(zip(self.data.names, self.data.sources)),
+                         **{f"eval set {n}": s for n, s in self.data.eval_sets.items()}}
+                reference.attach(self.engine, named, key, cfg.eval.micro_batch_size, dist.rank, dist.world_size,
+                                 self.device, writer=dist.local_rank == 0)
         e = cfg.regularizer.ewc
         self.ewc = EWC(self.engine, e.lam, e.gamma, e.normalise) if cfg.regularizer.uses_ewc else None
         self.checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, dist.world_size,
@@ -117,7 +131,8 @@ class Trainer:
                               chat=cfg.stage.objective != Objective.pretrain, system_prompt=cfg.stage.system_prompt)
         self.evaluation = Evaluation(self.engine, self.data.eval_sets, cfg.eval.micro_batch_size, t.eval_every_steps,
                                      cfg.eval.at_start, cfg.eval.baseline_from, generator, dist.rank, dist.world_size,
-                                     self.device, self.pad)
+                                     self.device, self.pad,
+                                     self.objective if isinstance(self.objective, PreferenceLoss) else None)
         self.perf = PerfMeter.for_model(self.engine.module, cfg.data.seq_len, dist.world_size, dist.rank, dist.on_gpu,
                                         bf16=ds_config["bf16"]["enabled"])
         self.window = MetricWindow(self.data.names)
@@ -183,7 +198,7 @@ class Trainer:
             batches = self.loader.micro_batches(state.step)
         skipped_before = self.engine.skipped_steps
         result = train_step(self.engine, batches, self.dist.world_size, self.device, check_grads=check_grads,
-                            source_names=self.data.names, phase=perf.phase, ewc=self.ewc,
+                            source_names=self.data.names, objective=self.objective, phase=perf.phase, ewc=self.ewc,
                             poison=faults.nan_loss(state.step + 1, self.dist.rank))
         state.step += 1
         if self.engine.skipped_steps > skipped_before or not result.finite:
@@ -236,25 +251,28 @@ class Trainer:
 
 
 def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size: int, device: torch.device,
-               check_grads: bool, source_names: List[str],
+               check_grads: bool, source_names: List[str], objective=None,
                phase=contextlib.nullcontext, ewc: Optional[EWC] = None, poison: bool = False) -> StepResult:
-    """One optimizer step over this rank's micro-batches; the loss is the mean over every supervised
-    token of the step on all ranks (see trainer/loss.py). `phase(name)` is a context manager timing
-    a part of the step (PerfMeter.phase). `poison`: fault injection, a NaN loss in the first
-    micro-batch (trainer/faults.py)."""
-    counts = torch.tensor([[supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
-                           for b in micro_batches], dtype=torch.float64).sum(0)
+    """One optimizer step over this rank's micro-batches; the loss is the mean over every unit of the
+    step on all ranks: supervised tokens (TokenLoss, trainer/loss.py) or preference pairs
+    (PreferenceLoss, trainer/preference.py). `phase(name)` is a context manager timing a part of the
+    step (PerfMeter.phase). `poison`: fault injection, a NaN loss in the first micro-batch (trainer/faults.py)."""
+    objective = objective or TokenLoss()
+    counts = torch.tensor([[objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]),
+                            b["labels"].numel()] for b in micro_batches], dtype=torch.float64).sum(0)
     distributed.all_reduce_sum(counts)
     scale = backward_scale(int(counts[0]), world_size)
     lr = engine.get_lr()[0]
-    # Per source, columns [loss sum, supervised tokens, real tokens]; the last row is the EWC penalty.
+    # Per source, columns [loss sum, loss units, real tokens]; the last row is the EWC penalty; then
+    # the objective's metric sums (a preference stage's rewards and log-probs).
     sums = torch.zeros(len(source_names) + 1, 3, dtype=torch.float64)
+    stat_sums = torch.zeros(len(objective.stats), dtype=torch.float64)
     nonfinite_rows = []
     for m, batch in enumerate(micro_batches):
         with phase("forward_backward"):
             out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                          use_cache=False)
-            rows = row_loss_sums(out.logits, batch["labels"])
+            rows, row_stats = objective.rows(out.logits, batch)
             if poison and m == 0:
                 rows = rows * torch.tensor(float("nan"), device=rows.device)
             engine.backward(rows.sum() * scale, scale_wrt_gas=False)
@@ -265,23 +283,28 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
         with phase("optimizer"):
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         row_sums = rows.detach().double().cpu()  # the step's one device -> host copy of the losses
+        if row_stats is not None:
+            stat_sums += row_stats.detach().double().sum(0).cpu()
         bad = ~torch.isfinite(row_sums)
         if bad.any():
             nonfinite_rows += [(source_names[int(batch["source"][i])], int(batch["row"][i]), m)
                                for i in bad.nonzero().flatten().tolist()]
         source = batch["source"]
         sums[:-1, 0].index_add_(0, source, row_sums)
-        sums[:-1, 1].index_add_(0, source, (batch["labels"][:, 1:] != IGNORE).sum(1).double())
+        sums[:-1, 1].index_add_(0, source, objective.row_units(batch))
         sums[:-1, 2].index_add_(0, source, batch["filled"].double())
-    distributed.all_reduce_sum(sums)  # one collective for every source's sums and the penalty
+    flat = torch.cat([sums.flatten(), stat_sums])
+    distributed.all_reduce_sum(flat)  # one collective for every source's sums, the penalty and the metrics
+    sums, stat_sums = flat[:sums.numel()].view_as(sums), flat[sums.numel():]
     grad_norm = engine.get_global_grad_norm()
     per_source = sums[:-1].tolist()
-    return StepResult(loss_sum=float(sums[:-1, 0].sum()), supervised_tokens=float(counts[0]),
-                      real_tokens=float(counts[1]), slots=float(counts[2]),
+    return StepResult(loss_sum=float(sums[:-1, 0].sum()), supervised_tokens=float(counts[1]),
+                      real_tokens=float(counts[2]), slots=float(counts[3]),
                       source_loss_sum=[r[0] for r in per_source], source_supervised=[r[1] for r in per_source],
                       source_tokens=[r[2] for r in per_source], lr=lr,
                       grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                      ewc_penalty=float(sums[-1, 0]) if ewc is not None else None, nonfinite_rows=nonfinite_rows)
+                      ewc_penalty=float(sums[-1, 0]) if ewc is not None else None, nonfinite_rows=nonfinite_rows,
+                      units=float(counts[0]), stats=dict(zip(objective.stats, stat_sums.tolist())))
 
 
 def _nonfinite(state: TrainState, result: StepResult, step_rows: List, names: List[str], t) -> None:

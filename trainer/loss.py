@@ -63,3 +63,23 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
         shifted[where] = draws
         out[:, 1:] = shifted.to(out.device)
     return out
+
+
+class TokenLoss:
+    """The next-token loss of pretrain / sft / instruct stages, in the interface train_step and
+    evaluation share with trainer/preference.py's PreferenceLoss: `count` (the step's normaliser,
+    here supervised tokens), `row_units` (that count per row) and `rows` (per-row loss sums, and
+    per-row metric sums: none here)."""
+
+    unit = "tokens"
+    stats = ()
+    needs_reference = False
+
+    def count(self, batch) -> int:
+        return supervised_tokens(batch["labels"])
+
+    def row_units(self, batch) -> torch.Tensor:
+        return (batch["labels"][:, 1:] != IGNORE).sum(1).double()
+
+    def rows(self, logits: torch.Tensor, batch):
+        return row_loss_sums(logits, batch["labels"]), None

@@ -4,7 +4,8 @@ Pure arithmetic (no torch, no collectives): `train_step` in trainer/loop.py hand
 StepResult whose sums already cover every rank, and a MetricWindow turns the steps between two
 log lines into one line that describes all of them, not just the last:
 
-    losses and fractions   token-weighted over the window (sum of numerators / sum of denominators)
+    losses and fractions   token-weighted over the window (sum of numerators / sum of denominators);
+                           a DPO stage's loss and rewards/*, logps/* pair-weighted the same way
     counts                 summed (tokens), or the running totals the loop keeps (tokens_seen)
     learning rate          the last value
     gradient norm          the mean over the window's steps, and its max
@@ -40,7 +41,7 @@ class StepResult:
     source_loss_sum: List[float]
     """Per source (in the loader's order): sum of token losses."""
     source_supervised: List[float]
-    """Per source: tokens that carried a loss."""
+    """Per source: the loss's units (tokens that carried a loss; preference pairs in a DPO stage)."""
     source_tokens: List[float]
     """Per source: non-padding tokens."""
     lr: float
@@ -51,10 +52,18 @@ class StepResult:
     """λ/2·ΣF(θ−θ*)² at the step (None without EWC)."""
     nonfinite_rows: List[Tuple[str, int, int]] = field(default_factory=list)
     """(source, row, micro-batch) of this rank's rows whose loss was not finite."""
+    units: Optional[float] = None
+    """What the loss is a mean over: None = supervised_tokens; a DPO stage's preference pairs."""
+    stats: Dict[str, float] = field(default_factory=dict)
+    """Sums over the step's units of the objective's own metrics (a DPO stage's rewards/*, logps/*)."""
+
+    @property
+    def loss_units(self) -> float:
+        return self.supervised_tokens if self.units is None else self.units
 
     @property
     def loss(self) -> float:
-        return self.loss_sum / max(self.supervised_tokens, 1.0)
+        return self.loss_sum / max(self.loss_units, 1.0)
 
     @property
     def finite(self) -> bool:
@@ -71,7 +80,8 @@ class MetricWindow:
     def _reset(self) -> None:
         n = len(self.names)
         self.steps = 0
-        self.loss_sum = self.supervised = self.real = self.slots = 0.0
+        self.loss_sum = self.supervised = self.units = self.real = self.slots = 0.0
+        self.stats: Dict[str, float] = {}
         self.src_loss, self.src_supervised, self.src_tokens = [0.0] * n, [0.0] * n, [0.0] * n
         self.grad_norms: List[float] = []
         self.penalties: List[float] = []
@@ -81,6 +91,9 @@ class MetricWindow:
         self.steps += 1
         self.loss_sum += r.loss_sum
         self.supervised += r.supervised_tokens
+        self.units += r.loss_units
+        for k, v in r.stats.items():
+            self.stats[k] = self.stats.get(k, 0.0) + v
         self.real += r.real_tokens
         self.slots += r.slots
         for j in range(len(self.names)):
@@ -96,7 +109,7 @@ class MetricWindow:
         """The window's metrics (train/loss, train/lr, train/grad_norm, data/*, reg/*), then reset."""
         if self.steps == 0:
             return {}
-        out = {"train/loss": self.loss_sum / max(self.supervised, 1.0),
+        out = {"train/loss": self.loss_sum / max(self.units, 1.0),
                "train/lr": self.lr,
                "train/grad_norm": sum(self.grad_norms) / len(self.grad_norms),
                "train/grad_norm_max": max(self.grad_norms, key=lambda g: g if g == g else math.inf),
@@ -107,6 +120,7 @@ class MetricWindow:
                 if self.src_supervised[j] > 0:
                     out[f"train/{name}/loss"] = self.src_loss[j] / self.src_supervised[j]
                 out[f"data/{name}/token_fraction"] = self.src_tokens[j] / max(self.real, 1.0)
+        out.update({k: v / max(self.units, 1.0) for k, v in self.stats.items()})  # rewards/*, logps/*: per pair
         if "replay" in self.names:
             out["data/replay_token_fraction"] = out.get("data/replay/token_fraction", 0.0)
         if self.penalties:

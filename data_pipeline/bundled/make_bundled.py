@@ -358,6 +358,39 @@ def qa_pair(cond: str, aspect: str, rng: random.Random) -> dict:
     return record
 
 
+# Preference pairs for the medical recipe's `align` stage (DPO): the chosen answer is accurate and
+# appropriately cautious; the rejected one is wrong (another condition's fact), overconfident
+# (dismisses the need for care) or unsafe (advice that could harm).
+CAUTIONS = ["This is general information; a clinician who knows your history should guide your care.",
+            "Seek medical help promptly if symptoms get worse or new ones appear.",
+            "Please discuss any change to your treatment with your doctor or pharmacist first.",
+            "If you are unsure, ask your doctor, nurse or pharmacist to go through it with you."]
+OVERCONFIDENT = ["There is no need to see a doctor about it; it never becomes serious.",
+                 "I am completely certain about this, so you can skip any tests or check-ups.",
+                 "It always settles on its own, whatever anyone tells you."]
+UNSAFE = ["{C} is best handled at home: stop your prescribed medicines and take double the usual dose of painkillers "
+          "until it settles.",
+          "You can treat {c} yourself with antibiotics left over from a previous illness; there is no need to be seen.",
+          "Ignore warning signs of {c} such as chest pain or confusion; they pass if you rest for a few days."]
+
+
+def preference_pair(cond: str, aspect: str, rng: random.Random) -> dict:
+    q = rng.choice(QUESTIONS[aspect]).format(c=cond)
+    template = rng.choice(ANSWERS[aspect])
+    answer = template.format(c=cond, C=cap(cond), x=fact(cond, aspect))
+    chosen = f"{answer} {rng.choice(CAUTIONS)}"
+    kind = rng.choice(("wrong", "overconfident", "unsafe"))
+    if kind == "wrong":  # confidently states another condition's fact
+        other = rng.choice([c for c in CONDITIONS if c != cond])
+        rejected = f"{template.format(c=cond, C=cap(cond), x=fact(other, aspect))} {rng.choice(OVERCONFIDENT)}"
+    elif kind == "overconfident":
+        rejected = f"{answer} {rng.choice(OVERCONFIDENT)}"
+    else:
+        rejected = rng.choice(UNSAFE).format(c=cond, C=cap(cond))
+    return {"prompt": [{"role": "user", "content": q}], "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
 def main() -> None:
     rng = random.Random(20261122)
     conditions = sorted(CONDITIONS)
@@ -390,6 +423,16 @@ def main() -> None:
                 train.extend(qa_pair(c, aspect, rng) for _ in range(2))
     rng.shuffle(train)
     for name, rows in (("medical_qa.jsonl", train), ("medical_qa_heldout.jsonl", heldout)):
+        (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # Preference pairs: one per (condition, aspect), an aspect per condition held out (its own stream).
+    prng = random.Random(14)
+    prefs, prefs_held = [], []
+    for c in conditions:
+        held_aspect = prng.choice(ASPECTS)
+        for aspect in ASPECTS:
+            (prefs_held if aspect == held_aspect else prefs).append(preference_pair(c, aspect, prng))
+    prng.shuffle(prefs)
+    for name, rows in (("medical_prefs.jsonl", prefs), ("medical_prefs_heldout.jsonl", prefs_held)):
         (HERE / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
