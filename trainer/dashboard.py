@@ -4,7 +4,8 @@ OUTPUT_DIR` draws it for any run, finished or not.
 
 Panels, 3 x 3 in reading order (PANELS): training loss (per source, EWC penalty), eval loss per
 set, forgetting (each set's eval loss minus its first value, and eval/forgetting), learning rate,
-gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown. A panel
+gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown; a
+preference stage adds a row (PREFERENCE_PANELS): rewards, reward accuracy, log-probs. A panel
 with nothing to show says "no data".
 """
 
@@ -16,6 +17,8 @@ from typing import Dict, List, Tuple
 
 PANELS = ("loss", "eval loss", "forgetting (Δ eval loss)", "learning rate", "grad norm", "throughput",
           "peak memory (GB)", "packing", "step time (s)")
+PREFERENCE_PANELS = ("rewards", "reward accuracy", "log-probs")
+"""A fourth row for preference stages (stage=dpo): TRL's rewards/*, logps/*, train and eval/<set>/."""
 COLUMNS = 3
 Series = Tuple[List[int], List[float]]
 
@@ -38,8 +41,10 @@ def render(rows: List[Dict], out: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(PANELS) // COLUMNS, COLUMNS, figsize=(15, 11), constrained_layout=True)
-    panels = dict(zip(PANELS, axes.flat))
+    names = PANELS + (PREFERENCE_PANELS if keys_like(rows, r"(eval/[^/]+/)?rewards/.+") else ())
+    fig, axes = plt.subplots(len(names) // COLUMNS, COLUMNS, figsize=(15, 11 * len(names) / len(PANELS)),
+                             constrained_layout=True)
+    panels = dict(zip(names, axes.flat))
 
     def draw(panel: str, keys: List[str], label=lambda k: k, offset_first: bool = False, ax=None, **style) -> int:
         ax = ax or panels[panel]
@@ -69,6 +74,10 @@ def render(rows: List[Dict], out: Path, title: str = "") -> Path:
         draw("peak memory (GB)", ["perf/peak_mem_gb"])
     draw("packing", ["data/packing_efficiency", "data/supervised_token_fraction", "data/replay_token_fraction"])
     draw("step time (s)", ["perf/step_time_s", "perf/data_wait_s", "perf/forward_backward_s", "perf/optimizer_s"])
+    if "rewards" in panels:  # healthy: chosen up or flat, rejected down, margins and accuracy rising
+        draw("rewards", keys_like(rows, r"(eval/[^/]+/)?rewards/(chosen|rejected|margins)"))
+        draw("reward accuracy", keys_like(rows, r"(eval/[^/]+/)?rewards/accuracies"))
+        draw("log-probs", keys_like(rows, r"(eval/[^/]+/)?logps/(chosen|rejected)"))
 
     for name, ax in panels.items():
         ax.set_title(name)

@@ -144,3 +144,24 @@ def test_replay_objective_and_fisher_labels_are_checked_where_they_are_set():
     with pytest.raises(SystemExit, match=r"data.overlong=split is for continued pretraining; "
                                          r"regularizer.replay.objective=instruct needs whole samples"):
         load_config(["stage=pretrain", "data.overlong=split", "regularizer=replay", "regularizer.replay.objective=instruct"])
+
+
+def test_a_dpo_stage_composes_and_refuses_what_it_cannot_do():
+    from trainer.cli import load_config
+
+    register()
+    cfg = load_config(["stage=dpo", "data=medical_prefs", "stage.loss=simpo", "stage.beta=2.0"])
+    assert (cfg.stage.objective, cfg.stage.loss, cfg.stage.beta, cfg.stage.simpo_gamma) == ("dpo", "simpo", 2.0, 0.5)
+    assert cfg.stage.token_objective == "instruct" and cfg.overlong == "truncate"
+    with pytest.raises(SystemExit, match=r"regularizer=replay with stage=dpo: replay is refused in a preference stage"):
+        load_config(["stage=dpo", "data=medical_prefs", "regularizer=replay"])
+    with pytest.raises(SystemExit, match=r"stage.label_smoothing is not defined for stage.loss=ipo"):
+        load_config(["stage=dpo", "stage.loss=ipo", "stage.label_smoothing=0.1"])
+    with pytest.raises(SystemExit, match=r"stage.beta=0.0: must be > 0"):
+        load_config(["stage=dpo", "stage.beta=0"])
+    with pytest.raises(SystemExit, match=r"data.overlong=split is for continued pretraining; stage=dpo"):
+        load_config(["stage=dpo", "data.overlong=split"])
+    with pytest.raises(SystemExit, match=r"stage.loss='kto': use one of dpo, ipo, simpo"):
+        from trainer.cli import preflight
+
+        preflight(["stage=dpo", "stage.loss=kto"])

@@ -21,9 +21,9 @@ def plan_for(overrides):
 
 def test_stages_chain_model_fisher_and_forgetting_reference():
     plan = plan_for(["+exp=medical", "output_dir=/runs/m", "trainer.max_steps=7"])
-    assert list(plan) == ["base", "cpt", "instruct"]
-    base, cpt, instruct = plan.values()
-    assert [c.output_dir for c in plan.values()] == ["/runs/m/base", "/runs/m/cpt", "/runs/m/instruct"]
+    assert list(plan) == ["base", "cpt", "instruct", "align"]
+    base, cpt, instruct, align = plan.values()
+    assert [c.output_dir for c in plan.values()] == ["/runs/m/base", "/runs/m/cpt", "/runs/m/instruct", "/runs/m/align"]
     assert all(c.trainer.max_steps == 7 for c in plan.values())  # the command line wins over a stage's own
     assert (base.stage.objective, cpt.stage.objective, instruct.stage.objective) == ("pretrain", "pretrain", "instruct")
     assert base.model.name_or_path is None and cpt.model.name_or_path == "/runs/m/base/hf"
@@ -33,11 +33,15 @@ def test_stages_chain_model_fisher_and_forgetting_reference():
     # forgetting is measured against the model cpt started from, not the random init
     assert cpt.eval.baseline_from is None and instruct.eval.baseline_from == "/runs/m/cpt"
     assert all(not c.recipe for c in plan.values())
+    # align: DPO from instruct's export, instruct's Fisher carried, pairs held out beside the forgetting sets
+    assert align.stage.objective == "dpo" and align.stage.loss == "dpo" and align.model.name_or_path == "/runs/m/instruct/hf"
+    assert align.regularizer.name == "ewc" and align.regularizer.ewc.previous == "/runs/m/instruct"
+    assert set(align.eval.sets) == {"general", "domain", "prefs"} and align.eval.baseline_from == "/runs/m/cpt"
 
 
 def test_a_pretrained_model_skips_the_random_init_stage():
     plan = plan_for(["+exp=medical", "model=llama3_8b"])
-    assert list(plan) == ["cpt", "instruct"]
+    assert list(plan) == ["cpt", "instruct", "align"]
     assert plan["cpt"].model.name_or_path.endswith("Meta-Llama-3-8B")
 
 
@@ -46,7 +50,7 @@ def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_stil
     cpt and instruct with the real model's learning rates and sizes, not the tiny model's."""
     plan = plan_for(["+exp=medical", "model=smollm2_135m", "model.name_or_path=/models/smollm2",
                      "output_dir=/runs/s", "trainer.lr=1e-5"])
-    assert list(plan) == ["cpt", "instruct"]  # pretrained: no random-init base stage
+    assert list(plan) == ["cpt", "instruct", "align"]  # pretrained: no random-init base stage
     cpt, instruct = plan["cpt"], plan["instruct"]
     assert (cpt.trainer.max_steps, instruct.trainer.max_steps) == (20, 20)
     assert cpt.data.seq_len == instruct.data.seq_len == 512 and cpt.trainer.micro_batch_size == 1
@@ -55,4 +59,4 @@ def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_stil
     assert instruct.regularizer.ewc.previous == "/runs/s/cpt" and instruct.eval.baseline_from == "/runs/s/cpt"
     lrs = {n: c.trainer.lr for n, c in plan_for(["+exp=medical", "model=smollm2_135m",
                                                    "model.name_or_path=/m", "output_dir=/r"]).items()}
-    assert lrs == {"cpt": 5e-5, "instruct": 3e-5}
+    assert lrs == {"cpt": 5e-5, "instruct": 3e-5, "align": 5e-6}
