@@ -111,7 +111,7 @@ class Trainer:
                 key = reference.start_key(cfg.model, t.seed, "bf16" if ds_config["bf16"]["enabled"] else "fp32",
                                           self.tokenizer)
                 named = {**dict(zip(self.data.names, self.data.sources)),
-                         **{f"eval set {n}": s for n, s in self.data.eval_sets.items()}}
+                         **{f"eval/{n}": s for n, s in self.data.eval_sets.items()}}
                 reference.attach(self.engine, named, key, cfg.eval.micro_batch_size, dist.rank, dist.world_size,
                                  self.device, writer=dist.local_rank == 0)
         e = cfg.regularizer.ewc

@@ -1,5 +1,5 @@
-"""The medical recipe end to end on 2 CPU ranks (base -> cpt -> instruct, EWC Fisher carried,
-forgetting measured); a rerun skips finished stages."""
+"""The medical recipe end to end on 2 CPU ranks (base -> cpt -> instruct -> align, EWC Fisher carried,
+forgetting measured, DPO on preference pairs last); a rerun skips finished stages."""
 
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ def test_medical_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_pat
     check(proc)
     log = proc.stdout + proc.stderr
     assert "merged with the previous stage's" in log  # instruct's Fisher = gamma * cpt's + its own
-    for stage in ("base", "cpt", "instruct"):
+    for stage in ("base", "cpt", "instruct", "align"):
         assert (tmp_path / stage / "hf" / "model.safetensors").is_file(), stage
     # the final stage's outputs also sit where a single run's would
-    assert (tmp_path / "hf").resolve() == (tmp_path / "instruct" / "hf").resolve()
+    assert (tmp_path / "hf").resolve() == (tmp_path / "align" / "hf").resolve()
     assert (tmp_path / "metrics.jsonl").is_file() and (tmp_path / "config.yaml").is_file()
     assert (tmp_path / "instruct" / "dashboard.png").stat().st_size > 10_000  # drawn without W&B
     assert "summary eval/forgetting" in log
@@ -38,6 +38,13 @@ def test_medical_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_pat
     cpt_start = json.loads((tmp_path / "cpt/checkpoints/step_00000004/trainer_state.json").read_text())["baseline"]
     last = series(instruct, "eval/general/loss")[4]
     assert series(instruct, "eval/forgetting")[4] == pytest.approx(last - cpt_start["eval/general/loss"])
+    # align: DPO from instruct's export, its reference scored once, EWC with instruct's Fisher merged in,
+    # held-out pairs scored beside the forgetting sets
+    assert log.count("merged with the previous stage's") == 2 and "reference log-probs of main" in log
+    align = read_metrics(tmp_path / "align")
+    assert set(series(align, "eval/prefs/rewards/accuracies")) == {0, 2, 4}
+    assert set(series(align, "eval/forgetting")) == {2, 4} and series(align, "rewards/margins")
+    assert (tmp_path / "align" / "dashboard.png").stat().st_size > 10_000
     again = run_train(LAUNCHER, overrides)  # the same command: every stage is already complete
     check(again)
-    assert (again.stdout + again.stderr).count("already complete at step 4") == 3
+    assert (again.stdout + again.stderr).count("already complete at step 4") == 4

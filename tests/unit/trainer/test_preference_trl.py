@@ -13,7 +13,7 @@ zero) and a handful of preference pairs, trained here and in TRL:
 Checked: the same tokens, the same loss (relative 1e-5), the same gradient of every policy parameter
 (||g_ours - g_trl|| <= 1e-4 ||g_trl||, per parameter) and the same logged metrics (TRL's
 rewards/* and logps/*, ours being row_stats summed over rows / pairs). No network: models and our
-tokenizer are passed as objects. Runs in ~15 s on 2 cores, most of it importing TRL.
+tokenizer are passed as objects. ~12 s on 2 cores, a third of it importing TRL.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def _ours(tmp_path, monkeypatch, tokenizer, records, policy, reference, objectiv
     loss = rows.sum() / pairs
     loss.backward()
     metrics = dict(zip(STATS, (row_stats.sum(0) / pairs).tolist()))
-    return loss.item(), metrics, {n: p.grad.detach().clone() for n, p in policy.named_parameters()}
+    return loss.item(), metrics, _grads(policy)
 
 
 def _grads(model):
