@@ -162,6 +162,9 @@ def encode_pair(tokenizer, pair: Pair, system_prompt: Optional[str] = None) -> T
         with_chosen = tokenizer(pair.prompt + end(pair.chosen))["input_ids"]
         with_rejected = tokenizer(pair.prompt + end(pair.rejected))["input_ids"]
     n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
+    if n == 0:  # nothing to condition on: a completion's first token could not be scored
+        raise DataError(f"{pair.where}: the prompt's tokens merge into the completion's (no token of the prompt "
+                        "survives in prompt+completion); end the prompt on a word boundary, e.g. with a space or newline")
     chosen_ids, rejected_ids = with_chosen[n:], with_rejected[n:]
     if not chosen_ids or not rejected_ids:
         raise DataError(f"{pair.where}: a completion tokenizes to nothing after the prompt")

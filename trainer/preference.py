@@ -14,7 +14,9 @@ With h the difference of the chosen and rejected log-ratios, log π(y|x) − log
            reference                                                         (Meng et al. 2024; γ = simpo_gamma)
 
 as TRL computes them (DPOTrainer for dpo and ipo, CPOTrainer's loss_type=simpo), so a user's β
-carries over; tests/unit/trainer/test_preference.py checks the parity with TRL itself.
+carries over; tests/unit/trainer/test_preference_trl.py checks the parity with TRL itself. One
+difference: with ε > 0 ours is conservative DPO (Mitchell 2023; TRL 0.x's sigmoid loss), while TRL
+1.16's "sigmoid" ignores label_smoothing; the test matches it to TRL's sigmoid + robust terms.
 
 Metrics carry TRL's names: rewards/chosen = β·(chosen log-ratio) (β·mean log-prob for simpo),
 rewards/rejected likewise, rewards/margins their difference, rewards/accuracies the fraction of pairs

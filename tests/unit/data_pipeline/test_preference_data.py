@@ -155,3 +155,10 @@ def test_the_bundled_preference_sets_prepare_cleanly(tmp_path, tiny_tokenizer):
         p = prepare(bundled_path(name), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=256), str(tmp_path))
         assert p.stats["records"] == p.stats["pairs"] and not p.stats.get("truncated_overlong")
     assert not is_preference_source(bundled_path("medical_qa.jsonl"))
+
+
+def test_a_prompt_that_merges_into_its_completion_is_refused(tiny_tokenizer):
+    """"a" + "b" tokenizes as one token: no prompt token survives to condition on, and the completion's
+    first token could never be scored. An error naming the line, not a silently shorter completion."""
+    with pytest.raises(DataError, match=r"prefs.jsonl:7: the prompt's tokens merge into the completion's"):
+        encode_pair(tiny_tokenizer, _pair({"prompt": "a", "chosen": "b", "rejected": "c"}))

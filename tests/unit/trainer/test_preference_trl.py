@@ -1,4 +1,4 @@
-"""Unit: parity with TRL itself (trl>=1.16, the `bench` extra; skipped without it).
+"""Unit: parity with TRL itself (trl>=1.16: a test dependency, the `dev` extra; never the trainer's).
 
 One tiny random-init Llama (fp32), a reference model that differs from it (so the log-ratios are not
 zero) and a handful of preference pairs, trained here and in TRL:
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-trl = pytest.importorskip("trl")  # the bench extra; a `.[dev]` install has no TRL
+import trl  # noqa: E402  (the dev extra: this test must run in CI, not skip)
 
 from datasets import Dataset  # noqa: E402  (TRL's own dependency)
 
