@@ -21,10 +21,16 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
                  it) minus the same for the reference run: the whole step time also moves with the
                  machine's load
 
+    DPO          stage=dpo vs stage=sft with 2 ranks at --seq-len on the same rows: the SFT run trains on
+                 the pairs' documents (prompt + chosen, prompt + rejected, as completions) packed to the
+                 same row length, so both steps see the same tokens; issue 14's target is a DPO step
+                 within 10% of the SFT step's peak memory (no second model: the reference log-probs
+                 are scored once before training by the same engine, trainer/reference.py)
+
     python bench/memory.py                 # ~100M-parameter Llama, CPU ranks (about 15 minutes on 2 cores)
     python bench/memory.py --smoke         # tiny model, 2 steps: runs 1 and 2 ranks only; the AC and EWC
                                            # runs' configs are composed (checked), not trained (CI; no claims)
-    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc
+    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import harness  # noqa: E402
 from harness import fmt, ratio  # noqa: E402
 
 TARGET_EWC_COST = 0.03
+TARGET_DPO_MEM = 1.10  # a DPO step's peak within 10% of an SFT step's on the same rows
 # ~100M parameters with the tiny 2k-token vocabulary (GPT-2-small-like widths, Llama blocks).
 MEM_ARCH = dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
                 num_key_value_heads=12)
@@ -58,6 +65,8 @@ class Run:
     ranks: int
     seq_len: int
     overrides: List[str] = field(default_factory=list)
+    data: str = "train"
+    """Which data file: train (alpaca SFT), pairs (preference pairs), pair_docs (their documents as completions)."""
 
 
 def runs(args) -> List[Run]:
@@ -73,12 +82,29 @@ def runs(args) -> List[Run]:
     if "ewc" in args.only:
         out.append(Run("EWC", "ewc", 2, args.seq_len, ["regularizer=ewc", f"regularizer.ewc.fisher_data={args.fisher}",
                                                        f"regularizer.ewc.fisher_batches={args.fisher_batches}"]))
+    if "dpo" in args.only:
+        out += [Run("SFT on the pair documents", "dpo", 2, args.seq_len, data="pair_docs"),
+                Run("DPO", "dpo", 2, args.seq_len, data="pairs")]
     return out
 
 
-def overrides(args, run: Run, train: Path, cache: Path, out: Path) -> List[str]:
+def write_pairs(path: Path, docs: Path, train: Path) -> None:
+    """Preference pairs from the synthetic alpaca records (prompt: the instruction; chosen: its answer;
+    rejected: the next record's answer), and the same documents as completions for the SFT run."""
+    records = [json.loads(line) for line in train.read_text().splitlines()]
+    with open(path, "w") as pairs, open(docs, "w") as completions:
+        for i, r in enumerate(records):
+            prompt, chosen, rejected = r["instruction"] + "\n", r["output"], records[(i + 1) % len(records)]["output"]
+            pairs.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+            for answer in (chosen, rejected):
+                completions.write(json.dumps({"prompt": prompt, "completion": answer}) + "\n")
+
+
+def overrides(args, run: Run, data: Dict[str, Path], cache: Path, out: Path) -> List[str]:
     arch = [f"model.arch.{k}={v}" for k, v in args.arch.items()]
-    return ["model=tiny", *arch, "stage=sft", f"data.path={train}", "data.format=alpaca", f"data.seq_len={run.seq_len}",
+    stage, fmt = {"train": ("sft", "alpaca"), "pairs": ("dpo", "auto"), "pair_docs": ("sft", "completion")}[run.data]
+    return ["model=tiny", *arch, f"stage={stage}", f"data.path={data[run.data]}", f"data.format={fmt}",
+            f"data.seq_len={run.seq_len}",
             f"data.cache_dir={cache}", "logger=jsonl", f"trainer.micro_batch_size={args.micro_rows}",
             "trainer.grad_accum_steps=1", f"trainer.max_steps={args.steps}", "trainer.log_every_steps=1",
             "trainer.save_every_steps=0", "trainer.eval_every_steps=0", "trainer.export_hf=false",
@@ -138,6 +164,11 @@ def summarise(results: List[Dict], params: int) -> Dict:
         summary["ewc_own_time_s"] = ewc["unphased_s"] - none["unphased_s"]
         summary["ewc_own_time_share"] = summary["ewc_own_time_s"] / none["step_time_s"]
         summary["ewc_cost_target_met"] = summary["ewc_own_time_share"] <= TARGET_EWC_COST
+    sft, dpo = by_name.get("SFT on the pair documents"), by_name.get("DPO")
+    if sft and dpo:
+        summary["dpo_mem_ratio"] = dpo["peak_mem_gb"] / sft["peak_mem_gb"]
+        summary["dpo_time_ratio"] = dpo["step_time_s"] / sft["step_time_s"]
+        summary["dpo_mem_target_met"] = summary["dpo_mem_ratio"] <= TARGET_DPO_MEM
     return summary
 
 
@@ -162,7 +193,7 @@ def table(results: List[Dict], ref_of) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--only", default="ws,ac,ewc", help="comma-separated subset of ws, ac, ewc")
+    p.add_argument("--only", default="ws,ac,ewc,dpo", help="comma-separated subset of ws, ac, ewc, dpo")
     p.add_argument("--seq-len", type=int, default=1024, help="row length of the AC and EWC runs")
     p.add_argument("--short-seq", type=int, default=128, help="row length of the world-size runs")
     p.add_argument("--micro-rows", type=int, default=1, help="packed rows per rank per step")
@@ -177,8 +208,8 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
-    if not set(args.only) <= {"ws", "ac", "ewc"}:
-        p.error("--only: a subset of ws, ac, ewc")
+    if not set(args.only) <= {"ws", "ac", "ewc", "dpo"}:
+        p.error("--only: a subset of ws, ac, ewc, dpo")
     args.arch = dict(MEM_ARCH)
     if args.smoke:
         args.arch, args.seq_len, args.short_seq, args.steps, args.skip_steps, args.samples = {}, 128, 128, 2, 0, 40
@@ -198,6 +229,8 @@ def main(argv=None) -> Dict:
     harness.write_alpaca(train, pool, args.samples, args.seed)
     harness.write_alpaca(fisher, pool, max(args.samples // 4, 8), args.seed + 2)
     args.fisher = str(fisher)
+    data = {"train": train, "pairs": out / "data" / "pairs.jsonl", "pair_docs": out / "data" / "pair_docs.jsonl"}
+    write_pairs(data["pairs"], data["pair_docs"], train)
     arch = {**harness.tiny_arch(), **args.arch}
     params = harness.param_count(arch, len(tokenizer))
     print(f"memory: {params / 1e6:.1f}M-parameter Llama in {out}; ZeRO-3 model states {STATE_BYTES} B x params = "
@@ -206,7 +239,7 @@ def main(argv=None) -> Dict:
     results, composed = [], []
     for run in runs(args):
         run_dir = out / "runs" / run.name.split(" (")[0].replace(" ", "_")
-        run_overrides = overrides(args, run, train, out / "cache", run_dir)
+        run_overrides = overrides(args, run, data, out / "cache", run_dir)
         if args.smoke and run.group != "ws":
             harness.compose(run_overrides)  # CI: the typed config accepts these overrides; no training
             composed.append(run.name)
@@ -229,6 +262,8 @@ def main(argv=None) -> Dict:
     none = reference(by_name)
 
     def ref_of(r: Dict) -> Optional[Dict]:
+        if r["group"] == "dpo":
+            return by_name.get("SFT on the pair documents")
         return by_name.get("1 rank") if r["group"] == "ws" else none
 
     print()
@@ -244,6 +279,10 @@ def main(argv=None) -> Dict:
               f"of the step (target <= +{TARGET_EWC_COST:.0%}: {'met' if summary['ewc_cost_target_met'] else 'NOT met'}); "
               f"whole step time {100 * (summary['ewc_time_ratio'] - 1):+.1f}% (machine noise included); memory "
               f"{summary['ewc_extra_gb']:+.3f} GB (Fisher + anchor: {summary['ewc_expected_extra_gb']:.3f} GiB per rank expected)")
+    if "dpo_mem_ratio" in summary:
+        print(f"DPO vs SFT on the same rows: peak memory x{summary['dpo_mem_ratio']:.3f} (target <= "
+              f"x{TARGET_DPO_MEM:.2f}: {'met' if summary['dpo_mem_target_met'] else 'NOT met'}), step time "
+              f"x{summary['dpo_time_ratio']:.3f}")
     report = {**stamp, "load_avg_end": harness.load_average(), "params": params, "arch": arch,
               "args": {k: v for k, v in vars(args).items()}, "results": results, "composed_only": composed,
               "summary": summary,
