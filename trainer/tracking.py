@@ -36,7 +36,7 @@ from trainer.redaction import redact_args
 
 log = logging.getLogger("trainer")
 
-NAMESPACES = ("train", "eval", "perf", "data", "reg", "samples")
+NAMESPACES = ("train", "eval", "perf", "data", "reg", "samples", "rewards", "logps", "interpolation")
 STEP_KEY = "trainer/step"
 SAMPLES_KEY = "samples/generations"
 

@@ -57,14 +57,16 @@ def test_throughput_smoke(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
 def test_memory_smoke(tmp_path):
-    """1 and 2 ranks trained; the AC and EWC runs' overrides composed through the typed config."""
+    """1 and 2 ranks trained; the AC, EWC and DPO runs' overrides composed through the typed config."""
     out = tmp_path / "memory.json"
     proc = _bench("bench/memory.py", "--smoke", "--out", str(tmp_path / "work"), "--json", str(out), timeout=400)
     for text in ("1 rank", "2 ranks", "1 -> 2 ranks", "config composed, not run"):
         assert text in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["1 rank", "2 ranks"]
-    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC"]
+    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC", "SFT on the pair documents", "DPO"]
+    pairs = [json.loads(line) for line in (tmp_path / "work" / "data" / "pairs.jsonl").read_text().splitlines()]
+    assert len(pairs) == 40 and all(p["chosen"] != p["rejected"] for p in pairs)
     for r in report["results"]:
         assert len(r["peak_mem_gb_per_rank"]) == r["ranks"] and r["step_time_s"] > 0
     assert "ws_drop_gb" in report["summary"]
@@ -94,6 +96,10 @@ def test_memory_summary_ratios():
     assert s["ac_full_mem_ratio"] == 0.8 and s["ac_full_time_ratio"] == 1.3
     assert abs(s["ewc_own_time_s"] - 0.2) < 1e-12 and abs(s["ewc_own_time_share"] - 0.02) < 1e-12
     assert s["ewc_cost_target_met"] and abs(s["ewc_extra_gb"] - 0.5) < 1e-12
+    dpo = memory.summarise([dict(run, name="SFT on the pair documents", group="dpo", peak_mem_gb=4.0, step_time_s=10.0),
+                            dict(run, name="DPO", group="dpo", peak_mem_gb=4.2, step_time_s=11.0)], params=1)
+    assert abs(dpo["dpo_mem_ratio"] - 1.05) < 1e-12 and abs(dpo["dpo_time_ratio"] - 1.1) < 1e-12
+    assert dpo["dpo_mem_target_met"]
 
 
 def test_throughput_loss_at_equal_supervised_tokens():

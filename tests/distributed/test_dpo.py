@@ -12,6 +12,7 @@ import re
 import pytest
 
 from helpers import check, read_metrics, run_train, series
+from wandb_records import offline_runs
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -19,7 +20,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 # and 10, held-out pairs and general text evaluated at 0, 5 and 10, EWC against the start.
 DPO = ["stage=dpo", "data=medical_prefs", "+eval.sets.prefs=${bundled:medical_prefs_heldout.jsonl}",
        "+eval.sets.general=${bundled:general_text_heldout.txt}", "regularizer=ewc", "regularizer.ewc.fisher_batches=2",
-       "logger=jsonl", "logger.dashboard=false", "eval.sample_prompts=[]", "trainer.log_every_steps=1",
+       "logger.dashboard=false", "eval.sample_prompts=[]", "trainer.log_every_steps=1",
        "trainer.warmup_steps=2", "trainer.lr=5e-4", "trainer.max_steps=10", "trainer.micro_batch_size=2",
        "trainer.grad_accum_steps=2", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
 SCORED = re.compile(r"reference log-probs of (\S+): \d+ pairs scored once .*\(start (\w+)\)")
@@ -30,7 +31,7 @@ REUSED = re.compile(r"reference log-probs of (\S+): reused \(\d+ rows, start (\w
 def dpo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo")
     # its own cache: the first run of the session computes the reference, whatever ran before
-    proc = run_train("torchrun", DPO + [f"output_dir={out}", f"data.cache_dir={out.parent / 'dpo_cache'}"])
+    proc = run_train("torchrun", DPO + ["logger=wandb", f"output_dir={out}", f"data.cache_dir={out.parent / 'dpo_cache'}"])
     check(proc)
     return out, proc
 
@@ -56,13 +57,19 @@ def test_dpo_trains_reports_trls_metrics_and_held_out_accuracy_rises(dpo_run):
     assert margins[10] > margins[0] == 0.0
     assert "eval/general/loss" in rows[0] and "eval/forgetting" in rows[-1]
     assert (out / "hf" / "model.safetensors").is_file()
+    # the same names in the W&B run (offline, read from its records), at the trainer's steps
+    (run,) = offline_runs(out)
+    assert run.runs[0].job_type == "dpo"
+    steps = lambda key: [int(h["trainer/step"]) for h in run.history if key in h]  # noqa: E731
+    assert steps("rewards/accuracies") == steps("logps/rejected") == list(range(1, 11))
+    assert steps("eval/prefs/rewards/margins") == [0, 5, 10]
 
 
 def test_a_kill_inside_a_save_resumes_and_reproduces_the_straight_run(dpo_run, tmp_path):
     """Rank 1 dies inside the step-10 save: the run fails, step 5 stays the latest complete checkpoint,
     and the same command resumes from it (reusing the reference) with the straight run's numbers."""
     out = tmp_path / "killed"
-    args = DPO + [f"output_dir={out}", _cache(dpo_run[0])]
+    args = DPO + ["logger=jsonl", f"output_dir={out}", _cache(dpo_run[0])]
     killed = run_train("torchrun", args, env={"FULLFT_FAULT_KILL_IN_SAVE": "10:1"})
     assert killed.returncode != 0
     assert (out / "checkpoints" / "latest").read_text() == "step_00000005"
@@ -82,7 +89,7 @@ def test_one_rank_takes_the_same_first_step_and_another_start_scores_its_own_ref
     """1 rank x micro 8 reads the same 8 rows in step 1 as 2 ranks x micro 2 x accumulation 2 and reuses
     the reference (same start); its loss and gradient norm agree (the mean over the step's pairs). Another
     seed is another random start: its reference is scored anew."""
-    one = run_train("python", DPO + [f"output_dir={tmp_path / 'one'}", _cache(dpo_run[0]), "trainer.max_steps=1",
+    one = run_train("python", DPO + ["logger=jsonl", f"output_dir={tmp_path / 'one'}", _cache(dpo_run[0]), "trainer.max_steps=1",
                                      "trainer.micro_batch_size=8", "trainer.grad_accum_steps=1", "trainer.export_hf=false",
                                      "~eval.sets.general", "regularizer=none"])
     check(one)
@@ -93,7 +100,7 @@ def test_one_rank_takes_the_same_first_step_and_another_start_scores_its_own_ref
     for key in ("train/loss", "train/grad_norm", "rewards/margins"):
         a, b = series(ours, key)[1], series(straight, key)[1]
         assert abs(a - b) <= 1e-4 * max(abs(b), 1e-6), (key, a, b)
-    other = run_train("python", DPO + [f"output_dir={tmp_path / 'other'}", _cache(dpo_run[0]), "trainer.max_steps=1",
+    other = run_train("python", DPO + ["logger=jsonl", f"output_dir={tmp_path / 'other'}", _cache(dpo_run[0]), "trainer.max_steps=1",
                                        "trainer.seed=7", "trainer.micro_batch_size=8", "trainer.grad_accum_steps=1",
                                        "trainer.export_hf=false", "~eval.sets.general", "regularizer=none",
                                        "trainer.eval_every_steps=0", "eval.at_start=false"])
