@@ -400,6 +400,11 @@ class TrainerConfig:
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
     activation_checkpointing: Checkpointing = Checkpointing.none
     """none | full | every_n | offload (full, with saved layer inputs held in host memory)."""
+    loss_chunk_tokens: Optional[int] = None
+    """Chunked cross-entropy (trainer/chunked_loss.py): the LM head and the loss computed this many
+    tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
+    on, sized to the hidden states, where the vocabulary is at least 4x the hidden size (every real
+    LM); 0 = off (full logits)."""
     activation_checkpointing_every_n: int = 2
     """With every_n: checkpoint every n-th decoder layer."""
     save_every_steps: int = 50
@@ -432,6 +437,8 @@ class TrainerConfig:
         for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
+        if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
+            raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens}: 0 (off), a chunk size, or null (auto)")
         if self.max_skipped_steps < 0:
             raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:

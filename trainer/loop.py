@@ -25,7 +25,7 @@ import torch
 
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
-from trainer import distributed, faults, interpolation, preemption, reference
+from trainer import distributed, faults, interpolation, loss_head, preemption, reference
 from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, FisherLabels, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
@@ -270,9 +270,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
     nonfinite_rows = []
     for m, batch in enumerate(micro_batches):
         with phase("forward_backward"):
-            out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                         use_cache=False)
-            rows, row_stats = objective.rows(out.logits, batch)
+            rows, row_stats = objective.rows(loss_head.score(engine, batch, device), batch)
             if poison and m == 0:
                 rows = rows * torch.tensor(float("nan"), device=rows.device)
             engine.backward(rows.sum() * scale, scale_wrt_gas=False)
@@ -344,10 +342,13 @@ def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device
     drawn from the model's own predictions (regularizer.ewc.fisher_labels=sampled)."""
     count = torch.tensor([float(supervised_tokens(batch["labels"]))], dtype=torch.float64)
     distributed.all_reduce_sum(count)
+    scale = backward_scale(int(count), distributed.world_size())
+    if sample_with is None:
+        return loss_head.score(engine, batch, device).sum() * scale
+    # Sampled labels are drawn from the model's full distribution: this pass keeps the full logits.
     out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                  use_cache=False)
-    labels = batch["labels"] if sample_with is None else sampled_labels(out.logits, batch["labels"], sample_with)
-    return row_loss_sums(out.logits, labels).sum() * backward_scale(int(count), distributed.world_size())
+    return row_loss_sums(out.logits, sampled_labels(out.logits, batch["labels"], sample_with)).sum() * scale
 
 
 def _check_every_parameter_has_a_gradient(engine) -> None:

@@ -28,11 +28,17 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-row sums of next-token cross-entropy over supervised positions, shape [batch]."""
+    return token_nll_from_logits(logits, labels).sum(1)
+
+
+def token_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy at every position, [batch, seq - 1] (0 where the label is IGNORE):
+    position t's logits against label t + 1. trainer/chunked_loss.py computes the same without the logits."""
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                              reduction="none")
-    return losses.view(targets.shape).sum(1)
+    return losses.view(targets.shape)
 
 
 def supervised_tokens(labels: torch.Tensor) -> int:
@@ -68,8 +74,8 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
 class TokenLoss:
     """The next-token loss of pretrain / sft / instruct stages, in the interface train_step and
     evaluation share with trainer/preference.py's PreferenceLoss: `count` (the step's normaliser,
-    here supervised tokens), `row_units` (that count per row) and `rows` (per-row loss sums, and
-    per-row metric sums: none here)."""
+    here supervised tokens), `row_units` (that count per row) and `rows` (from the per-token losses
+    [batch, seq - 1] of trainer/loss_head.py: per-row loss sums, and per-row metric sums: none here)."""
 
     unit = "tokens"
     stats = ()
@@ -81,5 +87,5 @@ class TokenLoss:
     def row_units(self, batch) -> torch.Tensor:
         return (batch["labels"][:, 1:] != IGNORE).sum(1).double()
 
-    def rows(self, logits: torch.Tensor, batch):
-        return row_loss_sums(logits, batch["labels"]), None
+    def rows(self, nll: torch.Tensor, batch):
+        return nll.sum(1), None

@@ -17,6 +17,7 @@ from typing import Any, Dict
 
 import torch
 
+from trainer import loss_head
 from trainer.config import ModelConfig, TrainerConfig
 from trainer.redaction import is_secret_key
 
@@ -72,6 +73,8 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # a KV cache breaks packed-document isolation and wastes memory
+    # The loss from the LM head a chunk of tokens at a time (no [tokens x vocab] logits kept).
+    loss_head.install(model, loss_head.chunking_for(model.config, trainer.loss_chunk_tokens))
     if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():
         raise ValueError("trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
                          "on CPU they are already there: use trainer.activation_checkpointing=full")

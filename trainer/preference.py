@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
+from trainer.loss import token_nll_from_logits
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected")
@@ -47,14 +48,18 @@ def document_logps(logits: torch.Tensor, labels: torch.Tensor, document: torch.T
         document [0 0 0 1 1 -1], labels [- c c - r -]: column 0 sums log p(c) at t = 0, 1 (predicting
         tokens 1, 2); column 1 sums log p(r) at t = 3.
     """
-    logits = logits[:, :-1].float()
-    targets = labels[:, 1:].to(logits.device)
-    where = document[:, 1:].to(logits.device).clamp(min=0)
-    token = -F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                             reduction="none").view(targets.shape)  # 0 where the label is IGNORE
-    mask = (targets != IGNORE).to(token.dtype)
-    sums = token.new_zeros(logits.size(0), documents).scatter_add(1, where, token)
-    counts = token.new_zeros(logits.size(0), documents).scatter_add(1, where, mask)
+    return document_sums(-token_nll_from_logits(logits, labels), labels, document, documents)
+
+
+def document_sums(token_logp: torch.Tensor, labels: torch.Tensor, document: torch.Tensor,
+                  documents: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """document_logps from the per-token log-probs [batch, seq - 1] (0 where the label is IGNORE), as
+    trainer/loss_head.py's `score` gives them negated."""
+    targets = labels[:, 1:].to(token_logp.device)
+    where = document[:, 1:].to(token_logp.device).clamp(min=0)
+    mask = (targets != IGNORE).to(token_logp.dtype)
+    sums = token_logp.new_zeros(token_logp.size(0), documents).scatter_add(1, where, token_logp)
+    counts = token_logp.new_zeros(token_logp.size(0), documents).scatter_add(1, where, mask)
     return sums, counts
 
 
@@ -130,10 +135,11 @@ class PreferenceLoss:
     def row_units(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         return pairs_per_row(batch).double()
 
-    def rows(self, logits: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Per row: the sum of its pairs' losses [batch], and of their metrics [batch, len(STATS)]."""
+    def rows(self, nll: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per row: the sum of its pairs' losses [batch], and of their metrics [batch, len(STATS)], from
+        the per-token losses [batch, seq - 1] (trainer/loss_head.py)."""
         documents, present = _documents_present(batch)
-        sums, counts = document_logps(logits, batch["labels"], batch["document"], documents)
+        sums, counts = document_sums(-nll, batch["labels"], batch["document"], documents)
         ref = None
         if self.needs_reference:
             if "reference" not in batch:

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from data_pipeline.prepare import Prepared, _file_fingerprint, tokenizer_fingerprint
-from trainer import distributed
-from trainer.preference import document_logps
+from trainer import distributed, loss_head
+from trainer.preference import document_sums
 
 log = logging.getLogger("trainer")
 
@@ -94,11 +94,8 @@ def _score(engine, src: Prepared, micro_batch_size: int, rank: int, world_size: 
     for r in range(math.ceil(len(src) / per_round)):
         first = r * per_round + rank * micro_batch_size
         idx = [i for i in range(first, first + micro_batch_size) if i < len(src)]
-        rows = src.rows(idx or [0])
-        logits = engine(input_ids=torch.from_numpy(rows["input_ids"]).to(device),
-                        position_ids=torch.from_numpy(rows["position_ids"]).to(device), use_cache=False).logits
-        sums, _ = document_logps(logits, torch.from_numpy(rows["labels"]), torch.from_numpy(rows["document"]),
-                                 documents)
+        rows = {k: torch.from_numpy(v) for k, v in src.rows(idx or [0]).items()}
+        sums, _ = document_sums(-loss_head.score(engine, rows, device), rows["labels"], rows["document"], documents)
         if idx:
             out[idx] = sums.double().cpu()
     if was_training:

@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.prepare import PrepareOptions, prepare
 from trainer.config import bundled_path
-from trainer.loss import backward_scale
+from trainer.loss import backward_scale, token_nll_from_logits
 from trainer.metrics import MetricWindow, StepResult
 from trainer.preference import STATS, PreferenceLoss, document_logps, pair_losses
 
@@ -91,7 +91,8 @@ def _loss_and_grads(model, batches, objective, world=1):
     pairs = sum(objective.count(b) for b in batches)
     total = 0.0
     for b in batches:
-        rows, _ = objective.rows(model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits, b)
+        logits = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits
+        rows, _ = objective.rows(token_nll_from_logits(logits, b["labels"]), b)
         (rows.sum() * backward_scale(pairs, world) / world).backward()
         total += rows.sum().item()
     return total / pairs, {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -151,7 +152,7 @@ def test_a_dpo_log_line_is_pair_weighted():
 def test_a_missing_reference_is_an_error_not_a_zero(tmp_path, tiny_tokenizer):
     rows = prepare(PREFS, tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=256), str(tmp_path))
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in rows.rows([0]).items()}
-    logits = torch.zeros(1, batch["input_ids"].shape[1], len(tiny_tokenizer))
+    logits = token_nll_from_logits(torch.zeros(1, batch["input_ids"].shape[1], len(tiny_tokenizer)), batch["labels"])
     with pytest.raises(RuntimeError, match="reference log-probs"):
         PreferenceLoss("dpo", 0.1).rows(logits, batch)
     PreferenceLoss("simpo", 2.0).rows(logits, batch)  # reference-free

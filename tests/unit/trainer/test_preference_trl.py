@@ -33,6 +33,7 @@ from data_pipeline.preference import encode_pair, normalise_pair  # noqa: E402
 from data_pipeline.prepare import PrepareOptions, prepare  # noqa: E402
 from data_pipeline.sources import Record  # noqa: E402
 from trainer import reference as reference_module  # noqa: E402
+from trainer.loss import token_nll_from_logits  # noqa: E402
 from trainer.preference import STATS, PreferenceLoss  # noqa: E402
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
@@ -122,7 +123,7 @@ def _ours(tmp_path, monkeypatch, tokenizer, records, policy, reference, objectiv
     policy.zero_grad()
     # as train_step: input_ids and per-document position_ids, no attention mask
     logits = policy(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-    rows, row_stats = objective.rows(logits, batch)
+    rows, row_stats = objective.rows(token_nll_from_logits(logits, batch["labels"]), batch)
     pairs = objective.count(batch)
     assert pairs == len(records)
     loss = rows.sum() / pairs

@@ -1,0 +1,106 @@
+"""The LM head as the loss: every place that scores tokens (train_step, EWC's Fisher pass, evaluation,
+the DPO reference pass) asks `score` for the per-token loss, never for the logits.
+
+With trainer.loss_chunk_tokens on, `install` gives the model's LM head (an nn.Linear) a forward that,
+while a request is armed, returns the per-token cross-entropy [batch, seq] computed in chunks
+(trainer/chunked_loss.py) instead of the logits [batch, seq, vocab]. The model is still called as
+always (`engine(...)`), so DeepSpeed's engine forward, its output hooks and ZeRO-3's parameter hooks
+run as they do for the logits: the head's weight is gathered for the head's forward by its pre-forward
+hook and again for its backward by its pre-backward hook, and its gradient is reduced once. Unarmed
+(generation, the isolation probe) the head is a plain linear layer.
+
+Only for architectures whose forward is `logits = lm_head(hidden)` with nothing after it (Llama,
+Qwen2/3, Mistral); others (Gemma2's soft-capping, Cohere's logit scale) keep the plain path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.packing import IGNORE
+from trainer.chunked_loss import auto_chunk, token_nll
+from trainer.loss import token_nll_from_logits
+
+log = logging.getLogger("trainer")
+
+PLAIN_HEAD_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+"""Model types whose logits are exactly lm_head(hidden states) in transformers 5.x."""
+
+
+def chunking_for(hf_config, loss_chunk_tokens: Optional[int]) -> Optional[int]:
+    """The chunk setting for this model: None = off, 0 = automatic size, N = N tokens a chunk.
+    trainer.loss_chunk_tokens None (auto) turns it on where the logits outweigh the hidden states
+    (vocab >= 4 x hidden: every real LM); 0 turns it off."""
+    if loss_chunk_tokens == 0:
+        return None
+    if hf_config.model_type not in PLAIN_HEAD_TYPES or any(
+            getattr(hf_config, k, None) for k in ("logit_scale", "final_logit_softcapping", "logits_scaling")):
+        if loss_chunk_tokens:
+            log.warning("trainer.loss_chunk_tokens=%d: model_type %r post-processes its logits; the loss stays "
+                        "on the full logits", loss_chunk_tokens, hf_config.model_type)
+        return None
+    if loss_chunk_tokens is None:
+        return 0 if hf_config.vocab_size >= 4 * hf_config.hidden_size else None
+    return loss_chunk_tokens
+
+
+def install(model, chunk: Optional[int]) -> None:
+    """Give `model`'s LM head the chunked-loss forward (chunk from chunking_for; None: leave it plain)."""
+    if chunk is None:
+        return
+    head = model.get_output_embeddings()
+    if head.bias is not None:
+        log.warning("the LM head has a bias: the loss stays on the full logits")
+        return
+    head._loss_request = None
+    head._loss_chunk = chunk
+    head.forward = types.MethodType(_head_forward, head)
+    log.info("chunked cross-entropy: the LM head and the loss %s", f"in chunks of {chunk} tokens" if chunk else
+             "in chunks sized to the hidden states (trainer.loss_chunk_tokens)")
+
+
+def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    targets = self._loss_request
+    if targets is None:
+        return F.linear(hidden, self.weight)
+    tokens = int((targets != IGNORE).sum())
+    chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0], hidden.shape[-1])
+    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered)
+
+
+def _gathered(weight: torch.nn.Parameter):
+    """The weight usable in backward: ZeRO-3's pre-backward hook has normally gathered it; if not,
+    gather it here and partition it again afterwards (as DeepSpeed's own zero3 linear does)."""
+    status = getattr(weight, "ds_status", None)
+    if status is not None and status.name == "NOT_AVAILABLE":
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([weight])
+    return contextlib.nullcontext()
+
+
+def score(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The per-token next-token loss [batch, seq - 1] of `batch` under the engine's model (0 where the
+    label is IGNORE): through the chunked head when installed, else from the full logits."""
+    labels = batch["labels"]
+    inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                  use_cache=False)
+    head = engine.module.get_output_embeddings()
+    if not hasattr(head, "_loss_request"):
+        return token_nll_from_logits(engine(**inputs).logits, labels)
+    head._loss_request = F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device)
+    try:
+        nll = engine(**inputs).logits
+    finally:
+        head._loss_request = None
+    if nll.shape != labels.shape:
+        raise RuntimeError(f"the chunked LM head returned {tuple(nll.shape)}, not per-token losses "
+                           f"{tuple(labels.shape)}: this architecture post-processes its logits; set "
+                           "trainer.loss_chunk_tokens=0")
+    return nll[:, :-1]
