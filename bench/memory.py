@@ -27,10 +27,15 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
                  within 10% of the SFT step's peak memory (no second model: the reference log-probs
                  are scored once before training by the same engine, trainer/reference.py)
 
+    chunked CE   trainer.loss_chunk_tokens=0 (full logits) vs null (chunked) on 1 rank of the tiny Llama
+                 (hidden 256, 4 layers) with its vocabulary padded to --ce-vocabs and rows of --ce-seqs
+                 tokens, where the logits dominate a step; issue 16's target is >= 40% lower peak at
+                 vocab 128k, seq 8k, at <= 5% step time
+
     python bench/memory.py                 # ~100M-parameter Llama, CPU ranks (about 15 minutes on 2 cores)
     python bench/memory.py --smoke         # tiny model, 2 steps: runs 1 and 2 ranks only; the AC and EWC
                                            # runs' configs are composed (checked), not trained (CI; no claims)
-    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo
+    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo, ce
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from harness import fmt, ratio  # noqa: E402
 
 TARGET_EWC_COST = 0.03
 TARGET_DPO_MEM = 1.10  # a DPO step's peak within 10% of an SFT step's on the same rows
+TARGET_CE_MEM, TARGET_CE_TIME = 0.60, 1.05  # chunked CE at vocab 128k, seq 8k: >= 40% lower peak, <= 5% time
 # ~100M parameters with the tiny 2k-token vocabulary (GPT-2-small-like widths, Llama blocks).
 MEM_ARCH = dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
                 num_key_value_heads=12)
@@ -85,6 +91,13 @@ def runs(args) -> List[Run]:
     if "dpo" in args.only:
         out += [Run("SFT on the pair documents", "dpo", 2, args.seq_len, data="pair_docs"),
                 Run("DPO", "dpo", 2, args.seq_len, data="pairs")]
+    if "ce" in args.only:
+        for vocab in args.ce_vocabs:
+            for seq in args.ce_seqs:
+                for chunked in (False, True):
+                    out.append(Run(f"CE {'chunked' if chunked else 'full logits'} V={vocab} T={seq}", "ce", 1, seq,
+                                   [f"model.arch.vocab_size={vocab}", f"model.arch.max_position_embeddings={max(seq, 2048)}",
+                                    f"trainer.loss_chunk_tokens={'null' if chunked else 0}"]))
     return out
 
 
@@ -101,7 +114,7 @@ def write_pairs(path: Path, docs: Path, train: Path) -> None:
 
 
 def overrides(args, run: Run, data: Dict[str, Path], cache: Path, out: Path) -> List[str]:
-    arch = [f"model.arch.{k}={v}" for k, v in args.arch.items()]
+    arch = [] if run.group == "ce" else [f"model.arch.{k}={v}" for k, v in args.arch.items()]  # ce: the tiny Llama
     stage, fmt = {"train": ("sft", "alpaca"), "pairs": ("dpo", "auto"), "pair_docs": ("sft", "completion")}[run.data]
     return ["model=tiny", *arch, f"stage={stage}", f"data.path={data[run.data]}", f"data.format={fmt}",
             f"data.seq_len={run.seq_len}",
@@ -169,6 +182,17 @@ def summarise(results: List[Dict], params: int) -> Dict:
         summary["dpo_mem_ratio"] = dpo["peak_mem_gb"] / sft["peak_mem_gb"]
         summary["dpo_time_ratio"] = dpo["step_time_s"] / sft["step_time_s"]
         summary["dpo_mem_target_met"] = summary["dpo_mem_ratio"] <= TARGET_DPO_MEM
+    for r in results:
+        if r["group"] == "ce" and r["name"].startswith("CE chunked"):
+            full = by_name.get(r["name"].replace("CE chunked", "CE full logits"))
+            if full:
+                key = r["name"].split(" ", 2)[2].replace(" ", "_").replace("=", "")  # V128256_T8192
+                summary[f"ce_{key}_mem_ratio"] = r["peak_mem_gb"] / full["peak_mem_gb"]
+                summary[f"ce_{key}_time_ratio"] = r["step_time_s"] / full["step_time_s"]
+    big = [k for k in summary if k.startswith("ce_V128256_T8192_mem")]
+    if big:
+        summary["ce_target_met"] = (summary["ce_V128256_T8192_mem_ratio"] <= TARGET_CE_MEM
+                                    and summary["ce_V128256_T8192_time_ratio"] <= TARGET_CE_TIME)
     return summary
 
 
@@ -193,7 +217,9 @@ def table(results: List[Dict], ref_of) -> str:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--only", default="ws,ac,ewc,dpo", help="comma-separated subset of ws, ac, ewc, dpo")
+    p.add_argument("--only", default="ws,ac,ewc,dpo,ce", help="comma-separated subset of ws, ac, ewc, dpo, ce")
+    p.add_argument("--ce-vocabs", default="49152,128256", help="vocabulary sizes of the chunked-CE runs")
+    p.add_argument("--ce-seqs", default="2048,8192", help="row lengths of the chunked-CE runs")
     p.add_argument("--seq-len", type=int, default=1024, help="row length of the AC and EWC runs")
     p.add_argument("--short-seq", type=int, default=128, help="row length of the world-size runs")
     p.add_argument("--micro-rows", type=int, default=1, help="packed rows per rank per step")
@@ -208,12 +234,15 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
-    if not set(args.only) <= {"ws", "ac", "ewc", "dpo"}:
-        p.error("--only: a subset of ws, ac, ewc, dpo")
+    if not set(args.only) <= {"ws", "ac", "ewc", "dpo", "ce"}:
+        p.error("--only: a subset of ws, ac, ewc, dpo, ce")
+    args.ce_vocabs = [int(v) for v in args.ce_vocabs.split(",") if v]
+    args.ce_seqs = [int(v) for v in args.ce_seqs.split(",") if v]
     args.arch = dict(MEM_ARCH)
     if args.smoke:
         args.arch, args.seq_len, args.short_seq, args.steps, args.skip_steps, args.samples = {}, 128, 128, 2, 0, 40
         args.fisher_batches = 1
+        args.ce_vocabs, args.ce_seqs = args.ce_vocabs[:1], args.ce_seqs[:1]
     return args
 
 
@@ -262,6 +291,8 @@ def main(argv=None) -> Dict:
     none = reference(by_name)
 
     def ref_of(r: Dict) -> Optional[Dict]:
+        if r["group"] == "ce":
+            return by_name.get(r["name"].replace("CE chunked", "CE full logits"))
         if r["group"] == "dpo":
             return by_name.get("SFT on the pair documents")
         return by_name.get("1 rank") if r["group"] == "ws" else none
@@ -283,6 +314,12 @@ def main(argv=None) -> Dict:
         print(f"DPO vs SFT on the same rows: peak memory x{summary['dpo_mem_ratio']:.3f} (target <= "
               f"x{TARGET_DPO_MEM:.2f}: {'met' if summary['dpo_mem_target_met'] else 'NOT met'}), step time "
               f"x{summary['dpo_time_ratio']:.3f}")
+    for k in sorted(k for k in summary if k.startswith("ce_") and k.endswith("_mem_ratio")):
+        case = k[3:-len("_mem_ratio")]
+        print(f"chunked CE {case}: peak memory x{summary[k]:.3f}, step time x{summary[f'ce_{case}_time_ratio']:.3f}")
+    if "ce_target_met" in summary:
+        print(f"chunked CE at vocab 128k, seq 8k: target peak <= x{TARGET_CE_MEM:.2f} at step time <= "
+              f"x{TARGET_CE_TIME:.2f}: {'met' if summary['ce_target_met'] else 'NOT met'}")
     report = {**stamp, "load_avg_end": harness.load_average(), "params": params, "arch": arch,
               "args": {k: v for k, v in vars(args).items()}, "results": results, "composed_only": composed,
               "summary": summary,

@@ -44,7 +44,10 @@ def model_config(cfg: ModelConfig, tokenizer, seq_len: int, packed: bool = True)
         if len(arch) < len(cfg.arch):
             log.warning("model.arch: ignoring %s (secret-looking keys are never written to the model config)",
                         sorted(set(cfg.arch) - set(arch)))
-        hf_config = AutoConfig.for_model(cfg.model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+        # model.arch.vocab_size may pad the vocabulary past the tokenizer's (e.g. to a real model's size,
+        # for memory benchmarks of the LM head); never below it.
+        vocab = max(len(tokenizer), int(arch.pop("vocab_size", 0) or 0))
+        hf_config = AutoConfig.for_model(cfg.model_type, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
                                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                          **arch)
     max_pos = getattr(hf_config, "max_position_embeddings", None)

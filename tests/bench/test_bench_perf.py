@@ -64,7 +64,8 @@ def test_memory_smoke(tmp_path):
         assert text in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["1 rank", "2 ranks"]
-    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC", "SFT on the pair documents", "DPO"]
+    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC", "SFT on the pair documents", "DPO",
+                                       "CE full logits V=49152 T=2048", "CE chunked V=49152 T=2048"]
     pairs = [json.loads(line) for line in (tmp_path / "work" / "data" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 40 and all(p["chosen"] != p["rejected"] for p in pairs)
     for r in report["results"]:
@@ -100,6 +101,11 @@ def test_memory_summary_ratios():
                             dict(run, name="DPO", group="dpo", peak_mem_gb=4.2, step_time_s=11.0)], params=1)
     assert abs(dpo["dpo_mem_ratio"] - 1.05) < 1e-12 and abs(dpo["dpo_time_ratio"] - 1.1) < 1e-12
     assert dpo["dpo_mem_target_met"]
+    ce = memory.summarise([dict(run, name="CE full logits V=128256 T=8192", group="ce", peak_mem_gb=10.0, step_time_s=20.0),
+                           dict(run, name="CE chunked V=128256 T=8192", group="ce", peak_mem_gb=5.0, step_time_s=20.5)],
+                          params=1)
+    assert ce["ce_V128256_T8192_mem_ratio"] == 0.5 and abs(ce["ce_V128256_T8192_time_ratio"] - 1.025) < 1e-12
+    assert ce["ce_target_met"]
 
 
 def test_throughput_loss_at_equal_supervised_tokens():
