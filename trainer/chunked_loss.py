@@ -6,7 +6,9 @@ forward, where ZeRO-3 has gathered the head's weight (and gathers it again for t
 
 For one 8,192-token row of a 128,256-token vocabulary the plain path holds fp32 logits, their
 log-softmax and their gradient: 3 x 8,192 x 128,256 x 4 B = 12.6 GB. Here a chunk of c tokens holds
-c x V at a time (c = 256: 0.13 GB), plus one fp32 accumulator for the head weight's gradient.
+c x V at a time (c = 256: 0.13 GB), plus one fp32 accumulator for the head weight's gradient (V x H x
+4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would shrink it, not done yet). Liger's
+fused kernel (GPU) is not used: its per-token mode returned wrong weight gradients before mid-2026.
 
     forward   per chunk: z = h W^T (fp32), lse = logsumexp(z), nll = lse - z[target]; keep lse only
     backward  per chunk: p = exp(z - lse); dz = (p - onehot(target)) * g; dh = dz W; dW += dz^T h
@@ -72,8 +74,8 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p = torch.exp(F.linear(h, weight).float() - lse[s:s + chunk, None])
                 p.scatter_add_(1, safe[s:s + chunk, None], -torch.ones_like(p[:, :1]))
                 dz = p * g[s:s + chunk, None]
-                grad_hidden[s:s + chunk] = (dz @ weight.float()).to(hidden.dtype)
-                grad_weight.addmm_(dz.t(), h.float())
+                grad_hidden[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # no fp32 copy of W
+                grad_weight.addmm_(dz.t(), h.float())  # fp32 accumulation across chunks (bf16 would bias it)
         return grad_hidden, grad_weight.to(weight.dtype), None, None, None
 
 
