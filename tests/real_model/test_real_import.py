@@ -150,9 +150,10 @@ def test_the_recipe_skips_the_random_init_stage_with_the_real_model(smollm2_dir)
 
     overrides = ["+exp=medical", "model=smollm2_135m", "output_dir=/runs/real"]
     plan = dict(stage_overrides(load_config(overrides), load_config, overrides))
-    assert list(plan) == ["cpt", "instruct"]
+    assert list(plan) == ["cpt", "instruct", "align"]
     assert plan["cpt"].model.name_or_path == str(smollm2_dir)
     assert plan["instruct"].model.name_or_path == "/runs/real/cpt/hf"
+    assert plan["align"].model.name_or_path == "/runs/real/instruct/hf" and plan["align"].stage.objective == "dpo"
 
 
 # ---- the pad rule -----------------------------------------------------------------------------------
