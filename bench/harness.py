@@ -128,6 +128,17 @@ def save_init_model(out: Path, arch: Dict, tokenizer, seed: int, model_type: str
     return out
 
 
+def save_init_config(out: Path, arch: Dict, tokenizer, model_type: str = "llama") -> Path:
+    """The config and tokenizer of save_init_model's directory, without weights (for dry runs)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 def param_count(arch: Dict, vocab: int, model_type: str = "llama") -> int:
     """Parameters of a random-init model with this architecture (built on the meta device: no memory)."""
     import torch

@@ -36,6 +36,7 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
     python bench/memory.py --smoke         # tiny model, 2 steps: runs 1 and 2 ranks only; the AC and EWC
                                            # runs' configs are composed (checked), not trained (CI; no claims)
     python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo, ce
+    python bench/memory.py --dry-run       # every run's config composed, nothing launched (any machine)
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def runs(args) -> List[Run]:
             for seq in args.ce_seqs:
                 for chunked in (False, True):
                     out.append(Run(f"CE {'chunked' if chunked else 'full logits'} V={vocab} T={seq}", "ce", 1, seq,
-                                   [f"model.arch.vocab_size={vocab}", f"model.arch.max_position_embeddings={max(seq, 2048)}",
+                                   [f"++model.arch.vocab_size={vocab}", f"model.arch.max_position_embeddings={max(seq, 2048)}",
                                     f"trainer.loss_chunk_tokens={'null' if chunked else 0}"]))
     return out
 
@@ -230,6 +231,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--smoke", action="store_true",
                    help="the tiny model, 2 steps, 1 and 2 ranks only; AC/EWC configs composed, not run (CI)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compose every run's config (any machine, GPU runs included), launch nothing")
     p.add_argument("--out", help="work directory (default: a new temporary directory, kept)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
@@ -267,12 +270,12 @@ def main(argv=None) -> Dict:
 
     results, composed = [], []
     for run in runs(args):
-        run_dir = out / "runs" / run.name.split(" (")[0].replace(" ", "_")
+        run_dir = out / "runs" / run.name.split(" (")[0].replace(" ", "_").replace("=", "")
         run_overrides = overrides(args, run, data, out / "cache", run_dir)
-        if args.smoke and run.group != "ws":
+        if args.dry_run or (args.smoke and run.group != "ws"):
             harness.compose(run_overrides)  # CI: the typed config accepts these overrides; no training
             composed.append(run.name)
-            print(f"  {run.name}: config composed, not run (--smoke)", flush=True)
+            print(f"  {run.name}: config composed, not run ({'--dry-run' if args.dry_run else '--smoke'})", flush=True)
             continue
         shutil.rmtree(run_dir, ignore_errors=True)
         cmd = harness.deepspeed_cmd("launch/train.py", run.ranks) + run_overrides

@@ -26,7 +26,11 @@ weights (same evaluation code for all three), and the ratios against (b). With -
     python bench/throughput.py --repeats 2          # each system twice, interleaved; medians
     python bench/throughput.py --gpu                # ~1B Llama, bf16, seq 4096, flex attention, all GPUs
     python bench/throughput.py --smoke              # seconds per system, no claims (CI)
+    python bench/throughput.py --gpu --dry-run      # on any machine: the GPU profile's data, configs (bf16,
+                                                    # flex attention, DeepSpeed JSON), commands and MFU
+                                                    # arithmetic, checked without a GPU or a launch (CI)
     python bench/throughput.py --systems a,b        # a subset
+    python bench/throughput.py --gpu --systems a --loss-chunk-tokens 0   # ours with full logits (vs chunked)
 
 Issue 8's target: tokens/s of (a) >= 1.5x (b) at equal loss per token (held-out loss within 2%).
 """
@@ -97,7 +101,8 @@ def ours_overrides(args, prof: Profile, init: Path, train: Path, cache: Path, pa
             f"data.cache_dir={cache}", "logger=jsonl", f"trainer.lr={prof.lr}",
             "trainer.lr_schedule=constant", f"trainer.warmup_steps={prof.warmup}", f"trainer.seed={args.seed}",
             "trainer.log_every_steps=1", "trainer.save_every_steps=0", "trainer.eval_every_steps=0",
-            "eval.at_start=false", f"trainer.precision={'bf16' if prof.bf16 else 'fp32'}"]
+            "eval.at_start=false", f"trainer.precision={'bf16' if prof.bf16 else 'fp32'}",
+            f"trainer.loss_chunk_tokens={args.loss_chunk_tokens}"]
 
 
 def to_npz(prepared, path: Path) -> Dict:
@@ -232,6 +237,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--gpu", action="store_true", help="the GPU profile (~1B Llama, bf16, seq 4096, flex attention)")
     p.add_argument("--smoke", action="store_true", help="a few steps per system on a tiny set (CI; no claims)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="prepare the data, compose every run's config and command, launch nothing (no GPU needed)")
     p.add_argument("--systems", default="a,b,c", help="comma-separated subset of a,b,c")
     p.add_argument("--nproc", type=int, default=None, help="ranks (default: 2 on CPU, every GPU with --gpu)")
     p.add_argument("--samples", type=int, help="training samples (one epoch is the token budget)")
@@ -239,6 +246,8 @@ def parse_args(argv=None):
     p.add_argument("--micro-rows", type=int, help="packed rows per rank per micro-batch for (a)")
     p.add_argument("--repeats", type=int, default=1, help="run every system this many times, interleaved")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--loss-chunk-tokens", default="null",
+                   help="trainer.loss_chunk_tokens of our runs: null (chunked CE where it helps), 0 (full logits), N")
     p.add_argument("--out", help="work directory (default: a new temporary directory, kept)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
@@ -255,9 +264,10 @@ def main(argv=None) -> Dict:
     args, prof = parse_args(argv)
     import torch
 
-    if args.gpu and not torch.cuda.is_available():
-        raise SystemExit("--gpu needs a CUDA GPU (this machine has none); the default profile runs on CPU")
-    nproc = args.nproc or (torch.cuda.device_count() if args.gpu else 2)
+    if args.gpu and not torch.cuda.is_available() and not args.dry_run:
+        raise SystemExit("--gpu needs a CUDA GPU (this machine has none); the default profile runs on CPU "
+                         "(--gpu --dry-run checks the GPU profile's configs and commands here)")
+    nproc = args.nproc or (torch.cuda.device_count() if args.gpu and torch.cuda.is_available() else 2)
     out = Path(args.out or tempfile.mkdtemp(prefix="fullft-throughput-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -273,7 +283,10 @@ def main(argv=None) -> Dict:
     draw = harness.write_alpaca(train, pool, prof.samples, args.seed, answer_median=prof.answer_median)
     harness.write_alpaca(heldout, pool, prof.heldout, args.seed + 1, answer_median=prof.answer_median)
     arch = prof.arch or harness.tiny_arch()
-    init = harness.save_init_model(out / f"init-{prof.name}-{args.seed}", arch, tokenizer, args.seed)
+    if args.dry_run:  # the config and tokenizer a run reads first; no weights (4 GB for the GPU profile)
+        init = harness.save_init_config(out / f"init-{prof.name}-{args.seed}-config", arch, tokenizer)
+    else:
+        init = harness.save_init_model(out / f"init-{prof.name}-{args.seed}", arch, tokenizer, args.seed)
     params = harness.param_count(arch, len(tokenizer))
     cache = out / "cache"
     from data_pipeline.prepare import PrepareOptions, prepare
@@ -307,10 +320,7 @@ def main(argv=None) -> Dict:
     print(f"(a) {prof.micro_rows} packed rows x {prof.seq_len} per rank per step, {steps_a} steps; "
           f"(b), (c) {batch} samples per rank per micro-batch x {accum} accumulated, {steps_bc} steps", flush=True)
 
-    def run(system: str, repeat: int) -> Dict:
-        run_dir = out / "runs" / f"{system}{repeat}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        log = out / "logs" / f"{system}{repeat}.log"
+    def command(system: str, run_dir: Path) -> List:
         if system == "b":
             cmd = harness.deepspeed_cmd("bench/hf_baseline.py", nproc) + [
                 "--model", init, "--data", samples_npz, "--out", run_dir, "--batch-size", batch, "--grad-accum", accum,
@@ -323,6 +333,17 @@ def main(argv=None) -> Dict:
                 f"trainer.micro_batch_size={prof.micro_rows if packing else batch}",
                 f"trainer.grad_accum_steps={1 if packing else accum}",
                 f"trainer.max_steps={steps_a if packing else steps_bc}", f"output_dir={run_dir}"]
+        return cmd
+
+    if args.dry_run:
+        return dry_run(args, prof, out, nproc, params, arch, tokenizer, {s: command(s, out / "runs" / f"{s}0")
+                                                                          for s in args.systems}, stamp)
+
+    def run(system: str, repeat: int) -> Dict:
+        run_dir = out / "runs" / f"{system}{repeat}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        log = out / "logs" / f"{system}{repeat}.log"
+        cmd = command(system, run_dir)
         load = harness.load_average()
         wall = harness.run_logged(cmd, log)
         steps, peak = hf_steps(run_dir) if system == "b" else ours_steps(run_dir, nproc)
@@ -395,6 +416,49 @@ def main(argv=None) -> Dict:
     for path in [out / "throughput.json"] + ([Path(args.json)] if args.json else []):
         path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {out / 'throughput.json'} ({report['total_wall_s']:.0f} s in all)")
+    return report
+
+
+def dry_run(args, prof: Profile, out: Path, nproc: int, params: int, arch: Dict, tokenizer, commands: Dict,
+            stamp: Dict) -> Dict:
+    """What --dry-run checks, so the GPU profile cannot rot while no GPU is at hand: every run of ours
+    composes through the typed config and yields the DeepSpeed config the GPU would get (bf16 on);
+    the HF baseline's arguments parse; the MFU arithmetic has its FLOPs per token and a peak for the
+    GPUs it knows. Nothing is launched."""
+    from trainer.deepspeed_config import build_deepspeed_config
+    from trainer.perf import flops_per_token, peak_flops
+
+    checked = {}
+    for system, cmd in commands.items():
+        args_of = [str(c) for c in cmd]
+        if system == "b":
+            sys.argv = ["hf_baseline.py"] + args_of[args_of.index("bench/hf_baseline.py") + 1:]
+            import hf_baseline
+
+            parsed = hf_baseline.parse_args()
+            checked[system] = {"bf16": parsed.bf16, "attn": parsed.attn, "batch_size": parsed.batch_size,
+                               "grad_accum": parsed.grad_accum, "ds_config_gpu": hf_baseline.ds_config(on_gpu=True)}
+        else:
+            cfg = harness.compose(args_of[args_of.index("launch/train.py") + 1:])
+            ds = build_deepspeed_config(cfg.deepspeed, cfg.trainer, nproc, on_gpu=prof.bf16)
+            checked[system] = {"precision": str(cfg.trainer.precision), "attn": str(cfg.model.attn_implementation),
+                               "packing": cfg.data.packing, "bf16": ds["bf16"]["enabled"],
+                               "train_batch_size": ds["train_batch_size"]}
+        print(f"  {SYSTEMS[system]}: {' '.join(str(c) for c in cmd)}\n    -> {checked[system]}", flush=True)
+    heads = arch["num_attention_heads"]
+    head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
+    embed = len(tokenizer) * arch["hidden_size"]
+    fpt = flops_per_token(params - (0 if arch.get("tie_word_embeddings") else embed), arch["num_hidden_layers"],
+                          heads * head_dim, prof.seq_len)
+    peaks = {name: peak_flops(name, prof.bf16) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-80GB")}
+    print(f"MFU arithmetic: {fpt / 1e9:.2f} GFLOP per token at seq {prof.seq_len}; peaks "
+          f"{ {k: (v / 1e12 if v else None) for k, v in peaks.items()} } TFLOP/s (bf16={prof.bf16})")
+    report = {**stamp, "dry_run": True, "profile": asdict(prof), "ranks": nproc, "params": params,
+              "commands": {s: [str(c) for c in cmd] for s, cmd in commands.items()}, "checked": checked,
+              "flops_per_token": fpt, "peak_flops": peaks, "out": str(out)}
+    for path in [out / "throughput.json"] + ([Path(args.json)] if args.json else []):
+        path.write_text(json.dumps(report, indent=1, default=str))
+    print(f"dry run: nothing launched; wrote {out / 'throughput.json'}")
     return report
 
 

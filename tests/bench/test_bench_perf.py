@@ -73,6 +73,26 @@ def test_memory_smoke(tmp_path):
     assert "ws_drop_gb" in report["summary"]
 
 
+@pytest.mark.timeout(400)
+def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
+    """bench/throughput.py --gpu --dry-run on this CPU machine: the ~1B bf16 flex-attention profile's
+    data, every run's typed config and DeepSpeed config (bf16 on), the HF baseline's arguments and the
+    MFU arithmetic, with nothing launched: the GPU path cannot rot while no GPU is lent. And every
+    memory-benchmark run's config composes (bench/memory.py --dry-run)."""
+    proc = _bench("bench/throughput.py", "--gpu", "--dry-run", "--samples", "120", "--out", str(tmp_path / "tp"),
+                  timeout=300)
+    report = json.loads((tmp_path / "tp" / "throughput.json").read_text())
+    assert report["dry_run"] and report["params"] > 900e6 and not (tmp_path / "tp" / "runs").exists()
+    assert report["checked"]["a"] == {"precision": "bf16", "attn": "flex_attention", "packing": True, "bf16": True,
+                                      "train_batch_size": 2}
+    assert report["checked"]["b"]["bf16"] and report["checked"]["c"]["packing"] is False
+    assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"]
+    assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
+    proc = _bench("bench/memory.py", "--dry-run", "--out", str(tmp_path / "mem"), timeout=300)
+    report = json.loads((tmp_path / "mem" / "memory.json").read_text())
+    assert not report["results"] and len(report["composed_only"]) == 2 + 3 + 1 + 2 + 8, proc.stdout  # ws ac ewc dpo ce
+
+
 # ---- the benchmarks' arithmetic, on literal numbers ---------------------------------------------------
 
 def _bench_module(name: str):
