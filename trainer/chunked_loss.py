@@ -6,7 +6,7 @@ forward, where ZeRO-3 has gathered the head's weight (and gathers it again for t
 
 For one 8,192-token row of a 128,256-token vocabulary the plain path holds fp32 logits, their
 log-softmax and their gradient: 3 x 8,192 x 128,256 x 4 B = 12.6 GB. Here a chunk of c tokens holds
-c x V at a time (c = 256: 0.13 GB), plus one fp32 accumulator for the head weight's gradient (V x H x
+c x V at a time (c = 512: 0.26 GB, and its exponent in backward), plus one fp32 accumulator for the head weight's gradient (V x H x
 4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would shrink it, not done yet). Liger's
 fused kernel (GPU) is not used: its per-token mode returned wrong weight gradients before mid-2026.
 
@@ -31,12 +31,18 @@ import torch.nn.functional as F
 from data_pipeline.packing import IGNORE
 
 
-def auto_chunk(tokens: int, vocab: int, hidden: int) -> int:
-    """Tokens per chunk so that a chunk's logits are about as large as the hidden states they come
-    from (Liger's rule): the next power of two of tokens / ceil(vocab / hidden). 8,192 tokens of a
-    128,256 vocabulary at hidden 4,096: 8,192 / 32 = 256."""
-    per = max(1, math.ceil(tokens / max(1, math.ceil(vocab / max(hidden, 1)))))
-    return 1 << (per - 1).bit_length()
+CHUNK_LOGITS_BYTES = 256 << 20
+"""The automatic chunk's fp32 logits: 256 MiB (512 tokens of a 128,256 vocabulary, 1,024 of 49,152)."""
+
+
+def auto_chunk(tokens: int, vocab: int) -> int:
+    """Tokens per chunk: the largest power of two whose fp32 logits fit CHUNK_LOGITS_BYTES, and no more
+    than the tokens there are (rounded up to a power of two). Large enough that each chunk is one
+    efficient matmul (sizing chunks to the hidden states instead, as Liger does, made 16-token chunks
+    for a small model and doubled its step time on CPU), small enough to bound the memory."""
+    fit = max(1, CHUNK_LOGITS_BYTES // (4 * max(vocab, 1)))
+    fit = 1 << (fit.bit_length() - 1)
+    return min(fit, 1 << (max(tokens, 1) - 1).bit_length())
 
 
 class LinearCrossEntropy(torch.autograd.Function):

@@ -403,8 +403,8 @@ class TrainerConfig:
     loss_chunk_tokens: Optional[int] = None
     """Chunked cross-entropy (trainer/chunked_loss.py): the LM head and the loss computed this many
     tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
-    on, sized to the hidden states, where the vocabulary is at least 4x the hidden size (every real
-    LM); 0 = off (full logits)."""
+    on where the vocabulary is at least 4x the hidden size (every real LM), chunks of at most 256 MiB
+    of fp32 logits; 0 = off (full logits)."""
     activation_checkpointing_every_n: int = 2
     """With every_n: checkpoint every n-th decoder layer."""
     save_every_steps: int = 50

@@ -62,7 +62,7 @@ def install(model, chunk: Optional[int]) -> None:
     head._loss_chunk = chunk
     head.forward = types.MethodType(_head_forward, head)
     log.info("chunked cross-entropy: the LM head and the loss %s", f"in chunks of {chunk} tokens" if chunk else
-             "in chunks sized to the hidden states (trainer.loss_chunk_tokens)")
+             "in chunks of at most 256 MiB of logits (trainer.loss_chunk_tokens)")
 
 
 def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -70,7 +70,7 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     if targets is None:
         return F.linear(hidden, self.weight)
     tokens = int((targets != IGNORE).sum())
-    chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0], hidden.shape[-1])
+    chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0])
     return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered)
 
 

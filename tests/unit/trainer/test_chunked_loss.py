@@ -64,10 +64,9 @@ def test_the_weight_gradient_fires_once_dense_even_with_nothing_supervised():
     assert fires == [1]
 
 
-def test_auto_chunk_matches_the_hidden_states_size():
-    assert auto_chunk(8192, 128_256, 4096) == 256
-    assert auto_chunk(8192, 49_152, 576) == 128
-    assert auto_chunk(1, 50, 4) == 1
+def test_auto_chunk_bounds_the_logits_of_a_chunk():
+    assert auto_chunk(8192, 128_256) == 512 and auto_chunk(8192, 49_152) == 1024  # 256 MiB of fp32 logits at most
+    assert auto_chunk(300, 2048) == 512 and auto_chunk(1, 50) == 1  # never more than the tokens (next power of 2)
 
 
 class _Engine:
