@@ -13,6 +13,10 @@ fused kernel (GPU) is not used: its per-token mode returned wrong weight gradien
     forward   per chunk: z = h W^T (fp32), lse = logsumexp(z), nll = lse - z[target]; keep lse only
     backward  per chunk: p = exp(z - lse); dz = (p - onehot(target)) * g; dh = dz W; dW += dz^T h
 
+A token-mean loss (every token's upstream gradient the same) gets its gradients in the forward pass
+instead, from the logits already there, scaled in backward: no recompute, so the step costs what the
+full-logits step costs (the DPO losses weight tokens per pair and use the recompute).
+
 The gradient of the weight is returned once, dense (zeros where no token is supervised), so a
 parameter's gradient hook fires once per backward on every rank, which ZeRO-3's bucketed
 reduce-scatter needs (firing per chunk, as per-chunk reentrant checkpointing would, trips its
@@ -48,50 +52,86 @@ def auto_chunk(tokens: int, vocab: int) -> int:
 class LinearCrossEntropy(torch.autograd.Function):
     """nll[n] = cross-entropy of (hidden[n] @ weight^T) at targets[n] (0 where targets is IGNORE), fp32.
     `gather` (optional): a context manager factory making `weight` usable in backward (ZeRO-3's
-    fallback when the module's pre-backward hook has not gathered it)."""
+    fallback when the module's pre-backward hook has not gathered it). `uniform`: the caller promises
+    the same upstream gradient for every token (a token-mean loss), so the gradients are computed in
+    the forward pass, where the logits already are, and only scaled in backward: no recompute (a
+    non-uniform upstream still gets the exact recomputed gradient)."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                gather: Optional[Callable] = None) -> torch.Tensor:
+                gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
         n = hidden.shape[0]
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         nll = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         safe = targets.clamp(min=0)
+        eager = uniform and any(ctx.needs_input_grad[:2])
+        unit = _Grads(hidden, weight) if eager else None
         for s in range(0, n, chunk):
             z = F.linear(hidden[s:s + chunk], weight).float()
             lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
             nll[s:s + chunk] = lse[s:s + chunk] - z.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            if eager:
+                unit.add(s, z, lse[s:s + chunk], safe[s:s + chunk], None)
         nll = torch.where(targets != IGNORE, nll, torch.zeros_like(nll))
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.chunk, ctx.gather = chunk, gather
+        ctx.chunk, ctx.gather, ctx.unit = chunk, gather, unit
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
         chunk, n = ctx.chunk, hidden.shape[0]
-        g = torch.where(targets != IGNORE, grad_nll.float(), torch.zeros_like(grad_nll, dtype=torch.float32))
+        supervised = targets != IGNORE
+        g = torch.where(supervised, grad_nll.float(), torch.zeros_like(grad_nll, dtype=torch.float32))
+        live = g[supervised]
+        if ctx.unit is not None and (live.numel() == 0 or bool((live == live[0]).all())):
+            scale = live[0] if live.numel() else g.new_zeros(())
+            grad_hidden, grad_weight = ctx.unit.scaled(scale)
+            ctx.unit = None
+            return grad_hidden, grad_weight, None, None, None, None
+        ctx.unit = None
         safe = targets.clamp(min=0)
-        grad_hidden = torch.empty_like(hidden)
         with (ctx.gather(weight) if ctx.gather else contextlib.nullcontext()):
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # dense, even if n == 0
+            grads = _Grads(hidden, weight)  # the weight's gradient dense, even if n == 0
             for s in range(0, n, chunk):
-                h = hidden[s:s + chunk]
-                p = torch.exp(F.linear(h, weight).float() - lse[s:s + chunk, None])
-                p.scatter_add_(1, safe[s:s + chunk, None], -torch.ones_like(p[:, :1]))
-                dz = p * g[s:s + chunk, None]
-                grad_hidden[s:s + chunk] = (dz.to(weight.dtype) @ weight).to(hidden.dtype)  # no fp32 copy of W
-                grad_weight.addmm_(dz.t(), h.float())  # fp32 accumulation across chunks (bf16 would bias it)
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+                grads.add(s, F.linear(hidden[s:s + chunk], weight).float(), lse[s:s + chunk], safe[s:s + chunk],
+                          g[s:s + chunk])
+        return (*grads.scaled(None), None, None, None, None)
+
+
+class _Grads:
+    """Accumulates dL/dhidden and dL/dweight chunk by chunk from each chunk's logits z:
+    dz = (softmax(z) - onehot(target)) * g, dh = dz W, dW += dz^T h (fp32 across chunks; bf16 would
+    bias it). The logits buffer is turned into dz in place: one [chunk x vocab] tensor at a time."""
+
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        self.hidden, self.weight = hidden, weight
+        self.grad_hidden = torch.empty_like(hidden)
+        self.grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+
+    def add(self, s: int, z: torch.Tensor, lse: torch.Tensor, safe: torch.Tensor, g: Optional[torch.Tensor]) -> None:
+        dz = z.sub_(lse[:, None]).exp_()
+        dz.scatter_add_(1, safe[:, None], -torch.ones_like(dz[:, :1]))
+        if g is not None:
+            dz.mul_(g[:, None])
+        h = self.hidden[s:s + dz.shape[0]]
+        self.grad_hidden[s:s + dz.shape[0]] = (dz.to(self.weight.dtype) @ self.weight).to(self.hidden.dtype)
+        self.grad_weight.addmm_(dz.t(), h.float())
+
+    def scaled(self, scale: Optional[torch.Tensor]):
+        if scale is None:
+            return self.grad_hidden, self.grad_weight.to(self.weight.dtype)
+        return (self.grad_hidden * scale).to(self.hidden.dtype), (self.grad_weight * scale).to(self.weight.dtype)
 
 
 def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-              gather: Optional[Callable] = None) -> torch.Tensor:
+              gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
     """Per-position cross-entropy [batch, seq] of hidden [batch, seq, H] through weight [V, H] at
-    targets [batch, seq] (IGNORE = no loss, 0 there). Only supervised positions reach the head."""
+    targets [batch, seq] (IGNORE = no loss, 0 there). Only supervised positions reach the head.
+    uniform: see LinearCrossEntropy."""
     flat_targets = targets.reshape(-1).to(hidden.device)
     where = (flat_targets != IGNORE).nonzero().squeeze(1)
     picked = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), weight,
-                                      flat_targets.index_select(0, where), chunk, gather)
+                                      flat_targets.index_select(0, where), chunk, gather, uniform)
     out = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device).index_put((where,), picked)
     return out.view(targets.shape)

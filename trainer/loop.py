@@ -270,7 +270,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
     nonfinite_rows = []
     for m, batch in enumerate(micro_batches):
         with phase("forward_backward"):
-            rows, row_stats = objective.rows(loss_head.score(engine, batch, device), batch)
+            rows, row_stats = objective.rows(loss_head.score(engine, batch, device, objective.uniform), batch)
             if poison and m == 0:
                 rows = rows * torch.tensor(float("nan"), device=rows.device)
             engine.backward(rows.sum() * scale, scale_wrt_gas=False)
@@ -344,7 +344,7 @@ def _reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device
     distributed.all_reduce_sum(count)
     scale = backward_scale(int(count), distributed.world_size())
     if sample_with is None:
-        return loss_head.score(engine, batch, device).sum() * scale
+        return loss_head.score(engine, batch, device, uniform=True).sum() * scale
     # Sampled labels are drawn from the model's full distribution: this pass keeps the full logits.
     out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                  use_cache=False)

@@ -80,6 +80,8 @@ class TokenLoss:
     unit = "tokens"
     stats = ()
     needs_reference = False
+    uniform = True
+    """Every token's loss has the same weight in the step (trainer/chunked_loss.py may use it)."""
 
     def count(self, batch) -> int:
         return supervised_tokens(batch["labels"])

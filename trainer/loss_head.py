@@ -66,12 +66,12 @@ def install(model, chunk: Optional[int]) -> None:
 
 
 def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-    targets = self._loss_request
-    if targets is None:
+    if self._loss_request is None:
         return F.linear(hidden, self.weight)
+    targets, uniform = self._loss_request
     tokens = int((targets != IGNORE).sum())
     chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0])
-    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered)
+    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform)
 
 
 def _gathered(weight: torch.nn.Parameter):
@@ -85,16 +85,18 @@ def _gathered(weight: torch.nn.Parameter):
     return contextlib.nullcontext()
 
 
-def score(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform: bool = False) -> torch.Tensor:
     """The per-token next-token loss [batch, seq - 1] of `batch` under the engine's model (0 where the
-    label is IGNORE): through the chunked head when installed, else from the full logits."""
+    label is IGNORE): through the chunked head when installed, else from the full logits. uniform:
+    the caller's loss weights every token alike (a token mean), so the chunked head may compute its
+    gradients in the forward pass (trainer/chunked_loss.py)."""
     labels = batch["labels"]
     inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                   use_cache=False)
     head = engine.module.get_output_embeddings()
     if not hasattr(head, "_loss_request"):
         return token_nll_from_logits(engine(**inputs).logits, labels)
-    head._loss_request = F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device)
+    head._loss_request = (F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device), uniform)
     try:
         nll = engine(**inputs).logits
     finally:

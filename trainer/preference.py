@@ -121,6 +121,7 @@ class PreferenceLoss:
 
     unit = "pairs"
     stats = STATS
+    uniform = False  # a token's weight depends on its pair's margin
 
     def __init__(self, loss: str, beta: float, label_smoothing: float = 0.0, simpo_gamma: float = 0.5) -> None:
         self.loss, self.beta, self.label_smoothing, self.simpo_gamma = str(loss), beta, label_smoothing, simpo_gamma

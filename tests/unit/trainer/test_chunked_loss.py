@@ -47,6 +47,14 @@ def test_loss_and_gradients_equal_the_full_logits_for_any_chunk(chunk):
     ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk))
     assert _close(got[0], ref[0]) and (got[0][2] == 0).all()
     assert _close(got[1], ref[1]) and _close(got[2], ref[2])
+    # the gradients computed in the forward pass (uniform=True): exact for a uniform upstream, and a
+    # non-uniform one (the caller broke its promise) still gets the recomputed, exact gradient
+    upstream.fill_(0.37)
+    ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
+    assert _close(got[1], ref[1]) and _close(got[2], ref[2])
+    upstream.normal_()
+    ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
+    assert _close(got[1], ref[1]) and _close(got[2], ref[2])
 
 
 def test_the_weight_gradient_fires_once_dense_even_with_nothing_supervised():
@@ -111,7 +119,7 @@ def test_the_chunked_head_gives_every_objective_the_same_loss_and_gradients(kind
     assert chunked.get_output_embeddings()._loss_chunk == 5
     results = []
     for model in (plain, chunked):
-        nll = loss_head.score(_Engine(model), batch, torch.device("cpu"))
+        nll = loss_head.score(_Engine(model), batch, torch.device("cpu"), uniform=objective.uniform)
         rows, _ = objective.rows(nll, batch)
         rows.sum().backward()
         results.append((rows.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
