@@ -25,10 +25,13 @@ from data_pipeline.mixing import MixSchedule
 
 class StepLoader:
     def __init__(self, sources: Sequence, weights: Sequence[float], micro_batch_size: int, grad_accum_steps: int,
-                 rank: int, world_size: int, seed: int, pad_to_multiple_of: Optional[int] = None) -> None:
+                 rank: int, world_size: int, seed: int, pad_to_multiple_of: Optional[int] = None,
+                 origin: Tuple[int, int] = (0, 0)) -> None:
         """sources: prepared sources (each with `filled` and `rows(idx)`), mixed by token `weights`.
         pad_to_multiple_of: cut each micro-batch to its longest row, rounded up to this (unpacked
-        rows); None keeps every row's full width (packed rows)."""
+        rows); None keeps every row's full width (packed rows).
+        origin: (step, row): step `step` starts at row `row` of the stream (a resume that accepted a
+        new global batch moves it; (0, 0) otherwise)."""
         self.sources = list(sources)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.micro = micro_batch_size
@@ -36,6 +39,7 @@ class StepLoader:
         self.rank = rank
         self.world = world_size
         self.schedule = MixSchedule([s.filled for s in self.sources], weights, seed)
+        self.origin_step, self.origin_row = origin
 
     @property
     def rows_per_step(self) -> int:
@@ -45,7 +49,8 @@ class StepLoader:
         """(source, row) pairs for this rank, one list per micro-batch of optimizer step `step` (0-based)."""
         out = []
         for m in range(self.accum):
-            first = step * self.rows_per_step + (m * self.world + self.rank) * self.micro
+            first = (self.origin_row + (step - self.origin_step) * self.rows_per_step
+                     + (m * self.world + self.rank) * self.micro)
             out.append(self.schedule.at(range(first, first + self.micro)))
         return out
 

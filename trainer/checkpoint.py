@@ -10,6 +10,9 @@ Layout under output_dir/checkpoints:
                              needs to make a Hugging Face model of the step on one CPU process
         COMPLETE             written last: the manifest, size and CRC-32 of every file above
     latest              the tag of the newest COMPLETE checkpoint, replaced atomically
+    universal/step_00000040/   that checkpoint in DeepSpeed's universal (world-size-free) format,
+                        made when a run resumed it on another number of ranks (trainer/reshard.py);
+                        its own COMPLETE manifest; removed with the checkpoint
 
 What each failure leaves behind:
 - Killed mid-save: `latest` moves only after every rank has written everything and COMPLETE is on
@@ -19,9 +22,11 @@ What each failure leaves behind:
   is moved aside (damaged_step_*) and the previous complete one is resumed.
 - Disk full: a save that cannot fit (judged by the previous checkpoint's size) stops before writing
   anything; one that fails mid-write stops naming the error and the free space. `latest` is untouched.
-- Another world size: ZeRO-3 state is one shard per rank; resume stops before loading and says how
-  to go on (launch/export.py, then a new run from those weights). Nothing ever restarts from
-  scratch when a checkpoint exists.
+- Another world size: the checkpoint is converted once to the universal format and each rank loads
+  its new slice of it (trainer/reshard.py); weights, Adam's moments, the schedule, the counters and
+  EWC's state go on exactly, with the global batch kept. A kill during the conversion leaves only
+  universal/<tag>.tmp, removed at the next start. With trainer.elastic_resume=false, resume stops
+  before loading and says how to go on. Nothing ever restarts from scratch when a checkpoint exists.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import logging
 import os
 import random
 import shutil
+import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,7 +44,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from trainer import distributed, faults
+from trainer import distributed, faults, reshard
 
 log = logging.getLogger("trainer")
 GB = 1e9
@@ -60,16 +66,30 @@ class TrainState:
     """Steps whose update was skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)."""
     baseline: Dict[str, float] = field(default_factory=dict)
     """Eval metrics of the model at step 0, the reference for eval/forgetting and eval/domain_gain."""
+    world_size: int = 0
+    micro_batch_size: int = 0
+    grad_accum_steps: int = 0
+    """The layout the steps were trained with (0: a checkpoint written before it was recorded)."""
+    data_origin: List[int] = field(default_factory=lambda: [0, 0])
+    """[step, row]: the row of the data stream that step `step` starts at; the stream position of
+    step s is row + (s - step) x global batch. Moves only when a resume accepts a new global batch."""
+
+    def layout(self) -> Optional["reshard.Layout"]:
+        return reshard.Layout(self.world_size, self.micro_batch_size, self.grad_accum_steps) if self.world_size else None
 
 
 class Checkpointer:
     def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
-                 tokenizer=None, extras: Optional[Dict[str, Any]] = None, every_steps: int = 0) -> None:
+                 tokenizer=None, extras: Optional[Dict[str, Any]] = None, every_steps: int = 0,
+                 elastic: bool = True) -> None:
         """every_steps: `maybe_save` saves every this many steps (0: only at the end).
         fallback: resume from the previous complete checkpoint when the latest is damaged.
         tokenizer: saved with the model's config in each checkpoint's model/ (for launch/export.py).
         extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
-        (e.g. EWC's Fisher and anchor shards) and restored on resume."""
+        (e.g. EWC's Fisher and anchor shards) and restored on resume; on another world size through
+        its load_resharded(states of the old ranks, world, rank).
+        elastic: resume a checkpoint saved by another number of ranks (trainer/reshard.py); False:
+        stop, saying how to go on."""
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
@@ -78,6 +98,7 @@ class Checkpointer:
         self.tokenizer = tokenizer
         self.extras = extras or {}
         self.every_steps = every_steps
+        self.elastic = elastic
         self.saved_step: Optional[int] = None  # the step of this process's last save
 
     def maybe_save(self, engine, state: "TrainState", last: bool) -> None:
@@ -156,6 +177,9 @@ class Checkpointer:
         for old in complete[: -self.keep_last]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
+        for converted in self.dir.glob("universal/step_*"):  # a conversion goes with its checkpoint
+            if not (self.dir / converted.name.removesuffix(".tmp")).is_dir():
+                shutil.rmtree(converted, ignore_errors=True)
 
     # -- resume -------------------------------------------------------------------------------
     def resume(self, engine) -> TrainState:
@@ -167,36 +191,61 @@ class Checkpointer:
         path = self.dir / tag
         state = TrainState(**json.loads((path / "trainer_state.json").read_text()))
         saved_by = len(list(path.glob("*_optim_states.pt")))  # DeepSpeed writes one per rank
-        if saved_by != self.world:
+        if saved_by != self.world and not self.elastic:
             raise CheckpointError(
-                f"{path} was saved by {saved_by} ranks and this run has {self.world}: ZeRO-3 keeps one optimizer "
-                f"shard per rank, so it resumes only on {saved_by} ranks (the same launcher flags or nodes x "
-                f"NPROC_PER_NODE). To go on with {self.world} instead, start a new run from its weights: "
-                f"`python launch/export.py {path} <model dir>` makes them a Hugging Face model, then run with "
-                "model.name_or_path=<model dir> and a new output_dir (the optimizer state starts afresh).")
-        loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
-        if loaded is None:
-            raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
-        rng_file = path / f"rng_rank{self.rank}.pt"
+                f"{path} was saved by {saved_by} ranks and this run has {self.world}, and trainer.elastic_resume=false: "
+                f"it resumes only on {saved_by} ranks (the same launcher flags or nodes x NPROC_PER_NODE). Leave "
+                "trainer.elastic_resume on to reshard it to this world size (the optimizer state goes on), or start a "
+                f"new run from its weights: `python launch/export.py {path} <model dir>` makes them a Hugging Face "
+                "model, then run with model.name_or_path=<model dir> and a new output_dir (the optimizer state starts "
+                "afresh).")
+        for name in self.extras:
+            missing = [f"{name}_rank{r}.pt" for r in range(saved_by) if not (path / f"{name}_rank{r}.pt").is_file()]
+            if missing:
+                raise CheckpointError(f"{path / missing[0]} is missing: this run needs the {name} state saved with the "
+                                      "checkpoint (was it saved with another regularizer?)")
+        if saved_by != self.world:
+            self._load_resharded(engine, path, saved_by)
+        else:
+            loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
+            for name, obj in self.extras.items():
+                obj.load_state_dict(torch.load(path / f"{name}_rank{self.rank}.pt", weights_only=True))
+        # A rank the checkpoint did not have takes rank 0's RNG (nothing in a step draws from it).
+        rng_file = path / f"rng_rank{self.rank if self.rank < saved_by else 0}.pt"
         _set_rng_state(torch.load(rng_file, weights_only=True))
-        for name, obj in self.extras.items():
-            extra = path / f"{name}_rank{self.rank}.pt"
-            if not extra.is_file():
-                raise CheckpointError(f"{extra} is missing: this run needs the {name} state saved with the checkpoint "
-                                      "(was it saved with another regularizer?)")
-            obj.load_state_dict(torch.load(extra, weights_only=True))
         log.info("resumed from %s at step %d", path, state.step)
         return state
 
+    def _load_resharded(self, engine, path: Path, saved_by: int) -> None:
+        """Checkpoint `path` of `saved_by` ranks into this world: through its universal conversion
+        (made once, kept under universal/<tag>), and each extra re-cut from every old rank's file."""
+        started = time.perf_counter()
+        log.info("reshard: %s was saved by %d ranks and this run has %d; resharding it", path, saved_by, self.world)
+        universal = reshard.ensure_universal(self, path.name, saved_by)
+        converted = time.perf_counter()
+        reshard.load_universal(engine, universal)
+        for name, obj in self.extras.items():
+            # mmap: each rank reads only the pages of the slices it keeps.
+            states = [torch.load(path / f"{name}_rank{r}.pt", weights_only=True, mmap=True) for r in range(saved_by)]
+            obj.load_resharded(states, self.world, self.rank)
+        log.info("reshard: %s from %d to %d ranks in %.1f s (conversion %.1f s, loading %.1f s)", path.name, saved_by,
+                 self.world, time.perf_counter() - started, converted - started, time.perf_counter() - converted)
+
     def _remove_partial(self) -> None:
-        """Directories without COMPLETE are saves that never finished (killed, disk full): not resumable."""
+        """Directories without COMPLETE are saves that never finished (killed, disk full): not resumable;
+        universal/<tag>.tmp is a conversion that never finished."""
         if self.rank == 0 and self.dir.is_dir():
             latest = self.latest_tag()
             for path in sorted(self.dir.glob("step_*")):
                 if path.is_dir() and not (path / "COMPLETE").is_file() and path.name != latest:
                     log.warning("removing %s: a checkpoint save that did not finish (no COMPLETE)", path)
                     shutil.rmtree(path, ignore_errors=True)
+            for path in sorted(self.dir.glob("universal/*.tmp")):
+                log.warning("removing %s: a conversion for another world size that did not finish", path)
+                shutil.rmtree(path, ignore_errors=True)
         distributed.barrier()
 
     def _choose(self) -> Optional[str]:

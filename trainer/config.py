@@ -374,8 +374,19 @@ class TrainerConfig:
     """Optimizer steps in the run."""
     micro_batch_size: int = 4
     """Packed rows per rank per forward."""
-    grad_accum_steps: int = 1
-    """Micro-batches per rank per optimizer step."""
+    grad_accum_steps: Optional[int] = None
+    """Micro-batches per rank per optimizer step. None = derived: from global_batch_size when that is
+    set; on a resume, whatever keeps the checkpoint's global batch on this world size; else 1."""
+    global_batch_size: Optional[int] = None
+    """Rows per optimizer step over all ranks (micro_batch_size x grad_accum_steps x world size); when
+    set, grad_accum_steps is derived from it on any number of ranks. None = from grad_accum_steps."""
+    elastic_resume: bool = True
+    """Resume a checkpoint saved by another number of ranks: convert it once to DeepSpeed's universal
+    format and reshard weights, Adam's moments and EWC's state, keeping the global batch
+    (trainer/reshard.py). false = stop, saying how to go on."""
+    allow_new_global_batch: bool = False
+    """On a resume whose settings cannot keep the checkpoint's global batch, go on with the new one
+    (the data continues from the row where the checkpoint stopped) instead of stopping."""
     lr: float = 3.0e-4
     """Peak learning rate."""
     min_lr_ratio: float = 0.1
@@ -434,9 +445,12 @@ class TrainerConfig:
     Leave room below the walltime for one checkpoint save. See trainer/preemption.py."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "grad_accum_steps", "keep_last", "log_every_steps"):
+        for key in ("max_steps", "micro_batch_size", "keep_last", "log_every_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
+        for key in ("grad_accum_steps", "global_batch_size"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1, or null (derived)")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
             raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens}: 0 (off), a chunk size, or null (auto)")
         if self.max_skipped_steps < 0:

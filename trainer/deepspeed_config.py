@@ -19,7 +19,12 @@ def use_bf16(trainer: TrainerConfig, on_gpu: bool) -> bool:
 
 
 def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool) -> Dict[str, Any]:
-    """ZeRO-3 config for `deepspeed.initialize` and `deepspeed.zero.Init`."""
+    """ZeRO-3 config for `deepspeed.initialize` and `deepspeed.zero.Init`. trainer.grad_accum_steps
+    is normally settled by the trainer first (trainer/reshard.py); unset, it is derived here as for a
+    fresh run."""
+    from trainer.reshard import resolve_batch
+
+    accum = resolve_batch(trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size, world_size, None)
     zero: Dict[str, Any] = {
         "stage": 3,
         "overlap_comm": ds.overlap_comm and on_gpu,
@@ -36,8 +41,8 @@ def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_si
         zero["offload_param"] = {"device": str(ds.offload_param), "pin_memory": on_gpu}
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
-        "gradient_accumulation_steps": trainer.grad_accum_steps,
-        "train_batch_size": trainer.micro_batch_size * trainer.grad_accum_steps * world_size,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": trainer.micro_batch_size * accum * world_size,
         "gradient_clipping": trainer.grad_clip,
         "bf16": {"enabled": use_bf16(trainer, on_gpu)},
         "fp16": {"enabled": False},
@@ -58,8 +63,8 @@ def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_si
 # Keys the trainer owns, and the override that sets each.
 _OWNED = {
     "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
-    "gradient_accumulation_steps": "trainer.grad_accum_steps",
-    "train_batch_size": "trainer.micro_batch_size x trainer.grad_accum_steps x world size",
+    "gradient_accumulation_steps": "trainer.grad_accum_steps (or trainer.global_batch_size)",
+    "train_batch_size": "trainer.global_batch_size, or trainer.micro_batch_size x trainer.grad_accum_steps x world size",
     "gradient_clipping": "trainer.grad_clip",
     "bf16.enabled": "trainer.precision",
     "fp16.enabled": "trainer.precision (fp16 is not supported; use bf16)",

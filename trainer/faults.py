@@ -4,6 +4,10 @@ one precise way at one precise point, which no outside timing could hit reliably
     FULLFT_FAULT_KILL_IN_SAVE=STEP:RANK   that rank SIGKILLs itself inside the save at STEP, after
                                           its shards are written and before the save is COMPLETE
     FULLFT_FAULT_NAN_LOSS=STEP:RANK[,...] that rank's first micro-batch of STEP gets a NaN loss
+    FULLFT_FAULT_KILL_IN_RESHARD=PHASE:RANK  that rank SIGKILLs itself while converting a checkpoint
+                                          for another world size (trainer/reshard.py): PHASE
+                                          `convert` (DeepSpeed's conversion written, no manifest yet)
+                                          or `finalize` (the manifest written, not yet renamed)
 
 STEP is the 1-based optimizer step. Unset (every normal run), each check is one dict lookup.
 """
@@ -16,6 +20,7 @@ from typing import Set, Tuple
 
 KILL_IN_SAVE = "FULLFT_FAULT_KILL_IN_SAVE"
 NAN_LOSS = "FULLFT_FAULT_NAN_LOSS"
+KILL_IN_RESHARD = "FULLFT_FAULT_KILL_IN_RESHARD"
 
 
 def _points(name: str) -> Set[Tuple[int, int]]:
@@ -35,3 +40,9 @@ def kill_in_save(step: int, rank: int) -> None:
 
 def nan_loss(step: int, rank: int) -> bool:
     return (step, rank) in _points(NAN_LOSS)
+
+
+def kill_in_reshard(phase: str, rank: int) -> None:
+    value = os.environ.get(KILL_IN_RESHARD, "").strip()
+    if value and value == f"{phase}:{rank}":
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -25,7 +25,7 @@ import torch
 
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
-from trainer import distributed, faults, interpolation, loss_head, preemption, reference
+from trainer import distributed, faults, interpolation, loss_head, preemption, reference, reshard
 from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, FisherLabels, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
@@ -72,11 +72,14 @@ class Trainer:
     the resume); `run()` trains."""
 
     def __init__(self, cfg: Config) -> None:
-        self.cfg = cfg
         t = cfg.trainer
         self.stop = preemption.install(t.max_time)  # USR1/TERM/max_time: a flag the loop checks each step
         self.dist = dist = distributed.init(t.dist_timeout_s)
         distributed.setup_logging(dist.rank)
+        # grad_accum_steps as set, or derived: from trainer.global_batch_size, or on a resume what keeps
+        # the checkpoint's global batch on this world size (read from files: seconds).
+        self.cfg = cfg = _resolve_batch(cfg, dist.world_size)
+        t = cfg.trainer
         self.config_tree = redact(dataclasses.asdict(cfg))
         _announce_config(self.config_tree, cfg.output_dir, dist)
         _seed_everything(t.seed)
@@ -118,15 +121,19 @@ class Trainer:
         self.ewc = EWC(self.engine, e.lam, e.gamma, e.normalise) if cfg.regularizer.uses_ewc else None
         self.checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, dist.world_size,
                                          fallback=t.resume_fallback, tokenizer=self.tokenizer,
-                                         extras={"ewc": self.ewc} if self.ewc else None, every_steps=t.save_every_steps)
-        self.state = self.checkpointer.resume(self.engine)  # restores EWC's Fisher and anchor too
+                                         extras={"ewc": self.ewc} if self.ewc else None, every_steps=t.save_every_steps,
+                                         elastic=t.elastic_resume)
+        # Restores EWC's Fisher and anchor too; a checkpoint of another world size is resharded.
+        self.state = self.checkpointer.resume(self.engine)
+        _continue_data(self.state, t, dist.world_size)
         if self.state.step > 0 and cfg.model.name_or_path:
             log.warning("resuming at step %d: the weights come from the checkpoint, not from model.name_or_path=%s "
                         "(which only started step 0); use a new output_dir to start again from %s",
                         self.state.step, cfg.model.name_or_path, cfg.model.name_or_path)
 
         self.loader = StepLoader(self.data.sources, self.data.weights, t.micro_batch_size, t.grad_accum_steps,
-                                 dist.rank, dist.world_size, t.seed, pad_to_multiple_of=self.pad)
+                                 dist.rank, dist.world_size, t.seed, pad_to_multiple_of=self.pad,
+                                 origin=tuple(self.state.data_origin))
         generator = Generator(cfg.eval.sample_prompts, cfg.eval.sample_max_new_tokens, self.tokenizer,
                               chat=cfg.stage.objective != Objective.pretrain, system_prompt=cfg.stage.system_prompt)
         self.evaluation = Evaluation(self.engine, self.data.eval_sets, cfg.eval.micro_batch_size, t.eval_every_steps,
@@ -396,6 +403,40 @@ def _same_model(cfg: Config) -> bool:
         return False
     ours = dataclasses.asdict(cfg.model)
     return all(saved.get(k) == ours.get(k) for k in MODEL_IDENTITY)
+
+
+def _resolve_batch(cfg: Config, world: int) -> Config:
+    """cfg with trainer.grad_accum_steps settled for `world` ranks: as set, from
+    trainer.global_batch_size, or (resuming) what keeps the checkpoint's global batch."""
+    t = cfg.trainer
+    saved = reshard.saved_layout(cfg.output_dir)
+    accum = reshard.resolve_batch(t.micro_batch_size, t.grad_accum_steps, t.global_batch_size, world, saved,
+                                  t.allow_new_global_batch, t.elastic_resume)
+    if saved is not None and saved.world_size != world and t.elastic_resume:
+        log.info("resuming a checkpoint of %s on %d ranks: micro %d x accumulation %d x %d ranks = %d rows a step",
+                 saved.describe(), world, t.micro_batch_size, accum, world, t.micro_batch_size * accum * world)
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(t, grad_accum_steps=accum))
+
+
+def _continue_data(state: TrainState, t, world: int) -> None:
+    """Record this run's layout in the state (saved with each checkpoint); when a resume accepted a
+    new global batch (trainer.allow_new_global_batch), move the data origin to the row where the
+    checkpoint stopped, so no row is skipped or seen twice."""
+    saved, batch = state.layout(), t.micro_batch_size * t.grad_accum_steps * world
+    if saved is not None and saved.global_batch != batch:
+        if not t.allow_new_global_batch:  # the checkpoint resumed is not the one `latest` named (fallback)
+            raise reshard.ReshardError(
+                f"the checkpoint resumed (step {state.step}) was trained with {saved.describe()}, this run has "
+                f"{batch} rows a step; set trainer.grad_accum_steps so that they agree, or "
+                "trainer.allow_new_global_batch=true")
+        origin_step, origin_row = state.data_origin
+        row = origin_row + (state.step - origin_step) * saved.global_batch
+        state.data_origin = [state.step, row]
+        log.warning("global batch %d -> %d rows from step %d on (trainer.allow_new_global_batch): the data goes on from "
+                    "row %d; the learning-rate schedule stays in steps, so the remaining %d steps train on %+.0f%% "
+                    "rows each", saved.global_batch, batch, state.step, row, max(t.max_steps - state.step, 0),
+                    100 * (batch / saved.global_batch - 1))
+    state.world_size, state.micro_batch_size, state.grad_accum_steps = world, t.micro_batch_size, t.grad_accum_steps
 
 
 def _seed_everything(seed: int) -> None:

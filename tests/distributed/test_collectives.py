@@ -239,7 +239,7 @@ def _resume_on_one_rank(rank, world, out):
 
     try:
         # The world-size check comes before anything is loaded into the engine: none is needed.
-        Checkpointer(out, keep_last=2, rank=rank, world_size=world).resume(engine=None)
+        Checkpointer(out, keep_last=2, rank=rank, world_size=world, elastic=False).resume(engine=None)
     except CheckpointError as ex:
         return str(ex)
     return None
@@ -263,10 +263,10 @@ def test_keep_last_prunes_verify_names_damage_and_fallback_resumes_the_previous(
         assert got["after"] == ["damaged_step_00000003", "latest", "step_00000002"], rank
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
 
-    # The same checkpoint on 1 rank: refused before loading, saying how to go on.
+    # The same checkpoint on 1 rank with elastic resume off: refused before loading, saying how to go on.
     (message,) = run_distributed(_resume_on_one_rank, 1, str(tmp_path))
     step2 = tmp_path / "checkpoints/step_00000002"
-    assert f"{step2} was saved by 2 ranks and this run has 1" in message
+    assert f"{step2} was saved by 2 ranks and this run has 1, and trainer.elastic_resume=false" in message
     assert f"python launch/export.py {step2} <model dir>" in message
 
 

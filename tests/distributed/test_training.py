@@ -179,15 +179,18 @@ def _survivors(out: Path) -> list:
 
 
 @pytest.mark.timeout(600)
-def test_resuming_on_another_world_size_stops_saying_how_to_go_on(straight_run, one_rank_run, tmp_path):
+def test_with_elastic_resume_off_another_world_size_stops_saying_how_to_go_on(straight_run, one_rank_run, tmp_path):
+    """trainer.elastic_resume=false: the refusal, fast, and the way on it names (resharding itself:
+    test_reshard.py, test_elastic_resume.py)."""
     # 2 -> 1: the straight run's checkpoint under plain python.
     out = _copy_run(straight_run[0], tmp_path / "two", "hf")
     started = time.time()
-    proc = run_train("python", STRAIGHT + [f"output_dir={out}"])
+    proc = run_train("python", STRAIGHT + [f"output_dir={out}", "trainer.elastic_resume=false"])
     assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
     assert time.time() - started < 120  # the issue asks for 60 s; measured ~20 s on 2 idle cores
     print(f"2 -> 1 rank: stopped {time.time() - started:.0f} s after the start")
-    assert f"{out}/checkpoints/{TAG} was saved by 2 ranks and this run has 1" in (proc.stdout + proc.stderr)
+    assert f"{out}/checkpoints/{TAG} was saved by 2 ranks and this run has 1, and trainer.elastic_resume=false" \
+        in (proc.stdout + proc.stderr)
     assert series(read_metrics(out), "train/loss") == series(read_metrics(straight_run[0]), "train/loss")
     # ... and the way on that it names: the step as a Hugging Face model, made on one CPU process,
     # equal to the straight run's own final export of the same weights.
@@ -201,11 +204,12 @@ def test_resuming_on_another_world_size_stops_saying_how_to_go_on(straight_run, 
     # 1 -> 2: the one-rank run's checkpoint (step 2) under 2 ranks.
     one = _copy_run(one_rank_run[0], tmp_path / "one")
     started = time.time()
-    proc = run_train(LAUNCHER, ONE_RANK + ["trainer.max_steps=3", f"output_dir={one}"])
+    proc = run_train(LAUNCHER, ONE_RANK + ["trainer.max_steps=3", f"output_dir={one}", "trainer.elastic_resume=false"])
     assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
     assert time.time() - started < 120
     print(f"1 -> 2 ranks: stopped {time.time() - started:.0f} s after the start")
-    assert f"{one}/checkpoints/step_00000002 was saved by 1 ranks and this run has 2" in (proc.stdout + proc.stderr)
+    assert f"{one}/checkpoints/step_00000002 was saved by 1 ranks and this run has 2, and trainer.elastic_resume=false" \
+        in (proc.stdout + proc.stderr)
     assert not _survivors(one)
 
 

@@ -102,6 +102,20 @@ class EWC:
         self.anchor = [t.float() for t in state["anchor"]]
         self.fisher = [t.float() for t in state["fisher"]]
 
+    def load_resharded(self, states: List[Dict], world: int, rank: int) -> None:
+        """The state saved by len(states) ranks (each its own partitions, in rank order), re-cut to this
+        rank's partitions of `world`: the same Fisher and anchor element for element, so the penalty
+        is unchanged. The Fisher is not normalised again (its mean over the old padding stays)."""
+        from trainer.reshard import repartition
+
+        numels = [p.ds_numel for p in self.params]
+        for key in ("anchor", "fisher"):
+            if any(len(s[key]) != len(numels) for s in states):
+                raise ValueError(f"EWC state: {len(states[0][key])} {key} partitions saved, this model has "
+                                 f"{len(numels)} trainable parameters (saved with another model?)")
+            setattr(self, key, [repartition([s[key][i] for s in states], n, world, rank).float()
+                                for i, n in enumerate(numels)])
+
 
 def load_previous(output_dir: str, rank: int) -> Dict:
     """The EWC state (Fisher) of this rank from an earlier stage's final checkpoint, for online EWC."""

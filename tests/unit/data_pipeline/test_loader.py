@@ -75,6 +75,18 @@ def test_resume_mid_epoch_in_a_later_epoch_continues_the_same_order(accum):
                 assert sample_ids(resumed[r], s) == reference[(r, s)], (resume_at, s, r)
 
 
+def test_a_new_global_batch_from_an_origin_goes_on_from_the_row_where_the_old_one_stopped():
+    """A resume that accepts a new global batch (trainer.allow_new_global_batch) at step 4 of 8-row
+    steps: from the origin (4, 32) the 6-row steps take rows 32-37, 38-43, ...: none skipped, none twice."""
+    src = [FakeSource(0, 100)]
+    old = StepLoader(src, [1.0], 4, 1, 0, 2, seed=2)  # 8 rows a step
+    new = [StepLoader(src, [1.0], 3, 2, r, 1, seed=2, origin=(4, 32)) for r in range(1)]  # 6 rows a step
+    seen = [i for s in range(4) for r in range(2) for i in sample_ids(StepLoader(src, [1.0], 4, 1, r, 2, seed=2), s)]
+    after = [i for s in range(4, 7) for i in sample_ids(new[0], s)]
+    stream = old.schedule.at(range(0, 50))
+    assert seen + after == [row for _, row in stream[:50]]
+
+
 def test_mixing_holds_the_token_ratio_within_two_percent_and_is_deterministic():
     rng = np.random.default_rng(0)
     general = rng.integers(200, 257, size=3000)  # rows of unequal real-token counts

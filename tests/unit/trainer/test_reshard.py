@@ -1,0 +1,159 @@
+"""trainer/reshard.py without ranks: re-cutting ZeRO-3 partitions, keeping the global batch (and the
+errors that say how), reading a checkpoint's layout from its files, EWC's state re-cut, and the
+conversion directory's place in the checkpoint protocol. The conversion and load on a real engine:
+tests/distributed/test_reshard.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from trainer.checkpoint import Checkpointer
+from trainer.regularizers.ewc import EWC
+from trainer.reshard import Layout, ReshardError, partition, repartition, resolve_batch, saved_layout
+
+
+# ---- partitions -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("numel", [1, 2, 7, 12, 13, 64])
+@pytest.mark.parametrize("old,new", [(2, 1), (1, 2), (3, 2), (2, 3), (4, 3), (1, 5)])
+def test_repartition_equals_cutting_the_whole_tensor_for_the_new_world(numel, old, new):
+    full = torch.randn(numel)
+    slices = [partition(full, old, r) for r in range(old)]
+    assert all(s.numel() == math.ceil(numel / old) for s in slices)
+    for rank in range(new):
+        got = repartition(slices, numel, new, rank)
+        assert torch.equal(got, partition(full, new, rank))
+        assert got.numel() == math.ceil(numel / new)
+    whole = torch.cat([repartition(slices, numel, new, r) for r in range(new)])
+    assert torch.equal(whole[:numel], full) and not whole[numel:].any()  # padding is zeros
+
+
+def test_a_slice_of_the_wrong_size_is_refused():
+    with pytest.raises(ReshardError, match="rank 1's slice has 3 elements, 4 expected"):
+        repartition([torch.zeros(4), torch.zeros(3)], 7, 1, 0)
+
+
+def test_ewc_state_is_recut_for_the_new_world_element_for_element():
+    numels = [5, 8, 1]
+    fisher = [torch.rand(n) for n in numels]
+    anchor = [torch.randn(n) for n in numels]
+    states = [{"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]}
+              for r in range(2)]
+    for world in (1, 3):
+        for rank in range(world):
+            ewc = EWC.__new__(EWC)
+            ewc.params = [SimpleNamespace(ds_numel=n) for n in numels]
+            ewc.load_resharded(states, world, rank)
+            assert all(torch.equal(got, partition(f, world, rank)) for got, f in zip(ewc.fisher, fisher))
+            assert all(torch.equal(got, partition(a, world, rank)) for got, a in zip(ewc.anchor, anchor))
+    ewc.params = ewc.params[:2]
+    with pytest.raises(ValueError, match="3 anchor partitions saved, this model has 2"):
+        ewc.load_resharded(states, 1, 0)
+
+
+# ---- the global batch -----------------------------------------------------------------------------
+
+
+TWO = Layout(world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
+
+
+def test_a_fresh_run_takes_the_accumulation_it_is_given_or_one_or_the_global_batch():
+    assert resolve_batch(4, None, None, 2, None) == 1
+    assert resolve_batch(4, 3, None, 2, None) == 3
+    assert resolve_batch(2, None, 16, 4, None) == 2
+    assert resolve_batch(2, 2, 16, 4, None) == 2
+    with pytest.raises(ReshardError, match=r"global_batch_size=12 is not a multiple of trainer.micro_batch_size=4 x "
+                                           r"2 ranks = 8.*micro-batches that divide it: 1, 2, 3, 6"):
+        resolve_batch(4, None, 12, 2, None)
+    with pytest.raises(ReshardError, match="grad_accum_steps=3 and trainer.global_batch_size=16 disagree"):
+        resolve_batch(2, 3, 16, 4, None)
+
+
+def test_a_resume_keeps_the_checkpoints_global_batch_on_any_world_size():
+    assert resolve_batch(2, None, None, 2, TWO) == 2  # same world: as saved
+    assert resolve_batch(2, None, None, 1, TWO) == 4  # 2 -> 1: derived
+    assert resolve_batch(2, None, None, 4, TWO) == 1  # 2 -> 4
+    assert resolve_batch(1, None, None, 4, TWO) == 2  # another micro-batch too
+    assert resolve_batch(2, 4, None, 1, TWO) == 4  # fixed, and it keeps B
+    assert resolve_batch(2, None, 8, 1, TWO) == 4  # from the global batch, and it keeps B
+
+
+def test_a_global_batch_that_cannot_be_kept_stops_naming_the_settings_that_would():
+    with pytest.raises(ReshardError) as fixed:
+        resolve_batch(2, 2, None, 1, TWO)
+    message = str(fixed.value)
+    assert ("trained with a global batch of 2 ranks x micro 2 x accumulation 2 = 8 rows a step, and this run asks for "
+            "trainer.micro_batch_size=2 x trainer.grad_accum_steps=2 x 1 ranks = 4") in message
+    assert "trainer.micro_batch_size=2 trainer.grad_accum_steps=4" in message
+    assert "trainer.allow_new_global_batch=true" in message
+    with pytest.raises(ReshardError, match=r"trainer.micro_batch_size=3 x 1 ranks does not divide it"):
+        resolve_batch(3, None, None, 1, TWO)
+    with pytest.raises(ReshardError, match=r"not possible \(8 rows are not divisible by 3 ranks\)"):
+        resolve_batch(2, None, None, 3, TWO)
+    with pytest.raises(ReshardError, match="this run asks for trainer.global_batch_size=4"):
+        resolve_batch(2, None, 4, 1, TWO)
+    # Accepted: the new batch as asked (or the nearest the world allows).
+    assert resolve_batch(2, 2, None, 1, TWO, allow_new=True) == 2
+    assert resolve_batch(2, None, None, 3, TWO, allow_new=True) == 1
+    # Elastic resume off: no derivation for another world (the checkpointer refuses it with its message).
+    assert resolve_batch(2, None, None, 1, TWO, elastic=False) == 2
+
+
+def test_the_layout_is_read_from_the_checkpoint_or_for_older_ones_from_the_config(tmp_path):
+    assert saved_layout(str(tmp_path)) is None
+    tag = tmp_path / "checkpoints/step_00000010"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints/latest").write_text("step_00000010")
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 10, "world_size": 4, "micro_batch_size": 1,
+                                                        "grad_accum_steps": 3}))
+    assert saved_layout(str(tmp_path)) == Layout(4, 1, 3) and Layout(4, 1, 3).global_batch == 12
+    # Written before the layout was recorded: world from the optimizer shards, batch from config.yaml.
+    (tag / "trainer_state.json").write_text(json.dumps({"step": 10}))
+    for r in range(2):
+        (tag / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x")
+    (tmp_path / "config.yaml").write_text("trainer:\n  micro_batch_size: 2\n  grad_accum_steps: 5\n")
+    assert saved_layout(str(tmp_path)) == Layout(2, 2, 5)
+    (tmp_path / "config.yaml").unlink()
+    assert saved_layout(str(tmp_path)) is None  # unknown: nothing is derived or checked
+
+
+# ---- the conversion in the checkpoint protocol --------------------------------------------------------
+
+
+def test_an_unfinished_conversion_is_removed_at_the_start_and_a_conversion_goes_with_its_checkpoint(tmp_path,
+                                                                                                     monkeypatch):
+    monkeypatch.setattr("trainer.distributed.barrier", lambda: None)  # one process, no group
+    ck = Checkpointer(str(tmp_path), keep_last=1, rank=0, world_size=1)
+    for tag in ("step_00000010", "step_00000020"):
+        (ck.dir / tag).mkdir(parents=True)
+        (ck.dir / tag / "COMPLETE").write_text("{}")
+        (ck.dir / "universal" / tag).mkdir(parents=True)
+        (ck.dir / "universal" / tag / "COMPLETE").write_text("{}")
+    (ck.dir / "latest").write_text("step_00000020")
+    (ck.dir / "universal/step_00000020.tmp/zero").mkdir(parents=True)
+    ck._remove_partial()
+    assert not (ck.dir / "universal/step_00000020.tmp").exists()
+    assert (ck.dir / "universal/step_00000020").is_dir()  # a finished conversion stays
+    ck._prune(keep="step_00000020")
+    assert sorted(p.name for p in ck.dir.glob("step_*")) == ["step_00000020"]
+    assert sorted(p.name for p in (ck.dir / "universal").iterdir()) == ["step_00000020"]
+
+
+def test_the_reshard_fault_point_names_a_phase_and_a_rank(monkeypatch):
+    from trainer import faults
+
+    killed = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: killed.append(sig))
+    monkeypatch.setenv(faults.KILL_IN_RESHARD, "convert:0")
+    faults.kill_in_reshard("finalize", 0)
+    faults.kill_in_reshard("convert", 1)
+    assert killed == []
+    faults.kill_in_reshard("convert", 0)
+    assert len(killed) == 1

@@ -1,0 +1,380 @@
+"""Elastic resume: continue a checkpoint saved by another number of ranks, with everything intact.
+
+ZeRO-3 keeps one shard of the fp32 weights and of Adam's moments per rank, cut for the world size
+that saved them. When the latest checkpoint was saved by W ranks and the run has W' != W:
+
+1. The global batch is kept (`resolve_batch`, before the engine is built): B = micro x accum x
+   world is the checkpoint's, so the data position (= the step, data_pipeline/loader.py), the
+   schedule and the gradient noise go on as they were. grad_accum_steps left unset is derived for
+   W'; a fixed one that cannot keep B stops naming the settings that would, or the override
+   (trainer.allow_new_global_batch=true) that accepts a new B from this step on.
+2. The checkpoint is converted once to DeepSpeed's universal format (`ensure_universal`): one
+   file per parameter and state (fp32, exp_avg, exp_avg_sq), independent of the world size,
+   under checkpoints/universal/<tag>/. It is built in <tag>.tmp/ and renamed only once its
+   manifest (COMPLETE, the checkpoints' own protocol) is written, so a kill during the conversion
+   leaves the checkpoint itself untouched and the next start converts again; a damaged or stale
+   conversion (the manifest, or the source it was made from, does not match) is redone. The
+   conversion is kept for the next reshard from the same checkpoint, and pruned with it.
+3. Each rank loads its new slice from it (`load_universal`): pure narrow/concatenate, so the fp32
+   weights, both moments and the step count are bit for bit the checkpoint's; DeepSpeed restores
+   the LR schedule and its counters from the model-state file. Two things DeepSpeed 0.19.8's
+   ZeRO-3 universal loader gets wrong are put right after it: it gives every optimizer sub-group
+   one shared `step` tensor (Adam then counts each step once per sub-group) and copies the first
+   param group's hyper-parameters into every group (weight decay on the no-decay group).
+4. Per-rank extras (EWC's Fisher and anchor) are re-cut the same way (`repartition`), so the EWC
+   penalty after the reshard equals the penalty before it.
+
+The losses after a reshard match an uninterrupted run of the same global batch to fp32 rounding
+(another world size sums the gradients in another order), not bit for bit; the state at the
+reshard point is exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from trainer import distributed, faults
+
+log = logging.getLogger("trainer")
+
+FORMAT = 1
+"""Version of the conversion's layout (source.json); a conversion of another version is redone."""
+HEARTBEAT_S = 10.0
+"""How often the converting rank touches its heartbeat file while DeepSpeed converts."""
+STALL_S = 600.0
+"""The other ranks give up when the heartbeat is older than this (the converting rank died
+without the launcher ending the job): there is no limit on a conversion that is alive."""
+
+
+class ReshardError(RuntimeError):
+    """A checkpoint cannot be resumed on this world size; the message says what to do."""
+
+
+# ---- the global batch ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a checkpoint's steps were cut: B = micro_batch_size x grad_accum_steps x world_size rows."""
+
+    world_size: int
+    micro_batch_size: int
+    grad_accum_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.micro_batch_size * self.grad_accum_steps
+
+    def describe(self) -> str:
+        return (f"{self.world_size} ranks x micro {self.micro_batch_size} x accumulation {self.grad_accum_steps} = "
+                f"{self.global_batch} rows a step")
+
+
+def saved_layout(output_dir: str) -> Optional[Layout]:
+    """The layout of the checkpoint `checkpoints/latest` names, read from files alone (before any
+    engine exists); None when there is none. A checkpoint written before the layout was recorded:
+    the world from its optimizer shards, the batch from the previous start's output_dir/config.yaml."""
+    out = Path(output_dir)
+    ckpt = out / "checkpoints"
+    try:
+        path = ckpt / (ckpt / "latest").read_text().strip()
+        state = json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return None  # none, or damaged: resume() names the problem (and may fall back)
+    if state.get("world_size"):
+        return Layout(state["world_size"], state["micro_batch_size"], state["grad_accum_steps"])
+    world = len(list(path.glob("*_optim_states.pt")))
+    try:
+        from omegaconf import OmegaConf
+
+        trainer = OmegaConf.to_container(OmegaConf.load(out / "config.yaml"))["trainer"]
+        return Layout(world, int(trainer["micro_batch_size"]), int(trainer["grad_accum_steps"])) if world else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def resolve_batch(micro: int, accum: Optional[int], global_batch: Optional[int], world: int,
+                  saved: Optional[Layout], allow_new: bool = False, elastic: bool = True) -> int:
+    """grad_accum_steps for this run: `accum` if fixed, else derived from trainer.global_batch_size,
+    else (a resume) from the checkpoint's global batch, else 1. Raises ReshardError, naming the
+    settings that keep the checkpoint's global batch, when they cannot be kept (unless `allow_new`)."""
+    fixed = accum
+    if global_batch is not None:
+        per_step = micro * world
+        if global_batch % per_step:
+            raise ReshardError(
+                f"trainer.global_batch_size={global_batch} is not a multiple of trainer.micro_batch_size={micro} x "
+                f"{world} ranks = {per_step}; choose a global batch that is, or another micro-batch "
+                f"({_divisors_text(global_batch, world)})")
+        derived = global_batch // per_step
+        if accum is not None and accum != derived:
+            raise ReshardError(f"trainer.grad_accum_steps={accum} and trainer.global_batch_size={global_batch} disagree "
+                               f"on {world} ranks at micro-batch {micro} (it needs {derived}); set only one of them")
+        fixed = derived
+    if saved is None:
+        return fixed if fixed is not None else 1
+    if saved.world_size != world and not elastic:
+        return fixed if fixed is not None else saved.grad_accum_steps  # resume() refuses, with its message
+    target = saved.global_batch
+    if fixed is None and target % (micro * world) == 0:
+        return target // (micro * world)
+    if fixed is not None and micro * fixed * world == target:
+        return fixed
+    if allow_new:
+        return fixed if fixed is not None else max(1, target // (micro * world))
+    if fixed is None:
+        problem = f"trainer.micro_batch_size={micro} x {world} ranks does not divide it"
+    else:
+        which = (f"trainer.global_batch_size={global_batch}" if global_batch is not None else
+                 f"trainer.micro_batch_size={micro} x trainer.grad_accum_steps={accum} x {world} ranks")
+        problem = f"this run asks for {which} = {micro * fixed * world}"
+    raise ReshardError(
+        f"the checkpoint to resume was trained with a global batch of {saved.describe()}, and {problem}. To keep "
+        f"it on {world} ranks: {_keep_text(target, micro, world)}. Or accept a new global batch from this step on "
+        "with trainer.allow_new_global_batch=true: the data then goes on from the row where the checkpoint stopped, "
+        "and every later step trains on the new number of rows with the learning-rate schedule unchanged in steps.")
+
+
+def _keep_text(target: int, micro: int, world: int) -> str:
+    if target % world:
+        return (f"not possible ({target} rows are not divisible by {world} ranks); run on a number of ranks that "
+                f"divides {target}")
+    options = [f"trainer.micro_batch_size={m} trainer.grad_accum_steps={target // world // m}"
+               for m in _divisors(target // world) if m <= max(micro, 1) * 4][-3:]
+    return "set " + " or ".join(options) + " (or leave trainer.grad_accum_steps unset: it is then derived)"
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _divisors_text(global_batch: int, world: int) -> str:
+    if global_batch % world:
+        return f"{global_batch} is not divisible by {world} ranks at all"
+    return "micro-batches that divide it: " + ", ".join(str(d) for d in _divisors(global_batch // world)[:8])
+
+
+# ---- re-cutting per-rank partitions ------------------------------------------------------------------
+
+
+def partition(full: torch.Tensor, world: int, rank: int) -> torch.Tensor:
+    """Rank `rank`'s ZeRO-3 slice of a flat tensor: ceil(n / world) elements, zero-padded at the end."""
+    full = full.reshape(-1)
+    size = math.ceil(full.numel() / world)
+    if size * world != full.numel():
+        full = torch.cat([full, full.new_zeros(size * world - full.numel())])
+    return full.narrow(0, rank * size, size).clone()
+
+
+def repartition(slices: Sequence[torch.Tensor], numel: int, world: int, rank: int) -> torch.Tensor:
+    """`slices` (one per old rank, in rank order, each ceil(numel / len(slices)) long) re-cut for
+    `rank` of `world`: the same elements, the padding of the old cut dropped and the new one added."""
+    old = len(slices)
+    size = math.ceil(numel / old)
+    bad = [i for i, s in enumerate(slices) if s.numel() != size]
+    if bad:
+        raise ReshardError(f"partition of {numel} elements over {old} ranks: rank {bad[0]}'s slice has "
+                           f"{slices[bad[0]].numel()} elements, {size} expected (saved by another model?)")
+    return partition(torch.cat([s.reshape(-1) for s in slices])[:numel], world, rank)
+
+
+# ---- the universal conversion ------------------------------------------------------------------------
+
+
+def source_id(ckpt_dir: Path, tag: str) -> int:
+    """The identity of checkpoint `tag`: the CRC-32 of its manifest (every file's size and CRC)."""
+    return zlib.crc32((ckpt_dir / tag / "COMPLETE").read_bytes())
+
+
+def ensure_universal(checkpointer, tag: str, saved_by: int) -> Path:
+    """checkpoints/universal/<tag>, made from checkpoint `tag` unless an intact conversion of it is
+    there. Collective: rank 0 converts, the others wait on the filesystem (a conversion can take
+    longer than any collective timeout); every rank returns once it is complete."""
+    root = checkpointer.dir / "universal"
+    rel = f"universal/{tag}"
+    final = root / tag
+    wanted = source_id(checkpointer.dir, tag)
+    if (final / "COMPLETE").is_file():
+        problems = checkpointer.verify(rel)
+        if not problems:
+            made_from = _read_json(final / "source.json")
+            if made_from.get("source_id") != wanted or made_from.get("format") != FORMAT:
+                problems = [f"it was made from another {tag} (or by another version): {made_from or 'no source.json'}"]
+        if not problems:
+            log.info("reshard: reusing the universal conversion %s of %s (saved by %d ranks)", final, tag, saved_by)
+            return final
+        log.warning("reshard: the universal conversion %s is not usable (%s); converting %s again", final,
+                    "; ".join(problems[:3]), tag)
+        distributed.barrier()  # every rank has looked before it goes
+        if checkpointer.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+    distributed.barrier()
+    tmp = root / f"{tag}.tmp"
+    if checkpointer.rank == 0:
+        _convert(checkpointer.dir / tag, tmp, final, wanted, saved_by)
+    else:
+        _wait_for(final, tmp)
+    distributed.barrier()
+    return final
+
+
+def _convert(source: Path, tmp: Path, final: Path, wanted: int, saved_by: int) -> None:
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    started = time.perf_counter()
+    log.info("reshard: converting %s (saved by %d ranks) to DeepSpeed's universal format in %s", source, saved_by, final)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(tmp / "HEARTBEAT", stop), daemon=True)
+    beat.start()
+    try:
+        printed = io.StringIO()
+        # One process, no worker pool: this rank already runs gloo threads, and forking it is unsafe.
+        args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            ds_to_universal(args)
+        (tmp / "convert.log").write_text(printed.getvalue())
+        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's own pointer: we use ours
+        faults.kill_in_reshard("convert", 0)
+        _slim_optimizer_state(tmp / "zero" / "optimizer_state.pt")
+        (tmp / "source.json").write_text(json.dumps({
+            "source": source.name, "source_id": wanted, "saved_by": saved_by, "format": FORMAT,
+            "deepspeed": ds_version}, indent=1))
+        stop.set()
+        beat.join()
+        (tmp / "HEARTBEAT").unlink(missing_ok=True)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {name: _digest(tmp / name) for name in files}
+        (tmp / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
+        faults.kill_in_reshard("finalize", 0)
+        os.replace(tmp, final)
+    except BaseException as ex:
+        stop.set()
+        with contextlib.suppress(OSError):
+            (tmp / "FAILED").write_text(f"{type(ex).__name__}: {ex}")
+        if not isinstance(ex, Exception):
+            raise
+        raise ReshardError(f"converting {source} to the universal format failed: {type(ex).__name__}: {ex}. The "
+                           f"checkpoint itself is untouched; the partial {tmp} is removed and the conversion redone "
+                           "when the run starts again") from ex
+    size = sum(s for s, _ in manifest.values())
+    log.info("reshard: converted %s in %.1f s (%.3f GB)", source.name, time.perf_counter() - started, size / 1e9)
+
+
+def _slim_optimizer_state(path: Path) -> None:
+    """DeepSpeed stores rank 0's whole optimizer shard (fp32 weights and both moments) as the
+    universal checkpoint's common state, which every rank then reads in full; keep what the
+    loader uses of it (the step, the param groups, the loss-scaler state)."""
+    with _deepspeed_globals():
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    sd.pop("fp32_flat_groups", None)
+    inner = sd.get("optimizer_state_dict", {})
+    inner["state"] = {k: {"step": v["step"]} for k, v in inner.get("state", {}).items() if "step" in v}
+    torch.save(sd, path)
+
+
+def _deepspeed_globals():
+    """What DeepSpeed's optimizer-state file holds besides tensors and plain containers (its ZeRO
+    stage enum and loss-scaler object), allowed for weights_only loading."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler])
+
+
+def _heartbeat(path: Path, stop: threading.Event) -> None:
+    while not stop.is_set():
+        with contextlib.suppress(OSError):
+            path.write_text(str(time.time()))
+        stop.wait(HEARTBEAT_S)
+
+
+def _wait_for(final: Path, tmp: Path) -> None:
+    """Until rank 0's conversion is renamed into place; a failure or a dead converter ends the wait."""
+    last = time.monotonic()
+    while not (final / "COMPLETE").is_file():
+        if (tmp / "FAILED").is_file():
+            raise ReshardError(f"rank 0 could not convert the checkpoint to {final}: "
+                               f"{(tmp / 'FAILED').read_text()}; see rank 0's log")
+        try:
+            beat = float((tmp / "HEARTBEAT").read_text() or 0)
+        except (OSError, ValueError):
+            beat = 0.0
+        if beat:
+            last = max(last, time.monotonic() - max(0.0, time.time() - beat))
+        if time.monotonic() - last > STALL_S:
+            raise ReshardError(f"waited for rank 0 to convert the checkpoint to {final}, but its heartbeat "
+                               f"({tmp / 'HEARTBEAT'}) stopped {STALL_S:.0f} s ago; see rank 0's log")
+        time.sleep(0.5)
+
+
+def _read_json(path: Path) -> Dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _digest(path: Path) -> List[int]:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return [path.stat().st_size, crc]
+
+
+# ---- loading it --------------------------------------------------------------------------------------
+
+
+def load_universal(engine, universal: Path) -> None:
+    """Load the universal conversion `universal` (checkpoints/universal/<tag>) into a ZeRO-3 engine of
+    any world size: weights, Adam's moments and step, the LR schedule and DeepSpeed's counters."""
+    config = engine._config
+    previous = config.load_universal_checkpoint
+    config.load_universal_checkpoint = True
+    try:
+        loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = previous
+    if loaded is None:
+        raise ReshardError(f"DeepSpeed could not load the universal checkpoint {universal}")
+    _fix_optimizer_after_universal_load(engine.optimizer, universal / "zero" / "optimizer_state.pt")
+
+
+def _fix_optimizer_after_universal_load(zero_optimizer, common: Path) -> None:
+    """After DeepSpeed 0.19.8's ZeRO-3 universal load: one `step` tensor per sub-group (it shares one,
+    which Adam then increments once per sub-group), and each param group's own hyper-parameters
+    (it copies group 0's into all: the no-decay group would get weight decay)."""
+    inner = zero_optimizer.optimizer
+    for flat in zero_optimizer.fp32_partitioned_groups_flat:
+        state = inner.state.get(flat, {})
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    with _deepspeed_globals():
+        saved = torch.load(common, map_location="cpu", weights_only=True)["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(inner.param_groups):
+        raise ReshardError(f"{common}: {len(saved)} optimizer param groups saved, this run has {len(inner.param_groups)} "
+                           "(another optimizer setup?)")
+    for group, kept in zip(inner.param_groups, saved):
+        for key, value in kept.items():
+            if key != "params":
+                group[key] = value
