@@ -15,10 +15,14 @@ counts and the learning rate depend only on the rows and the step: equal exactly
 from __future__ import annotations
 
 import shutil
+import sys
 
 import pytest
 
-from helpers import LAUNCHER, QUICK, check, read_metrics, run_train, series
+from helpers import LAUNCHER, QUICK, ROOT, check, read_metrics, run_train, series
+
+sys.path.insert(0, str(ROOT / "bench"))
+import reshard as reshard_bench  # noqa: E402  (bench/reshard.py)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -63,6 +67,9 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
     check(proc)
     log = proc.stdout + proc.stderr
     assert "reshard: step_00000010 from 2 to 1 ranks in" in log
+    # bench/reshard.py reads its figures from these lines: they must keep the shape it parses.
+    assert reshard_bench.RESHARDED.search(log).group(1, 2, 3) == ("step_00000010", "2", "1")
+    assert reshard_bench.CONVERTED.search(log).group(1) == "step_00000010"
     assert "resuming a checkpoint of 2 ranks x micro 2 x accumulation 1 = 4 rows a step on 1 ranks: micro 2 x " \
            "accumulation 2 x 1 ranks = 4 rows a step" in log
     assert "EWC: Fisher from" not in log  # the Fisher and anchor came from the checkpoint, resharded

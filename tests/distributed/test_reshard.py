@@ -186,22 +186,3 @@ def _verify(rank, world, out):
     from trainer.checkpoint import Checkpointer
 
     return Checkpointer(out, keep_last=2, rank=rank, world_size=world).verify(TAG)
-
-
-def _refuse(rank, world, out):
-    from trainer.checkpoint import Checkpointer, CheckpointError
-
-    try:
-        Checkpointer(out, keep_last=2, rank=rank, world_size=world, elastic=False).resume(engine=None)
-    except CheckpointError as ex:
-        return str(ex)
-    return None
-
-
-def test_with_elastic_resume_off_another_world_size_stops_saying_how_to_go_on(tmp_path):
-    run_distributed(_train_and_save, 2, str(tmp_path))
-    (message,) = run_distributed(_refuse, 1, str(tmp_path))
-    step = tmp_path / "checkpoints" / TAG
-    assert f"{step} was saved by 2 ranks and this run has 1, and trainer.elastic_resume=false" in message
-    assert f"python launch/export.py {step} <model dir>" in message
-    assert not (tmp_path / "checkpoints/universal").exists()

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -174,43 +175,13 @@ def _copy_run(src: Path, dst: Path, *skip: str) -> Path:
     return dst
 
 
-def _survivors(out: Path) -> list:
-    return subprocess.run(["pgrep", "-f", f"output_dir={out}"], capture_output=True, text=True).stdout.split()
-
-
-@pytest.mark.timeout(600)
-def test_with_elastic_resume_off_another_world_size_stops_saying_how_to_go_on(straight_run, one_rank_run, tmp_path):
-    """trainer.elastic_resume=false: the refusal, fast, and the way on it names (resharding itself:
-    test_reshard.py, test_elastic_resume.py)."""
-    # 2 -> 1: the straight run's checkpoint under plain python.
-    out = _copy_run(straight_run[0], tmp_path / "two", "hf")
-    started = time.time()
-    proc = run_train("python", STRAIGHT + [f"output_dir={out}", "trainer.elastic_resume=false"])
-    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
-    assert time.time() - started < 120  # the issue asks for 60 s; measured ~20 s on 2 idle cores
-    print(f"2 -> 1 rank: stopped {time.time() - started:.0f} s after the start")
-    assert f"{out}/checkpoints/{TAG} was saved by 2 ranks and this run has 1, and trainer.elastic_resume=false" \
-        in (proc.stdout + proc.stderr)
-    assert series(read_metrics(out), "train/loss") == series(read_metrics(straight_run[0]), "train/loss")
-    # ... and the way on that it names: the step as a Hugging Face model, made on one CPU process,
-    # equal to the straight run's own final export of the same weights.
-    command = f"python launch/export.py {out}/checkpoints/{TAG} <model dir>"
-    assert command in (proc.stdout + proc.stderr)
+def test_launch_export_makes_a_checkpoint_a_hugging_face_model_on_one_process(straight_run, tmp_path):
+    """`python launch/export.py <checkpoint> <dir>` (the way on from any checkpoint, e.g. to start a
+    new run from its weights) on one CPU process: the same logits as the run's own final export."""
     exported = tmp_path / "exported"
-    subprocess.run(command.replace("<model dir>", str(exported)).split(), cwd=ROOT, check=True, timeout=300,
-                   capture_output=True)
+    subprocess.run([sys.executable, "launch/export.py", str(straight_run[0] / "checkpoints" / TAG), str(exported)],
+                   cwd=ROOT, check=True, timeout=300, capture_output=True)
     _same_logits(exported, straight_run[0] / "hf")
-
-    # 1 -> 2: the one-rank run's checkpoint (step 2) under 2 ranks.
-    one = _copy_run(one_rank_run[0], tmp_path / "one")
-    started = time.time()
-    proc = run_train(LAUNCHER, ONE_RANK + ["trainer.max_steps=3", f"output_dir={one}", "trainer.elastic_resume=false"])
-    assert proc.returncode != 0, (proc.stdout + proc.stderr)[-3000:]
-    assert time.time() - started < 120
-    print(f"1 -> 2 ranks: stopped {time.time() - started:.0f} s after the start")
-    assert f"{one}/checkpoints/step_00000002 was saved by 1 ranks and this run has 2, and trainer.elastic_resume=false" \
-        in (proc.stdout + proc.stderr)
-    assert not _survivors(one)
 
 
 def _same_logits(a: Path, b: Path) -> None:

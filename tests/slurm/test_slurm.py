@@ -261,6 +261,40 @@ def _preempt_and_resume(env: Dict[str, str], completed_job, tmp_path: Path, flag
     return text
 
 
+def test_a_two_node_job_stopped_by_usr1_and_resubmitted_on_one_node_resumes_and_completes(two_nodes, completed_job,
+                                                                                          tmp_path):
+    """Elastic resume under Slurm: a 2-node job (1 rank a node, --no-requeue: as when the cluster
+    cannot give the nodes back) gets USR1, saves and stops; the same sbatch on one node resumes the
+    2-rank checkpoint on 1 rank (resharded, the accumulation derived to keep 8 rows a step) and
+    completes. Its losses match the straight 2-rank run to 1e-4 relative: the same rows and state,
+    summed in another order (tests/distributed/test_elastic_resume.py measures ~3e-6)."""
+    ref = read_metrics(completed_job[0])
+    out, log = tmp_path / "run", tmp_path / "job.out"
+    job = sbatch(two_nodes, "slurm/full_ft.sh", log, RUN + [f"output_dir={out}"], flags=["--nodes=2", "--no-requeue"])
+    wait_for_step(two_nodes, job, out, log, 3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=two_nodes, check=True, timeout=30)
+    info = wait_for_end(two_nodes, job, log)
+    text = log.read_text()
+    stopped = re.search(r"STOPPED EARLY at step (\d+): SIGUSR1", text)
+    assert stopped and info["Restarts"] == "0", f"{info['JobState']}\n{_tail(log)}"
+    step = int(stopped.group(1))
+    assert f"scontrol requeue {job} failed" in text and "attempt 1 on 2 node(s)" in text
+
+    log = tmp_path / "again.out"
+    job = sbatch(two_nodes, "slurm/full_ft.sh", log, RUN + [f"output_dir={out}"], flags=["--nodes=1"])
+    info = wait_for_end(two_nodes, job, log)
+    text = log.read_text()
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{_tail(log)}"
+    assert "attempt 1 on 1 node(s)" in text and "x 1 process(es)" in text
+    assert f"reshard: step_{step:08d} from 2 to 1 ranks in" in text, _tail(log)
+    assert "micro 4 x accumulation 2 x 1 ranks = 8 rows a step" in text
+    assert _train_steps(out) == list(range(1, 13)), "metrics.jsonl has a gap or a duplicate step"
+    ours, theirs = series(read_metrics(out), "train/loss"), series(ref, "train/loss")
+    for s in range(1, 13):
+        assert (ours[s] == theirs[s]) if s <= step else abs(ours[s] - theirs[s]) <= 1e-4 * theirs[s], (s, ours[s], theirs[s])
+    assert (out / "hf/model.safetensors").exists()
+
+
 def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_path):
     """SIGKILL one rank of a running job (slurm/cpt.sh this time): the job ends FAILED within 60 s,
     no process of it is left, and the log says which rank died and how."""
