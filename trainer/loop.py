@@ -253,7 +253,8 @@ class Trainer:
             draws = torch.Generator(device=self.device).manual_seed(t.seed * 1_000_003 + self.dist.rank)
             loss_fn = functools.partial(_reference_loss, sample_with=draws)
         self.ewc.start(self.engine, reference.micro_batches(0), loss_fn, self.device,
-                       previous=load_previous(e.previous, self.dist.rank) if e.previous else None,
+                       previous=load_previous(e.previous, self.dist.rank, self.dist.world_size,
+                                              [p.ds_numel for p in self.ewc.params]) if e.previous else None,
                        labels=str(e.fisher_labels))
 
 

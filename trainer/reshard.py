@@ -245,6 +245,14 @@ def _convert(source: Path, tmp: Path, final: Path, wanted: int, saved_by: int) -
     beat = threading.Thread(target=_heartbeat, args=(tmp / "HEARTBEAT", stop), daemon=True)
     beat.start()
     try:
+        # The conversion holds the optimizer state once more (fp32 weights and both moments), and
+        # DeepSpeed's fragments of it for a while: refuse before writing rather than fill the disk.
+        need = 2 * sum(p.stat().st_size for p in source.glob("*_optim_states.pt"))
+        free = shutil.disk_usage(tmp).free
+        if free < need:
+            raise ReshardError(f"not enough space to convert {source} for another world size in {final.parent}: about "
+                               f"{need / 1e9:.3f} GB needed (twice its optimizer shards), {free / 1e9:.3f} GB free. Free "
+                               "space, then rerun the same command; the checkpoint is intact")
         printed = io.StringIO()
         # One process, no worker pool: this rank already runs gloo threads, and forking it is unsafe.
         args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
@@ -270,7 +278,7 @@ def _convert(source: Path, tmp: Path, final: Path, wanted: int, saved_by: int) -
         stop.set()
         with contextlib.suppress(OSError):
             (tmp / "FAILED").write_text(f"{type(ex).__name__}: {ex}")
-        if not isinstance(ex, Exception):
+        if not isinstance(ex, Exception) or isinstance(ex, ReshardError):
             raise
         raise ReshardError(f"converting {source} to the universal format failed: {type(ex).__name__}: {ex}. The "
                            f"checkpoint itself is untouched; the partial {tmp} is removed and the conversion redone "

@@ -54,16 +54,17 @@ def _assert_continues(rows, ref_rows, first: int, last: int, what: str) -> None:
 
 def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoint_stopped(tmp_path):
     two = tmp_path / "two"
-    check(run_train(LAUNCHER, RUN + [f"output_dir={two}"]))  # 2 ranks x micro 2 x accumulation 1: 4 rows a step
+    # 2 ranks x micro 2 x accumulation 1: 4 rows a step; W&B offline (its run must go on after the reshard).
+    check(run_train(LAUNCHER, RUN + [f"output_dir={two}", "logger=wandb"]))
     ref = read_metrics(two)
 
     # 2 -> 1: the run's checkpoint at step 10 under plain python; the accumulation is derived (2).
     one = tmp_path / "one"
-    shutil.copytree(two, one, ignore=shutil.ignore_patterns("wandb"))
+    shutil.copytree(two, one)
     for tag in ("step_00000020", "step_00000030"):
         shutil.rmtree(one / "checkpoints" / tag)
     (one / "checkpoints/latest").write_text("step_00000010")
-    proc = run_train("python", RUN + [f"output_dir={one}"])
+    proc = run_train("python", RUN + [f"output_dir={one}", "logger=wandb"])
     check(proc)
     log = proc.stdout + proc.stderr
     assert "reshard: step_00000010 from 2 to 1 ranks in" in log
@@ -75,6 +76,9 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
     assert "EWC: Fisher from" not in log  # the Fisher and anchor came from the checkpoint, resharded
     _assert_continues(read_metrics(one), ref, 11, 30, "2 -> 1")
     assert (one / "checkpoints/universal/step_00000010/COMPLETE").is_file()
+    # W&B continued the same run: one offline directory per start, one run id.
+    segments = sorted(p.name for p in (one / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and len({s.rsplit("-", 1)[1] for s in segments}) == 1, segments
 
     # 1 -> 2: the one-rank run's own checkpoint at step 20 under 2 ranks again (accumulation 1).
     back = tmp_path / "back"

@@ -70,8 +70,7 @@ class EWC:
             old = previous["fisher"]
             if [o.shape for o in old] != [f.shape for f in fisher]:
                 raise ValueError("regularizer.ewc.previous: its Fisher shards do not match this model's local "
-                                 "partitions (a different model or world size); it must come from the same model "
-                                 "trained with the same number of ranks")
+                                 "partitions: it must come from a stage of the same model (any number of ranks)")
             for f, o in zip(fisher, old):
                 ewc_math.online_merge_(f, o, self.gamma)
         self.fisher = fisher
@@ -117,15 +116,30 @@ class EWC:
                                 for i, n in enumerate(numels)])
 
 
-def load_previous(output_dir: str, rank: int) -> Dict:
-    """The EWC state (Fisher) of this rank from an earlier stage's final checkpoint, for online EWC."""
+def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[List[int]] = None) -> Dict:
+    """The EWC state (Fisher) of this rank from an earlier stage's final checkpoint, for online EWC.
+    Saved by another number of ranks (the stage ran on another allocation), it is re-cut for `rank`
+    of `world` from every old rank's file (`numels`: this model's parameter sizes, in EWC order)."""
     ckpt = Path(output_dir) / "checkpoints"
     latest = ckpt / "latest"
     if not latest.is_file():
         raise FileNotFoundError(f"regularizer.ewc.previous={output_dir!r}: no checkpoints/latest there; point it at "
                                 "the output_dir of a finished earlier stage that ran with regularizer=ewc")
-    path = ckpt / latest.read_text().strip() / f"ewc_rank{rank}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"regularizer.ewc.previous: {path} not found (the earlier stage ran without EWC, "
-                                "or with a different number of ranks)")
-    return torch.load(path, weights_only=True)
+    tag = ckpt / latest.read_text().strip()
+    saved_by = len(list(tag.glob("ewc_rank*.pt")))
+    if saved_by == 0:
+        raise FileNotFoundError(f"regularizer.ewc.previous: no ewc_rank*.pt in {tag} (the earlier stage ran without EWC)")
+    if saved_by == world or numels is None:
+        path = tag / f"ewc_rank{rank}.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"regularizer.ewc.previous: {path} not found ({tag} was saved by {saved_by} ranks)")
+        return torch.load(path, weights_only=True)
+    from trainer.reshard import repartition
+
+    states = [torch.load(tag / f"ewc_rank{r}.pt", weights_only=True, mmap=True) for r in range(saved_by)]
+    if any(len(s["fisher"]) != len(numels) for s in states):
+        raise ValueError(f"regularizer.ewc.previous: {tag}'s EWC state has {len(states[0]['fisher'])} partitions, this "
+                         f"model has {len(numels)} trainable parameters (another model?)")
+    log.info("EWC: the previous stage's Fisher (%s, %d ranks) re-cut for %d ranks", tag, saved_by, world)
+    return {key: [repartition([s[key][i] for s in states], n, world, rank).float() for i, n in enumerate(numels)]
+            for key in ("anchor", "fisher")}

@@ -157,3 +157,67 @@ def test_the_reshard_fault_point_names_a_phase_and_a_rank(monkeypatch):
     assert killed == []
     faults.kill_in_reshard("convert", 0)
     assert len(killed) == 1
+
+
+def test_online_ewc_reads_an_earlier_stage_saved_by_another_number_of_ranks(tmp_path):
+    from trainer.regularizers.ewc import load_previous
+
+    numels = [5, 8]
+    fisher, anchor = [torch.rand(n) for n in numels], [torch.randn(n) for n in numels]
+    tag = tmp_path / "checkpoints/step_00000020"
+    tag.mkdir(parents=True)
+    (tmp_path / "checkpoints/latest").write_text("step_00000020")
+    for r in range(2):
+        torch.save({"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]},
+                   tag / f"ewc_rank{r}.pt")
+    same = load_previous(str(tmp_path), 1, 2, numels)
+    assert all(torch.equal(got, partition(f, 2, 1)) for got, f in zip(same["fisher"], fisher))
+    for world in (1, 3):
+        for rank in range(world):
+            got = load_previous(str(tmp_path), rank, world, numels)
+            assert all(torch.equal(g, partition(f, world, rank)) for g, f in zip(got["fisher"], fisher))
+    with pytest.raises(ValueError, match="2 partitions, this model has 3"):
+        load_previous(str(tmp_path), 0, 1, numels + [4])
+
+
+def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the_checkpoint_stopped():
+    from trainer.checkpoint import TrainState
+    from trainer.loop import _continue_data
+
+    state = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
+    same = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)
+    _continue_data(same, SimpleNamespace(micro_batch_size=4, grad_accum_steps=2, allow_new_global_batch=False,
+                                         max_steps=20), 1)  # another layout, the same 8 rows: nothing moves
+    assert same.data_origin == [0, 0] and same.layout() == Layout(1, 4, 2)
+    with pytest.raises(ReshardError, match="trained with 2 ranks x micro 2 x accumulation 2 = 8 rows a step, this run "
+                                           "has 6 rows a step"):
+        _continue_data(TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2),
+                       SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=False,
+                                       max_steps=20), 1)
+    _continue_data(state, SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=True,
+                                          max_steps=20), 1)  # 6 rows a step from step 10 = row 80
+    assert state.data_origin == [10, 80] and state.layout() == Layout(1, 2, 3)
+    state.step = 15  # and again at step 15, after 5 steps of 6 rows
+    _continue_data(state, SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, allow_new_global_batch=True,
+                                          max_steps=20), 4)
+    assert state.data_origin == [15, 110]
+
+
+def test_a_conversion_that_cannot_fit_stops_before_writing_and_tells_the_waiting_ranks(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from trainer import reshard
+
+    source = tmp_path / "checkpoints/step_00000010"
+    source.mkdir(parents=True)
+    for r in range(2):
+        (source / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(reshard.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 3000, 3000))
+    tmp, final = tmp_path / "checkpoints/universal/step_00000010.tmp", tmp_path / "checkpoints/universal/step_00000010"
+    with pytest.raises(ReshardError, match=r"not enough space to convert .*step_00000010 for another world size in "
+                                           r".*universal: about 0.000 GB needed \(twice its optimizer shards\)"):
+        reshard._convert(source, tmp, final, 0, 2)
+    assert "not enough space" in (tmp / "FAILED").read_text() and not final.exists()
+    with pytest.raises(ReshardError, match="rank 0 could not convert the checkpoint"):  # what the other ranks see
+        reshard._wait_for(final, tmp)
