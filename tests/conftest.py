@@ -29,7 +29,8 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get(
 # marker, but with pytest 9 its group suffix never reaches the node id: it silently spreads every
 # test.) The longest files are queued first, so that neither worker is left with a long tail; the
 # Slurm tier runs in a session of its own, after these (see the Makefile).
-FIRST = ("test_training.py", "test_real_training.py", "test_bench_perf.py", "test_faults.py", "test_recipe.py")
+FIRST = ("test_training.py", "test_real_training.py", "test_bench_perf.py", "test_faults.py", "test_recipe.py",
+         "test_elastic_resume.py")
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -1,7 +1,7 @@
 """Elastic resume through the real entry point: a run of 2 ranks resumed on 1, and that one resumed on
 2 again, with packing, replay and EWC on (regularizer=ewc_replay), the global batch kept by deriving
 the gradient accumulation. The exactness of the reshard itself (weights, moments, steps, EWC state)
-is checked bit for bit in test_reshard.py; here, what a user sees: the same command on another
+is checked bit for bit in test_reshard_ranks.py; here, what a user sees: the same command on another
 number of ranks goes on where the checkpoint stopped, and trains as the uninterrupted run does.
 
 Tolerance: 1e-4 relative on the per-step loss and gradient norm, over 20 and 10 steps. The rows, the

@@ -1,7 +1,7 @@
 """trainer/reshard.py without ranks: re-cutting ZeRO-3 partitions, keeping the global batch (and the
 errors that say how), reading a checkpoint's layout from its files, EWC's state re-cut, and the
 conversion directory's place in the checkpoint protocol. The conversion and load on a real engine:
-tests/distributed/test_reshard.py."""
+tests/distributed/test_reshard_ranks.py."""
 
 from __future__ import annotations
 
