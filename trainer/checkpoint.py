@@ -178,7 +178,7 @@ class Checkpointer:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
         for converted in self.dir.glob("universal/step_*"):  # a conversion goes with its checkpoint
-            if not (self.dir / converted.name.removesuffix(".tmp")).is_dir():
+            if not (self.dir / converted.name.split(".")[0]).is_dir():
                 shutil.rmtree(converted, ignore_errors=True)
 
     # -- resume -------------------------------------------------------------------------------
@@ -243,7 +243,7 @@ class Checkpointer:
                 if path.is_dir() and not (path / "COMPLETE").is_file() and path.name != latest:
                     log.warning("removing %s: a checkpoint save that did not finish (no COMPLETE)", path)
                     shutil.rmtree(path, ignore_errors=True)
-            for path in sorted(self.dir.glob("universal/*.tmp")):
+            for path in sorted([*self.dir.glob("universal/*.tmp"), *self.dir.glob("universal/*.sync")]):
                 log.warning("removing %s: a conversion for another world size that did not finish", path)
                 shutil.rmtree(path, ignore_errors=True)
         distributed.barrier()

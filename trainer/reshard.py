@@ -203,8 +203,8 @@ def source_id(ckpt_dir: Path, tag: str) -> int:
 
 def ensure_universal(checkpointer, tag: str, saved_by: int) -> Path:
     """checkpoints/universal/<tag>, made from checkpoint `tag` unless an intact conversion of it is
-    there. Collective: rank 0 converts, the others wait on the filesystem (a conversion can take
-    longer than any collective timeout); every rank returns once it is complete."""
+    there. Collective: the ranks of this run share the conversion's work and wait for each other on
+    the filesystem (a conversion can take longer than any collective timeout)."""
     root = checkpointer.dir / "universal"
     rel = f"universal/{tag}"
     final = root / tag
@@ -223,68 +223,139 @@ def ensure_universal(checkpointer, tag: str, saved_by: int) -> Path:
         distributed.barrier()  # every rank has looked before it goes
         if checkpointer.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
-    distributed.barrier()
-    tmp = root / f"{tag}.tmp"
+    # The conversion is built in <tag>.tmp; the ranks signal each other through files in <tag>.sync
+    # (heartbeats, finished passes, failures). Rank 0 clears both and checks the disk; every rank
+    # hears the verdict.
+    tmp, sync = root / f"{tag}.tmp", root / f"{tag}.sync"
+    refusal = None
     if checkpointer.rank == 0:
-        _convert(checkpointer.dir / tag, tmp, final, wanted, saved_by)
-    else:
-        _wait_for(final, tmp)
+        for work in (tmp, sync):
+            shutil.rmtree(work, ignore_errors=True)
+            work.mkdir(parents=True)
+        refusal = _no_room(checkpointer.dir / tag, root)
+    refusal = distributed.all_gather_object(refusal)[0]
+    if refusal:
+        raise ReshardError(refusal)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(sync / f"HEARTBEAT.{checkpointer.rank}", stop), daemon=True)
+    beat.start()
+    try:
+        _convert(checkpointer.dir / tag, tmp, sync, final, wanted, saved_by, checkpointer.rank, checkpointer.world)
+    except BaseException as ex:
+        with contextlib.suppress(OSError):
+            (sync / f"FAILED.{checkpointer.rank}").write_text(f"{type(ex).__name__}: {ex}")
+        raise
+    finally:
+        stop.set()
+        beat.join()
     distributed.barrier()
+    if checkpointer.rank == 0:
+        shutil.rmtree(sync, ignore_errors=True)
     return final
 
 
-def _convert(source: Path, tmp: Path, final: Path, wanted: int, saved_by: int) -> None:
-    from deepspeed import __version__ as ds_version
-    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+def _no_room(source: Path, root: Path) -> Optional[str]:
+    """Why the conversion cannot fit, or None. It holds the optimizer state once more (fp32 weights and
+    both moments), and DeepSpeed's fragments of it for a while: refuse before writing, not mid-way."""
+    need = 2 * sum(p.stat().st_size for p in source.glob("*_optim_states.pt"))
+    free = shutil.disk_usage(root).free
+    if free >= need:
+        return None
+    return (f"not enough space to convert {source} for another world size in {root}: about {need / 1e9:.3f} GB "
+            f"needed (twice its optimizer shards), {free / 1e9:.3f} GB free. Free space, then rerun the same command; "
+            "the checkpoint is intact")
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+
+def _convert(source: Path, tmp: Path, sync: Path, final: Path, wanted: int, saved_by: int, rank: int,
+             world: int) -> None:
+    """DeepSpeed's ZeRO-3 universal conversion (deepspeed.checkpoint.ds_to_universal), its two passes
+    split over this run's ranks: each extracts the per-parameter fragments of the old ranks
+    rank, rank + world, ...; then each merges every world-th parameter's fragments into its
+    universal files; rank 0 writes the common state, the manifest, and renames tmp to final."""
+    from deepspeed import __version__ as ds_version
+    from deepspeed.checkpoint import ds_to_universal as uc
+
     started = time.perf_counter()
-    log.info("reshard: converting %s (saved by %d ranks) to DeepSpeed's universal format in %s", source, saved_by, final)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(tmp / "HEARTBEAT", stop), daemon=True)
-    beat.start()
+    fragments, zero = tmp / "fragments", tmp / "zero"
     try:
-        # The conversion holds the optimizer state once more (fp32 weights and both moments), and
-        # DeepSpeed's fragments of it for a while: refuse before writing rather than fill the disk.
-        need = 2 * sum(p.stat().st_size for p in source.glob("*_optim_states.pt"))
-        free = shutil.disk_usage(tmp).free
-        if free < need:
-            raise ReshardError(f"not enough space to convert {source} for another world size in {final.parent}: about "
-                               f"{need / 1e9:.3f} GB needed (twice its optimizer shards), {free / 1e9:.3f} GB free. Free "
-                               "space, then rerun the same command; the checkpoint is intact")
-        printed = io.StringIO()
-        # One process, no worker pool: this rank already runs gloo threads, and forking it is unsafe.
-        args = argparse.Namespace(input_folder=str(source), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=False)
+        if rank == 0:
+            log.info("reshard: converting %s (saved by %d ranks) to DeepSpeed's universal format in %s, split over %d "
+                     "ranks", source, saved_by, final, world)
+        optim_files = uc._filter_zero3_optim_files(uc._get_optim_files(str(source)))
+        model_files = uc._get_zero3_model_state_files(str(source))
+        optim_grid, tp_degree, dp_degree = uc._build_zero3_rank_grid(optim_files)
+        _, model_tp, model_dp = uc._build_zero3_rank_grid(model_files)
+        if (tp_degree, dp_degree, model_tp, model_dp) != (1, saved_by, 1, saved_by):
+            raise ReshardError(f"{source}: {dp_degree} optimizer and {model_dp} model-state shards (tensor parallel "
+                               f"{tp_degree}); a data-parallel ZeRO-3 checkpoint of {saved_by} ranks was expected")
+        shapes = [uc._parse_model_states_stage3(model_files)]  # parameter name -> shape, per sub-group
+        printed = io.StringIO()  # DeepSpeed's progress prints
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
-            ds_to_universal(args)
-        (tmp / "convert.log").write_text(printed.getvalue())
-        (tmp.parent / "latest_universal").unlink(missing_ok=True)  # DeepSpeed's own pointer: we use ours
-        faults.kill_in_reshard("convert", 0)
-        _slim_optimizer_state(tmp / "zero" / "optimizer_state.pt")
-        (tmp / "source.json").write_text(json.dumps({
-            "source": source.name, "source_id": wanted, "saved_by": saved_by, "format": FORMAT,
-            "deepspeed": ds_version}, indent=1))
-        stop.set()
-        beat.join()
-        (tmp / "HEARTBEAT").unlink(missing_ok=True)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {name: _digest(tmp / name) for name in files}
-        (tmp / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
-        faults.kill_in_reshard("finalize", 0)
-        os.replace(tmp, final)
+            for old_rank in range(rank, saved_by, world):
+                uc.extract_zero_shards_stage3(optim_grid, shapes, saved_by, str(fragments), (0, old_rank))
+            _done_and_wait(sync, "extract", rank, world)
+            names = sorted({name for group in shapes[0] for name in group})
+            for name in names[rank::world]:
+                uc.merge_zero3_slices(saved_by, str(zero), str(fragments), name)
+            _done_and_wait(sync, "merge", rank, world)
+        faults.kill_in_reshard("convert", rank)
+        if rank == 0:
+            with contextlib.redirect_stdout(printed):
+                uc._save_optimizer_state_stage3(argparse.Namespace(output_folder=str(tmp)), optim_files)
+            for model_file in model_files:
+                shutil.copy2(model_file, tmp)
+            shutil.rmtree(fragments)
+            _slim_optimizer_state(zero / "optimizer_state.pt")
+            (tmp / "source.json").write_text(json.dumps({
+                "source": source.name, "source_id": wanted, "saved_by": saved_by, "format": FORMAT,
+                "deepspeed": ds_version, "converted_by": world}, indent=1))
+            files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+            manifest = {name: _digest(tmp / name) for name in files}
+            (tmp / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
+            faults.kill_in_reshard("finalize", 0)
+            os.replace(tmp, final)
+            size = sum(s for s, _ in manifest.values())
+            log.info("reshard: converted %s in %.1f s (%.3f GB)", source.name, time.perf_counter() - started, size / 1e9)
+        else:
+            _wait_for(final, sync, world)
     except BaseException as ex:
-        stop.set()
-        with contextlib.suppress(OSError):
-            (tmp / "FAILED").write_text(f"{type(ex).__name__}: {ex}")
         if not isinstance(ex, Exception) or isinstance(ex, ReshardError):
             raise
-        raise ReshardError(f"converting {source} to the universal format failed: {type(ex).__name__}: {ex}. The "
-                           f"checkpoint itself is untouched; the partial {tmp} is removed and the conversion redone "
-                           "when the run starts again") from ex
-    size = sum(s for s, _ in manifest.values())
-    log.info("reshard: converted %s in %.1f s (%.3f GB)", source.name, time.perf_counter() - started, size / 1e9)
+        raise ReshardError(f"converting {source} to the universal format failed on rank {rank}: {type(ex).__name__}: "
+                           f"{ex}. The checkpoint itself is untouched; the partial {tmp} is removed and the conversion "
+                           "redone when the run starts again") from ex
+
+
+def _done_and_wait(sync: Path, phase: str, rank: int, world: int) -> None:
+    (sync / f"{phase}.{rank}").write_text("")
+    _wait(sync, world, lambda: all((sync / f"{phase}.{r}").exists() for r in range(world)),
+          f"the other ranks' part of the conversion ({phase})")
+
+
+def _wait_for(final: Path, sync: Path, world: int) -> None:
+    """Until rank 0 has renamed the finished conversion into place."""
+    _wait(sync, world, lambda: (final / "COMPLETE").is_file(), f"rank 0 to finish the conversion into {final}")
+
+
+def _wait(sync: Path, world: int, ready, what: str) -> None:
+    """Poll until ready(); a rank's failure or a rank whose heartbeat stopped ends the wait."""
+    seen = {r: time.monotonic() for r in range(world)}
+    while not ready():
+        failed = sorted(sync.glob("FAILED.*"))
+        if failed:
+            raise ReshardError(f"waited for {what}, but rank {failed[0].suffix[1:]} failed: {failed[0].read_text()}; "
+                               "see that rank's log")
+        for r in range(world):
+            try:
+                beat = float((sync / f"HEARTBEAT.{r}").read_text() or 0)
+            except (OSError, ValueError):
+                continue
+            seen[r] = max(seen[r], time.monotonic() - max(0.0, time.time() - beat))
+        stalled = [r for r, t in seen.items() if time.monotonic() - t > STALL_S]
+        if stalled and not ready():
+            raise ReshardError(f"waited for {what}, but rank {stalled[0]}'s heartbeat ({sync}/HEARTBEAT.{stalled[0]}) "
+                               f"stopped more than {STALL_S:.0f} s ago; see its log")
+        time.sleep(0.2)
 
 
 def _slim_optimizer_state(path: Path) -> None:
@@ -313,25 +384,6 @@ def _heartbeat(path: Path, stop: threading.Event) -> None:
         with contextlib.suppress(OSError):
             path.write_text(str(time.time()))
         stop.wait(HEARTBEAT_S)
-
-
-def _wait_for(final: Path, tmp: Path) -> None:
-    """Until rank 0's conversion is renamed into place; a failure or a dead converter ends the wait."""
-    last = time.monotonic()
-    while not (final / "COMPLETE").is_file():
-        if (tmp / "FAILED").is_file():
-            raise ReshardError(f"rank 0 could not convert the checkpoint to {final}: "
-                               f"{(tmp / 'FAILED').read_text()}; see rank 0's log")
-        try:
-            beat = float((tmp / "HEARTBEAT").read_text() or 0)
-        except (OSError, ValueError):
-            beat = 0.0
-        if beat:
-            last = max(last, time.monotonic() - max(0.0, time.time() - beat))
-        if time.monotonic() - last > STALL_S:
-            raise ReshardError(f"waited for rank 0 to convert the checkpoint to {final}, but its heartbeat "
-                               f"({tmp / 'HEARTBEAT'}) stopped {STALL_S:.0f} s ago; see rank 0's log")
-        time.sleep(0.5)
 
 
 def _read_json(path: Path) -> Dict:

@@ -203,7 +203,7 @@ def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the
     assert state.data_origin == [15, 110]
 
 
-def test_a_conversion_that_cannot_fit_stops_before_writing_and_tells_the_waiting_ranks(tmp_path, monkeypatch):
+def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_others_wait(tmp_path, monkeypatch):
     from collections import namedtuple
 
     from trainer import reshard
@@ -214,10 +214,14 @@ def test_a_conversion_that_cannot_fit_stops_before_writing_and_tells_the_waiting
         (source / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(reshard.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 3000, 3000))
-    tmp, final = tmp_path / "checkpoints/universal/step_00000010.tmp", tmp_path / "checkpoints/universal/step_00000010"
-    with pytest.raises(ReshardError, match=r"not enough space to convert .*step_00000010 for another world size in "
-                                           r".*universal: about 0.000 GB needed \(twice its optimizer shards\)"):
-        reshard._convert(source, tmp, final, 0, 2)
-    assert "not enough space" in (tmp / "FAILED").read_text() and not final.exists()
-    with pytest.raises(ReshardError, match="rank 0 could not convert the checkpoint"):  # what the other ranks see
-        reshard._wait_for(final, tmp)
+    refusal = reshard._no_room(source, tmp_path / "checkpoints")
+    assert refusal.startswith(f"not enough space to convert {source} for another world size in {tmp_path / 'checkpoints'}: "
+                              "about 0.000 GB needed (twice its optimizer shards), 0.000 GB free")
+    monkeypatch.setattr(reshard.shutil, "disk_usage", lambda path: usage(10**6, 0, 4000))
+    assert reshard._no_room(source, tmp_path / "checkpoints") is None
+    # A rank's failure reaches every rank waiting on the filesystem, at once.
+    sync = tmp_path / "checkpoints/universal/step_00000010.sync"
+    sync.mkdir(parents=True)
+    (sync / "FAILED.1").write_text("OSError: [Errno 5] Input/output error")
+    with pytest.raises(ReshardError, match=r"waited for rank 0 to finish the conversion .* but rank 1 failed: OSError"):
+        reshard._wait_for(tmp_path / "checkpoints/universal/step_00000010", sync, 2)
