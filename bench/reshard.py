@@ -11,7 +11,8 @@ trainer share one output_dir:
 
 Reported per size and direction, from the trainer's own log lines (`reshard: converted ... in T s`
 and `reshard: step_X from W to W' ranks in T s (conversion C s, loading L s)`): the conversion to
-DeepSpeed's universal format (rank 0, once per checkpoint), the load (every rank, its own slice),
+DeepSpeed's universal format (once per checkpoint, split over the W' new ranks), the load (every
+rank, its own slice),
 the checkpoint's size and the conversion's, and seconds per 100M parameters.
 
     python bench/reshard.py                 # 3, 12 and 24 layers (~30M, ~100M, ~190M parameters)
@@ -82,7 +83,7 @@ def one_size(arch: Dict, args, base: Path, params: int, layers: int) -> List[Dic
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| parameters | ranks | checkpoint | conversion (rank 0) | load (each rank) | reshard in all | per 100M parameters |",
+    lines = ["| parameters | ranks | checkpoint | conversion (the new ranks) | load (each rank) | reshard in all | per 100M parameters |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['params'] / 1e6:.0f}M ({r['layers']} layers) | {r['from']} -> {r['to']} | "

@@ -25,7 +25,7 @@ What each failure leaves behind:
 - Another world size: the checkpoint is converted once to the universal format and each rank loads
   its new slice of it (trainer/reshard.py); weights, Adam's moments, the schedule, the counters and
   EWC's state go on exactly, with the global batch kept. A kill during the conversion leaves only
-  universal/<tag>.tmp, removed at the next start. With trainer.elastic_resume=false, resume stops
+  universal/<tag>.tmp (and .sync), removed at the next start. With trainer.elastic_resume=false, resume stops
   before loading and says how to go on. Nothing ever restarts from scratch when a checkpoint exists.
 """
 
@@ -236,7 +236,7 @@ class Checkpointer:
 
     def _remove_partial(self) -> None:
         """Directories without COMPLETE are saves that never finished (killed, disk full): not resumable;
-        universal/<tag>.tmp is a conversion that never finished."""
+        universal/<tag>.tmp (.sync) is a conversion that never finished."""
         if self.rank == 0 and self.dir.is_dir():
             latest = self.latest_tag()
             for path in sorted(self.dir.glob("step_*")):

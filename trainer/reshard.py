@@ -10,7 +10,10 @@ that saved them. When the latest checkpoint was saved by W ranks and the run has
    (trainer.allow_new_global_batch=true) that accepts a new B from this step on.
 2. The checkpoint is converted once to DeepSpeed's universal format (`ensure_universal`): one
    file per parameter and state (fp32, exp_avg, exp_avg_sq), independent of the world size,
-   under checkpoints/universal/<tag>/. It is built in <tag>.tmp/ and renamed only once its
+   under checkpoints/universal/<tag>/. Every rank of the new run takes a share of the work
+   (DeepSpeed's two passes: extracting each old shard's per-parameter fragments, then merging
+   each parameter's), signalling the others through files in <tag>.sync/ rather than collectives,
+   which would time out on a large model. It is built in <tag>.tmp/ and renamed only once its
    manifest (COMPLETE, the checkpoints' own protocol) is written, so a kill during the conversion
    leaves the checkpoint itself untouched and the next start converts again; a damaged or stale
    conversion (the manifest, or the source it was made from, does not match) is redone. The
