@@ -414,13 +414,45 @@ def load_universal(engine, universal: Path) -> None:
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
-        loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
-                                           load_lr_scheduler_states=True)
+        with _mapped_parameter_files():
+            loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
     finally:
         config.load_universal_checkpoint = previous
     if loaded is None:
         raise ReshardError(f"DeepSpeed could not load the universal checkpoint {universal}")
     _fix_optimizer_after_universal_load(engine.optimizer, universal / "zero" / "optimizer_state.pt")
+
+
+class _MappedLoads:
+    """`torch` as DeepSpeed's ZeRO-3 optimizer module sees it, except that torch.load of a universal
+    parameter file (zero/<name>/fp32.pt, exp_avg.pt, exp_avg_sq.pt) maps it instead of reading it:
+    each rank takes only its slice of every parameter, so it reads ~1/world of the files, not all."""
+
+    FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
+
+    def __init__(self, real) -> None:
+        self._real = real
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def load(self, f, *args, **kwargs):
+        if isinstance(f, (str, os.PathLike)) and os.path.basename(f) in self.FILES:
+            kwargs.setdefault("mmap", True)
+        return self._real.load(f, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _mapped_parameter_files():
+    from deepspeed.runtime.zero import stage3
+
+    real = stage3.torch
+    stage3.torch = _MappedLoads(real)
+    try:
+        yield
+    finally:
+        stage3.torch = real
 
 
 def _fix_optimizer_after_universal_load(zero_optimizer, common: Path) -> None:

@@ -225,3 +225,18 @@ def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_othe
     (sync / "FAILED.1").write_text("OSError: [Errno 5] Input/output error")
     with pytest.raises(ReshardError, match=r"waited for rank 0 to finish the conversion .* but rank 1 failed: OSError"):
         reshard._wait_for(tmp_path / "checkpoints/universal/step_00000010", sync, 2)
+
+
+def test_deepspeeds_loader_maps_the_parameter_files_so_each_rank_reads_only_its_slice(monkeypatch):
+    from deepspeed.runtime.zero import stage3
+
+    from trainer import reshard
+
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda f, *a, **kw: calls.append((os.path.basename(f), kw.get("mmap"))))
+    with reshard._mapped_parameter_files():
+        for name in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "optimizer_state.pt"):
+            stage3.torch.load(f"/ckpt/universal/step_00000010/zero/model.norm.weight/{name}", weights_only=False)
+        assert stage3.torch.zeros(2).shape == (2,)  # everything else is torch itself
+    assert calls == [("fp32.pt", True), ("exp_avg.pt", True), ("exp_avg_sq.pt", True), ("optimizer_state.pt", None)]
+    assert stage3.torch is torch
