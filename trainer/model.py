@@ -76,6 +76,9 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
     model.config.use_cache = False  # a KV cache breaks packed-document isolation and wastes memory
+    # from_pretrained returns the model in eval mode, where Hugging Face's decoder layers skip
+    # activation checkpointing (and dropout): a pretrained model would train without either.
+    model.train()
     # The loss from the LM head a chunk of tokens at a time (no [tokens x vocab] logits kept).
     loss_head.install(model, loss_head.chunking_for(model.config, trainer.loss_chunk_tokens))
     if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():

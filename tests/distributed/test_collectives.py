@@ -457,3 +457,43 @@ def test_ewc_fisher_on_sampled_labels_is_seeded_normalised_and_leaves_training_u
         assert float(sampled.min()) >= 0.0 and float(sampled.max()) > 0.0
         # Both are normalised to mean 1 over both ranks' elements: each rank's part is near it.
         assert 0.5 < float(sampled.double().mean()) < 2.0 and 0.5 < float(data.double().mean()) < 2.0
+
+
+# ---- activation checkpointing of a pretrained model ------------------------------------------------
+
+
+def _layer_forwards_per_step(rank, world, out, checkpointing):
+    """Attention forward calls in one training step of a model loaded with from_pretrained (which hands
+    it back in eval mode): 2 per layer with activation checkpointing (the recompute in backward), 1
+    without. (Counted inside the layer: transformers checkpoints a layer's forward, not its hooks.)"""
+    import deepspeed
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from trainer.config import DeepSpeedConfig, ModelConfig, TrainerConfig
+    from trainer.deepspeed_config import build_deepspeed_config
+    from trainer.model import build_model
+    from trainer.optim import build_optimizer
+
+    if rank == 0:
+        torch.manual_seed(0)
+        LlamaForCausalLM(LlamaConfig(**ARCH)).save_pretrained(out)
+    torch.distributed.barrier()
+    trainer = TrainerConfig(micro_batch_size=ROWS // world, grad_accum_steps=1, activation_checkpointing=checkpointing)
+    ds_config = build_deepspeed_config(DeepSpeedConfig(), trainer, world, on_gpu=False)
+    model = build_model(ModelConfig(name_or_path=out), LlamaConfig.from_pretrained(out), trainer, ds_config, _Vocab())
+    optimizer, scheduler = build_optimizer(model, trainer, cpu_offload=False)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    calls = []
+    for layer in engine.module.model.layers:
+        layer.self_attn.register_forward_hook(lambda *args: calls.append(1))
+    loss_sum, scale, _ = _loss(engine, _rows(1, rank, world), world)
+    engine.backward(loss_sum * scale, scale_wrt_gas=False)
+    engine.step()
+    return engine.module.training, len(calls)
+
+
+@pytest.mark.parametrize("checkpointing,per_layer", [("none", 1), ("full", 2)])
+def test_a_pretrained_model_trains_in_train_mode_with_its_activation_checkpointing(tmp_path, checkpointing, per_layer):
+    for training, forwards in run_distributed(_layer_forwards_per_step, 2, str(tmp_path), checkpointing):
+        assert training, "the model trains in eval mode (from_pretrained's): no activation checkpointing, no dropout"
+        assert forwards == per_layer * ARCH["num_hidden_layers"], forwards
