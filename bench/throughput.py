@@ -1,14 +1,22 @@
-"""Throughput benchmark: our trainer against the Hugging Face Trainer, side by side in one run.
+"""Throughput benchmark: our trainer against the Hugging Face Trainer and TRL's packed SFT, side by
+side in one run.
 
-The same starting weights, the same tokenized samples (a seeded synthetic alpaca set with a
-realistic SFT length mix, see bench/harness.py), the same seed, optimizer, learning-rate schedule
-and token budget (one epoch of the set), each system on the same ranks under `deepspeed`:
+The same starting weights, the same samples (a seeded synthetic SFT set with a realistic length mix,
+see bench/harness.py: alpaca records, or chat conversations in the smollm2 profile), the same seed,
+optimizer, learning-rate schedule and token budget (one epoch of the set), each system on the same
+ranks under `deepspeed`:
 
   (a) ours, packed      launch/train.py, ZeRO-3, best-fit-decreasing packed rows of seq_len
                         (data.packing=true), micro-batch of --micro-rows rows
   (b) HF Trainer        bench/hf_baseline.py: transformers.Trainer + DeepSpeed ZeRO-3 (the docs' config),
                         one sample per row, padded to the longest of each micro-batch
   (c) ours, unpacked    launch/train.py with data.packing=false (one sample per row)
+  (d) TRL SFTTrainer    bench/trl_baseline.py: trl.SFTTrainer, packing=True (best-fit decreasing, TRL's
+                        default "bfd"), padding_free=True, (b)'s DeepSpeed ZeRO-3 config, --micro-rows
+                        packed rows per micro-batch; TRL tokenizes and packs the same conversations
+                        itself, with assistant_only_loss=True under the model's chat template with
+                        {% generation %} markers added, so it supervises exactly our tokens: the
+                        supervised-token totals of the set under (a) and (d) are printed and must match
 
 (b) and (c) take as many samples per optimizer step as (a)'s rows hold on average, so the three make
 about the same number of optimizer steps over the same samples. The GPU profile caps (b)'s and (c)'s
@@ -31,8 +39,17 @@ weights (same evaluation code for all three), and the ratios against (b). With -
                                                     # arithmetic, checked without a GPU or a launch (CI)
     python bench/throughput.py --systems a,b        # a subset
     python bench/throughput.py --gpu --systems a --loss-chunk-tokens 0   # ours with full logits (vs chunked)
+    python bench/throughput.py --profile smollm2 --systems a,b,d    # SmolLM2-135M-Instruct, chat data
+
+The smollm2 profile: the real pretrained SmolLM2-135M-Instruct (model=smollm2_135m; import it once with
+`python launch/import_model.py smollm2_135m`) with its tokenizer and ChatML template, 80 seeded
+synthetic single-turn chat samples (stage sft: loss on the assistant turn and its end of turn),
+seq 1024, 2 CPU ranks, fp32, sdpa, lr 1e-5 (2 warmup steps, then constant), one epoch = 16 steps of
+one packed row a rank, the first 3 untimed; a few minutes a system on 2 cores.
 
 Issue 8's target: tokens/s of (a) >= 1.5x (b) at equal loss per token (held-out loss within 2%).
+Issue 16's target: (a) >= 1.0x (d)'s tokens/s and <= 0.8x its peak memory per rank, at held-out loss
+within 1%.
 """
 
 from __future__ import annotations
@@ -408,15 +425,17 @@ def main(argv=None) -> Dict:
         cmd = command(system, run_dir)
         load = harness.load_average()
         wall = harness.run_logged(cmd, log)
+        load_after = harness.load_average()  # with the start's: how contended the machine was meanwhile
         baseline = {"b": "hf_baseline.json", "d": "trl_baseline.json"}.get(system)
         steps, peak = hf_steps(run_dir / baseline) if baseline else ours_steps(run_dir, nproc)
         summary = summarise(steps, prof.skip_steps, peak, nproc)
         if system == "d":  # TRL's own tokenization and packing of the training set
             summary["trl_data"] = json.loads((run_dir / baseline).read_text())["data"]
         print(f"  {SYSTEMS[system]} #{repeat}: {summary['tokens_per_s']:,.0f} tokens/s, step {summary['step_time_s']:.3f} s, "
-              f"peak {summary['peak_mem_gb']:.2f} GB, {wall:.0f} s wall (load {load[0]})", flush=True)
+              f"peak {summary['peak_mem_gb']:.2f} GB, {wall:.0f} s wall (load {load[0]} before, {load_after[0]} after)",
+              flush=True)
         return {"system": system, "label": SYSTEMS[system], "repeat": repeat, "output_dir": str(run_dir),
-                "wall_s": round(wall, 1), "load_avg_before": load, **summary}
+                "wall_s": round(wall, 1), "load_avg_before": load, "load_avg_after": load_after, **summary}
 
     runs = [run(s, k) for k in range(args.repeats) for s in args.systems]
 
