@@ -16,7 +16,9 @@ ranks under `deepspeed`:
                         packed rows per micro-batch; TRL tokenizes and packs the same conversations
                         itself, with assistant_only_loss=True under the model's chat template with
                         {% generation %} markers added, so it supervises exactly our tokens: the
-                        supervised-token totals of the set under (a) and (d) are printed and must match
+                        supervised-token totals of the set under (a) and (d) are printed and must match;
+                        activation checkpointing off, as in (a) and (b) (TRL's SFTConfig turns it on by
+                        default)
 
 (b) and (c) take as many samples per optimizer step as (a)'s rows hold on average, so the three make
 about the same number of optimizer steps over the same samples. The GPU profile caps (b)'s and (c)'s
@@ -569,6 +571,7 @@ def dry_run(args, prof: Profile, out: Path, nproc: int, params: int, arch: Dict,
             parsed = trl_baseline.parse_args()
             checked[system] = {"bf16": parsed.bf16, "attn": parsed.attn, "batch_size": parsed.batch_size,
                                "seq_len": parsed.seq_len, "max_steps": parsed.max_steps,
+                               "gradient_checkpointing": parsed.gradient_checkpointing,
                                "chat_template_marked": "{% generation %}" in trl_baseline.marked_chat_template(
                                    tokenizer.chat_template)}
         else:

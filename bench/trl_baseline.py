@@ -22,7 +22,9 @@ seed, optimizer and schedule as (b) (bench/hf_baseline.py). Launched per rank by
   while the model is built and its batch check fails ("train_batch_size is not equal to
   micro_batch_per_gpu * gradient_acc_step * world_size 2 != 1 * 1 * 1"), which is why a first
   trial (issue 16) had to drop the key;
-- the schedule: (b)'s (and ours) linear warmup to the peak at step warmup-1, then constant.
+- the schedule: (b)'s (and ours) linear warmup to the peak at step warmup-1, then constant;
+- activation checkpointing off, as in ours and (b) by default (--gradient-checkpointing turns it on:
+  TRL's SFTConfig has it on by default, TrainingArguments off).
 
 Measured exactly as (b) (written by rank 0 to OUT/trl_baseline.json): per optimizer step the wall
 time between step ends, the real tokens (every position: padding-free batches have no padding),
@@ -60,6 +62,8 @@ def parse_args():
     p.add_argument("--adam-beta2", type=float, default=0.95)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attn", default="sdpa", help="attn_implementation")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing (TRL's SFTConfig default; off here, as in ours and (b))")
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -124,6 +128,9 @@ def main() -> None:
         seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
         use_cpu=not on_gpu, bf16=args.bf16, deepspeed=hf_baseline.ds_config(on_gpu), dataloader_drop_last=True,
         disable_tqdm=True,
+        # SFTConfig turns activation checkpointing on by default (TrainingArguments does not): off
+        # unless asked, so (d) recomputes no more than ours and (b) do
+        gradient_checkpointing=args.gradient_checkpointing,
         # TRL's packed SFT: BFD packing into rows of max_length, padding-free batches, loss on the
         # assistant turns only (the marked template below)
         max_length=args.seq_len, packing=True, packing_strategy="bfd", padding_free=True,

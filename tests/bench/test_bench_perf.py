@@ -99,7 +99,8 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
     assert report["checked"]["b"]["bf16"] and report["checked"]["c"]["packing"] is False
     steps_a = next(int(c.split("=")[1]) for c in report["commands"]["a"] if c.startswith("trainer.max_steps="))
     assert report["checked"]["d"] == {"bf16": True, "attn": "flex_attention", "batch_size": 1, "seq_len": 4096,
-                                      "max_steps": steps_a, "chat_template_marked": True}
+                                      "max_steps": steps_a, "gradient_checkpointing": False,
+                                      "chat_template_marked": True}
     assert "bench/trl_baseline.py" in report["commands"]["d"]
     assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"]
     assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
