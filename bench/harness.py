@@ -70,8 +70,11 @@ class SentencePool:
 
 
 def write_alpaca(path: Path, pool: SentencePool, n: int, seed: int, answer_median: float = 250.0,
-                 answer_sigma: float = 1.0, input_fraction: float = 0.4, input_median: float = 60.0) -> Dict:
-    """n alpaca records with lognormal answer lengths (in tokens); returns a summary of the draw."""
+                 answer_sigma: float = 1.0, input_fraction: float = 0.4, input_median: float = 60.0,
+                 chat: bool = False) -> Dict:
+    """n alpaca records with lognormal answer lengths (in tokens); returns a summary of the draw.
+    chat=True writes each record as the conversation our pipeline makes of it (data.format=messages:
+    a user turn "instruction[\\n\\ninput]" and the assistant's answer), the same draw for the same seed."""
     rng = random.Random(seed)
     answers = []
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -82,10 +85,18 @@ def write_alpaca(path: Path, pool: SentencePool, n: int, seed: int, answer_media
             rec = {"instruction": rng.choice(pool.instructions), "input": "", "output": pool.text(rng, target)}
             if rng.random() < input_fraction:
                 rec["input"] = pool.text(rng, max(4, round(rng.lognormvariate(math.log(input_median), 0.8))))
+            if chat:
+                user = f"{rec['instruction']}\n\n{rec['input']}" if rec["input"] else rec["instruction"]
+                rec = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]}
             f.write(json.dumps(rec) + "\n")
     answers.sort()
     return {"records": n, "answer_tokens_median": answers[n // 2], "answer_tokens_mean": round(sum(answers) / n, 1),
             "answer_tokens_p99": answers[min(n - 1, int(0.99 * n))], "answer_tokens_max": answers[-1]}
+
+
+def write_chat(path: Path, pool: SentencePool, n: int, seed: int, **kwargs) -> Dict:
+    """write_alpaca's draw as {"messages": [user, assistant]} conversations (chat-format SFT data)."""
+    return write_alpaca(path, pool, n, seed, chat=True, **kwargs)
 
 
 # ---- config, tokenizer, starting model ------------------------------------------------------------
@@ -137,6 +148,15 @@ def save_init_config(out: Path, arch: Dict, tokenizer, model_type: str = "llama"
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def arch_of(model_dir: Path) -> Dict:
+    """A Hugging Face model directory's architecture as param_count takes it (plus vocab_size and
+    model_type)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "vocab_size", "model_type")
+    return {k: config[k] for k in keys if k in config}
 
 
 def param_count(arch: Dict, vocab: int, model_type: str = "llama") -> int:

@@ -157,12 +157,8 @@ def main() -> None:
             return (loss, outputs) if return_outputs else loss
 
         def create_scheduler(self, num_training_steps, optimizer=None):
-            # Our schedule exactly: linear warmup reaching the peak at step warmup-1, then constant
-            # (transformers' constant_with_warmup starts at 0 and reaches it one step later).
             if self.lr_scheduler is None:
-                warmup = args.warmup
-                self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-                    optimizer or self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+                self.lr_scheduler = warmup_constant(optimizer or self.optimizer, args.warmup)
                 self._created_lr_scheduler = True
             return self.lr_scheduler
 
@@ -178,6 +174,19 @@ def main() -> None:
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
+    write_report(out / "hf_baseline.json", trainer, steps, step_ends, train_s, on_gpu, {"batch_size": args.batch_size})
+
+
+def warmup_constant(optimizer, warmup: int):
+    """Our schedule exactly: linear warmup reaching the peak at step warmup-1, then constant
+    (transformers' constant_with_warmup starts at 0 and reaches it one step later)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+
+
+def write_report(path: Path, trainer, steps: list, step_ends: list, train_s: float, on_gpu: bool, extra: dict) -> None:
+    """Every rank: its peak memory and per-step counts, summed over ranks; the final weights to
+    OUT/hf; rank 0 writes `path`. steps: per optimizer step, this rank's [real tokens, supervised
+    tokens, token-loss sum, row slots]; step_ends: the clock at train begin and at each step end."""
     peak_gb = (torch.cuda.max_memory_allocated() / 2**30 if on_gpu
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
 
@@ -190,14 +199,13 @@ def main() -> None:
     mem = torch.zeros(world, dtype=torch.float64, device=device)
     mem[rank] = peak_gb
     dist.all_reduce(mem)
-    trainer.save_model(str(out / "hf"))  # ZeRO-3: gathers the weights (stage3_gather_16bit_weights_on_model_save)
+    trainer.save_model(str(path.parent / "hf"))  # ZeRO-3: gathers the weights (stage3_gather_16bit_weights_on_model_save)
     if rank == 0:
         times = np.diff(step_ends).tolist()
         rows = [{"step": i + 1, "step_time_s": times[i], "tokens": t[0], "supervised_tokens": t[1],
                  "loss": t[2] / max(t[1], 1.0), "slots": t[3]} for i, t in enumerate(totals.tolist())]
-        (out / "hf_baseline.json").write_text(json.dumps({
-            "world_size": world, "batch_size": args.batch_size, "train_s": train_s,
-            "peak_mem_gb_per_rank": mem.tolist(), "steps": rows}, indent=1))
+        path.write_text(json.dumps({"world_size": world, "train_s": train_s, **extra,
+                                    "peak_mem_gb_per_rank": mem.tolist(), "steps": rows}, indent=1))
     # Leave the gloo group before the interpreter exits: left to teardown, its threads can abort the
     # process ("terminate called without an active exception", exit -6) after the work is done.
     from trainer.distributed import shutdown

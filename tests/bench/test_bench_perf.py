@@ -5,6 +5,7 @@ plain test; bench/throughput.py and bench/memory.py launch 2-rank DeepSpeed jobs
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -36,21 +37,31 @@ def test_data_prep_smoke(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
 def test_throughput_smoke(tmp_path):
-    """(a) ours packed and (b) the HF Trainer, a few steps each. (c) differs from (a) by two overrides;
-    its config is composed and its rows prepared in this run too, but it is not trained (CI time)."""
+    """(a) ours packed, (b) the HF Trainer and (d) TRL's SFTTrainer packed, a few steps each. (c) differs
+    from (a) by two overrides; its config is composed and its rows prepared in this run too, but it is
+    not trained (CI time)."""
     out = tmp_path / "throughput.json"
-    proc = _bench("bench/throughput.py", "--smoke", "--systems", "a,b", "--out", str(tmp_path / "work"),
+    proc = _bench("bench/throughput.py", "--smoke", "--systems", "a,b,d", "--out", str(tmp_path / "work"),
                   "--json", str(out), timeout=400)
-    for text in ("(a) ours, packed", "(b) HF Trainer, padded", "tok/s vs (b)", "target:"):
+    for text in ("(a) ours, packed", "(b) HF Trainer, padded", "(d) TRL SFTTrainer, packed", "tok/s vs (b)",
+                 "tok/s vs (d)", "target:", "target vs (d) TRL:"):
         assert text in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     results = {r["system"]: r for r in report["results"]}
-    assert sorted(results) == ["a", "b"]
+    assert sorted(results) == ["a", "b", "d"]
     for r in results.values():
-        assert r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0
+        assert r["tokens_per_s"] > 0 and r["supervised_tokens_per_s"] > 0 and r["steps"] > 1
         assert len(r["peak_mem_gb_per_rank"]) == 2 and all(m > 0 for m in r["peak_mem_gb_per_rank"])
-        assert r["heldout_loss"] > 0 and r["train_loss_at_budget"] is not None
+        assert math.isfinite(r["heldout_loss"]) and r["heldout_loss"] > 0 and r["train_loss_at_budget"] is not None
     assert results["a"]["slot_efficiency"] > results["b"]["slot_efficiency"]  # packing fills rows, padding does not
+    assert results["d"]["slot_efficiency"] == 1.0  # padding-free: every position is a real token
+    # (d) tokenized and packed the same conversations itself: the same tokens and supervised tokens as ours
+    check = report["supervised_check"]
+    assert check["d_set"] == check["a_set"] > 0
+    assert check["d_set_tokens"] == check["a_set_tokens"] == report["data"]["tokens"]
+    assert check["a_set"] < check["a_set_tokens"]  # prompts are not supervised
+    assert 0 < results["d"]["supervised_tokens"] <= check["d_set"]
+    assert {"speed_vs_trl_met", "mem_vs_trl_met", "loss_vs_trl_met"} <= set(report["verdict"])
     assert report["commit"] and report["date"] and report["load_avg_start"]
 
 
@@ -79,13 +90,18 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
     data, every run's typed config and DeepSpeed config (bf16 on), the HF baseline's arguments and the
     MFU arithmetic, with nothing launched: the GPU path cannot rot while no GPU is lent. And every
     memory-benchmark run's config composes (bench/memory.py --dry-run)."""
-    proc = _bench("bench/throughput.py", "--gpu", "--dry-run", "--samples", "120", "--out", str(tmp_path / "tp"),
-                  timeout=300)
+    proc = _bench("bench/throughput.py", "--gpu", "--dry-run", "--samples", "120", "--systems", "a,b,c,d",
+                  "--out", str(tmp_path / "tp"), timeout=300)
     report = json.loads((tmp_path / "tp" / "throughput.json").read_text())
     assert report["dry_run"] and report["params"] > 900e6 and not (tmp_path / "tp" / "runs").exists()
     assert report["checked"]["a"] == {"precision": "bf16", "attn": "flex_attention", "packing": True, "bf16": True,
                                       "train_batch_size": 2}
     assert report["checked"]["b"]["bf16"] and report["checked"]["c"]["packing"] is False
+    steps_a = next(int(c.split("=")[1]) for c in report["commands"]["a"] if c.startswith("trainer.max_steps="))
+    assert report["checked"]["d"] == {"bf16": True, "attn": "flex_attention", "batch_size": 1, "seq_len": 4096,
+                                      "max_steps": steps_a, "gradient_checkpointing": False,
+                                      "chat_template_marked": True}
+    assert "bench/trl_baseline.py" in report["commands"]["d"]
     assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"]
     assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
     proc = _bench("bench/memory.py", "--dry-run", "--out", str(tmp_path / "mem"), timeout=300)
