@@ -40,6 +40,7 @@ weights (same evaluation code for all three), and the ratios against (b). With -
                                                     # flex attention, DeepSpeed JSON), commands and MFU
                                                     # arithmetic, checked without a GPU or a launch (CI)
     python bench/throughput.py --systems a,b        # a subset
+    python bench/throughput.py --profile smollm2 --systems a,d --activation-checkpointing   # both recompute activations
     python bench/throughput.py --gpu --systems a --loss-chunk-tokens 0   # ours with full logits (vs chunked)
     python bench/throughput.py --profile smollm2 --systems a,b,d    # SmolLM2-135M-Instruct, chat data
 
@@ -306,6 +307,9 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int)
     p.add_argument("--micro-rows", type=int, help="packed rows per rank per micro-batch for (a)")
     p.add_argument("--repeats", type=int, default=1, help="run every system this many times, interleaved")
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="every system recomputes activations (ours: trainer.activation_checkpointing=full; (b), (d): "
+                        "gradient_checkpointing=True); default: none does")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--loss-chunk-tokens", default="null",
                    help="trainer.loss_chunk_tokens of our runs: null (chunked CE where it helps), 0 (full logits), N")
@@ -396,24 +400,27 @@ def main(argv=None) -> Dict:
     print(f"(a) {prof.micro_rows} packed rows x {prof.seq_len} per rank per step, {steps_a} steps; "
           f"(b), (c) {batch} samples per rank per micro-batch x {accum} accumulated, {steps_bc} steps", flush=True)
 
+    checkpointing = ["--gradient-checkpointing"] if args.activation_checkpointing else []
+
     def command(system: str, run_dir: Path) -> List:
         if system == "b":
             cmd = harness.deepspeed_cmd("bench/hf_baseline.py", nproc) + [
                 "--model", init, "--data", samples_npz, "--out", run_dir, "--batch-size", batch, "--grad-accum", accum,
                 "--max-steps", steps_bc, "--lr", prof.lr, "--warmup", prof.warmup, "--seed", args.seed,
-                "--attn", prof.attn] + (["--bf16"] if prof.bf16 else [])
+                "--attn", prof.attn] + (["--bf16"] if prof.bf16 else []) + checkpointing
         elif system == "d":  # (a)'s packed rows per micro-batch and steps; TRL packs the samples itself
             cmd = harness.deepspeed_cmd("bench/trl_baseline.py", nproc) + [
                 "--model", init, "--data", train_messages, "--out", run_dir, "--seq-len", prof.seq_len,
                 "--batch-size", prof.micro_rows, "--max-steps", steps_a, "--lr", prof.lr, "--warmup", prof.warmup,
-                "--seed", args.seed, "--attn", prof.attn] + (["--bf16"] if prof.bf16 else [])
+                "--seed", args.seed, "--attn", prof.attn] + (["--bf16"] if prof.bf16 else []) + checkpointing
         else:
             packing = system == "a"
             cmd = harness.deepspeed_cmd("launch/train.py", nproc) + ours_overrides(
                 args, prof, init, train, cache, packing) + [
                 f"trainer.micro_batch_size={prof.micro_rows if packing else batch}",
                 f"trainer.grad_accum_steps={1 if packing else accum}",
-                f"trainer.max_steps={steps_a if packing else steps_bc}", f"output_dir={run_dir}"]
+                f"trainer.max_steps={steps_a if packing else steps_bc}", f"output_dir={run_dir}"] + (
+                ["trainer.activation_checkpointing=full"] if args.activation_checkpointing else [])
         return cmd
 
     if args.dry_run:
