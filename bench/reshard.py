@@ -79,6 +79,8 @@ def one_size(arch: Dict, args, base: Path, params: int, layers: int) -> List[Dic
         print(f"  {params / 1e6:.0f}M, {r['from']} -> {r['to']} ranks: conversion {r['conversion_s']:.1f} s, loading "
               f"{r['loading_s']:.1f} s, total {r['total_s']:.1f} s; checkpoint {r['checkpoint_gb']:.2f} GB, converted "
               f"{r['converted_gb']:.2f} GB (load {load[0]})", flush=True)
+    if not args.keep:  # checkpoints and conversions: ~5 GB at 200M parameters
+        shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
@@ -98,6 +100,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--smoke", action="store_true", help="the tiny model, one size (CI)")
     parser.add_argument("--out", help="work directory (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep each size's output_dir (checkpoints and conversions)")
     parser.add_argument("--json", help="also write the report here")
     args = parser.parse_args(argv)
     out = Path(args.out or tempfile.mkdtemp(prefix="fullft-reshard-")).resolve()
