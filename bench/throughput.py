@@ -42,6 +42,7 @@ weights (same evaluation code for all three), and the ratios against (b). With -
     python bench/throughput.py --systems a,b        # a subset
     python bench/throughput.py --profile smollm2 --systems a,d --activation-checkpointing   # both recompute activations
     python bench/throughput.py --gpu --systems a --loss-chunk-tokens 0   # ours with full logits (vs chunked)
+    python bench/throughput.py --gpu --systems a --loss-kernel torch     # chunked CE in torch (vs Liger's kernel)
     python bench/throughput.py --profile smollm2 --systems a,b,d    # SmolLM2-135M-Instruct, chat data
 
 The smollm2 profile: the real pretrained SmolLM2-135M-Instruct (model=smollm2_135m; import it once with
@@ -138,7 +139,7 @@ def ours_overrides(args, prof: Profile, init: Path, train: Path, cache: Path, pa
             "trainer.lr_schedule=constant", f"trainer.warmup_steps={prof.warmup}", f"trainer.seed={args.seed}",
             "trainer.log_every_steps=1", "trainer.save_every_steps=0", "trainer.eval_every_steps=0",
             "eval.at_start=false", f"trainer.precision={'bf16' if prof.bf16 else 'fp32'}",
-            f"trainer.loss_chunk_tokens={args.loss_chunk_tokens}"]
+            f"trainer.loss_chunk_tokens={args.loss_chunk_tokens}", f"trainer.loss_kernel={args.loss_kernel}"]
 
 
 def to_messages(train: Path, fmt: str, path: Path) -> int:
@@ -313,6 +314,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--loss-chunk-tokens", default="null",
                    help="trainer.loss_chunk_tokens of our runs: null (chunked CE where it helps), 0 (full logits), N")
+    p.add_argument("--loss-kernel", default="auto", choices=["auto", "torch", "liger"],
+                   help="trainer.loss_kernel of our runs: auto (Liger's fused linear CE on a GPU when installed), torch, liger")
     p.add_argument("--out", help="work directory (default: a new temporary directory, kept)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)

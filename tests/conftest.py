@@ -19,6 +19,12 @@ from helpers import ONE_RANK, STRAIGHT, check, run_train
 # venv's and is redone: ~90 s each time the two alternate).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+# Liger's Triton kernels (trainer.loss_kernel=liger) run on a CPU-only machine through Triton's
+# interpreter, which Triton picks when a kernel is defined: at liger-kernel's first import, which
+# transformers or TRL may do in any test. So it is set for the whole session here, before anything is
+# imported; only trainer.loss_kernel=liger uses it (auto picks Liger on a CUDA GPU alone).
+if not Path("/dev/nvidia0").exists():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 # The training tiers run on 2 pytest-xdist workers, one test file at a time each (make test:

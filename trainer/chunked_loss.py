@@ -7,8 +7,15 @@ forward, where ZeRO-3 has gathered the head's weight (and gathers it again for t
 For one 8,192-token row of a 128,256-token vocabulary the plain path holds fp32 logits, their
 log-softmax and their gradient: 3 x 8,192 x 128,256 x 4 B = 12.6 GB. Here a chunk of c tokens holds
 c x V at a time (c = 512: 0.26 GB, and its exponent in backward), plus one fp32 accumulator for the head weight's gradient (V x H x
-4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would shrink it, not done yet). Liger's
-fused kernel (GPU) is not used: its per-token mode returned wrong weight gradients before mid-2026.
+4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would shrink it, not done yet).
+
+Two kernels compute the chunks (trainer.loss_kernel): this file's torch loop (any device), and on a
+GPU Liger's fused linear cross-entropy (liger-kernel, the optional `liger` extra: Triton kernels that
+write the softmax gradient over the logits in place), wrapped in LigerLinearCrossEntropy so that
+both share the contract below (per-token losses, a uniform upstream's gradients in the forward pass,
+ZeRO-3's gather of the weight in backward). Liger's own autograd function is not used: for per-token
+losses it keeps a detached copy of the weight from forward to backward (under ZeRO-3 a second
+gathered head weight) and always recomputes the logits in backward.
 
     forward   per chunk: z = h W^T (fp32), lse = logsumexp(z), nll = lse - z[target]; keep lse only
     backward  per chunk: p = exp(z - lse); dz = (p - onehot(target)) * g; dh = dz W; dW += dz^T h
@@ -26,7 +33,9 @@ reduce-scatter needs (firing per chunk, as per-chunk reentrant checkpointing wou
 from __future__ import annotations
 
 import contextlib
-import math
+import functools
+import inspect
+import os
 from typing import Callable, Optional
 
 import torch
@@ -124,14 +133,97 @@ class _Grads:
         return (self.grad_hidden * scale).to(self.hidden.dtype), (self.grad_weight * scale).to(self.weight.dtype)
 
 
+KERNELS = ("torch", "liger")
+LIGER_MIN_VERSION = "0.8.5"
+"""The first liger-kernel whose fused_linear_cross_entropy_forward takes a per-token upstream gradient
+(token_grad_output) and computes gradients on request (compute_gradients): what LigerLinearCrossEntropy calls."""
+
+
+@functools.lru_cache(maxsize=None)
+def liger_problem() -> Optional[str]:
+    """Why Liger's kernel cannot run here (None: it can): not installed, too old, or no CUDA device.
+    TRITON_INTERPRET=1 (set before liger-kernel is imported) runs its Triton kernels on CPU through
+    Triton's interpreter: correct and slow, for tests."""
+    try:
+        from importlib.metadata import version
+
+        from liger_kernel.ops import fused_linear_cross_entropy as flce
+    except ImportError as e:
+        return f"liger-kernel is not installed ({e}): pip install 'fullft[liger]' on a CUDA machine"
+    params = inspect.signature(flce.fused_linear_cross_entropy_forward).parameters
+    if not {"token_grad_output", "compute_gradients", "chunk_mem_const"} <= set(params):
+        return (f"liger-kernel {version('liger-kernel')} is older than {LIGER_MIN_VERSION} (no per-token upstream "
+                f"gradient in fused_linear_cross_entropy_forward): pip install 'liger-kernel>={LIGER_MIN_VERSION}'")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return ("Liger's Triton kernels need a CUDA GPU and this machine has none (TRITON_INTERPRET=1 interprets "
+                "them on CPU, slowly: for tests)")
+    return None
+
+
+def _liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, grads: bool,
+           weight_grad: bool = True, token_grad: Optional[torch.Tensor] = None):
+    """Liger's chunked forward: (per-token loss fp32, dL/dhidden, dL/dweight); the gradients (when
+    `grads`) for the upstream `token_grad` (None: 1 per token), accumulated in fp32. Its chunks are
+    sized by a multiple of the hidden states' memory (chunk_mem_const); that multiple is chosen so a
+    chunk holds about `chunk` tokens, the torch kernel's bound."""
+    from liger_kernel.ops.fused_linear_cross_entropy import fused_linear_cross_entropy_forward
+
+    n, h = hidden.shape
+    mem_const = max(1, (chunk * weight.shape[0]) // (h * max(n, 1)))
+    loss, *_, grad_hidden, grad_weight, _ = fused_linear_cross_entropy_forward(
+        _input=hidden, weight=weight, target=targets, ignore_index=IGNORE, reduction="none",
+        accum_dtype=torch.float32, compute_gradients=grads, weight_requires_grad=grads and weight_grad,
+        token_grad_output=token_grad, chunk_mem_const=mem_const)
+    return loss, grad_hidden, grad_weight
+
+
+class LigerLinearCrossEntropy(torch.autograd.Function):
+    """LinearCrossEntropy's contract on Liger's kernel: the same arguments, the same per-token losses
+    and gradients (fp32 accumulation), the weight saved as the Parameter itself (ZeRO-3 gathers it
+    again for backward, `gather` as the fallback), a uniform upstream's gradients formed in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
+        eager = uniform and any(ctx.needs_input_grad[:2]) and hidden.shape[0] > 0
+        if hidden.shape[0] == 0:
+            nll = torch.zeros(0, dtype=torch.float32, device=hidden.device)
+            ctx.unit = None
+        else:
+            nll, grad_hidden, grad_weight = _liger(hidden, weight, targets, chunk, grads=eager,
+                                                   weight_grad=ctx.needs_input_grad[1])
+            ctx.unit = (grad_hidden, grad_weight) if eager else None
+        ctx.save_for_backward(hidden, weight, targets)
+        ctx.chunk, ctx.gather = chunk, gather
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        hidden, weight, targets = ctx.saved_tensors
+        unit, ctx.unit = ctx.unit, None
+        if hidden.shape[0] == 0:  # the weight's gradient still dense (zeros): see the module's last paragraph
+            return torch.zeros_like(hidden), torch.zeros_like(weight), None, None, None, None
+        g = grad_nll.float()
+        if unit is not None and bool((g == g[0]).all()):
+            grad_hidden, grad_weight = unit
+            return grad_hidden * g[0].to(grad_hidden.dtype), grad_weight * g[0].to(grad_weight.dtype), None, None, None, None
+        with (ctx.gather(weight) if ctx.gather else contextlib.nullcontext()):
+            _, grad_hidden, grad_weight = _liger(hidden, weight, targets, ctx.chunk, grads=True,
+                                                 weight_grad=ctx.needs_input_grad[1], token_grad=g)
+        if grad_weight is None:
+            grad_weight = torch.zeros_like(weight)
+        return grad_hidden, grad_weight, None, None, None, None
+
+
 def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-              gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
+              gather: Optional[Callable] = None, uniform: bool = False, kernel: str = "torch") -> torch.Tensor:
     """Per-position cross-entropy [batch, seq] of hidden [batch, seq, H] through weight [V, H] at
     targets [batch, seq] (IGNORE = no loss, 0 there). Only supervised positions reach the head.
-    uniform: see LinearCrossEntropy."""
+    uniform: see LinearCrossEntropy. kernel: "torch" (LinearCrossEntropy) or "liger" (LigerLinearCrossEntropy)."""
     flat_targets = targets.reshape(-1).to(hidden.device)
     where = (flat_targets != IGNORE).nonzero().squeeze(1)
-    picked = LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), weight,
-                                      flat_targets.index_select(0, where), chunk, gather, uniform)
+    fn = LigerLinearCrossEntropy if kernel == "liger" else LinearCrossEntropy
+    picked = fn.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), weight,
+                      flat_targets.index_select(0, where), chunk, gather, uniform)
     out = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device).index_put((where,), picked)
     return out.view(targets.shape)

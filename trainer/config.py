@@ -53,6 +53,7 @@ WandbMode = choice("WandbMode", "online", "offline", "disabled")
 LRSchedule = choice("LRSchedule", "cosine", "constant")
 Precision = choice("Precision", "auto", "bf16", "fp32")
 Checkpointing = choice("Checkpointing", "none", "full", "every_n", "offload")
+LossKernel = choice("LossKernel", "auto", "torch", "liger")
 OnNonFinite = choice("OnNonFinite", "stop", "skip")
 
 
@@ -416,6 +417,10 @@ class TrainerConfig:
     tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
     on where the vocabulary is at least 4x the hidden size (every real LM), chunks of at most 256 MiB
     of fp32 logits; 0 = off (full logits)."""
+    loss_kernel: LossKernel = LossKernel.auto
+    """What computes the chunked cross-entropy's chunks: auto (Liger's fused linear cross-entropy on a
+    CUDA GPU when liger-kernel is installed, the `liger` extra; torch otherwise) | torch | liger (stops
+    at start if it cannot run here)."""
     activation_checkpointing_every_n: int = 2
     """With every_n: checkpoint every n-th decoder layer."""
     save_every_steps: int = 50

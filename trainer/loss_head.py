@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
-from trainer.chunked_loss import auto_chunk, token_nll
+from trainer.chunked_loss import auto_chunk, liger_problem, token_nll
 from trainer.loss import token_nll_from_logits
 
 log = logging.getLogger("trainer")
@@ -50,19 +50,39 @@ def chunking_for(hf_config, loss_chunk_tokens: Optional[int]) -> Optional[int]:
     return loss_chunk_tokens
 
 
-def install(model, chunk: Optional[int]) -> None:
-    """Give `model`'s LM head the chunked-loss forward (chunk from chunking_for; None: leave it plain)."""
+def kernel_for(loss_kernel: str) -> str:
+    """trainer.loss_kernel resolved: "liger" when asked for (an error naming the reason where it cannot
+    run), or on auto where it can run on a CUDA GPU; else "torch"."""
+    loss_kernel = str(loss_kernel)
+    if loss_kernel == "torch":
+        return "torch"
+    problem = liger_problem()
+    if loss_kernel == "liger":
+        if problem:
+            raise ValueError(f"trainer.loss_kernel=liger: {problem}; or set trainer.loss_kernel=torch (or auto)")
+        return "liger"
+    return "liger" if problem is None and torch.cuda.is_available() else "torch"
+
+
+def install(model, chunk: Optional[int], loss_kernel: str = "torch") -> None:
+    """Give `model`'s LM head the chunked-loss forward (chunk from chunking_for; None: leave it plain),
+    its chunks computed by trainer.loss_kernel's kernel (kernel_for)."""
     if chunk is None:
+        if str(loss_kernel) == "liger":
+            log.warning("trainer.loss_kernel=liger does nothing here: the chunked cross-entropy is off for this model")
         return
     head = model.get_output_embeddings()
     if head.bias is not None:
         log.warning("the LM head has a bias: the loss stays on the full logits")
         return
+    kernel = kernel_for(loss_kernel)
     head._loss_request = None
     head._loss_chunk = chunk
+    head._loss_kernel = kernel
     head.forward = types.MethodType(_head_forward, head)
-    log.info("chunked cross-entropy: the LM head and the loss %s", f"in chunks of {chunk} tokens" if chunk else
-             "in chunks of at most 256 MiB of logits (trainer.loss_chunk_tokens)")
+    log.info("chunked cross-entropy: the LM head and the loss %s, %s (trainer.loss_chunk_tokens, trainer.loss_kernel)",
+             f"in chunks of {chunk} tokens" if chunk else "in chunks of at most 256 MiB of fp32 logits",
+             "on Liger's fused linear cross-entropy kernel" if kernel == "liger" else "in torch")
 
 
 def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -71,7 +91,8 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     targets, uniform = self._loss_request
     tokens = int((targets != IGNORE).sum())
     chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0])
-    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform)
+    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform,
+                     kernel=self._loss_kernel)
 
 
 def _gathered(weight: torch.nn.Parameter):

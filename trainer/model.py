@@ -80,7 +80,7 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
     # activation checkpointing (and dropout): a pretrained model would train without either.
     model.train()
     # The loss from the LM head a chunk of tokens at a time (no [tokens x vocab] logits kept).
-    loss_head.install(model, loss_head.chunking_for(model.config, trainer.loss_chunk_tokens))
+    loss_head.install(model, loss_head.chunking_for(model.config, trainer.loss_chunk_tokens), trainer.loss_kernel)
     if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():
         raise ValueError("trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
                          "on CPU they are already there: use trainer.activation_checkpointing=full")

@@ -102,7 +102,7 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
                                       "max_steps": steps_a, "gradient_checkpointing": False,
                                       "chat_template_marked": True}
     assert "bench/trl_baseline.py" in report["commands"]["d"]
-    assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"]
+    assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"] and "trainer.loss_kernel=auto" in report["commands"]["a"]
     assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
     proc = _bench("bench/memory.py", "--dry-run", "--out", str(tmp_path / "mem"), timeout=300)
     report = json.loads((tmp_path / "mem" / "memory.json").read_text())

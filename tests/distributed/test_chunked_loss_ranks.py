@@ -2,7 +2,10 @@
 CPU ranks trains the model the plain full-logits path trains: per-step loss, gradient norm, EWC
 penalty and eval losses equal (fp32, 1e-5 relative), with tied embeddings (the head's weight is the
 embedding's, partitioned), gradient accumulation, EWC's Fisher pass and a DPO stage with its
-reference pass."""
+reference pass. Both kernels of the chunks: torch, and Liger's fused linear cross-entropy
+(trainer.loss_kernel=liger) run through Triton's interpreter on these CPU ranks (TRITON_INTERPRET=1):
+its gradients formed in forward (the token mean) and recomputed in backward under ZeRO-3's gather
+(DPO's per-pair weights)."""
 
 from __future__ import annotations
 
@@ -27,20 +30,24 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_chunked_and_full_logits_train_the_same_model(case, tmp_path):
     runs = {}
-    for chunk in ("0", "null"):
+    for chunk in ("0", "null", "liger"):
         out = tmp_path / f"chunk_{chunk}"
-        proc = run_train("torchrun", CASES[case] + [f"trainer.loss_chunk_tokens={chunk}", f"output_dir={out}",
-                                                    f"data.cache_dir={tmp_path / 'cache' / chunk}"])
+        kernel = ["trainer.loss_kernel=liger"] if chunk == "liger" else ["trainer.loss_kernel=torch"]
+        proc = run_train("torchrun", CASES[case] + kernel + [
+            f"trainer.loss_chunk_tokens={'null' if chunk == 'liger' else chunk}", f"output_dir={out}",
+            f"data.cache_dir={tmp_path / 'cache' / chunk}"], env={"TRITON_INTERPRET": "1"} if chunk == "liger" else None)
         check(proc)
-        assert ("chunked cross-entropy" in proc.stdout + proc.stderr) == (chunk == "null")
+        log = proc.stdout + proc.stderr
+        assert ("chunked cross-entropy" in log) == (chunk != "0")
+        assert ("on Liger's fused linear cross-entropy kernel" in log) == (chunk == "liger")
         runs[chunk] = read_metrics(out)
     keys = ["train/loss", "train/grad_norm"] + (["reg/ewc_penalty", "eval/domain/loss"] if "ewc" in case else
                                                 ["rewards/margins", "eval/prefs/loss", "eval/prefs/rewards/margins"])
-    for key in keys:
-        plain, chunked = series(runs["0"], key), series(runs["null"], key)
-        assert plain and sorted(plain) == sorted(chunked), key
+    for key, variant in ((k, v) for k in keys for v in ("null", "liger")):
+        plain, chunked = series(runs["0"], key), series(runs[variant], key)
+        assert plain and sorted(plain) == sorted(chunked), (key, variant)
         for step in plain:
             # 1e-5 relative; rewards near 0 (step 1: policy = reference) to 1e-4 absolute: each run scores its
             # own reference (its own cache), a log-prob of ~-400 in fp32 summed in another order
             assert abs(chunked[step] - plain[step]) <= max(1e-5 * abs(plain[step]), 1e-4 if "rewards" in key else 1e-9), \
-                (key, step, chunked[step], plain[step])
+                (key, variant, step, chunked[step], plain[step])
