@@ -139,6 +139,14 @@ def preflight(argv: List[str], config_dir: str = CONF_DIR) -> List[str]:
             raise SystemExit(f"Config error: unknown key '{full_key}'. {explain_key_error(full_key)}") from None
         if isinstance(cause, ValidationError):
             raise SystemExit(f"Config error: {explain_validation_error(cause)}\n(from: {ex})") from None
+    else:
+        if str(cfg.trainer.loss_kernel) == "liger":  # asked for where it cannot run: say so now, not once ranks are up
+            from trainer.loss_head import kernel_for
+
+            try:
+                kernel_for("liger")
+            except ValueError as ex:
+                raise SystemExit(f"Config error: {ex}") from None
     return argv
 
 

@@ -123,6 +123,16 @@ def test_bad_configuration_fails_before_data_or_model_naming_the_fix(case, tmp_p
     assert "parameters |" not in text and "prepar" not in text.lower(), "it got as far as the data or the model"
 
 
+@pytest.mark.skipif(Path("/dev/nvidia0").exists(), reason="on a GPU machine Liger's kernel can run")
+def test_the_liger_kernel_asked_for_where_it_cannot_run_stops_before_anything_starts(monkeypatch, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for the tests that run Liger
+    proc = run_cli("+exp=medical_qa", f"output_dir={tmp_path / 'run'}", "trainer.loss_kernel=liger")
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Config error: trainer.loss_kernel=liger: Liger's Triton kernels need a CUDA GPU" in text
+    assert "set trainer.loss_kernel=torch (or auto)" in text and "Traceback" not in text, text[-3000:]
+    assert "prepar" not in text.lower()
+
+
 def test_pad_to_multiple_of_below_one_is_refused_naming_the_key():
     from trainer.config import DataConfig
 
