@@ -205,8 +205,9 @@ class LigerLinearCrossEntropy(torch.autograd.Function):
             return torch.zeros_like(hidden), torch.zeros_like(weight), None, None, None, None
         g = grad_nll.float()
         if unit is not None and bool((g == g[0]).all()):
-            grad_hidden, grad_weight = unit
-            return grad_hidden * g[0].to(grad_hidden.dtype), grad_weight * g[0].to(grad_weight.dtype), None, None, None, None
+            grad_hidden, grad_weight = unit  # in the parameters' dtype (Liger casts at the end of its forward)
+            scale = float(g[0])  # a Python scale: multiplied in fp32 inside the kernel (a bf16 tensor would round it)
+            return grad_hidden.mul_(scale), grad_weight.mul_(scale), None, None, None, None
         with (ctx.gather(weight) if ctx.gather else contextlib.nullcontext()):
             _, grad_hidden, grad_weight = _liger(hidden, weight, targets, ctx.chunk, grads=True,
                                                  weight_grad=ctx.needs_input_grad[1], token_grad=g)
