@@ -148,8 +148,7 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
         return Probe(**torch.load(cache, weights_only=True))
     from transformers import AutoTokenizer
 
-    from trainer import rehearsal
-
+    from trainer.forgetting import rehearsal
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

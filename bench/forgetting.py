@@ -36,7 +36,7 @@ the base. It measures what the base loses on a fine-tune of continued pretrainin
 (bench/drift.py): loss on held-out general text, loss of the base's own greedy answers to general chat
 prompts (generated once, before any tuning), and KL(base || tuned) on the general text; domain gain on
 held-out domain text. Every fine-tune is exported and scored, then scored again interpolated with the
-start at each --alphas (θ0 + α(θ − θ0), trainer/interpolation.py); plain fine-tuning is also scored on
+start at each --alphas (θ0 + α(θ − θ0), trainer/forgetting/interpolation.py); plain fine-tuning is also scored on
 a per-depth-group α grid (--group-alphas). "Removed" is judged on every forgetting measure on which
 plain fine-tuning forgot (its smallest share), "kept" on the domain gain. Each method's Pareto
 frontier over its knob is printed and drawn to DIR/frontier.png (bench/frontier.py).
@@ -370,14 +370,13 @@ def rehearsal_prompts(docs: Sequence[str], n: int, seed: int, max_chars: int = 3
 
 def build_rehearsal(model_dir: Path, docs: Sequence[str], out: Path, n: int, max_new_tokens: int, seed: int,
                     keep_cut_off: bool = False) -> Dict:
-    """The base's own greedy answers to rehearsal_prompts, as a messages JSONL (trainer/rehearsal.py),
+    """The base's own greedy answers to rehearsal_prompts, as a messages JSONL (trainer/forgetting/rehearsal.py),
     cached at `out` (keyed by the caller). Answers cut off at max_new_tokens are dropped unless
     keep_cut_off (the smoke's depth-reduced model never ends a turn), as launch/rehearse.py does."""
     from transformers import AutoTokenizer
 
     import drift
-    from trainer import rehearsal
-
+    from trainer.forgetting import rehearsal
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file():
         return json.loads(meta.read_text())
@@ -396,7 +395,7 @@ def build_rehearsal(model_dir: Path, docs: Sequence[str], out: Path, n: int, max
 
 def resolve_model(spec: str) -> Path:
     """--model: a Hugging Face directory, or the name of a model `launch/import_model.py` imports."""
-    from trainer.model_import import model_dir_of
+    from trainer.engine.model_import import model_dir_of
 
     try:
         return model_dir_of(spec)
@@ -470,7 +469,7 @@ def group_grid(values: Sequence[float]) -> List[Dict[str, float]]:
     """Every per-group α from `values`, minus the uniform ones (the uniform sweep has them)."""
     import itertools
 
-    from trainer.interpolation import GROUPS
+    from trainer.forgetting.interpolation import GROUPS
 
     return [dict(zip(GROUPS, combo)) for combo in itertools.product(values, repeat=len(GROUPS))
             if len(set(combo)) > 1]
@@ -483,7 +482,7 @@ def real_main(args) -> Dict:
     from safetensors.torch import load_file
 
     import drift
-    from trainer.interpolation import alpha_label, interpolate
+    from trainer.forgetting.interpolation import alpha_label, interpolate
 
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from trainer.distributed import free_port  # noqa: E402
-from trainer.tracking import read_metrics, series  # noqa: E402,F401  (the one metrics reader)
+from trainer.observability.tracking import read_metrics, series  # noqa: E402,F401  (the one metrics reader)
 
 
 # ---- the synthetic SFT set ------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def compose(overrides: Sequence[str]):
 
 def tiny_tokenizer():
     """The tiny model's tokenizer (trained locally with sentencepiece and cached, as a run would)."""
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(compose(["model=tiny"]).model)
 

@@ -25,7 +25,7 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
                  the pairs' documents (prompt + chosen, prompt + rejected, as completions) packed to the
                  same row length, so both steps see the same tokens; issue 14's target is a DPO step
                  within 10% of the SFT step's peak memory (no second model: the reference log-probs
-                 are scored once before training by the same engine, trainer/reference.py)
+                 are scored once before training by the same engine, trainer/objectives/reference.py)
 
     chunked CE   trainer.loss_chunk_tokens=0 (full logits) vs null (chunked) on 1 rank of the tiny Llama
                  (hidden 256, 4 layers) with its vocabulary padded to --ce-vocabs and rows of --ce-seqs

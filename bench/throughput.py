@@ -30,7 +30,7 @@ loss) over the steps after --skip-steps, median step time, the share of row slot
 tokens, peak memory per rank (peak RSS on CPU, max allocated on a GPU), the training loss over the
 last quarter of the smallest common supervised-token budget S*, the held-out loss of the final
 weights (same evaluation code for all three), and the ratios against (b). With --gpu, also MFU
-(real tokens/s per device x FLOPs per token at seq_len / the GPU's dense bf16 peak, trainer/perf.py).
+(real tokens/s per device x FLOPs per token at seq_len / the GPU's dense bf16 peak, trainer/observability/perf.py).
 
     python bench/throughput.py                      # CPU profile: tiny Llama, 2 ranks, seq 1024
     python bench/throughput.py --repeats 2          # each system twice, interleaved; medians
@@ -250,7 +250,7 @@ def heldout_loss(model_dir: Path, data: Path, bf16: bool) -> float:
 
 
 def mfu_of(summary: Dict, flops_per_token: float, peak: Optional[float]) -> Optional[float]:
-    from trainer.perf import mfu
+    from trainer.observability.perf import mfu
 
     return mfu(summary["tokens_per_s"] / summary["ranks"], flops_per_token, peak) if peak else None
 
@@ -347,7 +347,7 @@ def main(argv=None) -> Dict:
           flush=True)
 
     # Data, starting model, prepared rows (prepared here, so no run spends its time tokenizing).
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     if prof.model:  # a real pretrained model: its imported directory is every system's starting point
         model_cfg = harness.compose([f"model={prof.model}"]).model
@@ -467,7 +467,7 @@ def main(argv=None) -> Dict:
         r["train_loss_at_budget"] = loss_at(r["per_step"], budget)
         r["heldout_loss"] = heldout_loss(Path(r["output_dir"]) / "hf", heldout_npz, prof.bf16)
     if args.gpu:
-        from trainer.perf import flops_per_token, peak_flops
+        from trainer.observability.perf import flops_per_token, peak_flops
 
         heads = arch["num_attention_heads"]
         head_dim = arch.get("head_dim") or arch["hidden_size"] // heads
@@ -561,8 +561,8 @@ def dry_run(args, prof: Profile, out: Path, nproc: int, params: int, arch: Dict,
     composes through the typed config and yields the DeepSpeed config the GPU would get (bf16 on);
     the HF baseline's arguments parse; the MFU arithmetic has its FLOPs per token and a peak for the
     GPUs it knows. Nothing is launched."""
-    from trainer.deepspeed_config import build_deepspeed_config
-    from trainer.perf import flops_per_token, peak_flops
+    from trainer.engine.deepspeed_config import build_deepspeed_config
+    from trainer.observability.perf import flops_per_token, peak_flops
 
     checked = {}
     for system, cmd in commands.items():

@@ -75,7 +75,7 @@ _CHATML = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|i
 _CHATML_MARKED = ("{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}{% generation %}"
                   "{{message['content'] + '<|im_end|>' + '\n'}}{% endgeneration %}{% else %}"
                   "{{message['content'] + '<|im_end|>' + '\n'}}{% endif %}")
-_TINY = "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"  # trainer/tokenizer.py's TINY_CHAT_TEMPLATE
+_TINY = "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"  # trainer/engine/tokenizer.py's TINY_CHAT_TEMPLATE
 _TINY_MARKED = ("<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
                 "{% endgeneration %}{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}")
 MARKABLE = {"ChatML (SmolLM2, Qwen2)": (_CHATML, _CHATML_MARKED), "tiny": (_TINY, _TINY_MARKED)}

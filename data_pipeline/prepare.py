@@ -10,7 +10,7 @@ with a manifest, so training (every rank, every rerun) maps the result instead o
     <cache>/<key>/document.npy         int16  [rows, seq_len]   preference pairs only: the document of each
                                        token in its row (pair k = documents 2k chosen, 2k+1 rejected; -1 pad)
     <cache>/<key>/reference/<model>.npy  preference pairs only: the reference model's log-probs per
-                                       document, written by the trainer (trainer/reference.py)
+                                       document, written by the trainer (trainer/objectives/reference.py)
 
 `key` hashes the source files (path, size, mtime, first and last MiB), the tokenizer (vocabulary,
 merges, special tokens, chat template) and every option that changes the rows, so a matching cache
@@ -87,7 +87,7 @@ class Prepared:
         self.document = np.load(pairs, mmap_mode="r") if pairs.exists() else None
         self.reference: Optional[np.ndarray] = None
         """float64 [rows, documents]: the reference model's log-prob of each document's completion,
-        attached by the trainer before training (trainer/reference.py)."""
+        attached by the trainer before training (trainer/objectives/reference.py)."""
 
     @property
     def is_preference(self) -> bool:

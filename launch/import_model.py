@@ -6,7 +6,7 @@
 
 The weights are de-quantised to fp32 and saved as safetensors with the config, tokenizer, chat
 template and generation config; the saved model's logits are checked against the GGUF-loaded
-model's before the directory is renamed into place (see trainer/model_import.py).
+model's before the directory is renamed into place (see trainer/engine/model_import.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from trainer.model_import import KNOWN, ImportReport, import_gguf, import_known
+from trainer.engine.model_import import KNOWN, ImportReport, import_gguf, import_known
 
 
 def _print_report(report: ImportReport) -> None:

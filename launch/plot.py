@@ -1,4 +1,4 @@
-"""Draw a run's PNG dashboard from its metrics.jsonl (trainer/dashboard.py has the panels).
+"""Draw a run's PNG dashboard from its metrics.jsonl (trainer/observability/dashboard.py has the panels).
 
     python launch/plot.py OUTPUT_DIR [-o dashboard.png]
 """
@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.dashboard import render
-from trainer.tracking import read_metrics
+from trainer.observability.dashboard import render
+from trainer.observability.tracking import read_metrics
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ def main(cfg: DictConfig) -> None:
     config = to_config(cfg)
     from trainer.data import prepare_data
     from trainer.recipe import stage_overrides
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     stages = [("", config)]

@@ -7,7 +7,7 @@
 --model: a Hugging Face directory or an imported model's name (launch/import_model.py). Prompts: a
 .txt file (a prompt a line) or .jsonl ("prompt", "instruction" + "input", or "messages"). The output
 is one {"messages": [user, assistant]} record a line; answers that hit --max-new-tokens are dropped
-and counted (trainer/rehearsal.py says why). Nothing is downloaded.
+and counted (trainer/forgetting/rehearsal.py says why). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from trainer import rehearsal
-from trainer.model_import import model_dir_of
+from trainer.forgetting import rehearsal
+from trainer.engine.model_import import model_dir_of
 
 
 def main(argv=None) -> int:

@@ -20,12 +20,12 @@ fullft_log() { echo "[$(date +%H:%M:%S) slurm/${SLURM_JOB_NAME:-fullft} job ${SL
 # The overrides as they may be logged: secret-looking values hidden, by the trainer's own rule
 # (trainer/config.py's redact_args, also what W&B records).
 # Run from $FULLFT_ROOT with the job's Python (fullft_launch's working directory and PATH).
-_fullft_redacted() { python -m trainer.redaction redact-args "$@"; }
+_fullft_redacted() { python -m trainer.observability.redaction redact-args "$@"; }
 
 # Signals arriving while srun runs: the batch shell (the only process `--signal=B:USR1@T` reaches)
 # passes USR1 on to every process of the job's steps, on every node. torchrun agents ignore it
 # (see fullft_launch); each rank catches it, all ranks agree to stop at the same step, save, and
-# rank 0 requeues the job (trainer/preemption.py).
+# rank 0 requeues the job (trainer/checkpointing/preemption.py).
 _fullft_on_usr1() {
     if [[ -n ${_FULLFT_USR1_SENT:-} ]]; then return; fi
     _FULLFT_USR1_SENT=1
@@ -111,7 +111,7 @@ fullft_launch() {
     fullft_log "overrides: $(_fullft_redacted "$@")"
 
     # Each srun task starts with USR1 and TERM ignored; the ranks install their own handlers
-    # (trainer/preemption.py) and inherit "ignored" until then, so an early signal is not fatal.
+    # (trainer/checkpointing/preemption.py) and inherit "ignored" until then, so an early signal is not fatal.
     # torchrun must not act on TERM either: by default it forwards TERM and kills its workers
     # 30 s later, mid-save; --signals-to-handle (torch >= 2.6) leaves TERM to the ranks and KillWait.
     local srun_args=(--kill-on-bad-exit=1 --nodes="$FULLFT_NNODES" --export=ALL)

@@ -103,6 +103,6 @@ def _mapped_shm() -> set:
 def tiny_tokenizer():
     """The tiny model's sentencepiece tokenizer, trained (or loaded from cache) as a run would."""
     from trainer.cli import load_config
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(load_config(["+exp=medical"]).model)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from trainer.distributed import free_port
-from trainer.tracking import read_metrics, series  # noqa: F401  (re-exported: the one metrics reader)
+from trainer.observability.tracking import read_metrics, series  # noqa: F401  (re-exported: the one metrics reader)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

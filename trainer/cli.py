@@ -85,7 +85,7 @@ def register() -> None:
     """What composing needs: the schemas and plain resolvers (trainer/config.py), and `imported`
     (conf/model/smollm2_135m.yaml: where a GGUF model imported by launch/import_model.py lives; it
     never raises, so every conf file composes on a machine without the model)."""
-    from trainer.model_import import imported_model_dir
+    from trainer.engine.model_import import imported_model_dir
 
     register_configs()
     OmegaConf.register_new_resolver("imported", imported_model_dir, replace=True)
@@ -141,7 +141,7 @@ def preflight(argv: List[str], config_dir: str = CONF_DIR) -> List[str]:
             raise SystemExit(f"Config error: {explain_validation_error(cause)}\n(from: {ex})") from None
     else:
         if str(cfg.trainer.loss_kernel) == "liger":  # asked for where it cannot run: say so now, not once ranks are up
-            from trainer.loss_head import kernel_for
+            from trainer.objectives.head import kernel_for
 
             try:
                 kernel_for("liger")

@@ -8,7 +8,7 @@ Cross-field checks live in `__post_init__` and say what to change.
 
 This module only describes configuration: it imports no runtime module. The command-line
 preflight (composing, key-error messages, the output_dir probe) is trainer/cli.py; secret
-redaction is trainer/redaction.py.
+redaction is trainer/observability/redaction.py.
 
 Choices are `str` Enums: OmegaConf validates them ("expected one of [...]"), and a member still
 compares equal to its string (`Objective.sft == "sft"`), so YAML, overrides and logs read as before.
@@ -57,7 +57,7 @@ LossKernel = choice("LossKernel", "auto", "torch", "liger")
 OnNonFinite = choice("OnNonFinite", "stop", "skip")
 
 
-# ---- durations (trainer.max_time; trainer/preemption.py keeps the clock) -----------------------
+# ---- durations (trainer.max_time; trainer/checkpointing/preemption.py keeps the clock) -----------------------
 
 _DURATION = re.compile(r"^(?:(?P<d>\d+)-)?(?P<h>\d+):(?P<m>\d{1,2}):(?P<s>\d{1,2}(?:\.\d*)?)$")
 _WITH_UNIT = re.compile(r"^(?P<n>\d+(?:\.\d*)?)\s*(?P<unit>s|m|h|d)$")
@@ -187,7 +187,7 @@ class StageConfig:
     """System turn added to conversations that have none (sft / instruct / dpo)."""
     loss: PreferenceLossName = PreferenceLossName.dpo
     """dpo only: dpo (sigmoid, Rafailov et al.) | ipo (Azar et al.; log-ratios per token, as TRL) | simpo
-    (Meng et al.; mean token log-probs, no reference model). Formulas: trainer/preference.py."""
+    (Meng et al.; mean token log-probs, no reference model). Formulas: trainer/objectives/preference.py."""
     beta: float = 0.1
     """dpo only: β, the strength of the pull towards the reference (TRL's default 0.1; for ipo the
     regularisation τ; SimPO's paper uses 2.0-2.5 with simpo_gamma/β around 0.5)."""
@@ -277,7 +277,7 @@ class InterpolationConfig:
     alphas: List[float] = field(default_factory=list)
     """At the end of the stage, score θ0 + α·(θ − θ0) on the eval sets for each α in [0, 1] (θ0: the
     stage's start, model.name_or_path; θ: the trained weights), write output_dir/interpolation.json
-    and export the chosen α (trainer/interpolation.py). Empty (and no `alpha`) = off: the export is θ."""
+    and export the chosen α (trainer/forgetting/interpolation.py). Empty (and no `alpha`) = off: the export is θ."""
     alpha: Any = None
     """Export this α instead of choosing one: a number, or one per depth group,
     `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1)."""
@@ -384,7 +384,7 @@ class TrainerConfig:
     elastic_resume: bool = True
     """Resume a checkpoint saved by another number of ranks: convert it once to DeepSpeed's universal
     format and reshard weights, Adam's moments and EWC's state, keeping the global batch
-    (trainer/reshard.py). false = stop, saying how to go on."""
+    (trainer/checkpointing/reshard.py). false = stop, saying how to go on."""
     allow_new_global_batch: bool = False
     """On a resume whose settings cannot keep the checkpoint's global batch, go on with the new one
     (the data continues from the row where the checkpoint stopped) instead of stopping."""
@@ -413,7 +413,7 @@ class TrainerConfig:
     activation_checkpointing: Checkpointing = Checkpointing.none
     """none | full | every_n | offload (full, with saved layer inputs held in host memory)."""
     loss_chunk_tokens: Optional[int] = None
-    """Chunked cross-entropy (trainer/chunked_loss.py): the LM head and the loss computed this many
+    """Chunked cross-entropy (trainer/objectives/chunked.py): the LM head and the loss computed this many
     tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
     on where the vocabulary is at least 4x the hidden size (every real LM), chunks of at most 256 MiB
     of fp32 logits; 0 = off (full logits)."""
@@ -447,7 +447,7 @@ class TrainerConfig:
     max_time: Optional[str] = None
     """Time budget of this process, "HH:MM:SS", "D-HH:MM:SS" or with a unit ("90m", "2h"); None = no
     limit. Before a step that would end past it, save and stop (a Slurm batch job requeues itself).
-    Leave room below the walltime for one checkpoint save. See trainer/preemption.py."""
+    Leave room below the walltime for one checkpoint save. See trainer/checkpointing/preemption.py."""
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "micro_batch_size", "keep_last", "log_every_steps"):

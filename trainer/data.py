@@ -11,7 +11,7 @@ from typing import Dict, List, Optional
 from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from data_pipeline.preference import is_preference_source
 from trainer.config import Config, Objective
-from trainer.tokenizer import cache_root
+from trainer.engine.tokenizer import cache_root
 
 log = logging.getLogger("trainer")
 

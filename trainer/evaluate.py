@@ -20,9 +20,9 @@ from data_pipeline.loader import trim_to_longest
 from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
-from trainer import loss_head
-from trainer.loss import supervised_tokens
-from trainer.preference import PreferenceLoss
+from trainer.objectives import head
+from trainer.objectives.token import supervised_tokens
+from trainer.objectives.preference import PreferenceLoss
 
 log = logging.getLogger("trainer")
 
@@ -58,7 +58,7 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
                 labels = torch.full_like(labels, IGNORE)
             batch = {"input_ids": torch.from_numpy(rows["input_ids"]), "labels": labels,
                      "position_ids": torch.from_numpy(rows["position_ids"])}
-            sums[0] += loss_head.score(engine, batch, device).double().sum().cpu()
+            sums[0] += head.score(engine, batch, device).double().sum().cpu()
             sums[1] += supervised_tokens(labels)
         distributed.all_reduce_sum(sums)
         loss = (sums[0] / sums[1].clamp(min=1)).item()
@@ -79,7 +79,7 @@ def _evaluate_pairs(engine, name: str, data: Prepared, micro_batch_size: int, ra
         batch = {k: torch.from_numpy(v) for k, v in data.rows(idx or [0]).items()}
         if not idx:  # a rank without rows: a fully masked row, no pairs
             batch["labels"] = torch.full_like(batch["labels"], IGNORE)
-        rows, row_stats = preference.rows(loss_head.score(engine, batch, device), batch)
+        rows, row_stats = preference.rows(head.score(engine, batch, device), batch)
         sums[0] += rows.double().sum().cpu()
         sums[1] += preference.count(batch)
         sums[2:] += row_stats.double().sum(0).cpu()

@@ -5,7 +5,7 @@ one precise way at one precise point, which no outside timing could hit reliably
                                           its shards are written and before the save is COMPLETE
     FULLFT_FAULT_NAN_LOSS=STEP:RANK[,...] that rank's first micro-batch of STEP gets a NaN loss
     FULLFT_FAULT_KILL_IN_RESHARD=PHASE:RANK  that rank SIGKILLs itself while converting a checkpoint
-                                          for another world size (trainer/reshard.py): PHASE
+                                          for another world size (trainer/checkpointing/reshard.py): PHASE
                                           `convert` (DeepSpeed's conversion written, no manifest yet)
                                           or `finalize` (the manifest written, not yet renamed)
 

@@ -25,23 +25,28 @@ import torch
 
 from data_pipeline.loader import StepLoader
 from data_pipeline.packing import IGNORE
-from trainer import distributed, faults, interpolation, loss_head, preemption, reference, reshard
-from trainer.checkpoint import Checkpointer, TrainState, export_hf, finished_step
+from trainer import distributed, faults
+from trainer.forgetting import interpolation
+from trainer.objectives import head as loss_head
+from trainer.checkpointing import preemption
+from trainer.objectives import reference
+from trainer.checkpointing import reshard
+from trainer.checkpointing.checkpoint import Checkpointer, TrainState, export_hf, finished_step
 from trainer.config import Config, FisherLabels, Objective, OffloadDevice, OnNonFinite
 from trainer.data import prepare_data
-from trainer.deepspeed_config import build_deepspeed_config
+from trainer.engine.deepspeed_config import build_deepspeed_config
 from trainer.evaluate import Evaluation
-from trainer.generation import Generator
-from trainer.loss import TokenLoss, backward_scale, row_loss_sums, sampled_labels, supervised_tokens
-from trainer.metrics import MetricWindow, StepResult
-from trainer.model import build_model, count_parameters, model_config
-from trainer.optim import build_optimizer
-from trainer.perf import PerfMeter
-from trainer.preference import PreferenceLoss
-from trainer.redaction import redact
-from trainer.regularizers.ewc import EWC, load_previous
-from trainer.tokenizer import load_tokenizer
-from trainer.tracking import Progress, Tracker, summarise
+from trainer.observability.generation import Generator
+from trainer.objectives.token import TokenLoss, backward_scale, row_loss_sums, sampled_labels, supervised_tokens
+from trainer.observability.metrics import MetricWindow, StepResult
+from trainer.engine.model import build_model, count_parameters, model_config
+from trainer.engine.optim import build_optimizer
+from trainer.observability.perf import PerfMeter
+from trainer.objectives.preference import PreferenceLoss
+from trainer.observability.redaction import redact
+from trainer.forgetting.ewc import EWC, load_previous
+from trainer.engine.tokenizer import load_tokenizer
+from trainer.observability.tracking import Progress, Tracker, summarise
 
 log = logging.getLogger("trainer")
 
@@ -218,7 +223,7 @@ class Trainer:
 
     def _log(self, tracker: Tracker, progress: Progress, last: bool) -> None:
         """Every trainer.log_every_steps steps (and at the last): one line that describes the steps
-        since the previous line (trainer/metrics.py). Collective: perf gathers every rank's memory."""
+        since the previous line (trainer/observability/metrics.py). Collective: perf gathers every rank's memory."""
         state = self.state
         if state.step % self.cfg.trainer.log_every_steps and not last:
             return
@@ -230,7 +235,7 @@ class Trainer:
 
     def _interpolate(self, tracker: Tracker) -> Dict:
         """After the last step: score θ0 + α(θ − θ0) for the configured α, leave the weights at the
-        chosen one for the export (trainer/interpolation.py). The checkpoint keeps θ."""
+        chosen one for the export (trainer/forgetting/interpolation.py). The checkpoint keeps θ."""
         result = interpolation.sweep(self.engine, self.cfg, self.state.baseline, self.evaluation.scores, self.dist.rank)
         metrics = {f"interpolation/{r['alpha']:g}/{k}": v for r in result["rows"] for k, v in r.items() if k != "alpha"}
         if all(c in "0123456789." for c in result["alpha"]):
@@ -262,8 +267,8 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], world_size:
                check_grads: bool, source_names: List[str], objective=None,
                phase=contextlib.nullcontext, ewc: Optional[EWC] = None, poison: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches; the loss is the mean over every unit of the
-    step on all ranks: supervised tokens (TokenLoss, trainer/loss.py) or preference pairs
-    (PreferenceLoss, trainer/preference.py). `phase(name)` is a context manager timing a part of the
+    step on all ranks: supervised tokens (TokenLoss, trainer/objectives/token.py) or preference pairs
+    (PreferenceLoss, trainer/objectives/preference.py). `phase(name)` is a context manager timing a part of the
     step (PerfMeter.phase). `poison`: fault injection, a NaN loss in the first micro-batch (trainer/faults.py)."""
     objective = objective or TokenLoss()
     counts = torch.tensor([[objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]),

@@ -50,7 +50,7 @@ def assert_same_supervision(tok, record=MULTI_TURN):
 @pytest.fixture(scope="module")
 def tiny_tokenizer():
     from trainer.cli import load_config
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(load_config(["model=tiny"]).model)
 

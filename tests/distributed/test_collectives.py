@@ -4,8 +4,8 @@ EWC on real ZeRO-3 shards. A call costs about a second plus a second or two per 
 where a launch of the whole trainer costs 20-40 s; what only a whole run shows (launchers, the loop,
 metrics, export) stays in the run tests.
 
-The engine is the trainer's own (trainer.model.build_model under ZeRO-3, trainer.optim's AdamW and
-schedule, trainer.deepspeed_config's config) around a tiny random Llama. Two runs are compared bit
+The engine is the trainer's own (trainer.engine.model.build_model under ZeRO-3, trainer.engine.optim's AdamW and
+schedule, trainer.engine.deepspeed_config's config) around a tiny random Llama. Two runs are compared bit
 for bit only where they compute identically: the same ranks, one thread each (inprocess sets it),
 the same collectives on the same sizes. 1 rank against 2 adds the gradients in another order, so
 those comparisons state a tolerance.
@@ -75,9 +75,9 @@ def _engine(world: int, seed: int = 0):
     from transformers import LlamaConfig
 
     from trainer.config import DeepSpeedConfig, ModelConfig, TrainerConfig
-    from trainer.deepspeed_config import build_deepspeed_config
-    from trainer.model import build_model
-    from trainer.optim import build_optimizer
+    from trainer.engine.deepspeed_config import build_deepspeed_config
+    from trainer.engine.model import build_model
+    from trainer.engine.optim import build_optimizer
 
     # lr warms up then decays every step, so a resume that lost the scheduler's position shows in the loss.
     trainer = TrainerConfig(max_steps=8, micro_batch_size=ROWS // world, grad_accum_steps=1, lr=1e-2,
@@ -105,9 +105,9 @@ def _rows(step: int, rank: int, world: int) -> torch.Tensor:
 def _loss(engine, ids: torch.Tensor, world: int):
     """(this rank's token-loss sum, its backward scale, the global supervised-token count): backward of
     sum x scale gives, after DeepSpeed averages over ranks, the gradient of the mean token loss over
-    every rank's rows, as in the trainer (trainer.loss.backward_scale)."""
+    every rank's rows, as in the trainer (trainer.objectives.token.backward_scale)."""
     from trainer import distributed
-    from trainer.loss import backward_scale, row_loss_sums, supervised_tokens
+    from trainer.objectives.token import backward_scale, row_loss_sums, supervised_tokens
 
     count = torch.tensor([float(supervised_tokens(ids))], dtype=torch.float64)
     distributed.all_reduce_sum(count)
@@ -148,7 +148,7 @@ def _same(a: dict, b: dict) -> dict:
 
 
 def _save_then_resume(rank, world, out):
-    from trainer.checkpoint import Checkpointer, TrainState
+    from trainer.checkpointing.checkpoint import Checkpointer, TrainState
 
     engine = _engine(world)
     checkpointer = Checkpointer(out, keep_last=2, rank=rank, world_size=world)
@@ -178,7 +178,7 @@ def _save_then_resume(rank, world, out):
 
 
 def test_a_resume_restores_step_weights_optimizer_schedule_and_rng_exactly(tmp_path):
-    from trainer.checkpoint import TrainState
+    from trainer.checkpointing.checkpoint import TrainState
 
     ranks = run_distributed(_save_then_resume, 2, str(tmp_path))
     for rank, got in enumerate(ranks):
@@ -203,7 +203,7 @@ def test_a_resume_restores_step_weights_optimizer_schedule_and_rng_exactly(tmp_p
 
 def _save_prune_damage_resume(rank, world, out):
     from trainer import distributed
-    from trainer.checkpoint import Checkpointer, CheckpointError, TrainState
+    from trainer.checkpointing.checkpoint import Checkpointer, CheckpointError, TrainState
 
     engine = _engine(world)
     checkpointer = Checkpointer(out, keep_last=2, rank=rank, world_size=world)
@@ -235,7 +235,7 @@ def _save_prune_damage_resume(rank, world, out):
 
 
 def _resume_on_one_rank(rank, world, out):
-    from trainer.checkpoint import Checkpointer, CheckpointError
+    from trainer.checkpointing.checkpoint import Checkpointer, CheckpointError
 
     try:
         # The world-size check comes before anything is loaded into the engine: none is needed.
@@ -272,7 +272,7 @@ def test_keep_last_prunes_verify_names_damage_and_fallback_resumes_the_previous(
 
 def _train_and_save_each_step(rank, world, out, last_step):
     """A run in miniature: resume, then train and save every step up to last_step."""
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpointing.checkpoint import Checkpointer
 
     engine = _engine(world)
     checkpointer = Checkpointer(out, keep_last=3, rank=rank, world_size=world)
@@ -324,9 +324,9 @@ def _ewc_shards(rank, world, out):
     from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
 
     from trainer import distributed
-    from trainer.checkpoint import Checkpointer, TrainState
-    from trainer.model import count_parameters
-    from trainer.regularizers.ewc import EWC
+    from trainer.checkpointing.checkpoint import Checkpointer, TrainState
+    from trainer.engine.model import count_parameters
+    from trainer.forgetting.ewc import EWC
 
     engine = _engine(world)
     ewc = EWC(engine, lam=LAM)
@@ -368,7 +368,7 @@ def _ewc_shards(rank, world, out):
 def _lambda_zero(rank, world):
     """Three steps without EWC, and three from the same start with EWC at lam=0 (its Fisher pass first,
     its before_step in every step): the losses. The Fisher pass must leave no trace in training."""
-    from trainer.regularizers.ewc import EWC
+    from trainer.forgetting.ewc import EWC
 
     plain = _engine(world)
     without = [_train_step(plain, step, rank, world) for step in (1, 2, 3)]
@@ -426,7 +426,7 @@ def _fisher_labels(rank, world):
     import functools
 
     from trainer.loop import _reference_loss as trainer_reference_loss
-    from trainer.regularizers.ewc import EWC
+    from trainer.forgetting.ewc import EWC
 
     def batches():
         out = []
@@ -470,9 +470,9 @@ def _layer_forwards_per_step(rank, world, out, checkpointing):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from trainer.config import DeepSpeedConfig, ModelConfig, TrainerConfig
-    from trainer.deepspeed_config import build_deepspeed_config
-    from trainer.model import build_model
-    from trainer.optim import build_optimizer
+    from trainer.engine.deepspeed_config import build_deepspeed_config
+    from trainer.engine.model import build_model
+    from trainer.engine.optim import build_optimizer
 
     if rank == 0:
         torch.manual_seed(0)

@@ -70,7 +70,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_previous_checkpoint_intact
 
     # 3. What it left is a checkpoint the same command resumes from once there is space: complete
     # by its manifest (resuming from a checkpoint is what the kill-in-save test above proves).
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpointing.checkpoint import Checkpointer
 
     assert Checkpointer(str(out), keep_last=2, rank=0, world_size=1).verify("step_00000005") == []
 

@@ -30,7 +30,7 @@ def test_medical_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_pat
     instruct = read_metrics(tmp_path / "instruct")
     assert set(series(instruct, "eval/forgetting")) == {2, 4}
     assert "reg/ewc_penalty" in instruct[-3] or any("reg/ewc_penalty" in r for r in instruct)
-    # Logged every 2 steps, each line describes both steps (trainer/metrics.py): replay is a tenth of
+    # Logged every 2 steps, each line describes both steps (trainer/observability/metrics.py): replay is a tenth of
     # the tokens, so no line may say 0 the way a line that only showed its own step could.
     for stage in ("cpt", "instruct"):
         replay = series(read_metrics(tmp_path / stage), "data/replay_token_fraction")

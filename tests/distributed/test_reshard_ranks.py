@@ -55,7 +55,7 @@ def _penalty(ewc) -> float:
     from deepspeed.utils import safe_get_local_fp32_param
 
     from trainer import distributed
-    from trainer.regularizers import ewc_math
+    from trainer.forgetting import ewc_math
 
     local = sum(float(ewc_math.penalty_and_grad(safe_get_local_fp32_param(p).detach(), a, f, ewc.lam)[0])
                 for p, a, f in zip(ewc.params, ewc.anchor, ewc.fisher))
@@ -74,8 +74,8 @@ def _full_ewc(ewc, world: int) -> dict:
 
 def _train_and_save(rank, world, out):
     """SAVED_STEPS steps with EWC, a checkpoint, then the run's own next steps (the reference)."""
-    from trainer.checkpoint import Checkpointer, TrainState
-    from trainer.regularizers.ewc import EWC
+    from trainer.checkpointing.checkpoint import Checkpointer, TrainState
+    from trainer.forgetting.ewc import EWC
 
     engine = _engine(world)
     ewc = EWC(engine, lam=LAM)
@@ -94,8 +94,8 @@ def _train_and_save(rank, world, out):
 
 def _resume(rank, world, out, env_note=""):
     """A fresh engine of another world size (other initial weights) resumes the checkpoint."""
-    from trainer.checkpoint import Checkpointer
-    from trainer.regularizers.ewc import EWC
+    from trainer.checkpointing.checkpoint import Checkpointer
+    from trainer.forgetting.ewc import EWC
 
     engine = _engine(world, seed=1)
     ewc = EWC(engine, lam=LAM)
@@ -144,8 +144,8 @@ def test_a_checkpoint_reshards_to_another_world_size_exactly(tmp_path, before, a
 
 
 def _resume_expecting_failure(rank, world, out):
-    from trainer.checkpoint import Checkpointer
-    from trainer.regularizers.ewc import EWC
+    from trainer.checkpointing.checkpoint import Checkpointer
+    from trainer.forgetting.ewc import EWC
 
     engine = _engine(world, seed=1)
     Checkpointer(out, keep_last=2, rank=rank, world_size=world, extras={"ewc": EWC(engine, lam=LAM)}).resume(engine)
@@ -153,7 +153,7 @@ def _resume_expecting_failure(rank, world, out):
 
 def test_a_kill_during_the_conversion_leaves_the_checkpoint_usable_and_the_next_start_converts_again(tmp_path):
     from trainer import faults
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpointing.checkpoint import Checkpointer
 
     saved = run_distributed(_train_and_save, 2, str(tmp_path))
     ckpt = tmp_path / "checkpoints"
@@ -182,6 +182,6 @@ def test_a_kill_during_the_conversion_leaves_the_checkpoint_usable_and_the_next_
 
 
 def _verify(rank, world, out):
-    from trainer.checkpoint import Checkpointer
+    from trainer.checkpointing.checkpoint import Checkpointer
 
     return Checkpointer(out, keep_last=2, rank=rank, world_size=world).verify(TAG)

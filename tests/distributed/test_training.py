@@ -196,7 +196,7 @@ def _same_logits(a: Path, b: Path) -> None:
 
 @pytest.mark.timeout(600)
 def test_weights_given_and_a_checkpoint_resumed_in_one_run_warn(straight_run, tmp_path):
-    # Without its export, the copy is not finished (trainer.checkpoint.finished_step): it resumes at
+    # Without its export, the copy is not finished (trainer.checkpointing.checkpoint.finished_step): it resumes at
     # step 20, trains nothing and exports.
     out = _copy_run(straight_run[0], tmp_path / "run", "hf")
     proc = run_train(LAUNCHER, STRAIGHT + [f"output_dir={out}", f"model.name_or_path={straight_run[0]}/hf"])
@@ -212,7 +212,7 @@ def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_o
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
-    from trainer.interpolation import choose
+    from trainer.forgetting.interpolation import choose
 
     start, out = straight_run[0] / "hf", tmp_path / "interp"
     # Trained on the held-out domain set itself, so that 3 steps surely lower its loss (a gain to keep).

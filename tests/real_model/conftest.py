@@ -31,7 +31,7 @@ def pytest_configure(config):
 
 def _unavailable() -> str:
     """Why the real model cannot be used here ('' when it can)."""
-    from trainer.model_import import KNOWN, known_gguf
+    from trainer.engine.model_import import KNOWN, known_gguf
 
     if importlib.util.find_spec("gguf") is None:
         return f"the gguf package is not installed ({KNOWN[NAME].install})"
@@ -55,7 +55,7 @@ def real_extra() -> None:
 @pytest.fixture(scope="session")
 def smollm2_dir(real_extra) -> Path:
     """The imported full-depth model (imported here on first use, as `launch/import_model.py` would)."""
-    from trainer.model_import import import_known
+    from trainer.engine.model_import import import_known
 
     _, out_dir = import_known(NAME)
     return out_dir
@@ -98,8 +98,8 @@ def reduced_dir(smollm2_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def real_tokenizer(reduced_dir):
-    """The real model's tokenizer as the trainer loads it (trainer/tokenizer.py: pad rule applied)."""
+    """The real model's tokenizer as the trainer loads it (trainer/engine/tokenizer.py: pad rule applied)."""
     from trainer.config import ModelConfig
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=str(reduced_dir)))

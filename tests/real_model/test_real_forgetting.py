@@ -23,7 +23,7 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     import drift
     from safetensors.torch import load_file
 
-    from trainer.interpolation import interpolate
+    from trainer.forgetting.interpolation import interpolate
 
     proc = subprocess.run([sys.executable, "bench/forgetting.py", "--model", str(reduced_dir), "--smoke", "--only",
                            "replay,ewc_replay", "--keep-runs", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,

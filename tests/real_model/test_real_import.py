@@ -1,4 +1,4 @@
-"""Importing a GGUF checkpoint (trainer/model_import.py, launch/import_model.py): the real import's
+"""Importing a GGUF checkpoint (trainer/engine/model_import.py, launch/import_model.py): the real import's
 record and logits check, clear errors for what can go wrong, the compose-time resolver that never
 raises, and the check that names the command when the model was never imported."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers import ROOT
-from trainer import model_import
-from trainer.model_import import (NOT_IMPORTED, KnownModel, compare_logits, gguf_sha256, import_gguf, imported_model_dir,
+from trainer.engine import model_import
+from trainer.engine.model_import import (NOT_IMPORTED, KnownModel, compare_logits, gguf_sha256, import_gguf, imported_model_dir,
                                   known_gguf, require_model_dir)
 
 pytestmark = pytest.mark.real_model
@@ -132,7 +132,7 @@ def test_model_smollm2_135m_not_yet_imported_names_the_one_command(smollm2_dir, 
     """A fresh cache: the config composes (the directory keyed by the GGUF's hash), and loading the
     tokenizer, the trainer's first look at the model, says how to create it."""
     from trainer.cli import load_config
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     monkeypatch.setenv("FULLFT_CACHE", str(tmp_path))
     cfg = load_config(["+exp=medical", "model=smollm2_135m"])
@@ -160,7 +160,7 @@ def test_the_recipe_skips_the_random_init_stage_with_the_real_model(smollm2_dir)
 
 def test_the_pad_token_never_grows_a_real_vocabulary(reduced_dir, real_tokenizer, tmp_path):
     from trainer.config import ModelConfig
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     # SmolLM2 ships pad = eos = <|im_end|>: its spare unk <|endoftext|> pads instead.
     assert len(real_tokenizer) == 49_152

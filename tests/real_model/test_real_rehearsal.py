@@ -29,8 +29,7 @@ def test_rehearse_writes_the_models_own_greedy_answers(reduced_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer import rehearsal
-
+    from trainer.forgetting import rehearsal
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n")
     out = tmp_path / "rehearsal.jsonl"
@@ -61,7 +60,7 @@ def test_rehearse_writes_the_models_own_greedy_answers(reduced_dir, tmp_path):
 
 
 def test_prompts_files_and_their_errors(tmp_path):
-    from trainer.rehearsal import read_prompts
+    from trainer.forgetting.rehearsal import read_prompts
 
     good = tmp_path / "p.jsonl"
     good.write_text('{"prompt": "a"}\n\n{"instruction": "b", "input": "c"}\n'

@@ -62,9 +62,9 @@ def test_export_keeps_the_real_vocabulary_tie_and_template(real_run, reduced_dir
 
 
 def _generate(model, tok, prompts, max_new_tokens):
-    """The trainer's sample generation (trainer/generation.py) on one process: the same rendering,
+    """The trainer's sample generation (trainer/observability/generation.py) on one process: the same rendering,
     left padding and greedy decoding, without ZeRO-3's synced_gpus."""
-    from trainer.generation import Generator
+    from trainer.observability.generation import Generator
 
     ids = [Generator(prompts, max_new_tokens, tok, chat=True).render(p) for p in prompts]
     width = max(len(i) for i in ids)
@@ -88,7 +88,7 @@ def test_export_equals_the_live_model_in_logits_and_greedy_generations(real_run,
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from trainer.config import ModelConfig
-    from trainer.tokenizer import load_tokenizer
+    from trainer.engine.tokenizer import load_tokenizer
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks ran (OMP_NUM_THREADS=1): the same summation order

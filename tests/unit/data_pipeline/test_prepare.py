@@ -17,7 +17,7 @@ from data_pipeline.loader import trim_to_longest
 from data_pipeline.packing import IGNORE
 from data_pipeline.prepare import PrepareOptions, _write_chunked, prepare
 from data_pipeline.sources import DataError
-from trainer.loss import token_loss_sum
+from trainer.objectives.token import token_loss_sum
 from trainer.config import bundled_path
 
 QA = bundled_path("medical_qa.jsonl")

@@ -1,4 +1,4 @@
-"""trainer/checkpoint.py without a training run: the manifest names a missing, truncated or corrupted
+"""trainer/checkpointing/checkpoint.py without a training run: the manifest names a missing, truncated or corrupted
 file; a checkpoint without COMPLETE is removed; fault points parse (trainer/faults.py)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from trainer import faults
-from trainer.checkpoint import Checkpointer
+from trainer.checkpointing.checkpoint import Checkpointer
 
 TAG = "step_00000020"
 
@@ -75,7 +75,7 @@ def test_fault_points_parse_and_refuse_garbage(monkeypatch):
 def test_finished_step_reads_a_finished_run_from_its_files(tmp_path):
     """A rerun of a finished run (or recipe stage) is recognised before anything is built: latest ->
     a COMPLETE checkpoint at max_steps or later, and the export when one is asked for."""
-    from trainer.checkpoint import finished_step
+    from trainer.checkpointing.checkpoint import finished_step
 
     out = str(tmp_path)
     assert finished_step(out, 20, export_hf=False) is None  # nothing there

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
-from trainer import loss_head
-from trainer.chunked_loss import auto_chunk, token_nll
-from trainer.loss import TokenLoss, token_nll_from_logits
-from trainer.preference import PreferenceLoss
+from trainer.objectives import head as loss_head
+from trainer.objectives.chunked import auto_chunk, token_nll
+from trainer.objectives.token import TokenLoss, token_nll_from_logits
+from trainer.objectives.preference import PreferenceLoss
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from trainer.config import DeepSpeedConfig, TrainerConfig
-from trainer.deepspeed_config import build_deepspeed_config
+from trainer.engine.deepspeed_config import build_deepspeed_config
 
 
 def test_batch_sizes_are_consistent_by_construction():

@@ -1,4 +1,4 @@
-"""EWC's math (trainer/regularizers/ewc_math.py) against autograd and finite differences, and the
+"""EWC's math (trainer/forgetting/ewc_math.py) against autograd and finite differences, and the
 Fisher as the mean squared gradient, sharded or not."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer.regularizers import ewc_math
+from trainer.forgetting import ewc_math
 
 
 def test_penalty_gradient_matches_autograd_and_finite_differences():

@@ -1,4 +1,4 @@
-"""Weight interpolation with the stage's start (trainer/interpolation.py): α specs and depth groups,
+"""Weight interpolation with the stage's start (trainer/forgetting/interpolation.py): α specs and depth groups,
 the interpolation itself, the offline command, the choice of α, and the config's checks. The
 in-run sweep under ZeRO-3 is tested in tests/distributed/test_training.py."""
 
@@ -13,7 +13,7 @@ import torch
 
 from helpers import ROOT
 from trainer.cli import load_config
-from trainer.interpolation import (GROUPS, alpha_label, check, choose, group_of, interpolate, parse_alpha,
+from trainer.forgetting.interpolation import (GROUPS, alpha_label, check, choose, group_of, interpolate, parse_alpha,
                                    write_interpolated)
 
 
@@ -73,7 +73,7 @@ def test_the_offline_command_writes_the_interpolated_model(tmp_path):
     from safetensors.torch import load_file
 
     a, b = _hf_dir(tmp_path / "start", 0), _hf_dir(tmp_path / "end", 1)
-    proc = subprocess.run([sys.executable, "-m", "trainer.interpolation", str(a), str(b), str(tmp_path / "out"),
+    proc = subprocess.run([sys.executable, "-m", "trainer.forgetting.interpolation", str(a), str(b), str(tmp_path / "out"),
                            "--alpha", "bottom=0.5,middle=0,top=1"], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     w0, w1 = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
@@ -85,7 +85,7 @@ def test_the_offline_command_writes_the_interpolated_model(tmp_path):
     assert info["alpha"] == "bottom=0.5,middle=0,top=1" and list(info["groups"]) == list(GROUPS)
     with pytest.raises(FileExistsError, match="nothing is overwritten"):
         write_interpolated(str(a), str(b), 0.5, str(tmp_path / "out"))
-    bad = subprocess.run([sys.executable, "-m", "trainer.interpolation", str(a), str(b), str(tmp_path / "x"),
+    bad = subprocess.run([sys.executable, "-m", "trainer.forgetting.interpolation", str(a), str(b), str(tmp_path / "x"),
                           "--alpha", "mid=1"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown group(s) ['mid']" in bad.stderr
 

@@ -15,8 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
-from trainer import chunked_loss, loss_head
-from trainer.chunked_loss import token_nll
+from trainer.objectives import chunked as chunked_loss
+from trainer.objectives import head as loss_head
+from trainer.objectives.chunked import token_nll
 
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from trainer.loss import backward_scale, sampled_labels, supervised_tokens, token_loss_sum
+from trainer.objectives.token import backward_scale, sampled_labels, supervised_tokens, token_loss_sum
 
 
 def test_token_loss_sum_by_hand():

@@ -1,4 +1,4 @@
-"""trainer/metrics.py: a logged line describes every step since the last one."""
+"""trainer/observability/metrics.py: a logged line describes every step since the last one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from trainer.metrics import MetricWindow, StepResult
+from trainer.observability.metrics import MetricWindow, StepResult
 
 
 def step(loss_sum, supervised, real, slots, sources, lr=1e-3, grad_norm=1.0, penalty=None):

@@ -1,4 +1,4 @@
-"""trainer.optim.lr_multiplier: the warmup + cosine/constant schedule, on literal steps with values
+"""trainer.engine.optim.lr_multiplier: the warmup + cosine/constant schedule, on literal steps with values
 worked out by hand from its definition (step is the 0-based optimizer step):
 
     warmup  (step < W):  (step + 1) / W
@@ -13,7 +13,7 @@ import math
 import pytest
 
 from trainer.config import LRSchedule
-from trainer.optim import lr_multiplier
+from trainer.engine.optim import lr_multiplier
 
 
 def schedule(kind: str, warmup: int, max_steps: int, min_ratio: float = 0.1):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from trainer.model import check_packed_isolation
+from trainer.engine.model import check_packed_isolation
 
 
 def _llama():

@@ -1,4 +1,4 @@
-"""trainer/preemption.py: durations, the max_time decision, signal flags."""
+"""trainer/checkpointing/preemption.py: durations, the max_time decision, signal flags."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from helpers import ROOT
-from trainer import preemption
-from trainer.preemption import MAX_TIME, TERM, USR1, Preemption, decide, out_of_time, parse_duration
+from trainer.checkpointing import preemption
+from trainer.checkpointing.preemption import MAX_TIME, TERM, USR1, Preemption, decide, out_of_time, parse_duration
 
 
 @pytest.mark.parametrize("text, seconds", [("01:30:00", 5400), ("0:00:30", 30), ("1-02:03:04", 93784),
@@ -96,7 +96,7 @@ def test_one_clock_per_process_across_recipe_stages(handlers):
 
 def test_a_second_signal_ends_the_process():
     """Asked twice, stop being graceful: the second USR1 takes its default action."""
-    code = ("import os, signal, time\nfrom trainer import preemption\np = preemption.install(None)\n"
+    code = ("import os, signal, time\nfrom trainer.checkpointing import preemption\np = preemption.install(None)\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\nassert p.signalled is not None\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(5)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

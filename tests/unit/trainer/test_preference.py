@@ -14,9 +14,9 @@ import torch
 
 from data_pipeline.prepare import PrepareOptions, prepare
 from trainer.config import bundled_path
-from trainer.loss import backward_scale, token_nll_from_logits
-from trainer.metrics import MetricWindow, StepResult
-from trainer.preference import STATS, PreferenceLoss, document_logps, pair_losses
+from trainer.objectives.token import backward_scale, token_nll_from_logits
+from trainer.observability.metrics import MetricWindow, StepResult
+from trainer.objectives.preference import STATS, PreferenceLoss, document_logps, pair_losses
 
 PREFS = bundled_path("medical_prefs.jsonl")
 

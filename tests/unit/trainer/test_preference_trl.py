@@ -5,7 +5,7 @@ zero) and a handful of preference pairs, trained here and in TRL:
 
   here  pairs prepared by data_pipeline (normalise_pair -> encode_pair -> write_pairs: whole pairs
         packed into rows, each document with its own positions), the reference's per-document
-        log-probs scored once by trainer/reference.py, the loss of PreferenceLoss.rows summed over
+        log-probs scored once by trainer/objectives/reference.py, the loss of PreferenceLoss.rows summed over
         rows and divided by the pairs, as train_step does;
   TRL   the same pairs through DPOTrainer (dpo = loss_type "sigmoid", ipo) or CPOTrainer (simpo:
         TRL's SimPO, cpo_alpha=0): its own tokenization, collator, padded rows and live reference model.
@@ -32,9 +32,9 @@ from datasets import Dataset  # noqa: E402  (TRL's own dependency)
 from data_pipeline.preference import encode_pair, normalise_pair  # noqa: E402
 from data_pipeline.prepare import PrepareOptions, prepare  # noqa: E402
 from data_pipeline.sources import Record  # noqa: E402
-from trainer import reference as reference_module  # noqa: E402
-from trainer.loss import token_nll_from_logits  # noqa: E402
-from trainer.preference import STATS, PreferenceLoss  # noqa: E402
+from trainer.objectives import reference as reference_module  # noqa: E402
+from trainer.objectives.token import token_nll_from_logits  # noqa: E402
+from trainer.objectives.preference import STATS, PreferenceLoss  # noqa: E402
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -90,7 +90,7 @@ def _models(vocab: int):
 
 
 class _Engine:
-    """The face of a DeepSpeed engine that trainer/reference.py's scoring pass uses."""
+    """The face of a DeepSpeed engine that trainer/objectives/reference.py's scoring pass uses."""
 
     def __init__(self, module):
         self.module = module
@@ -115,7 +115,7 @@ def _ours(tmp_path, monkeypatch, tokenizer, records, policy, reference, objectiv
     # packing is exercised: more than one row, and rows holding more than one pair
     assert len(prepared) > 1 and prepared.documents_per_row >= 4
     if objective.needs_reference:
-        # trainer/reference.py's own pass, on one rank (its all-reduce over ranks is then the identity)
+        # trainer/objectives/reference.py's own pass, on one rank (its all-reduce over ranks is then the identity)
         monkeypatch.setattr(reference_module.distributed, "all_reduce_sum", lambda t: t)
         prepared.reference = reference_module._score(_Engine(reference), prepared, micro_batch_size=2, rank=0,
                                                      world_size=1, device=torch.device("cpu"))

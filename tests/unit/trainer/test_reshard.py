@@ -1,4 +1,4 @@
-"""trainer/reshard.py without ranks: re-cutting ZeRO-3 partitions, keeping the global batch (and the
+"""trainer/checkpointing/reshard.py without ranks: re-cutting ZeRO-3 partitions, keeping the global batch (and the
 errors that say how), reading a checkpoint's layout from its files, EWC's state re-cut, and the
 conversion directory's place in the checkpoint protocol. The conversion and load on a real engine:
 tests/distributed/test_reshard_ranks.py."""
@@ -13,9 +13,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from trainer.checkpoint import Checkpointer
-from trainer.regularizers.ewc import EWC
-from trainer.reshard import Layout, ReshardError, partition, repartition, resolve_batch, saved_layout
+from trainer.checkpointing.checkpoint import Checkpointer
+from trainer.forgetting.ewc import EWC
+from trainer.checkpointing.reshard import Layout, ReshardError, partition, repartition, resolve_batch, saved_layout
 
 
 # ---- partitions -----------------------------------------------------------------------------------
@@ -160,7 +160,7 @@ def test_the_reshard_fault_point_names_a_phase_and_a_rank(monkeypatch):
 
 
 def test_online_ewc_reads_an_earlier_stage_saved_by_another_number_of_ranks(tmp_path):
-    from trainer.regularizers.ewc import load_previous
+    from trainer.forgetting.ewc import load_previous
 
     numels = [5, 8]
     fisher, anchor = [torch.rand(n) for n in numels], [torch.randn(n) for n in numels]
@@ -181,7 +181,7 @@ def test_online_ewc_reads_an_earlier_stage_saved_by_another_number_of_ranks(tmp_
 
 
 def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the_checkpoint_stopped():
-    from trainer.checkpoint import TrainState
+    from trainer.checkpointing.checkpoint import TrainState
     from trainer.loop import _continue_data
 
     state = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
@@ -206,8 +206,7 @@ def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the
 def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_others_wait(tmp_path, monkeypatch):
     from collections import namedtuple
 
-    from trainer import reshard
-
+    from trainer.checkpointing import reshard
     source = tmp_path / "checkpoints/step_00000010"
     source.mkdir(parents=True)
     for r in range(2):
@@ -230,8 +229,7 @@ def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_othe
 def test_deepspeeds_loader_maps_the_parameter_files_so_each_rank_reads_only_its_slice(monkeypatch):
     from deepspeed.runtime.zero import stage3
 
-    from trainer import reshard
-
+    from trainer.checkpointing import reshard
     calls = []
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: calls.append((os.path.basename(f), kw.get("mmap"))))
     with reshard._mapped_parameter_files():

@@ -93,14 +93,14 @@ def test_remote_code_runs_only_when_the_config_says_so():
                                          ("num_key_value_heads", False), ("bos_token_id", False), ("max_tokens", False),
                                          ("tokenizer_path", False), ("keep_last", False)])
 def test_what_counts_as_a_secret(key, secret):
-    from trainer.redaction import is_secret_key
+    from trainer.observability.redaction import is_secret_key
 
     assert is_secret_key(key) is secret
 
 
 def test_a_secret_in_model_arch_never_reaches_the_saved_model_config(tiny_tokenizer):
     from trainer.config import ModelConfig
-    from trainer.model import model_config
+    from trainer.engine.model import model_config
 
     cfg = ModelConfig(model_type="llama", arch={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                                                 "intermediate_size": 128, "num_key_value_heads": 2,

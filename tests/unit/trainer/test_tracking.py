@@ -43,7 +43,7 @@ def test_record_reader_parses_wandb_records():
 # ---- perf math ----------------------------------------------------------------------------------
 
 def test_flops_per_token_and_mfu_hand_computed():
-    from trainer.perf import flops_per_token, mfu
+    from trainer.observability.perf import flops_per_token, mfu
 
     assert flops_per_token(1_000_000, 2, 64, 128) == 6_000_000 + 12 * 2 * 64 * 128 == 6_196_608
     # A 7e9 model (32 layers, 4096 wide) at seq_len 4096: 42e9 + 6.44e9 = 48.44e9 FLOPs per token;
@@ -59,7 +59,7 @@ def test_flops_per_token_and_mfu_hand_computed():
     ("NVIDIA A100 80GB PCIe", True, 312e12), ("NVIDIA GeForce RTX 4090", True, None), ("NVIDIA H100 80GB HBM3", False, None),
     ("cpu", True, None)])
 def test_peak_flops_table(name, bf16, peak):
-    from trainer.perf import peak_flops
+    from trainer.observability.perf import peak_flops
 
     assert peak_flops(name, bf16) == peak
 
@@ -72,7 +72,7 @@ def test_model_flops_count_matmul_parameters(tied):
     (a lookup) is left out; tied, it is the output projection and counted once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from trainer.perf import flops_per_token, model_flops_per_token
+    from trainer.observability.perf import flops_per_token, model_flops_per_token
 
     cfg = AutoConfig.for_model("llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
@@ -83,7 +83,7 @@ def test_model_flops_count_matmul_parameters(tied):
 # ---- spikes -------------------------------------------------------------------------------------
 
 def test_spike_rule_on_literals():
-    from trainer.perf import is_spike
+    from trainer.observability.perf import is_spike
 
     flat = [2.0, 2.1, 1.9, 2.0, 2.0]  # median 2.0, MAD 0: threshold max(2.0, 2.0 * 1.1) = 2.2
     assert is_spike(flat, 2.5, z=6, rel=0.1, min_history=5)
@@ -95,7 +95,7 @@ def test_spike_rule_on_literals():
 
 
 def test_spike_warnings_are_rate_limited(caplog):
-    from trainer.perf import SpikeWatch
+    from trainer.observability.perf import SpikeWatch
 
     watch = SpikeWatch(enabled=True, window=20, min_history=10, cooldown=50)
     with caplog.at_level(logging.WARNING, logger="trainer"):
@@ -116,7 +116,7 @@ def test_spike_warnings_are_rate_limited(caplog):
 # ---- W&B run management ---------------------------------------------------------------------------
 
 def test_secret_overrides_are_redacted_from_the_arguments_wandb_records():
-    from trainer.tracking import redact_args
+    from trainer.observability.tracking import redact_args
 
     argv = ["+exp=medical", "+model.arch.api_key=abc", "logger.hf_token=xyz", "trainer.lr=1e-4", "--cfg",
             "db_password=p"]
@@ -130,7 +130,7 @@ def test_secret_overrides_are_redacted_from_the_arguments_wandb_records():
     ("offline", {"WANDB_API_KEY": "k", "WANDB_MODE": "online"}, "offline")])
 def test_wandb_mode(mode, env, expected):
     from trainer.config import LoggerConfig
-    from trainer.tracking import resolve_mode
+    from trainer.observability.tracking import resolve_mode
 
     assert resolve_mode(LoggerConfig(mode=mode), env) == expected
 
@@ -140,7 +140,7 @@ def test_resumed_tracker_continues_the_same_run_without_losing_a_row(tmp_path, m
     resumes at 4 and logs 5-8. W&B's own step keeps rising across both segments, so neither a
     resumed online run nor `wandb sync` can drop the re-logged steps 5 and 6."""
     from trainer.config import LoggerConfig
-    from trainer.tracking import Tracker
+    from trainer.observability.tracking import Tracker
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -169,7 +169,7 @@ def test_resumed_tracker_continues_the_same_run_without_losing_a_row(tmp_path, m
 # ---- console ------------------------------------------------------------------------------------
 
 def test_progress_logs_one_line_per_log_step_with_eta(caplog):
-    from trainer.tracking import Progress, _hms
+    from trainer.observability.tracking import Progress, _hms
 
     assert _hms(3725.4) == "1:02:05" and _hms(None) == "?"
     progress = Progress(start_step=10, max_steps=110, enabled=True)  # stderr is not a terminal here
@@ -206,7 +206,7 @@ def _colored_fraction_per_panel(png: Path):
     legend swatches; axes, grid and text are grey or black)."""
     import matplotlib.image
 
-    from trainer.dashboard import COLUMNS, PANELS
+    from trainer.observability.dashboard import COLUMNS, PANELS
 
     img = matplotlib.image.imread(str(png))[..., :3]
     colored = (img.max(axis=2) - img.min(axis=2)) > 0.3
@@ -230,8 +230,8 @@ def test_plot_writes_a_png_with_every_panel_drawn(tmp_path):
 def test_plot_check_sees_an_empty_panel(tmp_path):
     """The pixel check is not vacuous: without eval rows, the eval and forgetting panels say
     "no data" (grey text) and have no coloured pixels."""
-    from trainer.dashboard import render
-    from trainer.tracking import read_metrics as load
+    from trainer.observability.dashboard import render
+    from trainer.observability.tracking import read_metrics as load
 
     _synthetic_metrics(tmp_path / "metrics.jsonl", with_eval=False)
     fractions = _colored_fraction_per_panel(render(load(tmp_path / "metrics.jsonl"), tmp_path / "d.png"))
@@ -245,7 +245,7 @@ def test_plot_check_sees_an_empty_panel(tmp_path):
 def test_online_start_without_network_falls_back_to_offline(tmp_path, monkeypatch):
     """An API key but no reachable server (a cluster without internet): the job logs offline."""
     from trainer.config import LoggerConfig
-    from trainer.tracking import Tracker
+    from trainer.observability.tracking import Tracker
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", ENV_SECRET)

@@ -33,7 +33,7 @@ def row_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def token_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy at every position, [batch, seq - 1] (0 where the label is IGNORE):
-    position t's logits against label t + 1. trainer/chunked_loss.py computes the same without the logits."""
+    position t's logits against label t + 1. trainer/objectives/chunked.py computes the same without the logits."""
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
     losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
@@ -73,15 +73,15 @@ def sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.
 
 class TokenLoss:
     """The next-token loss of pretrain / sft / instruct stages, in the interface train_step and
-    evaluation share with trainer/preference.py's PreferenceLoss: `count` (the step's normaliser,
+    evaluation share with trainer/objectives/preference.py's PreferenceLoss: `count` (the step's normaliser,
     here supervised tokens), `row_units` (that count per row) and `rows` (from the per-token losses
-    [batch, seq - 1] of trainer/loss_head.py: per-row loss sums, and per-row metric sums: none here)."""
+    [batch, seq - 1] of trainer/objectives/head.py: per-row loss sums, and per-row metric sums: none here)."""
 
     unit = "tokens"
     stats = ()
     needs_reference = False
     uniform = True
-    """Every token's loss has the same weight in the step (trainer/chunked_loss.py may use it)."""
+    """Every token's loss has the same weight in the step (trainer/objectives/chunked.py may use it)."""
 
     def count(self, batch) -> int:
         return supervised_tokens(batch["labels"])

@@ -14,7 +14,7 @@ a group left out takes 1, i.e. keeps its fine-tuned weights).
 
 In a run (`regularizer.interpolation`, see `sweep`): after the last step, each α is applied to the
 ZeRO-3 engine and the eval sets are scored; the chosen α is what the stage exports. Offline: bench/
-forgetting.py sweeps α on exported models, and `python -m trainer.interpolation START END OUT
+forgetting.py sweeps α on exported models, and `python -m trainer.forgetting.interpolation START END OUT
 --alpha A` writes an interpolated Hugging Face directory from a stage's start and its export.
 """
 

@@ -39,7 +39,7 @@ def load_tokenizer(cfg: ModelConfig):
     template."""
     from transformers import AutoTokenizer
 
-    from trainer.model_import import require_model_dir
+    from trainer.engine.model_import import require_model_dir
 
     require_model_dir(cfg.tokenizer_path or cfg.name_or_path)  # e.g. model=smollm2_135m not imported yet
     path = cfg.tokenizer_path or cfg.name_or_path

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from trainer.config import LoggerConfig
-from trainer.redaction import redact_args
+from trainer.observability.redaction import redact_args
 
 log = logging.getLogger("trainer")
 
@@ -114,7 +114,7 @@ class Tracker:
 def summarise(output_dir: str, baseline: Dict[str, float], dashboard: bool = True) -> None:
     """The end of a run (rank 0): the forgetting summary (first vs last eval of each set) in the
     log, and (logger.dashboard) the PNG dashboard in output_dir, with or without W&B."""
-    from trainer.dashboard import render
+    from trainer.observability.dashboard import render
 
     rows = read_metrics(output_dir)
     last = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}

@@ -5,7 +5,7 @@ Under ZeRO-3 every forward is collective (each layer's parameters are gathered f
 every rank generates, for the same prompts, and `synced_gpus=True` keeps a rank that has finished
 stepping until every rank has: the ranks run the same number of forwards. Greedy decoding, a few
 prompts and few new tokens keep it cheap. The KV cache is on for generation only: training keeps
-`use_cache=False` (a cache breaks packed-document isolation, see trainer/model.py).
+`use_cache=False` (a cache breaks packed-document isolation, see trainer/engine/model.py).
 """
 
 from __future__ import annotations

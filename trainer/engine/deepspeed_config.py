@@ -20,9 +20,9 @@ def use_bf16(trainer: TrainerConfig, on_gpu: bool) -> bool:
 
 def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool) -> Dict[str, Any]:
     """ZeRO-3 config for `deepspeed.initialize` and `deepspeed.zero.Init`. trainer.grad_accum_steps
-    is normally settled by the trainer first (trainer/reshard.py); unset, it is derived here as for a
+    is normally settled by the trainer first (trainer/checkpointing/reshard.py); unset, it is derived here as for a
     fresh run."""
-    from trainer.reshard import resolve_batch
+    from trainer.checkpointing.reshard import resolve_batch
 
     accum = resolve_batch(trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size, world_size, None)
     zero: Dict[str, Any] = {

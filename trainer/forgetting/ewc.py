@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from trainer import distributed
-from trainer.regularizers import ewc_math
+from trainer.forgetting import ewc_math
 
 log = logging.getLogger("trainer")
 
@@ -105,7 +105,7 @@ class EWC:
         """The state saved by len(states) ranks (each its own partitions, in rank order), re-cut to this
         rank's partitions of `world`: the same Fisher and anchor element for element, so the penalty
         is unchanged. The Fisher is not normalised again (its mean over the old padding stays)."""
-        from trainer.reshard import repartition
+        from trainer.checkpointing.reshard import repartition
 
         numels = [p.ds_numel for p in self.params]
         for key in ("anchor", "fisher"):
@@ -134,7 +134,7 @@ def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[L
         if not path.is_file():
             raise FileNotFoundError(f"regularizer.ewc.previous: {path} not found ({tag} was saved by {saved_by} ranks)")
         return torch.load(path, weights_only=True)
-    from trainer.reshard import repartition
+    from trainer.checkpointing.reshard import repartition
 
     states = [torch.load(tag / f"ewc_rank{r}.pt", weights_only=True, mmap=True) for r in range(saved_by)]
     if any(len(s["fisher"]) != len(numels) for s in states):

@@ -4,7 +4,7 @@ Pure math on plain tensors (no deepspeed, no torch.distributed). A row holds who
 documents (data_pipeline/preference.py): pair k = document 2k (prompt + chosen) and 2k+1 (prompt +
 rejected). A document's log-prob is the sum of its completion tokens' log-probs; the loss of a pair
 compares the policy's log-probs with the reference model's, computed once before training
-(trainer/reference.py), so no second model is ever in memory.
+(trainer/objectives/reference.py), so no second model is ever in memory.
 
 With h the difference of the chosen and rejected log-ratios, log π(y|x) − log π_ref(y|x):
 
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
-from trainer.loss import token_nll_from_logits
+from trainer.objectives.token import token_nll_from_logits
 
 STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
          "logps/rejected")
@@ -54,7 +54,7 @@ def document_logps(logits: torch.Tensor, labels: torch.Tensor, document: torch.T
 def document_sums(token_logp: torch.Tensor, labels: torch.Tensor, document: torch.Tensor,
                   documents: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """document_logps from the per-token log-probs [batch, seq - 1] (0 where the label is IGNORE), as
-    trainer/loss_head.py's `score` gives them negated."""
+    trainer/objectives/head.py's `score` gives them negated."""
     targets = labels[:, 1:].to(token_logp.device)
     where = document[:, 1:].to(token_logp.device).clamp(min=0)
     mask = (targets != IGNORE).to(token_logp.dtype)
@@ -117,7 +117,7 @@ def _documents_present(batch: Dict[str, torch.Tensor]) -> Tuple[int, torch.Tenso
 class PreferenceLoss:
     """A DPO stage's loss for train_step and evaluation: the step's loss is the mean over every
     pair of the step on every rank (counted before the first backward, like the token-exact loss of
-    trainer/loss.py), so 8 pairs x 1, 1 x 8 accumulation and 2 ranks x 4 give the same gradient."""
+    trainer/objectives/token.py), so 8 pairs x 1, 1 x 8 accumulation and 2 ranks x 4 give the same gradient."""
 
     unit = "pairs"
     stats = STATS
@@ -138,13 +138,13 @@ class PreferenceLoss:
 
     def rows(self, nll: torch.Tensor, batch: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per row: the sum of its pairs' losses [batch], and of their metrics [batch, len(STATS)], from
-        the per-token losses [batch, seq - 1] (trainer/loss_head.py)."""
+        the per-token losses [batch, seq - 1] (trainer/objectives/head.py)."""
         documents, present = _documents_present(batch)
         sums, counts = document_sums(-nll, batch["labels"], batch["document"], documents)
         ref = None
         if self.needs_reference:
             if "reference" not in batch:
-                raise RuntimeError("stage.loss=%s needs the reference log-probs (trainer/reference.py); none are "
+                raise RuntimeError("stage.loss=%s needs the reference log-probs (trainer/objectives/reference.py); none are "
                                    "attached to this batch" % self.loss)
             ref = batch["reference"].to(sums.device, sums.dtype)
             ref = F.pad(ref, (0, documents - ref.shape[1]))

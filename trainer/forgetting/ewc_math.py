@@ -1,5 +1,5 @@
 """Elastic weight consolidation, the math only: plain tensors in, plain tensors out. No deepspeed,
-no torch.distributed; trainer/regularizers/ewc.py applies this to each rank's ZeRO-3 shard.
+no torch.distributed; trainer/forgetting/ewc.py applies this to each rank's ZeRO-3 shard.
 
     penalty(θ)  = λ/2 · Σ_i F_i (θ_i − θ*_i)²
     ∇penalty(θ) = λ · F ⊙ (θ − θ*)

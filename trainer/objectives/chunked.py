@@ -1,7 +1,7 @@
 """Chunked cross-entropy: the LM head and the per-token loss computed a chunk of tokens at a time, and
 recomputed in backward, so no [tokens x vocab] tensor is ever kept (trainer.loss_chunk_tokens).
 
-Pure torch (no deepspeed, no torch.distributed); trainer/loss_head.py runs it inside the LM head's own
+Pure torch (no deepspeed, no torch.distributed); trainer/objectives/head.py runs it inside the LM head's own
 forward, where ZeRO-3 has gathered the head's weight (and gathers it again for the backward).
 
 For one 8,192-token row of a 128,256-token vocabulary the plain path holds fp32 logits, their

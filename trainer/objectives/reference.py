@@ -28,8 +28,9 @@ import numpy as np
 import torch
 
 from data_pipeline.prepare import Prepared, _file_fingerprint, tokenizer_fingerprint
-from trainer import distributed, loss_head
-from trainer.preference import document_sums
+from trainer import distributed
+from trainer.objectives import head
+from trainer.objectives.preference import document_sums
 
 log = logging.getLogger("trainer")
 
@@ -95,7 +96,7 @@ def _score(engine, src: Prepared, micro_batch_size: int, rank: int, world_size: 
         first = r * per_round + rank * micro_batch_size
         idx = [i for i in range(first, first + micro_batch_size) if i < len(src)]
         rows = {k: torch.from_numpy(v) for k, v in src.rows(idx or [0]).items()}
-        sums, _ = document_sums(-loss_head.score(engine, rows, device), rows["labels"], rows["document"], documents)
+        sums, _ = document_sums(-head.score(engine, rows, device), rows["labels"], rows["document"], documents)
         if idx:
             out[idx] = sums.double().cpu()
     if was_training:

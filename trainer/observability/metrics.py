@@ -13,7 +13,7 @@ log lines into one line that describes all of them, not just the last:
 
 Why it matters: with trainer.log_every_steps=5 and replay rows in one step of five, the old
 "value of the logged step" showed data/replay_token_fraction = 0.0 at every line although replay
-was a tenth of the tokens. Perf metrics (trainer/perf.py) are window averages too, and peak memory
+was a tenth of the tokens. Perf metrics (trainer/observability/perf.py) are window averages too, and peak memory
 is the max.
 
 A worked example: two steps, losses 30/10 tokens and 10/30 tokens. The window's loss is

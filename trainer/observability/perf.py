@@ -70,7 +70,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
     """`flops_per_token` for a Hugging Face causal LM, correct under ZeRO-3 (ds_numel) and with tied
     embeddings. N counts the parameters used in matmuls: all of them except the input embedding
     (a lookup), unless it is tied to the output projection (then it is that matmul's weight)."""
-    from trainer.model import count_parameters
+    from trainer.engine.model import count_parameters
 
     cfg = model.config
     embed = model.get_input_embeddings().weight

@@ -11,7 +11,7 @@ Layout under output_dir/checkpoints:
         COMPLETE             written last: the manifest, size and CRC-32 of every file above
     latest              the tag of the newest COMPLETE checkpoint, replaced atomically
     universal/step_00000040/   that checkpoint in DeepSpeed's universal (world-size-free) format,
-                        made when a run resumed it on another number of ranks (trainer/reshard.py);
+                        made when a run resumed it on another number of ranks (trainer/checkpointing/reshard.py);
                         its own COMPLETE manifest; removed with the checkpoint
 
 What each failure leaves behind:
@@ -23,7 +23,7 @@ What each failure leaves behind:
 - Disk full: a save that cannot fit (judged by the previous checkpoint's size) stops before writing
   anything; one that fails mid-write stops naming the error and the free space. `latest` is untouched.
 - Another world size: the checkpoint is converted once to the universal format and each rank loads
-  its new slice of it (trainer/reshard.py); weights, Adam's moments, the schedule, the counters and
+  its new slice of it (trainer/checkpointing/reshard.py); weights, Adam's moments, the schedule, the counters and
   EWC's state go on exactly, with the global batch kept. A kill during the conversion leaves only
   universal/<tag>.tmp (and .sync), removed at the next start. With trainer.elastic_resume=false, resume stops
   before loading and says how to go on. Nothing ever restarts from scratch when a checkpoint exists.
@@ -44,8 +44,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from trainer import distributed, faults, reshard
+from trainer import distributed, faults
 
+from trainer.checkpointing import reshard
 log = logging.getLogger("trainer")
 GB = 1e9
 
@@ -88,7 +89,7 @@ class Checkpointer:
         extras: name -> object with state_dict()/load_state_dict(), saved per rank as <name>_rank<R>.pt
         (e.g. EWC's Fisher and anchor shards) and restored on resume; on another world size through
         its load_resharded(states of the old ranks, world, rank).
-        elastic: resume a checkpoint saved by another number of ranks (trainer/reshard.py); False:
+        elastic: resume a checkpoint saved by another number of ranks (trainer/checkpointing/reshard.py); False:
         stop, saying how to go on."""
         self.dir = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last

@@ -3,7 +3,7 @@ the DPO reference pass) asks `score` for the per-token loss, never for the logit
 
 With trainer.loss_chunk_tokens on, `install` gives the model's LM head (an nn.Linear) a forward that,
 while a request is armed, returns the per-token cross-entropy [batch, seq] computed in chunks
-(trainer/chunked_loss.py) instead of the logits [batch, seq, vocab]. The model is still called as
+(trainer/objectives/chunked.py) instead of the logits [batch, seq, vocab]. The model is still called as
 always (`engine(...)`), so DeepSpeed's engine forward, its output hooks and ZeRO-3's parameter hooks
 run as they do for the logits: the head's weight is gathered for the head's forward by its pre-forward
 hook and again for its backward by its pre-backward hook, and its gradient is reduced once. Unarmed
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
-from trainer.chunked_loss import auto_chunk, liger_problem, token_nll
-from trainer.loss import token_nll_from_logits
+from trainer.objectives.chunked import auto_chunk, liger_problem, token_nll
+from trainer.objectives.token import token_nll_from_logits
 
 log = logging.getLogger("trainer")
 
@@ -110,7 +110,7 @@ def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform:
     """The per-token next-token loss [batch, seq - 1] of `batch` under the engine's model (0 where the
     label is IGNORE): through the chunked head when installed, else from the full logits. uniform:
     the caller's loss weights every token alike (a token mean), so the chunked head may compute its
-    gradients in the forward pass (trainer/chunked_loss.py)."""
+    gradients in the forward pass (trainer/objectives/chunked.py)."""
     labels = batch["labels"]
     inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
                   use_cache=False)

@@ -5,7 +5,7 @@ or it contains password/secret/apikey anywhere; num_key_value_heads and bos_toke
 secrets. `redact` cleans a config tree before config.yaml, W&B and the log see it; `redact_args`
 cleans command-line overrides (W&B records the process arguments, the Slurm templates log them):
 
-    python -m trainer.redaction redact-args ARG...
+    python -m trainer.observability.redaction redact-args ARG...
 """
 
 from __future__ import annotations
@@ -45,5 +45,5 @@ def redact(tree: Any) -> Any:
 
 if __name__ == "__main__":  # the Slurm templates' log line (slurm/common.sh)
     if sys.argv[1:2] != ["redact-args"]:
-        raise SystemExit("usage: python -m trainer.redaction redact-args ARG...")
+        raise SystemExit("usage: python -m trainer.observability.redaction redact-args ARG...")
     print(" ".join(redact_args(sys.argv[2:])))

@@ -17,9 +17,9 @@ from typing import Any, Dict
 
 import torch
 
-from trainer import loss_head
+from trainer.objectives import head
 from trainer.config import ModelConfig, TrainerConfig
-from trainer.redaction import is_secret_key
+from trainer.observability.redaction import is_secret_key
 
 log = logging.getLogger("trainer")
 _HF_DS_CONFIG = None  # keeps transformers' ZeRO-3 switch alive (it holds only a weak reference)
@@ -80,7 +80,7 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
     # activation checkpointing (and dropout): a pretrained model would train without either.
     model.train()
     # The loss from the LM head a chunk of tokens at a time (no [tokens x vocab] logits kept).
-    loss_head.install(model, loss_head.chunking_for(model.config, trainer.loss_chunk_tokens), trainer.loss_kernel)
+    head.install(model, head.chunking_for(model.config, trainer.loss_chunk_tokens), trainer.loss_kernel)
     if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():
         raise ValueError("trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
                          "on CPU they are already there: use trainer.activation_checkpointing=full")
@@ -147,7 +147,7 @@ def _isolation_verdict_path(small_config, attn_implementation: str):
     config, the attention backend, and the torch and transformers versions that computed it."""
     import transformers
 
-    from trainer.tokenizer import cache_root
+    from trainer.engine.tokenizer import cache_root
 
     key = hashlib.sha256("|".join([small_config.to_json_string(use_diff=False), attn_implementation,
                                    torch.__version__, transformers.__version__]).encode()).hexdigest()[:16]
