@@ -20,7 +20,7 @@ ranks, and the step's loss (sum of token losses over supervised tokens, all rank
 peak memory (peak RSS on CPU, max allocated on a GPU). The final weights go to OUT/hf for the
 held-out evaluation.
 
-On CPU each rank uses cores / ranks threads, as our trainer does (trainer/distributed.py), so that
+On CPU each rank uses cores / ranks threads, as our trainer does (trainer/distributed/launcher.py), so that
 the comparison is about batching, not thread oversubscription.
 """
 
@@ -113,7 +113,7 @@ def main() -> None:
     transformers.logging.set_verbosity_warning()
     import deepspeed
 
-    from trainer.distributed import release_shm_buffer
+    from trainer.distributed.ops import release_shm_buffer
 
     # Before the model is built: zero.Init reads the world size from the process group.
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")

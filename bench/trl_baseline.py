@@ -111,7 +111,7 @@ def main() -> None:
     transformers.logging.set_verbosity_warning()
     import deepspeed
 
-    from trainer.distributed import release_shm_buffer
+    from trainer.distributed.ops import release_shm_buffer
 
     # Before SFTConfig and the model: zero.Init and DeepSpeed's batch check read the world size from
     # the process group (without it they see 1 and reject train_batch_size = micro x accum x N).

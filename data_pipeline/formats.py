@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from data_pipeline.choices import DataFormat
 from data_pipeline.sources import DataError, Record
 
-FORMATS = ("alpaca", "sharegpt", "messages", "completion", "text")
+FORMATS = tuple(f.value for f in DataFormat if f != DataFormat.auto)
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                    "system": "system", "model": "assistant"}
 

@@ -40,6 +40,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from data_pipeline import preference
+from data_pipeline.choices import DataFormat, OnError, Overlong, StageObjective, parse
 from data_pipeline.formats import normalise
 from data_pipeline.packing import IGNORE, best_fit_decreasing
 from data_pipeline.sources import DataError, list_files, read_records
@@ -54,16 +55,16 @@ _FLUSH_TOKENS = 1 << 20
 @dataclass(frozen=True)
 class PrepareOptions:
     """Everything besides the source and the tokenizer that decides the rows."""
-    objective: str
+    objective: StageObjective
     """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns) |
     dpo (preference pairs, data_pipeline/preference.py)."""
     seq_len: int
     """Tokens per row."""
-    fmt: str = "auto"
+    fmt: DataFormat = DataFormat.auto
     """Record format, or auto to detect per record."""
-    on_error: str = "raise"
+    on_error: OnError = OnError("raise")
     """raise | skip (count) malformed records."""
-    overlong: str = "truncate"
+    overlong: Overlong = Overlong.truncate
     """truncate | drop | split (pretraining only) samples longer than seq_len."""
     packing: bool = True
     """False: one sample per row, padded (baseline; needs no attention isolation)."""
@@ -71,6 +72,16 @@ class PrepareOptions:
     """Added as the system turn of conversations that have none."""
     split: str = "train"
     """Split of a saved DatasetDict."""
+
+    def __post_init__(self) -> None:
+        # Strings (a script's, a test's) become members; an unknown word is an error, never a fallback.
+        # (frozen: set through object.__setattr__, once, here)
+        object.__setattr__(self, "objective", parse(StageObjective, self.objective, "objective"))
+        object.__setattr__(self, "fmt", parse(DataFormat, self.fmt, "data.format"))
+        object.__setattr__(self, "on_error", parse(OnError, self.on_error, "data.on_error"))
+        object.__setattr__(self, "overlong", parse(Overlong, self.overlong, "data.overlong"))
+        if self.overlong == Overlong.auto:
+            raise ValueError("overlong=auto is resolved by the stage (Config.overlong_for): pass truncate, drop or split")
 
 
 class Prepared:
@@ -230,7 +241,7 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         extra = {}
-        if options.objective == "dpo":
+        if options.objective == StageObjective.dpo:
             pairs, counts = _tokenize_pairs(path, tokenizer, options, progress)
             rows, extra["documents_per_row"] = preference.write_pairs(work, pairs, options.seq_len, options.packing,
                                                                       tokenizer.pad_token_id)
@@ -240,7 +251,7 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
             lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
             tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
             mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
-            if options.objective == "pretrain":
+            if options.objective == StageObjective.pretrain:
                 rows = _write_chunked(work, tokens, mask, lengths, options.seq_len, tokenizer.pad_token_id)
             else:
                 rows = _write_packed(work, tokens, mask, lengths, options, tokenizer.pad_token_id)
@@ -291,14 +302,14 @@ def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path,
                         example.messages.insert(0, {"role": "system", "content": options.system_prompt})
                 ids, labels = encode(tokenizer, example, options.objective)
             except DataError as ex:
-                if options.on_error == "raise":
+                if options.on_error == OnError("raise"):
                     raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
                 counts["skipped_malformed"] += 1
                 if counts["skipped_malformed"] <= 10:
                     log.warning("skipping %s", ex)
                 continue
-            if len(ids) > seq_len and options.overlong != "split":
-                if options.overlong == "drop":
+            if len(ids) > seq_len and options.overlong != Overlong.split:
+                if options.overlong == Overlong.drop:
                     counts["dropped_overlong"] += 1
                     continue
                 ids, labels = ids[:seq_len], labels[:seq_len]
@@ -344,7 +355,7 @@ def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: boo
                 chat_checked = True
             prompt, chosen, rejected = preference.encode_pair(tokenizer, pair, options.system_prompt)
         except DataError as ex:
-            if options.on_error == "raise":
+            if options.on_error == OnError("raise"):
                 raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
             counts["skipped_malformed"] += 1
             if counts["skipped_malformed"] <= 10:
@@ -352,7 +363,7 @@ def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: boo
             continue
         if 2 * len(prompt) + len(chosen) + len(rejected) > options.seq_len:
             keep = preference.fit_pair(len(prompt), len(chosen), len(rejected), options.seq_len)
-            if options.overlong == "drop" or keep is None:
+            if options.overlong == Overlong.drop or keep is None:
                 counts["dropped_overlong"] += 1  # drop, or a prompt too long to leave room for both answers
                 continue
             chosen, rejected = chosen[:keep], rejected[:keep]

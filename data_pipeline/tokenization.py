@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import List, Tuple
 
+from data_pipeline.choices import StageObjective, parse
 from data_pipeline.formats import Example
 from data_pipeline.packing import IGNORE
 from data_pipeline.sources import DataError
@@ -30,14 +31,16 @@ def check_chat_template(tokenizer, source: str) -> None:
                         "template (or use a tokenizer that ships one)")
 
 
-def encode(tokenizer, example: Example, objective: str) -> Tuple[List[int], List[int]]:
+def encode(tokenizer, example: Example, objective: StageObjective) -> Tuple[List[int], List[int]]:
     """(input_ids, labels) for one example; labels are -100 where no loss is taken."""
+    objective = parse(StageObjective, objective, "objective")  # a word it does not know is an error
     if example.messages is not None:
-        return _encode_chat(tokenizer, example, last_only=(objective == "sft"), all_tokens=(objective == "pretrain"))
+        return _encode_chat(tokenizer, example, last_only=(objective == StageObjective.sft),
+                            all_tokens=(objective == StageObjective.pretrain))
     eos = tokenizer.eos_token_id
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] if example.prompt else []
     text_ids = tokenizer(example.text, add_special_tokens=not prompt_ids)["input_ids"] + [eos]
-    if objective == "pretrain" or not prompt_ids:
+    if objective == StageObjective.pretrain or not prompt_ids:
         return prompt_ids + text_ids, prompt_ids + text_ids
     return prompt_ids + text_ids, [IGNORE] * len(prompt_ids) + text_ids
 

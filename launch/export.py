@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from trainer.checkpointing.checkpoint import write_hf
+from trainer.checkpointing.export import write_hf
 
 
 def export(step_dir: Path, out: Path, bf16: bool = False) -> None:

@@ -3,7 +3,9 @@
 Works the same under `deepspeed` (which adds --local_rank=N), `torchrun`, `srun` (SLURM_PROCID...)
 and plain `python` (world size 1). `--cfg job` prints the composed config and trains nothing.
 Exit status: 0 when the run finished or stopped early with a checkpoint (preemption, max_time: the
-same command, or Slurm's requeue, resumes), 1 on an error (its traceback is printed here).
+same command, or Slurm's requeue, resumes), 1 on an error (its traceback is printed here). The
+process ends through trainer.distributed.finish: flushed, without interpreter finalisation, where
+gloo's worker threads could abort a run that trained and exported.
 """
 
 import sys
@@ -15,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from trainer.cli import CONF_DIR, preflight, to_config, upgrade_overrides
+from trainer import distributed
 from trainer.distributed import strip_launcher_args
 
 
@@ -36,4 +39,11 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     sys.argv = sys.argv[:1] + preflight(strip_launcher_args(sys.argv)[1:])
-    main()
+    try:
+        main()
+        status = 0
+    except SystemExit as ex:  # ours (1 on an error) or Hydra's (--help, a bad override)
+        status = ex.code if isinstance(ex.code, int) else int(ex.code is not None)
+        if not isinstance(ex.code, (int, type(None))):
+            print(ex.code, file=sys.stderr)
+    distributed.finish(status)

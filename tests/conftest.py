@@ -52,7 +52,7 @@ def pytest_sessionstart(session):
     later run waits on forever. Under pytest-xdist only the controller builds."""
     if hasattr(session.config, "workerinput"):
         return
-    from trainer.distributed import build_cpu_ops
+    from trainer.distributed.ops import build_cpu_ops
 
     build_cpu_ops()
 

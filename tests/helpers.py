@@ -1,6 +1,8 @@
 """Helpers every tier shares: launch the real entry point the way a user would, and read what it
-wrote. (Fixtures live in conftest.py; this module is importable as `helpers` from any test
-directory: pyproject's pytest `pythonpath` puts tests/ on sys.path.)"""
+wrote; and what more than one test file compares against (a tolerance, the full-logits loss, a tiny
+Llama, TRL's view of a chat template), kept once here. (Fixtures live in conftest.py; this module
+is importable as `helpers` from any test directory: pyproject's pytest `pythonpath` puts tests/ on
+sys.path.)"""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List
 
 from trainer.distributed import free_port
 from trainer.observability.tracking import read_metrics, series  # noqa: F401  (re-exported: the one metrics reader)
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -36,7 +41,7 @@ STRAIGHT = QUICK + ["trainer.max_steps=20", "trainer.micro_batch_size=2", "train
 # One rank (plain `python`), micro-batch 8: the same 8 rows per step as STRAIGHT's 2 ranks x 2 x 2.
 ONE_RANK = QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=8", "trainer.export_hf=false"]
 
-# Every rank of every launched run computes with one intra-op thread (trainer/distributed.py honours
+# Every rank of every launched run computes with one intra-op thread (trainer/distributed/launcher.py honours
 # OMP_NUM_THREADS): runs on 1 rank, 2 ranks or 2 nodes then split their sums alike, whatever the
 # machine's core count, so the tests can compare them bit for bit where the rows are the same.
 THREADS = {"OMP_NUM_THREADS": "1"}
@@ -68,3 +73,65 @@ def shm_buffers_left(args: List[str]) -> List[str]:
     --master_port): the trainer unlinks them once every rank has mapped them, killed runs included."""
     port = args[args.index("--master_port") + 1]
     return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+# ---- reference maths shared by the unit tests ----------------------------------------------------
+
+def close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> bool:
+    """Equal up to fp32 summation order: the difference's norm within `rel` of `expected`'s norm."""
+    return (actual - expected).norm().item() <= rel * max(expected.norm().item(), 1e-12)
+
+
+def plain_token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy through the full [B, T, V] logits: the reference the chunked and Liger
+    kernels are checked against (IGNORE targets give 0)."""
+    import torch.nn.functional as F
+
+    from data_pipeline.packing import IGNORE
+
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view(targets.shape)
+
+
+def tiny_llama(vocab: int, attn: str = "sdpa", seed: int = 0):
+    """A 2-layer random-init Llama (hidden 64, GQA 4/2 heads) in eval mode, its weights drawn from `seed`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2,
+                                        attn_implementation=attn)).eval()
+
+
+# ---- bench/trl_baseline.py's marked chat template (tests/bench and tests/real_model) ---------------
+
+def trl_baseline():
+    """bench/trl_baseline.py as a module (bench/ is scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import trl_baseline
+        return trl_baseline
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+
+
+def assert_same_supervision(tok, record: dict) -> None:
+    """Our labels for `record` (every assistant turn: the `instruct` objective) against the assistant
+    mask that transformers derives from the template bench/trl_baseline.py marks with `{% generation %}`,
+    which is what TRL's assistant_only_loss uses."""
+    from data_pipeline.formats import normalise
+    from data_pipeline.sources import Record
+    from data_pipeline.tokenization import IGNORE, encode
+
+    marked = trl_baseline().marked_chat_template(tok.chat_template)
+    assert "{% generation %}" in marked and marked != tok.chat_template
+    messages = normalise(Record(record, "test:1"), "auto").messages
+    assert tok.apply_chat_template(messages, tokenize=False, chat_template=marked) == \
+        tok.apply_chat_template(messages, tokenize=False)
+    ids, labels = encode(tok, normalise(Record(record, "test:1"), "auto"), "instruct")
+    theirs = tok.apply_chat_template(messages, chat_template=marked, return_dict=True,
+                                     return_assistant_tokens_mask=True)
+    assert theirs["input_ids"] == ids
+    assert theirs["assistant_masks"] == [int(label != IGNORE) for label in labels]
+    assert 0 < sum(theirs["assistant_masks"]) < len(ids)

@@ -8,10 +8,8 @@ Cross-field checks live in `__post_init__` and say what to change.
 
 This module only describes configuration: it imports no runtime module. The command-line
 preflight (composing, key-error messages, the output_dir probe) is trainer/cli.py; secret
-redaction is trainer/observability/redaction.py.
-
-Choices are `str` Enums: OmegaConf validates them ("expected one of [...]"), and a member still
-compares equal to its string (`Objective.sft == "sft"`), so YAML, overrides and logs read as before.
+redaction is trainer/observability/redaction.py. The words a choice may take are Enums of
+data_pipeline/choices.py, the vocabulary trainer/ and data_pipeline/ share.
 """
 
 from __future__ import annotations
@@ -20,41 +18,32 @@ import importlib.resources
 import re
 import warnings
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 
-class Choice(str, Enum):
-    """A config choice: validated by OmegaConf, printed and compared as its plain string."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def choice(name: str, *values: str) -> type:
-    """A Choice Enum whose members are named as their values (`choice("Precision", "auto", "bf16")`)."""
-    return Choice(name, [(v, v) for v in values])
-
-
-Objective = choice("Objective", "pretrain", "sft", "instruct", "dpo")  # what a stage learns (the `stage=` group)
-PreferenceLossName = choice("PreferenceLossName", "dpo", "ipo", "simpo")
-DataFormat = choice("DataFormat", "auto", "alpaca", "sharegpt", "messages", "completion", "text")
-OnError = choice("OnError", "raise", "skip")
-Overlong = choice("Overlong", "auto", "truncate", "drop", "split")
-Attention = choice("Attention", "sdpa", "eager", "flex_attention")
-OffloadDevice = choice("OffloadDevice", "none", "cpu")
-RegularizerName = choice("RegularizerName", "none", "replay", "ewc", "ewc_replay")
-FisherLabels = choice("FisherLabels", "data", "sampled")
-LoggerBackend = choice("LoggerBackend", "wandb", "jsonl")
-WandbMode = choice("WandbMode", "online", "offline", "disabled")
-LRSchedule = choice("LRSchedule", "cosine", "constant")
-Precision = choice("Precision", "auto", "bf16", "fp32")
-Checkpointing = choice("Checkpointing", "none", "full", "every_n", "offload")
-LossKernel = choice("LossKernel", "auto", "torch", "liger")
-OnNonFinite = choice("OnNonFinite", "stop", "skip")
+from data_pipeline.choices import (  # noqa: F401  (the vocabulary, re-exported for the schemas' users)
+    Choice,
+    choice,
+    StageObjective,
+    PreferenceLossName,
+    DataFormat,
+    OnError,
+    Overlong,
+    Attention,
+    OffloadDevice,
+    RegularizerName,
+    FisherLabels,
+    LoggerBackend,
+    WandbMode,
+    LRSchedule,
+    Precision,
+    Checkpointing,
+    LossKernel,
+    OnNonFinite,
+)
 
 
 # ---- durations (trainer.max_time; trainer/checkpointing/preemption.py keeps the clock) -----------------------
@@ -180,7 +169,7 @@ class DataConfig:
 @dataclass
 class StageConfig:
     """One stage of training: a single run, or one link of a recipe's chain (`recipe:`)."""
-    objective: Objective = Objective.sft
+    objective: StageObjective = StageObjective.sft
     """What the stage learns. pretrain: every token, documents concatenated; sft: the final answer;
     instruct: every assistant turn; dpo: preferences between pairs of answers (data_pipeline/preference.py)."""
     system_prompt: Optional[str] = None
@@ -207,10 +196,10 @@ class StageConfig:
                              "DPO) or set stage.label_smoothing=0")
 
     @property
-    def token_objective(self) -> Objective:
+    def token_objective(self) -> StageObjective:
         """How this stage prepares data that is not preference pairs (eval sets, EWC's Fisher data):
         its own objective, or instruct (assistant turns; every token of raw text) in a dpo stage."""
-        return Objective.instruct if self.objective == Objective.dpo else self.objective
+        return StageObjective.instruct if self.objective == StageObjective.dpo else self.objective
 
 
 @dataclass
@@ -240,7 +229,7 @@ class ReplayConfig:
     """auto | alpaca | sharegpt | messages | completion | text."""
     ratio: float = 0.1
     """Fraction of training tokens that come from replay, in [0, 1)."""
-    objective: Optional[Objective] = None
+    objective: Optional[StageObjective] = None
     """What is learned from the replay data: None = the stage's objective. A chat model's continued
     pretraining (stage=pretrain) replays its chat data with `instruct` (the assistant turns only),
     e.g. the base's own answers written by launch/rehearse.py."""
@@ -509,20 +498,20 @@ class Config:
 
     def __post_init__(self) -> None:
         if isinstance(self.data, DataConfig) and isinstance(self.stage, StageConfig):
-            if self.data.overlong == Overlong.split and self.stage.objective != Objective.pretrain:
+            if self.data.overlong == Overlong.split and self.stage.objective != StageObjective.pretrain:
                 raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.objective} "
                                  "needs whole samples: use data.overlong=truncate or drop")
             replay = self.regularizer.replay.objective if isinstance(self.regularizer, RegularizerConfig) else None
-            if self.data.overlong == Overlong.split and replay not in (None, Objective.pretrain):
+            if self.data.overlong == Overlong.split and replay not in (None, StageObjective.pretrain):
                 raise ValueError(f"data.overlong=split is for continued pretraining; regularizer.replay.objective={replay} "
                                  "needs whole samples: use data.overlong=truncate or drop (or auto)")
-            if self.stage.objective == Objective.dpo and isinstance(self.regularizer, RegularizerConfig) \
+            if self.stage.objective == StageObjective.dpo and isinstance(self.regularizer, RegularizerConfig) \
                     and self.regularizer.uses_replay:
                 raise ValueError(f"regularizer={self.regularizer.name} with stage=dpo: replay is refused in a preference "
                                  "stage (its rows would need a token loss beside the pair loss, two normalisations in "
                                  "one step). Use regularizer=ewc with regularizer.ewc.fisher_data=<general data>, or "
                                  "regularizer=none; the stage's β already keeps it near its start.")
-            if not self.data.packing and self.stage.objective == Objective.pretrain:
+            if not self.data.packing and self.stage.objective == StageObjective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
 
     @property
@@ -530,12 +519,12 @@ class Config:
         """data.overlong with `auto` resolved for the stage."""
         return self.overlong_for(self.stage.objective)
 
-    def overlong_for(self, objective: Objective) -> Overlong:
+    def overlong_for(self, objective: StageObjective) -> Overlong:
         """data.overlong with `auto` resolved for a source learned with `objective` (a replay source
         may have its own: regularizer.replay.objective)."""
         if self.data.overlong != Overlong.auto:
             return self.data.overlong
-        return Overlong.split if objective == Objective.pretrain else Overlong.truncate
+        return Overlong.split if objective == StageObjective.pretrain else Overlong.truncate
 
 
 GROUP_SCHEMAS = {

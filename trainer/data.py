@@ -10,7 +10,8 @@ from typing import Dict, List, Optional
 
 from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from data_pipeline.preference import is_preference_source
-from trainer.config import Config, Objective
+from data_pipeline.choices import StageObjective
+from trainer.config import Config
 from trainer.engine.tokenizer import cache_root
 
 log = logging.getLogger("trainer")
@@ -34,8 +35,8 @@ def options(cfg: Config, fmt: str, objective: Optional[str] = None) -> PrepareOp
     """How a source is prepared: the stage's objective unless `objective` (a replay source's own) says otherwise."""
     d = cfg.data
     objective = objective or cfg.stage.objective
-    return PrepareOptions(objective=str(objective), seq_len=d.seq_len, fmt=str(fmt), on_error=str(d.on_error),
-                          overlong=str(cfg.overlong_for(objective)), packing=d.packing,
+    return PrepareOptions(objective=objective, seq_len=d.seq_len, fmt=fmt, on_error=d.on_error,
+                          overlong=cfg.overlong_for(objective), packing=d.packing,
                           system_prompt=cfg.stage.system_prompt, split=d.split)
 
 
@@ -72,9 +73,9 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
 
 
 def _eval_objective(cfg: Config, path: str):
-    if cfg.stage.objective != Objective.dpo:
+    if cfg.stage.objective != StageObjective.dpo:
         return None
-    return Objective.dpo if is_preference_source(path, cfg.data.split) else cfg.stage.token_objective
+    return StageObjective.dpo if is_preference_source(path, cfg.data.split) else cfg.stage.token_objective
 
 
 def _counts(stats: Dict) -> str:

@@ -20,6 +20,7 @@ from data_pipeline.loader import trim_to_longest
 from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
 from trainer import distributed
+from trainer.components import Component
 from trainer.objectives import head
 from trainer.objectives.token import supervised_tokens
 from trainer.objectives.preference import PreferenceLoss
@@ -109,7 +110,7 @@ def general_baseline(earlier_output_dir: Optional[str]) -> Dict[str, float]:
     return {k: v for k, v in state.get("baseline", {}).items() if k.startswith("eval/general/")}
 
 
-class Evaluation:
+class Evaluation(Component):
     """A run's evaluations: the base model at step 0 (the reference for eval/forgetting and
     eval/domain_gain), every `every_steps` steps and at the last step; each one scores every
     held-out set and generates the sample prompts. Collective: every rank calls at the same steps."""
@@ -127,7 +128,7 @@ class Evaluation:
         return evaluate(self.engine, self.sets, self.micro_batch_size, self.rank, self.world_size, self.device,
                         self.pad, self.preference)
 
-    def start(self, state, tracker) -> None:
+    def on_start(self, state, tracker) -> None:
         """Step 0: score the model as it starts and keep that as state.baseline. In a recipe,
         forgetting is measured against the first stage's base model (baseline_from)."""
         if state.step != 0 or not self.sets or not self.at_start:
@@ -138,7 +139,7 @@ class Evaluation:
         tracker.log_samples(0, self.generator.generate(self.engine))
         log.info("eval of the base model: %s", {k: round(v, 4) for k, v in scores.items()})
 
-    def maybe(self, state, tracker, last: bool) -> None:
+    def after_step(self, state, tracker, last: bool) -> None:
         """At the cadence: every held-out set, forgetting against state.baseline, the samples."""
         if not self.sets or not (last or (self.every_steps and state.step % self.every_steps == 0)):
             return

@@ -18,6 +18,8 @@ import os
 import signal
 from typing import Set, Tuple
 
+from trainer.components import Component
+
 KILL_IN_SAVE = "FULLFT_FAULT_KILL_IN_SAVE"
 NAN_LOSS = "FULLFT_FAULT_NAN_LOSS"
 KILL_IN_RESHARD = "FULLFT_FAULT_KILL_IN_RESHARD"
@@ -38,8 +40,36 @@ def kill_in_save(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def nan_loss(step: int, rank: int) -> bool:
-    return (step, rank) in _points(NAN_LOSS)
+def inject(objective, rank: int):
+    """(objective, components) for a run on `rank`: unchanged, with no component, unless
+    FULLFT_FAULT_NAN_LOSS names this rank; then an objective whose first micro-batch of each named
+    step has a NaN loss, and the component that arms it before those steps. The step itself never
+    knows (trainer/step.py has no fault code)."""
+    steps = {s for s, r in _points(NAN_LOSS) if r == rank}
+    if not steps:
+        return objective, []
+    poisoned = NaNLoss(objective, steps)
+    return poisoned, [poisoned]
+
+
+class NaNLoss(Component):
+    """The objective, but the first micro-batch of each step in `steps` (1-based) gets a NaN loss."""
+
+    def __init__(self, objective, steps: Set[int]) -> None:
+        self.objective, self.steps, self.armed = objective, steps, False
+
+    def __getattr__(self, name: str):  # count, row_units, stats, uniform, ...: the objective's
+        return getattr(self.objective, name)
+
+    def pre_step(self, state) -> None:
+        self.armed = state.step + 1 in self.steps
+
+    def rows(self, nll, batch):
+        rows, stats = self.objective.rows(nll, batch)
+        if self.armed:
+            self.armed = False  # the step's first micro-batch only
+            rows = rows * float("nan")
+        return rows, stats
 
 
 def kill_in_reshard(phase: str, rank: int) -> None:

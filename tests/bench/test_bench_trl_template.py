@@ -4,14 +4,9 @@ ones our data pipeline supervises (so (a) and (d) of bench/throughput.py learn t
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 
-from data_pipeline.formats import normalise
-from data_pipeline.sources import Record
-from data_pipeline.tokenization import IGNORE, encode
-from helpers import ROOT
+from helpers import assert_same_supervision, trl_baseline
 
 MULTI_TURN = {"messages": [
     {"role": "system", "content": "Answer briefly."},
@@ -22,41 +17,8 @@ MULTI_TURN = {"messages": [
 ]}
 
 
-def trl_baseline():
-    sys.path.insert(0, str(ROOT / "bench"))
-    try:
-        import trl_baseline
-        return trl_baseline
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-
-
-def assert_same_supervision(tok, record=MULTI_TURN):
-    """Our labels (every assistant turn: the `instruct` objective) against the assistant mask that
-    transformers derives from the marked template, which is what TRL's assistant_only_loss uses."""
-    marked = trl_baseline().marked_chat_template(tok.chat_template)
-    assert "{% generation %}" in marked and marked != tok.chat_template
-    messages = normalise(Record(record, "test:1"), "auto").messages
-    assert tok.apply_chat_template(messages, tokenize=False, chat_template=marked) == \
-        tok.apply_chat_template(messages, tokenize=False)
-    ids, labels = encode(tok, normalise(Record(record, "test:1"), "auto"), "instruct")
-    theirs = tok.apply_chat_template(messages, chat_template=marked, return_dict=True,
-                                     return_assistant_tokens_mask=True)
-    assert theirs["input_ids"] == ids
-    assert theirs["assistant_masks"] == [int(label != IGNORE) for label in labels]
-    assert 0 < sum(theirs["assistant_masks"]) < len(ids)
-
-
-@pytest.fixture(scope="module")
-def tiny_tokenizer():
-    from trainer.cli import load_config
-    from trainer.engine.tokenizer import load_tokenizer
-
-    return load_tokenizer(load_config(["model=tiny"]).model)
-
-
 def test_the_tiny_template_marked_for_trl_supervises_what_ours_does(tiny_tokenizer):
-    assert_same_supervision(tiny_tokenizer)
+    assert_same_supervision(tiny_tokenizer, MULTI_TURN)
 
 
 def test_chatml_marked_for_trl_supervises_what_ours_does(tiny_tokenizer):
@@ -68,7 +30,7 @@ def test_chatml_marked_for_trl_supervises_what_ours_does(tiny_tokenizer):
               "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
     tiny_tokenizer = __import__("copy").deepcopy(tiny_tokenizer)
     tiny_tokenizer.chat_template = chatml
-    assert_same_supervision(tiny_tokenizer)
+    assert_same_supervision(tiny_tokenizer, MULTI_TURN)
     assert_same_supervision(tiny_tokenizer, {"messages": MULTI_TURN["messages"][1:]})  # default system prompt
 
 

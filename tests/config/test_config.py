@@ -13,11 +13,11 @@ from omegaconf import OmegaConf, open_dict
 
 from trainer.cli import to_config
 from trainer.cli import register
-from trainer.config import Config
+from trainer.config import GROUP_SCHEMAS, Config
 
 from helpers import ROOT
 CONF = ROOT / "conf"
-GROUPS = ("model", "data", "stage", "deepspeed", "regularizer", "logger")
+GROUPS = tuple(GROUP_SCHEMAS)  # one conf/ folder per group the library registers a schema for
 
 
 def all_conf_files():
@@ -51,7 +51,40 @@ def test_every_conf_file_composes_into_the_schema(rel):
     config = to_config(cfg)
     assert isinstance(config, Config)
     if rel.parts[0] in GROUPS:  # the file was really selected, not silently ignored
-        assert getattr(config, rel.parts[0]) is not None
+        group = getattr(config, rel.parts[0])
+        assert type(group) is GROUP_SCHEMAS[rel.parts[0]], (rel, type(group))
+        wrong = _differences(_yaml_values(rel), _as_plain(group))
+        assert not wrong, f"{rel}: the composed {rel.parts[0]} does not hold the file's values: {wrong}"
+
+
+def _yaml_values(rel: Path) -> dict:
+    """What a group file sets itself (its defaults list left out), interpolations resolved."""
+    values = OmegaConf.to_container(OmegaConf.load(CONF / rel), resolve=True)
+    values.pop("defaults", None)
+    return values
+
+
+def _as_plain(schema_object) -> dict:
+    """A composed group's dataclass as YAML would spell it (enums as their names)."""
+    return OmegaConf.to_container(OmegaConf.structured(schema_object), enum_to_str=True)
+
+
+def _differences(expected, actual, path: str = "") -> list:
+    """`path: expected != actual` for every value the YAML sets that the composed group does not hold."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return [d for k, v in expected.items()
+                for d in (_differences(v, actual[k], f"{path}.{k}".lstrip(".")) if k in actual
+                          else [f"{path}.{k}".lstrip(".") + ": missing"])]
+    return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
+
+
+def test_the_group_check_sees_a_file_that_was_not_selected():
+    """The check above is not vacuous: the default model's values are not model/tiny_qwen2.yaml's."""
+    register()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        default = to_config(compose(config_name="config"))
+    assert "model_type: 'qwen2' != 'llama'" in _differences(_yaml_values(Path("model/tiny_qwen2.yaml")),
+                                                           _as_plain(default.model))
 
 
 def test_every_group_has_a_yaml_for_its_default_and_exp_medical_exists():

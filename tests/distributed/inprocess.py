@@ -103,7 +103,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, tim
                 raise DistributedFailure(f"rank 0 found MASTER_PORT taken {_PORT_ATTEMPTS} times", {}, {})
             if leaked:
                 raise AssertionError(f"DeepSpeed shm all-reduce buffers outlived the ranks (removed now): {leaked}; "
-                                     "trainer.distributed.release_shm_buffer no longer unlinks them")
+                                     "trainer.distributed.ops.release_shm_buffer no longer unlinks them")
             return outcome
     raise AssertionError("unreachable")
 

@@ -420,12 +420,12 @@ def test_ewc_shards_sum_to_the_model_and_equal_an_unsharded_rank(tmp_path):
 
 
 def _fisher_labels(rank, world):
-    """The trainer's own reference loss (trainer.loop._reference_loss) on the data's labels and on labels
+    """The trainer's own reference loss (trainer/forgetting/ewc.py: reference_loss) on the data's labels and on labels
     sampled from the model, seeded as the loop seeds them: the three Fishers, and whether the weights,
     the optimizer and a later step are as if no Fisher had been estimated."""
     import functools
 
-    from trainer.loop import _reference_loss as trainer_reference_loss
+    from trainer.forgetting.ewc import reference_loss as trainer_reference_loss
     from trainer.forgetting.ewc import EWC
 
     def batches():

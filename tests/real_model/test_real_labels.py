@@ -9,6 +9,7 @@ import pytest
 from data_pipeline.formats import normalise
 from data_pipeline.sources import Record
 from data_pipeline.tokenization import IGNORE, encode
+from helpers import assert_same_supervision
 
 pytestmark = pytest.mark.real_model
 
@@ -87,14 +88,5 @@ def test_pretrain_objective_learns_every_token(real_tokenizer):
 def test_trl_marked_template_supervises_what_ours_does(real_tokenizer):
     """bench/throughput.py's system (d): TRL's assistant_only_loss under SmolLM2's template with the
     {% generation %} markers bench/trl_baseline.py adds supervises exactly our tokens (same ids, same mask)."""
-    import sys
-
-    from helpers import ROOT
-
-    sys.path.insert(0, str(ROOT / "tests" / "bench"))
-    try:
-        from test_bench_trl_template import assert_same_supervision
-    finally:
-        sys.path.remove(str(ROOT / "tests" / "bench"))
     assert_same_supervision(real_tokenizer, MULTI_TURN)
     assert_same_supervision(real_tokenizer, {"messages": MULTI_TURN["messages"][:2]})

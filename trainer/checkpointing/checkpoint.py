@@ -1,4 +1,4 @@
-"""Checkpoints: save, verify, resume, keep the last K, and export to Hugging Face format.
+"""Checkpoints: save, verify, resume, keep the last K (the Hugging Face export: export.py).
 
 Layout under output_dir/checkpoints:
 
@@ -45,8 +45,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from trainer import distributed, faults
-
 from trainer.checkpointing import reshard
+from trainer.components import Component
+
 log = logging.getLogger("trainer")
 GB = 1e9
 
@@ -79,7 +80,10 @@ class TrainState:
         return reshard.Layout(self.world_size, self.micro_batch_size, self.grad_accum_steps) if self.world_size else None
 
 
-class Checkpointer:
+class Checkpointer(Component):
+    """Saves at its cadence after a step and once more when the run stops early (a component of the
+    loop); `resume(engine)` restores a run and binds the engine it saves from then on."""
+
     def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
                  tokenizer=None, extras: Optional[Dict[str, Any]] = None, every_steps: int = 0,
                  elastic: bool = True) -> None:
@@ -101,6 +105,13 @@ class Checkpointer:
         self.every_steps = every_steps
         self.elastic = elastic
         self.saved_step: Optional[int] = None  # the step of this process's last save
+        self.engine = None  # bound by resume()
+
+    def after_step(self, state: "TrainState", tracker, last: bool) -> None:
+        self.maybe_save(self.engine, state, last)
+
+    def on_stop(self, state: "TrainState") -> None:
+        self.save_if_unsaved(self.engine, state)
 
     def maybe_save(self, engine, state: "TrainState", last: bool) -> None:
         """Save at the cadence (every_steps, and the run's last step). Collective."""
@@ -185,6 +196,7 @@ class Checkpointer:
     # -- resume -------------------------------------------------------------------------------
     def resume(self, engine) -> TrainState:
         """Load the newest intact checkpoint into `engine`; a fresh TrainState only if there is none."""
+        self.engine = engine
         self._remove_partial()
         tag = self._choose()
         if tag is None:
@@ -360,33 +372,3 @@ def _set_rng_state(state: dict) -> None:
     random.setstate((3, tuple(state["python"]), None))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def export_hf(engine, tokenizer, out_dir: str, rank: int) -> None:
-    """Write the model to `out_dir` as a Hugging Face model (safetensors + tokenizer + chat template).
-
-    Every rank takes part in gathering the ZeRO-3 shards (layer by layer, onto rank 0's CPU);
-    rank 0 writes. Tied weights stay tied: the gathered state dict holds one tensor under both
-    names and save_pretrained stores it once. Written to a temporary directory and renamed, so a
-    half-written export never sits at `out_dir`.
-    """
-    state_dict = engine._zero3_consolidated_16bit_state_dict()
-    if rank == 0:
-        write_hf(engine.module, tokenizer, Path(out_dir), state_dict)
-        log.info("exported Hugging Face model to %s", out_dir)
-    distributed.barrier()
-
-
-def write_hf(model, tokenizer, out: Path, state_dict=None) -> None:
-    """save_pretrained (safetensors, use_cache on: for inference) + the tokenizer, into a temporary
-    directory renamed to `out`, so a half-written export never sits there."""
-    tmp = Path(f"{out}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    use_cache, model.config.use_cache = model.config.use_cache, True
-    try:
-        model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    finally:
-        model.config.use_cache = use_cache
-    tokenizer.save_pretrained(str(tmp))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)

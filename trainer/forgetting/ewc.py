@@ -7,6 +7,7 @@ with DeepSpeed's safe_get_local_fp32_param / safe_get_local_grad / safe_set_loca
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -14,19 +15,51 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from trainer import distributed
+from trainer.components import Component
 from trainer.forgetting import ewc_math
+from trainer.objectives import head
+from trainer.objectives.token import backward_scale, row_loss_sums, sampled_labels, supervised_tokens
 
 log = logging.getLogger("trainer")
 
 
-class EWC:
-    def __init__(self, engine, lam: float, gamma: float = 1.0, normalise: bool = True) -> None:
+class EWC(Component):
+    """The regulariser, as a component of the loop: at the start of a fresh stage it anchors at the
+    current weights and estimates the Fisher on `reference` (a resumed stage has both from its
+    checkpoint: the checkpointer saves and restores this object); at each optimizer-step boundary
+    it adds its gradient (reg/ewc_penalty)."""
+
+    name = "ewc"
+
+    def __init__(self, engine, lam: float, gamma: float = 1.0, normalise: bool = True, reference=None,
+                 labels: str = "data", seed: int = 0, previous: Optional[str] = None) -> None:
+        """reference: the Fisher's batches (a BatchSource; its step 0 is this rank's share). labels:
+        `data` (the reference data's own labels) or `sampled` (drawn from the model, seeded per rank
+        from `seed`). previous: an earlier stage's output_dir whose Fisher joins this one (online EWC)."""
         self.lam = lam
         self.gamma = gamma
         self.normalise = normalise
         self.params = [p for p in engine.module.parameters() if p.requires_grad]
         self.anchor: List[torch.Tensor] = []
         self.fisher: List[torch.Tensor] = []
+        self.engine, self.reference, self.labels, self.seed, self.previous = engine, reference, labels, seed, previous
+
+    def on_start(self, state, tracker) -> None:
+        if self.ready:
+            return
+        rank, world = distributed.rank(), distributed.world_size()
+        loss_fn = reference_loss
+        if str(self.labels) == "sampled":  # the model's own predictions as targets, seeded per rank
+            draws = torch.Generator(device=self.engine.device).manual_seed(self.seed * 1_000_003 + rank)
+            loss_fn = functools.partial(reference_loss, sample_with=draws)
+        previous = None
+        if self.previous:
+            previous = load_previous(self.previous, rank, world, [p.ds_numel for p in self.params])
+        self.start(self.engine, self.reference.micro_batches(0), loss_fn, self.engine.device, previous=previous,
+                   labels=str(self.labels))
+
+    def before_optimizer_step(self) -> float:
+        return self.before_step()
 
     @property
     def ready(self) -> bool:
@@ -143,3 +176,19 @@ def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[L
     log.info("EWC: the previous stage's Fisher (%s, %d ranks) re-cut for %d ranks", tag, saved_by, world)
     return {key: [repartition([s[key][i] for s in states], n, world, rank).float() for i, n in enumerate(numels)]
             for key in ("anchor", "fisher")}
+
+
+def reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device,
+                   sample_with: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The mean token loss of one reference batch over all ranks, scaled for DeepSpeed's averaging
+    (the Fisher is the squared gradient of exactly this loss); with `sample_with`, on targets drawn
+    from the model's own predictions (regularizer.ewc.fisher_labels=sampled)."""
+    count = torch.tensor([float(supervised_tokens(batch["labels"]))], dtype=torch.float64)
+    distributed.all_reduce_sum(count)
+    scale = backward_scale(int(count), distributed.world_size())
+    if sample_with is None:
+        return head.score(engine, batch, device, uniform=True).sum() * scale
+    # Sampled labels are drawn from the model's full distribution: this pass keeps the full logits.
+    out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                 use_cache=False)
+    return row_loss_sums(out.logits, sampled_labels(out.logits, batch["labels"], sample_with)).sum() * scale

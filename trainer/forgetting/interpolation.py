@@ -30,6 +30,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Union
 
 import torch
 
+from trainer.components import Component
+
 log = logging.getLogger("trainer")
 
 GROUPS = ("bottom", "middle", "top")
@@ -257,6 +259,26 @@ def check(cfg, baseline_expected: bool) -> None:
         if not baseline_expected:
             raise ValueError("regularizer.interpolation.alphas measures the domain gain against the step-0 eval: "
                              "keep eval.at_start=true")
+
+
+class Interpolation(Component):
+    """The loop's component: after the last step (before the export), `sweep`, log each α's scores
+    as interpolation/<α>/<metric>, write output_dir/interpolation.json and keep the result for the
+    export (hf/interpolation.json). The checkpoint keeps the trained θ."""
+
+    def __init__(self, engine, cfg, score: Callable[[], Dict[str, float]], rank: int) -> None:
+        self.engine, self.cfg, self.score, self.rank = engine, cfg, score, rank
+        self.result: Optional[Dict] = None
+
+    def on_end(self, state, tracker) -> None:
+        result = sweep(self.engine, self.cfg, state.baseline, self.score, self.rank)
+        metrics = {f"interpolation/{r['alpha']:g}/{k}": v for r in result["rows"] for k, v in r.items() if k != "alpha"}
+        if all(c in "0123456789." for c in result["alpha"]):
+            metrics["interpolation/alpha"] = float(result["alpha"])
+        tracker.log(state.step, metrics)
+        if self.rank == 0:
+            (Path(self.cfg.output_dir) / "interpolation.json").write_text(json.dumps(result, indent=2))
+        self.result = result
 
 
 def main(argv: Optional[List[str]] = None) -> None:

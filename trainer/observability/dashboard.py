@@ -3,7 +3,8 @@
 OUTPUT_DIR` draws it for any run, finished or not.
 
 Panels, 3 x 3 in reading order (PANELS): training loss (per source, EWC penalty), eval loss per
-set, forgetting (each set's eval loss minus its first value, and eval/forgetting), learning rate,
+set, Δ eval loss (each set's eval loss minus its first value: a general set's rise is forgetting, a
+domain set's fall is gain; and eval/forgetting; see delta_labels), learning rate,
 gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown; a
 preference stage adds a row (PREFERENCE_PANELS): rewards, reward accuracy, log-probs. A panel
 with nothing to show says "no data".
@@ -15,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-PANELS = ("loss", "eval loss", "forgetting (Δ eval loss)", "learning rate", "grad norm", "throughput",
+PANELS = ("loss", "eval loss", "Δ eval loss", "learning rate", "grad norm", "throughput",
           "peak memory (GB)", "packing", "step time (s)")
 PREFERENCE_PANELS = ("rewards", "reward accuracy", "log-probs")
 """A fourth row for preference stages (stage=dpo): TRL's rewards/*, logps/*, train and eval/<set>/."""
@@ -35,7 +36,43 @@ def keys_like(rows: List[Dict], pattern: str) -> List[str]:
     return sorted({k for r in rows for k in r if regex.fullmatch(k)})
 
 
+def delta_labels(rows: List[Dict]) -> Tuple[str, Dict[str, str]]:
+    """The Δ eval loss panel's title, and the legend label of each metric it draws. Eval sets are
+    named by role (evaluate.forgetting_metrics): `general*` sets measure forgetting (their loss rising
+    is the model forgetting), `domain*` sets the stage's gain (their loss falling is learning); other
+    sets (a dpo stage's pairs) are plain Δ. The title names forgetting only when a general set is drawn:
+    a stage with only a domain set shows gain alone."""
+    labels, roles = {}, []
+    for key in keys_like(rows, r"eval/[^/]+/loss"):
+        name = key.split("/")[1]
+        if name.startswith("general"):
+            labels[key] = f"{name}: forgetting (Δ loss > 0 = forgot)"
+            roles.append("forgetting (general)")
+        elif name.startswith("domain"):
+            labels[key] = f"{name}: gain (Δ loss < 0 = learned)"
+            roles.append("gain (domain)")
+        else:
+            labels[key] = f"{name}: Δ loss"
+    if line(rows, "eval/forgetting")[0]:
+        labels["eval/forgetting"] = "eval/forgetting (general, vs the base model)"
+        roles.append("forgetting (general)")
+    roles = sorted(set(roles), key=["forgetting (general)", "gain (domain)"].index)
+    return "Δ eval loss since the first eval" + ("\n" + " and ".join(roles) if roles else ""), labels
+
+
 def render(rows: List[Dict], out: Path, title: str = "") -> Path:
+    """Draw the dashboard of `rows` (metrics.jsonl) to the PNG `out`."""
+    fig = figure(rows, title)  # selects the Agg backend before pyplot is imported here
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+    return out
+
+
+def figure(rows: List[Dict], title: str = ""):
+    """The dashboard as a matplotlib Figure (render saves it); the caller closes it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,9 +99,9 @@ def render(rows: List[Dict], out: Path, title: str = "") -> Path:
     draw("loss", ["train/loss"] + keys_like(rows, r"train/.+/loss"))
     draw("loss", ["reg/ewc_penalty"], linestyle="--")
     draw("eval loss", keys_like(rows, r"eval/[^/]+/loss"))
-    forgetting = PANELS[2]
-    draw(forgetting, keys_like(rows, r"eval/[^/]+/loss"), label=lambda k: f"Δ {k}", offset_first=True)
-    draw(forgetting, ["eval/forgetting"], linestyle="--")
+    delta_title, delta_label = delta_labels(rows)
+    draw("Δ eval loss", keys_like(rows, r"eval/[^/]+/loss"), label=delta_label.get, offset_first=True)
+    draw("Δ eval loss", ["eval/forgetting"], label=delta_label.get, linestyle="--")
     draw("learning rate", ["train/lr"])
     draw("grad norm", ["train/grad_norm"])
     draw("throughput", ["perf/tokens_per_s"])
@@ -80,7 +117,7 @@ def render(rows: List[Dict], out: Path, title: str = "") -> Path:
         draw("log-probs", keys_like(rows, r"(eval/[^/]+/)?logps/(chosen|rejected)"))
 
     for name, ax in panels.items():
-        ax.set_title(name)
+        ax.set_title(delta_title if name == "Δ eval loss" else name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         if ax.lines:
@@ -88,7 +125,4 @@ def render(rows: List[Dict], out: Path, title: str = "") -> Path:
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="0.4")
     fig.suptitle(title)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
-    return out
+    return fig

@@ -48,8 +48,9 @@ class StepResult:
     """The learning rate the step used."""
     grad_norm: float
     """Global gradient norm before clipping (nan when DeepSpeed did not report one)."""
-    ewc_penalty: Optional[float] = None
-    """λ/2·ΣF(θ−θ*)² at the step (None without EWC)."""
+    penalties: Dict[str, float] = field(default_factory=dict)
+    """Each regularising component's penalty at the step, summed over ranks (EWC's λ/2·ΣF(θ−θ*)²
+    under "ewc"); logged as reg/<name>_penalty."""
     nonfinite_rows: List[Tuple[str, int, int]] = field(default_factory=list)
     """(source, row, micro-batch) of this rank's rows whose loss was not finite."""
     units: Optional[float] = None
@@ -84,7 +85,7 @@ class MetricWindow:
         self.stats: Dict[str, float] = {}
         self.src_loss, self.src_supervised, self.src_tokens = [0.0] * n, [0.0] * n, [0.0] * n
         self.grad_norms: List[float] = []
-        self.penalties: List[float] = []
+        self.penalties: Dict[str, List[float]] = {}
         self.lr = float("nan")
 
     def add(self, r: StepResult) -> None:
@@ -101,8 +102,8 @@ class MetricWindow:
             self.src_supervised[j] += r.source_supervised[j]
             self.src_tokens[j] += r.source_tokens[j]
         self.grad_norms.append(r.grad_norm)
-        if r.ewc_penalty is not None:
-            self.penalties.append(r.ewc_penalty)
+        for name, value in r.penalties.items():
+            self.penalties.setdefault(name, []).append(value)
         self.lr = r.lr
 
     def summary(self) -> Dict[str, float]:
@@ -123,7 +124,7 @@ class MetricWindow:
         out.update({k: v / max(self.units, 1.0) for k, v in self.stats.items()})  # rewards/*, logps/*: per pair
         if "replay" in self.names:
             out["data/replay_token_fraction"] = out.get("data/replay/token_fraction", 0.0)
-        if self.penalties:
-            out["reg/ewc_penalty"] = sum(self.penalties) / len(self.penalties)
+        for name, values in self.penalties.items():
+            out[f"reg/{name}_penalty"] = sum(values) / len(values)
         self._reset()
         return out

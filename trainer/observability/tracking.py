@@ -31,6 +31,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from trainer.components import Component
 from trainer.config import LoggerConfig
 from trainer.observability.redaction import redact_args
 
@@ -239,3 +240,44 @@ def _hms(seconds: Optional[float]) -> str:
         return "?"
     s = int(round(seconds))
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class LogWindow(Component):
+    """Every trainer.log_every_steps steps (and at the last): one line describing the steps since the
+    previous line (MetricWindow), with the counters and perf's numbers, to the tracker and the
+    console; the console's progress bar moves every step. Collective: perf gathers every rank's memory."""
+
+    def __init__(self, window, perf, every_steps: int, max_steps: int, enabled: bool) -> None:
+        self.window, self.perf, self.every_steps = window, perf, every_steps
+        self.max_steps, self.enabled = max_steps, enabled
+        self.progress: Optional[Progress] = None
+
+    def on_start(self, state, tracker: Tracker) -> None:
+        self.progress = Progress(state.step, self.max_steps, enabled=self.enabled)
+
+    def after_step(self, state, tracker: Tracker, last: bool) -> None:
+        self.progress.update(state.step)
+        if state.step % self.every_steps and not last:
+            return
+        metrics = {**self.window.summary(), "train/skipped_steps": state.skipped_steps,
+                   "train/tokens_seen": state.tokens_seen, "train/supervised_tokens_seen": state.supervised_tokens_seen,
+                   **self.perf.metrics()}
+        tracker.log(state.step, metrics)
+        self.progress.log(state.step, metrics)  # one line per log step (and the bar on a terminal)
+
+    def on_stop(self, state) -> None:
+        self.progress.close()
+
+    def on_end(self, state, tracker: Tracker) -> None:
+        self.progress.close()
+
+
+class Summary(Component):
+    """The end of a run, on rank 0: the forgetting summary in the log and the PNG dashboard."""
+
+    def __init__(self, output_dir: str, dashboard: bool, enabled: bool) -> None:
+        self.output_dir, self.dashboard, self.enabled = output_dir, dashboard, enabled
+
+    def on_end(self, state, tracker: Tracker) -> None:
+        if self.enabled:
+            summarise(self.output_dir, state.baseline, dashboard=self.dashboard)

@@ -20,6 +20,8 @@ from data_pipeline.sources import DataError
 from trainer.objectives.token import token_loss_sum
 from trainer.config import bundled_path
 
+from helpers import tiny_llama
+
 QA = bundled_path("medical_qa.jsonl")
 NOTES = bundled_path("medical_notes.txt")
 
@@ -123,18 +125,9 @@ def test_a_waiter_gives_up_with_a_message_when_no_one_prepares(tmp_path, tiny_to
         prepare(QA, tiny_tokenizer, opts, str(tmp_path), preparer=False, timeout_s=2)
 
 
-def _tiny_llama(vocab: int, attn: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        attn_implementation=attn)).eval()
-
-
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_every_packed_document_has_its_standalone_logits(tmp_path, tiny_tokenizer, attn):
-    model = _tiny_llama(len(tiny_tokenizer), attn)
+    model = tiny_llama(len(tiny_tokenizer), attn)
     p = prepare(QA, tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=256), str(tmp_path))
     rows = p.rows(np.arange(3))
     with torch.no_grad():
@@ -152,7 +145,7 @@ def test_every_packed_document_has_its_standalone_logits(tmp_path, tiny_tokenize
 
 
 def test_packed_and_unpacked_training_see_the_same_loss_and_gradients(tmp_path, tiny_tokenizer):
-    model = _tiny_llama(len(tiny_tokenizer), "sdpa").train()
+    model = tiny_llama(len(tiny_tokenizer), "sdpa").train()
     opts = dict(objective="instruct", seq_len=256)
     packed = prepare(QA, tiny_tokenizer, PrepareOptions(**opts), str(tmp_path))
     unpacked = prepare(QA, tiny_tokenizer, PrepareOptions(**opts, packing=False), str(tmp_path))

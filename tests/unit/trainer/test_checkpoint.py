@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from trainer import faults
 from trainer.checkpointing.checkpoint import Checkpointer
@@ -64,11 +65,23 @@ def test_a_checkpoint_without_complete_is_removed_at_the_start_and_latest_is_req
 
 
 def test_fault_points_parse_and_refuse_garbage(monkeypatch):
+    from trainer.checkpointing.checkpoint import TrainState
+    from trainer.objectives.token import TokenLoss
+
     monkeypatch.setenv(faults.NAN_LOSS, "3:1,4:0")
-    assert faults.nan_loss(3, 1) and faults.nan_loss(4, 0) and not faults.nan_loss(3, 0)
+    plain = TokenLoss()
+    assert faults.inject(plain, 2) == (plain, [])  # no fault for this rank: the objective itself
+    poisoned, components = faults.inject(plain, 1)
+    assert components == [poisoned] and poisoned.uniform and poisoned.count is not None
+    nll, batch = torch.ones(2, 3), {}
+    for step, nan in ((1, False), (2, True), (3, False)):  # state.step 2 is about to train step 3
+        poisoned.pre_step(TrainState(step=step))
+        first, _ = poisoned.rows(nll, batch)
+        second, _ = poisoned.rows(nll, batch)
+        assert bool(torch.isnan(first).all()) is nan and bool(torch.isfinite(second).all())  # first micro-batch only
     monkeypatch.setenv(faults.NAN_LOSS, "three")
     with pytest.raises(ValueError, match="STEP:RANK"):
-        faults.nan_loss(3, 1)
+        faults.inject(plain, 1)
 
 
 

@@ -9,7 +9,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
 from trainer.objectives import head as loss_head
@@ -17,14 +16,7 @@ from trainer.objectives.chunked import auto_chunk, token_nll
 from trainer.objectives.token import TokenLoss, token_nll_from_logits
 from trainer.objectives.preference import PreferenceLoss
 
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    return (a - b).norm().item() <= rel * max(b.norm().item(), 1e-12)
-
-
-def _plain(hidden, weight, targets):
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view(targets.shape)
+from helpers import close, plain_token_nll
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
@@ -44,17 +36,17 @@ def test_loss_and_gradients_equal_the_full_logits_for_any_chunk(chunk):
         (nll * upstream).sum().backward()
         return nll.detach(), weight.grad.clone(), hidden.grad.clone()
 
-    ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk))
-    assert _close(got[0], ref[0]) and (got[0][2] == 0).all()
-    assert _close(got[1], ref[1]) and _close(got[2], ref[2])
+    ref, got = grads(plain_token_nll), grads(lambda h, w, t: token_nll(h, w, t, chunk))
+    assert close(got[0], ref[0]) and (got[0][2] == 0).all()
+    assert close(got[1], ref[1]) and close(got[2], ref[2])
     # the gradients computed in the forward pass (uniform=True): exact for a uniform upstream, and a
     # non-uniform one (the caller broke its promise) still gets the recomputed, exact gradient
     upstream.fill_(0.37)
-    ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
-    assert _close(got[1], ref[1]) and _close(got[2], ref[2])
+    ref, got = grads(plain_token_nll), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
+    assert close(got[1], ref[1]) and close(got[2], ref[2])
     upstream.normal_()
-    ref, got = grads(_plain), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
-    assert _close(got[1], ref[1]) and _close(got[2], ref[2])
+    ref, got = grads(plain_token_nll), grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True))
+    assert close(got[1], ref[1]) and close(got[2], ref[2])
 
 
 def test_the_weight_gradient_fires_once_dense_even_with_nothing_supervised():
@@ -123,9 +115,9 @@ def test_the_chunked_head_gives_every_objective_the_same_loss_and_gradients(kind
         rows, _ = objective.rows(nll, batch)
         rows.sum().backward()
         results.append((rows.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    assert _close(results[1][0], results[0][0])
+    assert close(results[1][0], results[0][0])
     for name, g in results[0][1].items():
-        assert _close(results[1][1][name], g), name
+        assert close(results[1][1][name], g), name
     # unarmed, the head is a plain linear layer again (generation, the isolation probe)
     ids = batch["input_ids"][:1]
     assert torch.allclose(chunked(input_ids=ids).logits, plain(input_ids=ids).logits)

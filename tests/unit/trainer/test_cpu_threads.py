@@ -1,6 +1,6 @@
-"""trainer/distributed.cpu_threads: a user's OMP_NUM_THREADS is honoured; otherwise the cores are shared."""
+"""trainer/distributed/launcher.cpu_threads: a user's OMP_NUM_THREADS is honoured; otherwise the cores are shared."""
 
-from trainer.distributed import cpu_threads
+from trainer.distributed.launcher import cpu_threads
 
 
 def test_omp_num_threads_wins_whatever_the_core_count():

@@ -8,7 +8,7 @@ import dataclasses
 from omegaconf import OmegaConf
 
 from trainer.cli import load_config
-from trainer.loop import _same_model
+from trainer.build import same_model as _same_model
 
 
 def test_only_the_same_model_counts_as_this_run(tmp_path):

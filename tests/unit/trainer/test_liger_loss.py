@@ -19,21 +19,13 @@ from trainer.objectives import chunked as chunked_loss
 from trainer.objectives import head as loss_head
 from trainer.objectives.chunked import token_nll
 
+from helpers import close, plain_token_nll
 
 
 @pytest.fixture(autouse=True, scope="module")
 def liger_runs_here():
     pytest.importorskip("liger_kernel.ops.fused_linear_cross_entropy", reason="the dev extra installs liger-kernel")
     assert chunked_loss.liger_problem() is None, chunked_loss.liger_problem()
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    return (a - b).norm().item() <= rel * max(b.norm().item(), 1e-12)
-
-
-def _plain(hidden, weight, targets):
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE, reduction="none").view(targets.shape)
 
 
 def _grads(fn, hidden, weight, targets, upstream):
@@ -54,13 +46,13 @@ def test_liger_equals_the_full_logits_and_the_torch_kernel():
     targets[1, -3:] = IGNORE  # padding
     liger = lambda h, w, t, **kw: token_nll(h, w, t, chunk, kernel="liger", **kw)  # noqa: E731
     for upstream in (torch.randn(B, T), torch.full((B, T), 0.37)):
-        ref = _grads(_plain, hidden, weight, targets, upstream)
+        ref = _grads(plain_token_nll, hidden, weight, targets, upstream)
         torch_kernel = _grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True), hidden, weight, targets, upstream)
         for uniform in (False, True):  # True + a per-token upstream: the promise broken, still exact (recomputed)
             got = _grads(lambda h, w, t: liger(h, w, t, uniform=uniform), hidden, weight, targets, upstream)
             assert (got[0][targets == IGNORE] == 0).all()
             for g, r, t in zip(got, ref, torch_kernel):
-                assert _close(g, r) and _close(g, t)
+                assert close(g, r) and close(g, t)
 
 
 def test_liger_weight_gradient_fires_once_dense_even_with_nothing_supervised():
@@ -98,9 +90,9 @@ def test_liger_through_a_hugging_face_head_equals_the_torch_kernel():
         head._loss_request = None
         (nll.sum() / (labels[:, 1:] != IGNORE).sum()).backward()
         out[kernel] = (nll.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
-    assert _close(out["liger"][0], out["torch"][0])
+    assert close(out["liger"][0], out["torch"][0])
     for name, grad in out["torch"][1].items():
-        assert _close(out["liger"][1][name], grad), name
+        assert close(out["liger"][1][name], grad), name
 
 
 def test_the_kernel_choice(monkeypatch):

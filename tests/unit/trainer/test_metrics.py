@@ -13,7 +13,8 @@ def step(loss_sum, supervised, real, slots, sources, lr=1e-3, grad_norm=1.0, pen
     """A StepResult from per-source (loss_sum, supervised, real) triples; totals must add up."""
     return StepResult(loss_sum=loss_sum, supervised_tokens=supervised, real_tokens=real, slots=slots,
                       source_loss_sum=[s[0] for s in sources], source_supervised=[s[1] for s in sources],
-                      source_tokens=[s[2] for s in sources], lr=lr, grad_norm=grad_norm, ewc_penalty=penalty)
+                      source_tokens=[s[2] for s in sources], lr=lr, grad_norm=grad_norm,
+                      penalties={} if penalty is None else {"ewc": penalty})
 
 
 def test_losses_are_token_weighted_over_the_window_not_a_mean_of_steps():

@@ -18,6 +18,8 @@ from trainer.objectives.token import backward_scale, token_nll_from_logits
 from trainer.observability.metrics import MetricWindow, StepResult
 from trainer.objectives.preference import STATS, PreferenceLoss, document_logps, pair_losses
 
+from helpers import close, tiny_llama
+
 PREFS = bundled_path("medical_prefs.jsonl")
 
 
@@ -60,15 +62,6 @@ def test_document_logps_by_hand():
     assert sums[0, 1].item() == pytest.approx(math.log(1 / 3))
 
 
-def _tiny_llama(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2,
-                                        attn_implementation="sdpa")).eval()
-
-
 def _batch(prepared, idx, reference_model):
     rows = {k: torch.from_numpy(np.asarray(v)) for k, v in prepared.rows(idx).items()}
     with torch.no_grad():
@@ -77,11 +70,6 @@ def _batch(prepared, idx, reference_model):
     rows["reference"] = document_logps(ref_logits, rows["labels"], rows["document"],
                                        prepared.documents_per_row)[0].double()
     return rows
-
-
-def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-5) -> bool:
-    """Equal up to fp32 summation order: the difference's norm within `rel` of the tensor's."""
-    return (a - b).norm().item() <= rel * max(a.norm().item(), 1e-12)
 
 
 def _loss_and_grads(model, batches, objective, world=1):
@@ -105,13 +93,13 @@ def test_packed_pairs_equal_unpacked_pairs_in_loss_and_gradients(tmp_path, tiny_
     packed = prepare(str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=512), str(tmp_path))
     single = prepare(str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=512, packing=False), str(tmp_path))
     assert len(packed) < len(single) == 6
-    policy, reference = _tiny_llama(len(tiny_tokenizer)), _tiny_llama(len(tiny_tokenizer), seed=1)
+    policy, reference = tiny_llama(len(tiny_tokenizer)), tiny_llama(len(tiny_tokenizer), seed=1)
     objective = PreferenceLoss(loss, beta=0.1)
     a, ga = _loss_and_grads(policy, [_batch(packed, np.arange(len(packed)), reference)], objective)
     b, gb = _loss_and_grads(policy, [_batch(single, np.arange(6), reference)], objective)
     assert a == pytest.approx(b, rel=1e-5)
     for name in ga:
-        assert _close(ga[name], gb[name]), name
+        assert close(gb[name], ga[name]), name
 
 
 def test_pair_exact_normalisation_across_layouts(tmp_path, tiny_tokenizer):
@@ -120,7 +108,7 @@ def test_pair_exact_normalisation_across_layouts(tmp_path, tiny_tokenizer):
     src = tmp_path / "p.jsonl"
     src.write_text("".join(open(PREFS).readlines()[:8]))
     rows = prepare(str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=256, packing=False), str(tmp_path))
-    policy, reference = _tiny_llama(len(tiny_tokenizer)), _tiny_llama(len(tiny_tokenizer), seed=1)
+    policy, reference = tiny_llama(len(tiny_tokenizer)), tiny_llama(len(tiny_tokenizer), seed=1)
     objective = PreferenceLoss("dpo", beta=0.5)
     whole = _loss_and_grads(policy, [_batch(rows, np.arange(8), reference)], objective)
     accumulated = _loss_and_grads(policy, [_batch(rows, [i], reference) for i in range(8)], objective)
@@ -131,7 +119,7 @@ def test_pair_exact_normalisation_across_layouts(tmp_path, tiny_tokenizer):
     per_rank_pairs = 4
     ranks = {n: (halves[0][1][n] + halves[1][1][n]) * per_rank_pairs / 8 for n in whole[1]}  # both ranks count 8 pairs
     for name, g in whole[1].items():
-        assert _close(g, accumulated[1][name]) and _close(g, ranks[name]), name
+        assert close(accumulated[1][name], g) and close(ranks[name], g), name
     assert whole[0] == pytest.approx(accumulated[0], rel=1e-6)
 
 

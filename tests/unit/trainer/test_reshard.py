@@ -182,7 +182,7 @@ def test_online_ewc_reads_an_earlier_stage_saved_by_another_number_of_ranks(tmp_
 
 def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the_checkpoint_stopped():
     from trainer.checkpointing.checkpoint import TrainState
-    from trainer.loop import _continue_data
+    from trainer.checkpointing.layout import continue_data as _continue_data
 
     state = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
     same = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)

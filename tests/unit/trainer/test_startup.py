@@ -1,5 +1,5 @@
 """What a rank does before training that costs start-up time: DeepSpeed's Muon module imported
-without compiling (trainer/distributed.py:import_muon_uncompiled), its CPU ops built ahead."""
+without compiling (trainer/distributed/ops.py:import_muon_uncompiled), its CPU ops built ahead."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from helpers import ROOT
 
 PROBE = """
 import sys, torch
-from trainer.distributed import MUON_MODULE, import_muon_uncompiled
+from trainer.distributed.ops import MUON_MODULE, import_muon_uncompiled
 compile_before = torch.compile
 import_muon_uncompiled()
 assert torch.compile is compile_before, "torch.compile not restored"

@@ -235,8 +235,45 @@ def test_plot_check_sees_an_empty_panel(tmp_path):
 
     _synthetic_metrics(tmp_path / "metrics.jsonl", with_eval=False)
     fractions = _colored_fraction_per_panel(render(load(tmp_path / "metrics.jsonl"), tmp_path / "d.png"))
-    assert fractions["eval loss"] == 0 and fractions["forgetting (Δ eval loss)"] == 0
+    assert fractions["eval loss"] == 0 and fractions["Δ eval loss"] == 0
     assert fractions["loss"] > 0.002
+
+
+def _delta_panel_texts(rows):
+    """The Δ eval loss panel's title and legend entries, read off the drawn figure."""
+    import matplotlib.pyplot as plt
+
+    from trainer.observability.dashboard import figure
+
+    fig = figure(rows)
+    try:
+        (ax,) = [ax for ax in fig.axes if ax.get_title().startswith("Δ eval loss")]
+        return ax.get_title(), [t.get_text() for t in ax.get_legend().get_texts()]
+    finally:
+        plt.close(fig)
+
+
+def test_the_delta_panel_calls_a_general_rise_forgetting_and_a_domain_fall_gain(tmp_path):
+    from trainer.observability.tracking import read_metrics as load
+
+    _synthetic_metrics(tmp_path / "metrics.jsonl")
+    title, legend = _delta_panel_texts(load(tmp_path / "metrics.jsonl"))
+    assert title == "Δ eval loss since the first eval\nforgetting (general) and gain (domain)"
+    assert legend == ["domain: gain (Δ loss < 0 = learned)", "general: forgetting (Δ loss > 0 = forgot)",
+                      "eval/forgetting (general, vs the base model)"]
+
+
+def test_the_delta_panel_of_a_stage_without_a_general_set_does_not_say_forgetting(tmp_path):
+    """medical_qa's eval sets: a domain set alone. Its fall is the stage's gain, nothing is forgotten."""
+    from trainer.observability.tracking import read_metrics as load
+
+    _synthetic_metrics(tmp_path / "metrics.jsonl")
+    rows = [{k: v for k, v in r.items() if not k.startswith(("eval/general/", "eval/forgetting"))}
+            for r in load(tmp_path / "metrics.jsonl")]
+    title, legend = _delta_panel_texts(rows)
+    assert title == "Δ eval loss since the first eval\ngain (domain)"
+    assert legend == ["domain: gain (Δ loss < 0 = learned)"]
+    assert "forgetting" not in title + "".join(legend)
 
 
 # ---- W&B without a network ---------------------------------------------------------------------
