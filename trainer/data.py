@@ -12,7 +12,7 @@ from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from data_pipeline.preference import is_preference_source
 from data_pipeline.choices import StageObjective
 from trainer.config import Config
-from trainer.engine.tokenizer import cache_root
+from trainer.paths import cache_root
 
 log = logging.getLogger("trainer")
 

@@ -39,9 +39,10 @@ def fit(cfg: Config) -> Outcome:
     """Train one stage. An output_dir that holds it finished is left as it is, before anything is
     built (a rerun of a finished job or recipe stage costs seconds, not a model build). Errors
     propagate as exceptions; the entry point turns them into exit status 1."""
-    if _finished(cfg) and same_model(cfg):
+    step = _finished_step(cfg)
+    if step is not None and same_model(cfg):
         setup_logging(distributed.env_rank())
-        log.info("%s is already complete; nothing to do", cfg.output_dir)
+        log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, step)
         return Outcome.ALREADY_DONE
     run = build(cfg)
     outcome = Trainer(run).run()
@@ -50,9 +51,10 @@ def fit(cfg: Config) -> Outcome:
     return outcome
 
 
-def _finished(cfg: Config) -> bool:
-    """The one rule for "this output_dir holds the stage finished" (checkpointing/checkpoint.py)."""
-    return finished_step(cfg.output_dir, cfg.trainer.max_steps, cfg.trainer.export_hf) is not None
+def _finished_step(cfg: Config):
+    """The one rule for "this output_dir holds the stage finished" (checkpointing/checkpoint.py):
+    the step it finished at, or None."""
+    return finished_step(cfg.output_dir, cfg.trainer.max_steps, cfg.trainer.export_hf)
 
 
 class Trainer:
@@ -65,7 +67,7 @@ class Trainer:
     def run(self) -> Outcome:
         """Train, then return how the run ended: DONE, STOPPED (after a checkpoint; the preemption
         may requeue the job) or ALREADY_DONE. Collective."""
-        if _finished(self.cfg):  # resumed from a finished run of another model in this output_dir
+        if _finished_step(self.cfg) is not None:  # resumed from a finished run of another model in this output_dir
             log.info("%s is already complete at step %d; nothing to do", self.cfg.output_dir, self.state.step)
             return Outcome.ALREADY_DONE
         r = self.run_

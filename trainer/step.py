@@ -34,13 +34,15 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], objective: 
     distributed.all_reduce_sum(counts)
     scale = backward_scale(int(counts[0]), distributed.world_size())
     lr = engine.get_lr()[0]
-    names = [c.name for c in components]
+    # Only components with a boundary hook take part (the same on every rank: the reduction's size).
+    regularizers = [c for c in components if type(c).before_optimizer_step is not Component.before_optimizer_step]
+    names = [c.name for c in regularizers]
     # Per source, columns [loss sum, loss units, real tokens]; then each component's penalty; then
     # the objective's metric sums (a preference stage's rewards and log-probs): one reduction.
     sums = torch.zeros(len(source_names), 3, dtype=torch.float64)
-    penalties = torch.zeros(len(components), dtype=torch.float64)
+    penalties = torch.zeros(len(regularizers), dtype=torch.float64)
     stat_sums = torch.zeros(len(objective.stats), dtype=torch.float64)
-    reported = [False] * len(components)
+    reported = [False] * len(regularizers)
     nonfinite_rows = []
     for m, batch in enumerate(micro_batches):
         with phase("forward_backward"):
@@ -49,7 +51,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], objective: 
         if engine.is_gradient_accumulation_boundary():
             if check_grads:
                 check_every_parameter_has_a_gradient(engine)
-            for i, c in enumerate(components):  # their gradient joins the loss's, before clipping
+            for i, c in enumerate(regularizers):  # their gradient joins the loss's, before clipping
                 value = c.before_optimizer_step()
                 if value is not None:
                     penalties[i], reported[i] = value, True
@@ -68,7 +70,7 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], objective: 
         sums[:, 2].index_add_(0, source, batch["filled"].double())
     flat = distributed.all_reduce_sum(torch.cat([sums.flatten(), penalties, stat_sums]))
     sums = flat[:sums.numel()].view_as(sums)
-    penalties, stat_sums = flat[sums.numel():sums.numel() + len(components)], flat[sums.numel() + len(components):]
+    penalties, stat_sums = flat[sums.numel():sums.numel() + len(names)], flat[sums.numel() + len(names):]
     grad_norm = engine.get_global_grad_norm()
     per_source = sums.tolist()
     return StepResult(loss_sum=float(sums[:, 0].sum()), supervised_tokens=float(counts[1]),

@@ -37,7 +37,6 @@ import os
 import random
 import shutil
 import time
-import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -45,6 +44,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from trainer import distributed, faults
+from trainer.checkpointing.manifest import digest
 from trainer.checkpointing import reshard
 from trainer.components import Component
 
@@ -320,19 +320,11 @@ class Checkpointer(Component):
 
     def _hash_files(self, tag: str, names: List[str]) -> Dict[str, List[int]]:
         """{file: [size, crc32]} for `names`, each rank hashing every world-th one; the same on all ranks."""
-        mine = {n: _digest(self.dir / tag / n) for n in names[self.rank::self.world]}
+        mine = {n: digest(self.dir / tag / n) for n in names[self.rank::self.world]}
         merged: Dict[str, List[int]] = {}
         for part in distributed.all_gather_object(mine):
             merged.update(part)
         return merged
-
-
-def _digest(path: Path) -> List[int]:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return [path.stat().st_size, crc]
 
 
 def _manifest_bytes(path: Path) -> int:

@@ -46,11 +46,12 @@ import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
-import torch
 
 from trainer import distributed, faults
+from trainer.checkpointing import deepspeed_patches
+from trainer.checkpointing.manifest import digest
 
 log = logging.getLogger("trainer")
 
@@ -185,12 +186,12 @@ def _convert(source: Path, tmp: Path, sync: Path, final: Path, wanted: int, save
             for model_file in model_files:
                 shutil.copy2(model_file, tmp)
             shutil.rmtree(fragments)
-            _slim_optimizer_state(zero / "optimizer_state.pt")
+            deepspeed_patches.slim_optimizer_state(zero / "optimizer_state.pt")
             (tmp / "source.json").write_text(json.dumps({
                 "source": source.name, "source_id": wanted, "saved_by": saved_by, "format": FORMAT,
                 "deepspeed": ds_version, "converted_by": world}, indent=1))
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-            manifest = {name: _digest(tmp / name) for name in files}
+            manifest = {name: digest(tmp / name) for name in files}
             (tmp / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
             faults.kill_in_reshard("finalize", 0)
             os.replace(tmp, final)
@@ -238,27 +239,6 @@ def _wait(sync: Path, world: int, ready, what: str) -> None:
         time.sleep(0.2)
 
 
-def _slim_optimizer_state(path: Path) -> None:
-    """DeepSpeed stores rank 0's whole optimizer shard (fp32 weights and both moments) as the
-    universal checkpoint's common state, which every rank then reads in full; keep what the
-    loader uses of it (the step, the param groups, the loss-scaler state)."""
-    with _deepspeed_globals():
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    sd.pop("fp32_flat_groups", None)
-    inner = sd.get("optimizer_state_dict", {})
-    inner["state"] = {k: {"step": v["step"]} for k, v in inner.get("state", {}).items() if "step" in v}
-    torch.save(sd, path)
-
-
-def _deepspeed_globals():
-    """What DeepSpeed's optimizer-state file holds besides tensors and plain containers (its ZeRO
-    stage enum and loss-scaler object), allowed for weights_only loading."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-
-    return torch.serialization.safe_globals([ZeroStageEnum, LossScaler, DynamicLossScaler])
-
-
 def _heartbeat(path: Path, stop: threading.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(OSError):
@@ -273,14 +253,6 @@ def _read_json(path: Path) -> Dict:
         return {}
 
 
-def _digest(path: Path) -> List[int]:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return [path.stat().st_size, crc]
-
-
 # ---- loading it --------------------------------------------------------------------------------------
 
 
@@ -291,62 +263,13 @@ def load_universal(engine, universal: Path) -> None:
     previous = config.load_universal_checkpoint
     config.load_universal_checkpoint = True
     try:
-        with _mapped_parameter_files():
+        with deepspeed_patches.mapped_parameter_files():
             loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
     finally:
         config.load_universal_checkpoint = previous
     if loaded is None:
         raise ReshardError(f"DeepSpeed could not load the universal checkpoint {universal}")
-    _fix_optimizer_after_universal_load(engine.optimizer, universal / "zero" / "optimizer_state.pt")
+    deepspeed_patches.fix_optimizer_after_universal_load(engine.optimizer, universal / "zero" / "optimizer_state.pt")
 
 
-class _MappedLoads:
-    """`torch` as DeepSpeed's ZeRO-3 optimizer module sees it, except that torch.load of a universal
-    parameter file (zero/<name>/fp32.pt, exp_avg.pt, exp_avg_sq.pt) maps it instead of reading it:
-    each rank takes only its slice of every parameter, so it reads ~1/world of the files, not all."""
-
-    FILES = ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt")
-
-    def __init__(self, real) -> None:
-        self._real = real
-
-    def __getattr__(self, name):
-        return getattr(self._real, name)
-
-    def load(self, f, *args, **kwargs):
-        if isinstance(f, (str, os.PathLike)) and os.path.basename(f) in self.FILES:
-            kwargs.setdefault("mmap", True)
-        return self._real.load(f, *args, **kwargs)
-
-
-@contextlib.contextmanager
-def _mapped_parameter_files():
-    from deepspeed.runtime.zero import stage3
-
-    real = stage3.torch
-    stage3.torch = _MappedLoads(real)
-    try:
-        yield
-    finally:
-        stage3.torch = real
-
-
-def _fix_optimizer_after_universal_load(zero_optimizer, common: Path) -> None:
-    """After DeepSpeed 0.19.8's ZeRO-3 universal load: one `step` tensor per sub-group (it shares one,
-    which Adam then increments once per sub-group), and each param group's own hyper-parameters
-    (it copies group 0's into all: the no-decay group would get weight decay)."""
-    inner = zero_optimizer.optimizer
-    for flat in zero_optimizer.fp32_partitioned_groups_flat:
-        state = inner.state.get(flat, {})
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
-    with _deepspeed_globals():
-        saved = torch.load(common, map_location="cpu", weights_only=True)["optimizer_state_dict"]["param_groups"]
-    if len(saved) != len(inner.param_groups):
-        raise ReshardError(f"{common}: {len(saved)} optimizer param groups saved, this run has {len(inner.param_groups)} "
-                           "(another optimizer setup?)")
-    for group, kept in zip(inner.param_groups, saved):
-        for key, value in kept.items():
-            if key != "params":
-                group[key] = value

@@ -147,7 +147,7 @@ def _isolation_verdict_path(small_config, attn_implementation: str):
     config, the attention backend, and the torch and transformers versions that computed it."""
     import transformers
 
-    from trainer.engine.tokenizer import cache_root
+    from trainer.paths import cache_root
 
     key = hashlib.sha256("|".join([small_config.to_json_string(use_diff=False), attn_implementation,
                                    torch.__version__, transformers.__version__]).encode()).hexdigest()[:16]

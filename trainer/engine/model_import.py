@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
-from trainer.engine.tokenizer import cache_root
+from trainer.paths import cache_root
 
 GGUF_MAGIC = b"GGUF"
 NOT_IMPORTED = "NOT-IMPORTED"

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Iterator
 
 from trainer.config import ModelConfig
+from trainer.engine.model_import import require_model_dir
+from trainer.paths import cache_root
 
 log = logging.getLogger("trainer")
 
@@ -30,16 +32,10 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("FULLFT_CACHE", Path.home() / ".cache" / "fullft"))
-
-
 def load_tokenizer(cfg: ModelConfig):
     """The tokenizer for `cfg`, with a pad token (never a new one: see below) and the configured chat
     template."""
     from transformers import AutoTokenizer
-
-    from trainer.engine.model_import import require_model_dir
 
     require_model_dir(cfg.tokenizer_path or cfg.name_or_path)  # e.g. model=smollm2_135m not imported yet
     path = cfg.tokenizer_path or cfg.name_or_path

@@ -229,10 +229,11 @@ def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_othe
 def test_deepspeeds_loader_maps_the_parameter_files_so_each_rank_reads_only_its_slice(monkeypatch):
     from deepspeed.runtime.zero import stage3
 
-    from trainer.checkpointing import reshard
+    from trainer.checkpointing import deepspeed_patches
+
     calls = []
     monkeypatch.setattr(torch, "load", lambda f, *a, **kw: calls.append((os.path.basename(f), kw.get("mmap"))))
-    with reshard._mapped_parameter_files():
+    with deepspeed_patches.mapped_parameter_files():
         for name in ("fp32.pt", "exp_avg.pt", "exp_avg_sq.pt", "optimizer_state.pt"):
             stage3.torch.load(f"/ckpt/universal/step_00000010/zero/model.norm.weight/{name}", weights_only=False)
         assert stage3.torch.zeros(2).shape == (2,)  # everything else is torch itself
