@@ -7,7 +7,7 @@ WORKERS ?= $(shell nproc 2>/dev/null || echo 2)
 # DeepSpeed's JIT-built CPU ops live with the venv they were built against (see tests/conftest.py).
 export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: setup train test test-fast real-model clean
+.PHONY: setup train test test-fast lint real-model clean
 
 setup: $(VENV)/.installed
 
@@ -40,6 +40,13 @@ test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -n $(WORKERS) --durations=10 -m "not distributed" tests $(ARGS) || [ $$? -eq 5 ]
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra -n 2 --dist loadfile --durations=20 -m "distributed and not slurm" tests $(ARGS) || [ $$? -eq 5 ]
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -ra --durations=6 -m slurm tests $(ARGS) || [ $$? -eq 5 ]
+
+# The lint and format check (ruff, configured in pyproject.toml) and the docs build, strict: a broken
+# link or anchor fails it (mkdocs.yml). CI runs it before the tests; `ruff format .` applies the format.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mkdocs build --strict --quiet -d $$(mktemp -d)
 
 # Nothing that trains or launches a training run.
 test-fast: setup

@@ -32,15 +32,47 @@ DICTD = Path("/usr/share/dictd")
 FORTUNES = Path("/usr/share/games/fortunes")
 INSTALL_HINT = "apt-get install -y dict-gcide dict-foldoc fortunes"
 # The `fortunes` package's general files (not computing, not ASCII art, not the cookie grab-bags).
-GENERAL_FORTUNES = ("education", "food", "humorists", "kids", "law", "literature", "love", "medicine", "men-women",
-                    "people", "pets", "platitudes", "politics", "science", "songs-poems", "sports", "wisdom", "work")
+GENERAL_FORTUNES = (
+    "education",
+    "food",
+    "humorists",
+    "kids",
+    "law",
+    "literature",
+    "love",
+    "medicine",
+    "men-women",
+    "people",
+    "pets",
+    "platitudes",
+    "politics",
+    "science",
+    "songs-poems",
+    "sports",
+    "wisdom",
+    "work",
+)
 _B64 = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 
 _PRONUNCIATION = re.compile(r"\\[^\\\n]{0,80}\\")
 _ACCENT = re.compile(r"\[[\"'`^=~.,:;<>|/-]{1,2}([A-Za-z]{1,2})\]")  # ["e] ['e] [=a] -> the letter
-_LETTER_CODE = re.compile(r"\[([A-Za-z]{1,2})(?:\^|mac|um|dd|sl|cr|dot|sdot)\]")  # [i^] [imac] [aum] [asl] -> the letter
-_NAMED = {"[ae]": "ae", "[AE]": "AE", "[oe]": "oe", "[OE]": "OE", "[eth]": "th", "[thorn]": "th", "[th]": "th",
-          "[ng]": "ng", "[deg]": " degrees", "[root]": "", "[sect]": "section", "[yogh]": "y"}
+_LETTER_CODE = re.compile(
+    r"\[([A-Za-z]{1,2})(?:\^|mac|um|dd|sl|cr|dot|sdot)\]"
+)  # [i^] [imac] [aum] [asl] -> the letter
+_NAMED = {
+    "[ae]": "ae",
+    "[AE]": "AE",
+    "[oe]": "oe",
+    "[OE]": "OE",
+    "[eth]": "th",
+    "[thorn]": "th",
+    "[th]": "th",
+    "[ng]": "ng",
+    "[deg]": " degrees",
+    "[root]": "",
+    "[sect]": "section",
+    "[yogh]": "y",
+}
 _SOURCE_TAG = re.compile(r"\[(?:1913 Webster|WordNet[^\]]*|PJC|RH|Century Dict\.|Webster 1913 Suppl\.|[A-Z]{2,4})\]")
 _DATE = re.compile(r"\(\d{4}-\d{2}-\d{2}\)")
 _BRACES = re.compile(r"[{}]")
@@ -69,7 +101,7 @@ def entries(name: str, root: Path = DICTD) -> Iterator[str]:
         if headword.startswith(("00-", "00database")) or key in seen:
             continue
         seen.add(key)
-        yield data[key[0]:key[0] + key[1]].decode("utf-8", errors="replace")
+        yield data[key[0] : key[0] + key[1]].decode("utf-8", errors="replace")
 
 
 def clean(entry: str) -> str:

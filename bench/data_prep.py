@@ -90,6 +90,7 @@ def child(args) -> None:
                 return fn(*a, **k)
             finally:
                 phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
+
         return wrapper
 
     prep._tokenize_to_disk = timed(prep._tokenize_to_disk, "tokenize_s")
@@ -101,11 +102,18 @@ def child(args) -> None:
     seconds = time.perf_counter() - start
     stats = prepared.stats
     result = {
-        "records": stats["records"], "samples": stats["samples"], "rows": stats["rows"],
-        "real_tokens": stats["real_tokens"], "supervised_tokens": stats["supervised_tokens"],
-        "packing_efficiency": stats["packing_efficiency"], "truncated": stats.get("truncated_overlong", 0),
-        "seconds": seconds, "tokenize_s": phases["tokenize_s"], "pack_write_s": seconds - phases["tokenize_s"],
-        "tokens_per_s": stats["real_tokens"] / seconds, "records_per_s": stats["records"] / seconds,
+        "records": stats["records"],
+        "samples": stats["samples"],
+        "rows": stats["rows"],
+        "real_tokens": stats["real_tokens"],
+        "supervised_tokens": stats["supervised_tokens"],
+        "packing_efficiency": stats["packing_efficiency"],
+        "truncated": stats.get("truncated_overlong", 0),
+        "seconds": seconds,
+        "tokenize_s": phases["tokenize_s"],
+        "pack_write_s": seconds - phases["tokenize_s"],
+        "tokens_per_s": stats["real_tokens"] / seconds,
+        "records_per_s": stats["records"] / seconds,
         "tokenize_tokens_per_s": stats["real_tokens"] / phases["tokenize_s"],
         "mib_before": {k: v / 1024 for k, v in before.items()},
         "mib_peak": {k: v / 1024 for k, v in mem.peak.items()},
@@ -119,20 +127,25 @@ def child(args) -> None:
 
 
 def table(results: List[Dict]) -> str:
-    lines = ["| records | tokens | rows (efficiency) | prepare (s) | tokenize / pack+write (s) | tokens/s | records/s "
-             "| RssAnon growth (MiB) | RssFile growth (MiB) | peak RSS (MiB) | output (MiB) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| records | tokens | rows (efficiency) | prepare (s) | tokenize / pack+write (s) | tokens/s | records/s "
+        "| RssAnon growth (MiB) | RssFile growth (MiB) | peak RSS (MiB) | output (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in results:
-        lines.append(f"| {r['records']:,} | {r['real_tokens']:,} | {r['rows']:,} ({100 * r['packing_efficiency']:.2f}%) "
-                     f"| {r['seconds']:.1f} | {r['tokenize_s']:.1f} / {r['pack_write_s']:.1f} | {r['tokens_per_s']:,.0f} "
-                     f"| {r['records_per_s']:,.0f} | {r['anon_growth_mib']:.1f} | {r['file_growth_mib']:.1f} "
-                     f"| {r['ru_maxrss_mib']:.0f} | {r['output_mib']:.0f} |")
+        lines.append(
+            f"| {r['records']:,} | {r['real_tokens']:,} | {r['rows']:,} ({100 * r['packing_efficiency']:.2f}%) "
+            f"| {r['seconds']:.1f} | {r['tokenize_s']:.1f} / {r['pack_write_s']:.1f} | {r['tokens_per_s']:,.0f} "
+            f"| {r['records_per_s']:,.0f} | {r['anon_growth_mib']:.1f} | {r['file_growth_mib']:.1f} "
+            f"| {r['ru_maxrss_mib']:.0f} | {r['output_mib']:.0f} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--sizes", default="50000,200000", help="corpus sizes in records, comma-separated")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
@@ -159,8 +172,11 @@ def main(argv=None) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     stamp = harness.stamp()
     pool = harness.SentencePool(harness.tiny_tokenizer())
-    print(f"data preparation: sizes {args.sizes}, seq_len {args.seq_len}, in {out}; load average "
-          f"{stamp['load_avg_start']}", flush=True)
+    print(
+        f"data preparation: sizes {args.sizes}, seq_len {args.seq_len}, in {out}; load average "
+        f"{stamp['load_avg_start']}",
+        flush=True,
+    )
     results = []
     for n in args.sizes:
         corpus = out / f"alpaca_{n}.jsonl"
@@ -169,15 +185,34 @@ def main(argv=None) -> Dict:
         shutil.rmtree(cache, ignore_errors=True)
         result_file = out / f"result_{n}.json"
         load = harness.load_average()
-        proc = subprocess.run([sys.executable, __file__, "--child", "--path", str(corpus), "--cache", str(cache),
-                               "--result", str(result_file), "--seq-len", str(args.seq_len)], cwd=ROOT,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "--path",
+                str(corpus),
+                "--cache",
+                str(cache),
+                "--result",
+                str(result_file),
+                "--seq-len",
+                str(args.seq_len),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"preparing {corpus} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
         r = {**json.loads(result_file.read_text()), "load_avg_before": load}
         results.append(r)
-        print(f"  {n:,} records: {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, RssAnon +{r['anon_growth_mib']:.1f} MiB, "
-              f"RssFile +{r['file_growth_mib']:.1f} MiB, peak RSS {r['ru_maxrss_mib']:.0f} MiB (load {load[0]})", flush=True)
+        print(
+            f"  {n:,} records: {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, RssAnon "
+            f"+{r['anon_growth_mib']:.1f} MiB, "
+            f"RssFile +{r['file_growth_mib']:.1f} MiB, peak RSS {r['ru_maxrss_mib']:.0f} MiB (load {load[0]})",
+            flush=True,
+        )
         if not args.keep:
             shutil.rmtree(cache, ignore_errors=True)
             corpus.unlink()
@@ -185,22 +220,36 @@ def main(argv=None) -> Dict:
     if len(results) >= 2:
         small, big = results[0], results[-1]
         extra = big["samples"] - small["samples"]
-        summary = {"anon_growth_small_mib": small["anon_growth_mib"], "anon_growth_big_mib": big["anon_growth_mib"],
-                   "anon_bytes_per_extra_sample": (big["anon_growth_mib"] - small["anon_growth_mib"]) * 2**20 / extra,
-                   "token_ratio": big["real_tokens"] / small["real_tokens"],
-                   "file_growth_ratio": big["file_growth_mib"] / max(small["file_growth_mib"], 1e-9),
-                   "tokens_per_s_ratio": big["tokens_per_s"] / small["tokens_per_s"]}
+        summary = {
+            "anon_growth_small_mib": small["anon_growth_mib"],
+            "anon_growth_big_mib": big["anon_growth_mib"],
+            "anon_bytes_per_extra_sample": (big["anon_growth_mib"] - small["anon_growth_mib"]) * 2**20 / extra,
+            "token_ratio": big["real_tokens"] / small["real_tokens"],
+            "file_growth_ratio": big["file_growth_mib"] / max(small["file_growth_mib"], 1e-9),
+            "tokens_per_s_ratio": big["tokens_per_s"] / small["tokens_per_s"],
+        }
     print()
-    print(f"Data preparation: synthetic alpaca (answers lognormal, median 250 tokens), stage sft, packed rows of "
-          f"{args.seq_len}, tiny tokenizer + chat template, one fresh process per size")
+    print(
+        f"Data preparation: synthetic alpaca (answers lognormal, median 250 tokens), stage sft, packed rows of "
+        f"{args.seq_len}, tiny tokenizer + chat template, one fresh process per size"
+    )
     print(table(results))
     if summary:
-        print(f"{results[-1]['records']:,} vs {results[0]['records']:,} records ({summary['token_ratio']:.1f}x the tokens): "
-              f"anonymous memory +{summary['anon_growth_small_mib']:.1f} -> +{summary['anon_growth_big_mib']:.1f} MiB "
-              f"({summary['anon_bytes_per_extra_sample']:.0f} bytes per extra sample); file-backed pages "
-              f"{summary['file_growth_ratio']:.1f}x; tokens/s x{summary['tokens_per_s_ratio']:.2f}")
-    report = {**stamp, "load_avg_end": harness.load_average(), "seq_len": args.seq_len, "results": results,
-              "summary": summary, "table": table(results)}
+        print(
+            f"{results[-1]['records']:,} vs {results[0]['records']:,} records ({summary['token_ratio']:.1f}x the "
+            "tokens): "
+            f"anonymous memory +{summary['anon_growth_small_mib']:.1f} -> +{summary['anon_growth_big_mib']:.1f} MiB "
+            f"({summary['anon_bytes_per_extra_sample']:.0f} bytes per extra sample); file-backed pages "
+            f"{summary['file_growth_ratio']:.1f}x; tokens/s x{summary['tokens_per_s_ratio']:.2f}"
+        )
+    report = {
+        **stamp,
+        "load_avg_end": harness.load_average(),
+        "seq_len": args.seq_len,
+        "results": results,
+        "summary": summary,
+        "table": table(results),
+    }
     for path in ([out / "data_prep.json"] if args.keep else []) + ([Path(args.json)] if args.json else []):
         path.write_text(json.dumps(report, indent=1, default=str))
     if not args.keep and not args.out:

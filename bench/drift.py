@@ -64,11 +64,14 @@ class Probe:
     chat: List[Tuple[List[int], List[int]]]  # (input ids, labels: the answer's tokens, IGNORE elsewhere)
     answers: List[Dict[str, str]]
     topk_index: torch.Tensor  # [positions of `general`, k] the base's k likeliest next tokens
-    topk_logp: torch.Tensor   # [positions, k] their log-probabilities under the base
+    topk_logp: torch.Tensor  # [positions, k] their log-probabilities under the base
 
     def tokens(self) -> Dict[str, int]:
-        return {"general": sum(len(d) - 1 for d in self.general), "domain": sum(len(d) - 1 for d in self.domain),
-                "chat": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in self.chat)}
+        return {
+            "general": sum(len(d) - 1 for d in self.general),
+            "domain": sum(len(d) - 1 for d in self.domain),
+            "chat": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in self.chat),
+        }
 
 
 def _take(texts: Sequence[str], tokenizer, budget: int, max_doc_tokens: int) -> List[List[int]]:
@@ -91,15 +94,15 @@ def _rows(batch: Sequence[Tuple[List[int], List[int]]], pad: int):
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for r, (i, lab) in enumerate(batch):
-        ids[r, :len(i)] = torch.tensor(i)
-        labels[r, :len(lab)] = torch.tensor(lab)
-        mask[r, :len(i)] = 1
+        ids[r, : len(i)] = torch.tensor(i)
+        labels[r, : len(lab)] = torch.tensor(lab)
+        mask[r, : len(i)] = 1
     return ids, labels, mask
 
 
 def _batches(samples, batch_size: int):
     for s in range(0, len(samples), batch_size):
-        yield samples[s:s + batch_size]
+        yield samples[s : s + batch_size]
 
 
 @torch.no_grad()
@@ -138,9 +141,19 @@ def load_model(model_dir: Path):
 
 
 @torch.no_grad()
-def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], cache: Path, *, text_tokens: int = 4096,
-                max_doc_tokens: int = 256, answer_tokens: int = 64, top_k: int = 64, batch_size: int = 8,
-                prompts: Sequence[str] = CHAT_PROMPTS) -> Probe:
+def build_probe(
+    model_dir: Path,
+    general: Sequence[str],
+    domain: Sequence[str],
+    cache: Path,
+    *,
+    text_tokens: int = 4096,
+    max_doc_tokens: int = 256,
+    answer_tokens: int = 64,
+    top_k: int = 64,
+    batch_size: int = 8,
+    prompts: Sequence[str] = CHAT_PROMPTS,
+) -> Probe:
     """The probe of `model_dir` (the base): general/domain documents (about text_tokens each), the
     base's greedy answers to `prompts` (at most answer_tokens, ending at its end-of-turn token when
     it stops by itself) and its top-k next-token log-probs on the general documents. Cached at `cache`."""
@@ -149,6 +162,7 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
     from transformers import AutoTokenizer
 
     from trainer.forgetting import rehearsal
+
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = load_model(model_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -167,7 +181,9 @@ def build_probe(model_dir: Path, general: Sequence[str], domain: Sequence[str], 
         top = lp.topk(top_k, dim=-1)
         index.append(top.indices.to(torch.int32))
         logp.append(top.values)
-    probe = Probe(general=g, domain=d, chat=chat, answers=answers, topk_index=torch.cat(index), topk_logp=torch.cat(logp))
+    probe = Probe(
+        general=g, domain=d, chat=chat, answers=answers, topk_index=torch.cat(index), topk_logp=torch.cat(logp)
+    )
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
     torch.save(probe.__dict__, tmp)
@@ -196,10 +212,12 @@ def score(model, probe: Probe, pad: int, batch_size: int = 8) -> Dict[str, float
     for lp, target in _forward(model, _text_samples(probe.general), pad, batch_size):
         m = target.numel()
         nll_sum += float(-lp.gather(1, target[:, None]).sum())
-        kl_sum += float(kl_topk(probe.topk_index[pos:pos + m], probe.topk_logp[pos:pos + m], lp).double().sum())
+        kl_sum += float(kl_topk(probe.topk_index[pos : pos + m], probe.topk_logp[pos : pos + m], lp).double().sum())
         pos, n = pos + m, n + m
     if pos != probe.topk_index.shape[0]:
-        raise RuntimeError(f"probe: {pos} general positions scored but the base's top-k has {probe.topk_index.shape[0]}")
+        raise RuntimeError(
+            f"probe: {pos} general positions scored but the base's top-k has {probe.topk_index.shape[0]}"
+        )
     out["general"], out["kl"] = nll_sum / n, kl_sum / n
     for name, samples in (("domain", _text_samples(probe.domain)), ("chat", probe.chat)):
         total, count = 0.0, 0

@@ -71,6 +71,7 @@ TARGET_REMOVED, TARGET_KEPT, TARGET_EWC_COST = 0.90, 0.95, 0.03
 
 # ---- corpora: deterministic train / held-out split --------------------------------------------------
 
+
 def read_documents(path: Path) -> List[str]:
     """The documents of a corpus, as they will be written back: a .jsonl line each, or a block of
     non-blank lines of a text file (the data pipeline's own reading of these formats)."""
@@ -113,12 +114,19 @@ def split_corpus(path: Path, name: str, out: Path, max_docs: int, heldout_docs: 
     out.mkdir(parents=True, exist_ok=True)
     _write_if_changed(files["heldout"], sep.join(docs[i] for i in order[:held]) + "\n")
     _write_if_changed(files["train"], sep.join(docs[i] for i in order[held:]) + "\n")
-    return {"source": str(path), "documents": len(docs), "train_docs": len(order) - held, "heldout_docs": held,
-            "train": str(files["train"]), "heldout": str(files["heldout"]),
-            "train_mib": round(files["train"].stat().st_size / 2**20, 2)}
+    return {
+        "source": str(path),
+        "documents": len(docs),
+        "train_docs": len(order) - held,
+        "heldout_docs": held,
+        "train": str(files["train"]),
+        "heldout": str(files["heldout"]),
+        "train_mib": round(files["train"].stat().st_size / 2**20, 2),
+    }
 
 
 # ---- runs of the real trainer ----------------------------------------------------------------------
+
 
 @dataclass
 class Setting:
@@ -145,31 +153,68 @@ def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
     for r in args.replay_ratios:
         out.append(Setting(f"replay {r:g}", "replay", [f"regularizer.replay.ratio={r}"]))
     for r in args.chat_replay_ratios if rehearsal else []:
-        out.append(Setting(f"replay chat {r:g}", "replay", [
-            f"regularizer.replay.path={rehearsal}", "regularizer.replay.format=messages",
-            "regularizer.replay.objective=instruct", f"regularizer.replay.ratio={r}"], "replay (own chat answers)", f"{r:g}"))
+        out.append(
+            Setting(
+                f"replay chat {r:g}",
+                "replay",
+                [
+                    f"regularizer.replay.path={rehearsal}",
+                    "regularizer.replay.format=messages",
+                    "regularizer.replay.objective=instruct",
+                    f"regularizer.replay.ratio={r}",
+                ],
+                "replay (own chat answers)",
+                f"{r:g}",
+            )
+        )
     for labels in args.fisher_labels:
         tag = "" if labels == "data" else f" {labels}"  # the data-label Fisher keeps its old name
         for lam in args.lams:
-            out.append(Setting(f"ewc λ={lam:g}{tag}", "ewc", [f"regularizer.ewc.lam={lam}",
-                                                              f"regularizer.ewc.fisher_labels={labels}"],
-                               f"ewc{tag}", f"{lam:g}"))
+            out.append(
+                Setting(
+                    f"ewc λ={lam:g}{tag}",
+                    "ewc",
+                    [f"regularizer.ewc.lam={lam}", f"regularizer.ewc.fisher_labels={labels}"],
+                    f"ewc{tag}",
+                    f"{lam:g}",
+                )
+            )
     if args.ewc_replay_ratio:
         labels = args.fisher_labels[0]
         tag = "" if labels == "data" else f" {labels}"
-        out.append(Setting(f"ewc_replay λ={args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}{tag}", "ewc_replay",
-                           [f"regularizer.ewc.lam={args.ewc_replay_lam}", f"regularizer.replay.ratio={args.ewc_replay_ratio}",
-                            f"regularizer.ewc.fisher_labels={labels}"], f"ewc_replay{tag}",
-                           f"{args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}"))
+        out.append(
+            Setting(
+                f"ewc_replay λ={args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}{tag}",
+                "ewc_replay",
+                [
+                    f"regularizer.ewc.lam={args.ewc_replay_lam}",
+                    f"regularizer.replay.ratio={args.ewc_replay_ratio}",
+                    f"regularizer.ewc.fisher_labels={labels}",
+                ],
+                f"ewc_replay{tag}",
+                f"{args.ewc_replay_lam:g} {args.ewc_replay_ratio:g}",
+            )
+        )
     if args.chat_ewc_replay_ratio and rehearsal:  # chat replay + EWC whose Fisher is on the same chats' answers
         labels = args.fisher_labels[0]
         tag = "" if labels == "data" else f" {labels}"
-        out.append(Setting(f"ewc_replay chat λ={args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}{tag}", "ewc_replay", [
-            f"regularizer.replay.path={rehearsal}", "regularizer.replay.format=messages",
-            "regularizer.replay.objective=instruct", f"regularizer.replay.ratio={args.chat_ewc_replay_ratio}",
-            "regularizer.ewc.fisher_data=null", f"regularizer.ewc.lam={args.ewc_replay_lam}",
-            f"regularizer.ewc.fisher_labels={labels}"], f"ewc_replay chat{tag}",
-            f"{args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}"))
+        out.append(
+            Setting(
+                f"ewc_replay chat λ={args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}{tag}",
+                "ewc_replay",
+                [
+                    f"regularizer.replay.path={rehearsal}",
+                    "regularizer.replay.format=messages",
+                    "regularizer.replay.objective=instruct",
+                    f"regularizer.replay.ratio={args.chat_ewc_replay_ratio}",
+                    "regularizer.ewc.fisher_data=null",
+                    f"regularizer.ewc.lam={args.ewc_replay_lam}",
+                    f"regularizer.ewc.fisher_labels={labels}",
+                ],
+                f"ewc_replay chat{tag}",
+                f"{args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}",
+            )
+        )
     return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
 
 
@@ -179,33 +224,64 @@ def train(args, overrides: Sequence[str], log_file: Path) -> float:
 
 
 def common(args, data: Dict) -> List[str]:
-    return ["stage=pretrain", "logger=jsonl", f"data.seq_len={args.seq_len}",
-            f"trainer.micro_batch_size={args.micro_batch}", "trainer.grad_accum_steps=1",
-            f"trainer.seed={args.seed}", "trainer.save_every_steps=0", "trainer.log_every_steps=1",
-            f"+eval.sets.general={data['general']['heldout']}", f"+eval.sets.domain={data['domain']['heldout']}"]
+    return [
+        "stage=pretrain",
+        "logger=jsonl",
+        f"data.seq_len={args.seq_len}",
+        f"trainer.micro_batch_size={args.micro_batch}",
+        "trainer.grad_accum_steps=1",
+        f"trainer.seed={args.seed}",
+        "trainer.save_every_steps=0",
+        "trainer.log_every_steps=1",
+        f"+eval.sets.general={data['general']['heldout']}",
+        f"+eval.sets.domain={data['domain']['heldout']}",
+    ]
 
 
 def base_overrides(args, data: Dict, out: Path) -> List[str]:
     g, d = data["general"]["train"], data["domain"]["train"]
     return common(args, data) + [
-        "model=tiny", f"model.tokenizer_corpus=[{g},{d}]", f"data.path={g}", "regularizer=none",
-        f"trainer.max_steps={args.base_steps}", f"trainer.lr={args.base_lr}", f"trainer.warmup_steps={args.warmup}",
-        f"trainer.eval_every_steps={args.base_steps}", f"output_dir={out}"]
+        "model=tiny",
+        f"model.tokenizer_corpus=[{g},{d}]",
+        f"data.path={g}",
+        "regularizer=none",
+        f"trainer.max_steps={args.base_steps}",
+        f"trainer.lr={args.base_lr}",
+        f"trainer.warmup_steps={args.warmup}",
+        f"trainer.eval_every_steps={args.base_steps}",
+        f"output_dir={out}",
+    ]
 
 
 def finetune_overrides(args, data: Dict, base: Path, setting: Setting, out: Path) -> List[str]:
     g = data["general"]["train"]
-    return merged(common(args, data) + [
-        f"model.name_or_path={base}/hf", f"data.path={data['domain']['train']}",
-        f"regularizer={setting.regularizer}", f"regularizer.replay.path={g}", f"regularizer.ewc.fisher_data={g}",
-        f"regularizer.ewc.fisher_batches={args.fisher_batches}",
-        f"trainer.max_steps={args.steps}", f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}",
-        # the forgetting curve at quarters of the run (a short run: only at the start and the end)
-        f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}",
-        # with --alphas, the trainer's own end-of-stage sweep scores θ0 + α(θ − θ0) (it needs the export)
-        *([f"regularizer.interpolation.alphas=[{','.join(f'{a:g}' for a in args.alphas)}]", "trainer.export_hf=true"]
-          if args.alphas else ["trainer.export_hf=false"]),
-        f"output_dir={out}"], setting.overrides)
+    return merged(
+        common(args, data)
+        + [
+            f"model.name_or_path={base}/hf",
+            f"data.path={data['domain']['train']}",
+            f"regularizer={setting.regularizer}",
+            f"regularizer.replay.path={g}",
+            f"regularizer.ewc.fisher_data={g}",
+            f"regularizer.ewc.fisher_batches={args.fisher_batches}",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.lr={args.lr}",
+            f"trainer.warmup_steps={args.warmup}",
+            # the forgetting curve at quarters of the run (a short run: only at the start and the end)
+            f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}",
+            # with --alphas, the trainer's own end-of-stage sweep scores θ0 + α(θ − θ0) (it needs the export)
+            *(
+                [
+                    f"regularizer.interpolation.alphas=[{','.join(f'{a:g}' for a in args.alphas)}]",
+                    "trainer.export_hf=true",
+                ]
+                if args.alphas
+                else ["trainer.export_hf=false"]
+            ),
+            f"output_dir={out}",
+        ],
+        setting.overrides,
+    )
 
 
 def merged(overrides: Sequence[str], extra: Sequence[str]) -> List[str]:
@@ -221,8 +297,20 @@ def base_key(args, data: Dict) -> str:
     for split in ("train", "heldout"):
         for corpus in ("general", "domain"):  # the tokenizer is trained on both train splits
             h.update(Path(data[corpus][split]).read_bytes())
-    h.update(json.dumps([args.base_steps, args.base_lr, args.seq_len, args.micro_batch, args.seed, args.warmup,
-                         args.launcher, args.nproc]).encode())
+    h.update(
+        json.dumps(
+            [
+                args.base_steps,
+                args.base_lr,
+                args.seq_len,
+                args.micro_batch,
+                args.seed,
+                args.warmup,
+                args.launcher,
+                args.nproc,
+            ]
+        ).encode()
+    )
     return h.hexdigest()[:12]
 
 
@@ -233,16 +321,25 @@ def summarise(rows: List[Dict], skip_steps: int) -> Dict:
     last = max(general)
     step_time = series(rows, "perf/step_time_s")
     steps = [s for s in sorted(step_time) if s > skip_steps] or sorted(step_time)
-    phased = {s: sum(r.get(f"perf/{p}_s", 0.0) for p in ("data_wait", "forward_backward", "optimizer"))
-              for r in rows if "perf/step_time_s" in r for s in [r["step"]]}
+    phased = {
+        s: sum(r.get(f"perf/{p}_s", 0.0) for p in ("data_wait", "forward_backward", "optimizer"))
+        for r in rows
+        if "perf/step_time_s" in r
+        for s in [r["step"]]
+    }
     mem = series(rows, "perf/peak_mem_gb")
     penalty = series(rows, "reg/ewc_penalty")
     replay = series(rows, "data/replay_token_fraction")
     return {
-        "general_start": general[0], "general_end": general[last],
-        "domain_start": domain[0], "domain_end": domain[last],
-        "forgetting": general[last] - general[0], "gain": domain[0] - domain[last],
-        "general_curve": general, "domain_curve": domain, "final_step": last,
+        "general_start": general[0],
+        "general_end": general[last],
+        "domain_start": domain[0],
+        "domain_end": domain[last],
+        "forgetting": general[last] - general[0],
+        "gain": domain[0] - domain[last],
+        "general_curve": general,
+        "domain_curve": domain,
+        "final_step": last,
         "step_time_s": statistics.median(step_time[s] for s in steps),
         "unphased_time_s": statistics.median(step_time[s] - phased[s] for s in steps),
         "peak_mem_gb": max(mem.values()) if mem else None,
@@ -259,17 +356,30 @@ def tiny_points(results: List[Dict]) -> List[Dict]:
     g0, d0 = ref["general_start"], ref["domain_start"]  # every fine-tune starts from the same base
 
     def point(method: str, knob: str, general: float, domain: float, setting: str, alpha: str) -> Dict:
-        return {"method": method, "knob": knob, "setting": setting, "alpha": alpha,
-                "removed": 1 - (general - g0) / ref["forgetting"] if ref["forgetting"] > 0 else None,
-                "kept": (d0 - domain) / ref["gain"] if ref["gain"] > 0 else None}
+        return {
+            "method": method,
+            "knob": knob,
+            "setting": setting,
+            "alpha": alpha,
+            "removed": 1 - (general - g0) / ref["forgetting"] if ref["forgetting"] > 0 else None,
+            "kept": (d0 - domain) / ref["gain"] if ref["gain"] > 0 else None,
+        }
 
     points = []
     for r in results:
         points.append(point(r["method"], r["knob"], r["general_end"], r["domain_end"], r["setting"], "1"))
         for row in (r.get("interpolation") or {}).get("rows", []):
             if row["alpha"] != 1.0:
-                points.append(point(f"interpolation: {r['setting']}", f"α {row['alpha']:g}",
-                                    row["eval/general/loss"], row["eval/domain/loss"], r["setting"], f"{row['alpha']:g}"))
+                points.append(
+                    point(
+                        f"interpolation: {r['setting']}",
+                        f"α {row['alpha']:g}",
+                        row["eval/general/loss"],
+                        row["eval/domain/loss"],
+                        r["setting"],
+                        f"{row['alpha']:g}",
+                    )
+                )
     return points
 
 
@@ -282,10 +392,17 @@ def relative(results: List[Dict]) -> None:
         r["step_time_vs_none"] = r["step_time_s"] / ref["step_time_s"] - 1
         # Time per step outside forward/backward/optimizer/data, beyond none's, as a share of none's step
         r["extra_unphased_vs_none"] = (r["unphased_time_s"] - ref["unphased_time_s"]) / ref["step_time_s"]
-        r["peak_mem_vs_none_gb"] = (r["peak_mem_gb"] - ref["peak_mem_gb"]
-                                    if r["peak_mem_gb"] is not None and ref["peak_mem_gb"] is not None else None)
-        r["meets_target"] = (r["forgetting_removed"] is not None and r["gain_kept"] is not None
-                             and r["forgetting_removed"] >= TARGET_REMOVED and r["gain_kept"] >= TARGET_KEPT)
+        r["peak_mem_vs_none_gb"] = (
+            r["peak_mem_gb"] - ref["peak_mem_gb"]
+            if r["peak_mem_gb"] is not None and ref["peak_mem_gb"] is not None
+            else None
+        )
+        r["meets_target"] = (
+            r["forgetting_removed"] is not None
+            and r["gain_kept"] is not None
+            and r["forgetting_removed"] >= TARGET_REMOVED
+            and r["gain_kept"] >= TARGET_KEPT
+        )
 
 
 def verdict(results: List[Dict]) -> Dict:
@@ -294,13 +411,22 @@ def verdict(results: List[Dict]) -> Dict:
     meeting = [r for r in others if r["meets_target"]]
     # "Best": the most forgetting removed among the settings that keep the gain; else the best trade-off
     keep = [r for r in others if r["gain_kept"] >= TARGET_KEPT]
-    best = max(keep or others, key=lambda r: r["forgetting_removed"] if keep else
-               min(r["forgetting_removed"] / TARGET_REMOVED, r["gain_kept"] / TARGET_KEPT), default=None)
+    best = max(
+        keep or others,
+        key=lambda r: (
+            r["forgetting_removed"]
+            if keep
+            else min(r["forgetting_removed"] / TARGET_REMOVED, r["gain_kept"] / TARGET_KEPT)
+        ),
+        default=None,
+    )
     ewc = [r for r in results if r["regularizer"] in ("ewc", "ewc_replay")]
     return {
-        "none_forgets": ref["forgetting"] > 0, "none_gains": ref["gain"] > 0,
+        "none_forgets": ref["forgetting"] > 0,
+        "none_gains": ref["gain"] > 0,
         "best_setting": best["setting"] if best else None,
-        "forgetting_target_met": bool(meeting), "settings_meeting_target": [r["setting"] for r in meeting],
+        "forgetting_target_met": bool(meeting),
+        "settings_meeting_target": [r["setting"] for r in meeting],
         "ewc_step_time_vs_none_max": max((r["step_time_vs_none"] for r in ewc), default=None),
         "ewc_extra_unphased_vs_none_max": max((r["extra_unphased_vs_none"] for r in ewc), default=None),
         # EWC's cost is judged on its own time per step (outside the timed phases, beyond none's), which
@@ -312,6 +438,7 @@ def verdict(results: List[Dict]) -> Dict:
 
 # ---- the table ---------------------------------------------------------------------------------------
 
+
 def _pct(x: Optional[float], signed: bool = False) -> str:
     if x is None:
         return "–"
@@ -319,8 +446,10 @@ def _pct(x: Optional[float], signed: bool = False) -> str:
 
 
 def table(results: List[Dict]) -> str:
-    head = ("| setting | general loss start → end | forgetting | removed | domain loss start → end | gain | kept "
-            "| step time (s) | vs none | outside-phase time vs none | peak mem (GB) | vs none | target |")
+    head = (
+        "| setting | general loss start → end | forgetting | removed | domain loss start → end | gain | kept "
+        "| step time (s) | vs none | outside-phase time vs none | peak mem (GB) | vs none | target |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|:-:|"]
     for r in results:
         mem_delta = "–" if r["peak_mem_vs_none_gb"] is None else f"{r['peak_mem_vs_none_gb']:+.3f}"
@@ -329,7 +458,8 @@ def table(results: List[Dict]) -> str:
             f"| {_pct(r['forgetting_removed'])} | {r['domain_start']:.3f} → {r['domain_end']:.3f} | {r['gain']:+.3f} "
             f"| {_pct(r['gain_kept'])} | {r['step_time_s']:.3f} | {_pct(r['step_time_vs_none'], True)} "
             f"| {_pct(r['extra_unphased_vs_none'], True)} "
-            f"| {r['peak_mem_gb']:.3f} | {mem_delta} | {'yes' if r['meets_target'] else 'no'} |")
+            f"| {r['peak_mem_gb']:.3f} | {mem_delta} | {'yes' if r['meets_target'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -368,27 +498,38 @@ def rehearsal_prompts(docs: Sequence[str], n: int, seed: int, max_chars: int = 3
     return [REHEARSAL_TASKS[i % len(REHEARSAL_TASKS)].format(doc=d) for i, d in enumerate(cut)]
 
 
-def build_rehearsal(model_dir: Path, docs: Sequence[str], out: Path, n: int, max_new_tokens: int, seed: int,
-                    keep_cut_off: bool = False) -> Dict:
+def build_rehearsal(
+    model_dir: Path, docs: Sequence[str], out: Path, n: int, max_new_tokens: int, seed: int, keep_cut_off: bool = False
+) -> Dict:
     """The base's own greedy answers to rehearsal_prompts, as a messages JSONL (trainer/forgetting/rehearsal.py),
     cached at `out` (keyed by the caller). Answers cut off at max_new_tokens are dropped unless
     keep_cut_off (the smoke's depth-reduced model never ends a turn), as launch/rehearse.py does."""
+    import drift
     from transformers import AutoTokenizer
 
-    import drift
     from trainer.forgetting import rehearsal
+
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file():
         return json.loads(meta.read_text())
     t0 = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     prompts = rehearsal_prompts(docs, n, seed)
-    kept = [a for a in rehearsal.answers(drift.load_model(model_dir), tok, prompts, max_new_tokens)
-            if a.text and (a.finished or keep_cut_off)]
+    kept = [
+        a
+        for a in rehearsal.answers(drift.load_model(model_dir), tok, prompts, max_new_tokens)
+        if a.text and (a.finished or keep_cut_off)
+    ]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("".join(json.dumps(rehearsal.record(a), ensure_ascii=False) + "\n" for a in kept), encoding="utf-8")
-    info = {"path": str(out), "prompts": len(prompts), "answers": len(kept), "dropped_cut_off": len(prompts) - len(kept),
-            "answer_tokens": sum(len(a.answer_ids) for a in kept), "seconds": round(time.perf_counter() - t0, 1)}
+    info = {
+        "path": str(out),
+        "prompts": len(prompts),
+        "answers": len(kept),
+        "dropped_cut_off": len(prompts) - len(kept),
+        "answer_tokens": sum(len(a.answer_ids) for a in kept),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     meta.write_text(json.dumps(info, indent=1))
     return info
 
@@ -407,15 +548,34 @@ def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Pat
     """A fine-tune of the real model: no in-run evaluation (the probe scores the export), exported."""
     g = data["general"]["train"]
     model = ["model=smollm2_135m"] if args.model == "smollm2_135m" else []
-    return merged(["stage=pretrain", "logger=jsonl", "logger.dashboard=false", "eval.sample_prompts=[]", *model,
-                   f"model.name_or_path={model_dir}", f"data.seq_len={args.seq_len}",
-                   f"trainer.micro_batch_size={args.micro_batch}", "trainer.grad_accum_steps=1",
-                   f"trainer.seed={args.seed}", "trainer.save_every_steps=0", "trainer.log_every_steps=1",
-                   f"data.path={data['domain']['train']}", f"regularizer={setting.regularizer}",
-                   f"regularizer.replay.path={g}", f"regularizer.ewc.fisher_data={g}",
-                   f"regularizer.ewc.fisher_batches={args.fisher_batches}", f"trainer.max_steps={args.steps}",
-                   f"trainer.lr={args.lr}", f"trainer.warmup_steps={args.warmup}", "trainer.eval_every_steps=0",
-                   "trainer.export_hf=true", f"output_dir={out}"], setting.overrides)
+    return merged(
+        [
+            "stage=pretrain",
+            "logger=jsonl",
+            "logger.dashboard=false",
+            "eval.sample_prompts=[]",
+            *model,
+            f"model.name_or_path={model_dir}",
+            f"data.seq_len={args.seq_len}",
+            f"trainer.micro_batch_size={args.micro_batch}",
+            "trainer.grad_accum_steps=1",
+            f"trainer.seed={args.seed}",
+            "trainer.save_every_steps=0",
+            "trainer.log_every_steps=1",
+            f"data.path={data['domain']['train']}",
+            f"regularizer={setting.regularizer}",
+            f"regularizer.replay.path={g}",
+            f"regularizer.ewc.fisher_data={g}",
+            f"regularizer.ewc.fisher_batches={args.fisher_batches}",
+            f"trainer.max_steps={args.steps}",
+            f"trainer.lr={args.lr}",
+            f"trainer.warmup_steps={args.warmup}",
+            "trainer.eval_every_steps=0",
+            "trainer.export_hf=true",
+            f"output_dir={out}",
+        ],
+        setting.overrides,
+    )
 
 
 def method_of(setting: Setting) -> Tuple[str, str]:
@@ -448,20 +608,31 @@ def relate(points: List[Dict], base: Dict[str, float], reference: Dict[str, floa
         p["removed"] = min(judged) if judged else None
         p["gain"] = base["domain"] - sc["domain"]
         p["kept"] = p["gain"] / ref_gain if ref_gain > 0 else None
-        p["meets_target"] = (p["removed"] is not None and p["kept"] is not None
-                             and p["removed"] >= TARGET_REMOVED and p["kept"] >= TARGET_KEPT)
+        p["meets_target"] = (
+            p["removed"] is not None
+            and p["kept"] is not None
+            and p["removed"] >= TARGET_REMOVED
+            and p["kept"] >= TARGET_KEPT
+        )
 
 
 def real_table(points: List[Dict], base: Dict[str, float]) -> str:
-    head = ("| setting | α | general loss | chat loss | KL from base | domain loss | removed: general / chat / KL "
-            "| removed (judged) | gain kept | target |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
-             f"| base (start) | 0 | {base['general']:.3f} | {base['chat']:.3f} | 0 | {base['domain']:.3f} | – | – | – | – |"]
+    head = (
+        "| setting | α | general loss | chat loss | KL from base | domain loss | removed: general / chat / KL "
+        "| removed (judged) | gain kept | target |"
+    )
+    lines = [
+        head,
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        f"| base (start) | 0 | {base['general']:.3f} | {base['chat']:.3f} | 0 | {base['domain']:.3f} | – | – | – | – |",
+    ]
     for p in points:
         sc, r = p["scores"], p["removed_by"]
-        lines.append(f"| {p['setting']} | {p['alpha']} | {sc['general']:.3f} | {sc['chat']:.3f} | {sc['kl']:.4f} "
-                     f"| {sc['domain']:.3f} | {_pct(r['general'])} / {_pct(r['chat'])} / {_pct(r['kl'])} "
-                     f"| {_pct(p['removed'])} | {_pct(p['kept'])} | {'yes' if p['meets_target'] else 'no'} |")
+        lines.append(
+            f"| {p['setting']} | {p['alpha']} | {sc['general']:.3f} | {sc['chat']:.3f} | {sc['kl']:.4f} "
+            f"| {sc['domain']:.3f} | {_pct(r['general'])} / {_pct(r['chat'])} / {_pct(r['kl'])} "
+            f"| {_pct(p['removed'])} | {_pct(p['kept'])} | {'yes' if p['meets_target'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -471,56 +642,100 @@ def group_grid(values: Sequence[float]) -> List[Dict[str, float]]:
 
     from trainer.forgetting.interpolation import GROUPS
 
-    return [dict(zip(GROUPS, combo)) for combo in itertools.product(values, repeat=len(GROUPS))
-            if len(set(combo)) > 1]
+    return [dict(zip(GROUPS, combo)) for combo in itertools.product(values, repeat=len(GROUPS)) if len(set(combo)) > 1]
 
 
 def real_main(args) -> Dict:
     """Fine-tune the real model once per setting; score each export and its interpolations with the
     start on the probe (bench/drift.py); report against plain fine-tuning and draw the frontiers."""
+    import drift
     import torch
     from safetensors.torch import load_file
 
-    import drift
     from trainer.forgetting.interpolation import alpha_label, interpolate
 
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()
     model_dir = resolve_model(args.model)
-    print(f"real-model profile: {model_dir}; {len(settings(args, out))} fine-tunes of {args.steps} steps; left out: "
-          + "; ".join(REAL_LEAVES_OUT), flush=True)
-    data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
-            for name, path in (("general", args.general), ("domain", args.domain))}
+    print(
+        f"real-model profile: {model_dir}; {len(settings(args, out))} fine-tunes of {args.steps} steps; left out: "
+        + "; ".join(REAL_LEAVES_OUT),
+        flush=True,
+    )
+    data = {
+        name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
+        for name, path in (("general", args.general), ("domain", args.domain))
+    }
     for name, d in data.items():
-        print(f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
-              f"({d['train_mib']} MiB train)", flush=True)
+        print(
+            f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
+            f"({d['train_mib']} MiB train)",
+            flush=True,
+        )
     held = {n: Path(d["heldout"]) for n, d in data.items()}
-    probe_settings = {"text_tokens": args.probe_tokens, "answer_tokens": args.answer_tokens, "top_k": args.top_k,
-                      "prompts": args.prompts}
+    probe_settings = {
+        "text_tokens": args.probe_tokens,
+        "answer_tokens": args.answer_tokens,
+        "top_k": args.top_k,
+        "prompts": args.prompts,
+    }
     cache = out / "probe" / f"probe-{drift.key(model_dir, held['general'], held['domain'], probe_settings)}.pt"
     t0 = time.perf_counter()
-    prompts = drift.CHAT_PROMPTS[:args.prompts]
-    probe = drift.build_probe(model_dir, read_documents(held["general"]), read_documents(held["domain"]), cache,
-                              text_tokens=args.probe_tokens, answer_tokens=args.answer_tokens, top_k=args.top_k,
-                              prompts=prompts)
-    print(f"probe: {probe.tokens()} scored tokens, {len(probe.answers)} base answers ({cache}, "
-          f"{time.perf_counter() - t0:.0f} s)", flush=True)
+    prompts = drift.CHAT_PROMPTS[: args.prompts]
+    probe = drift.build_probe(
+        model_dir,
+        read_documents(held["general"]),
+        read_documents(held["domain"]),
+        cache,
+        text_tokens=args.probe_tokens,
+        answer_tokens=args.answer_tokens,
+        top_k=args.top_k,
+        prompts=prompts,
+    )
+    print(
+        f"probe: {probe.tokens()} scored tokens, {len(probe.answers)} base answers ({cache}, "
+        f"{time.perf_counter() - t0:.0f} s)",
+        flush=True,
+    )
 
     rehearsal, info = None, None
-    if (args.chat_replay_ratios and "replay" in args.only) or (args.chat_ewc_replay_ratio and "ewc_replay" in args.only):
+    if (args.chat_replay_ratios and "replay" in args.only) or (
+        args.chat_ewc_replay_ratio and "ewc_replay" in args.only
+    ):
         train_sha = hashlib.sha256(Path(data["general"]["train"]).read_bytes()).hexdigest()  # content, not path
-        rkey = hashlib.sha256(json.dumps([cache.name, train_sha, args.rehearsal_prompts, args.rehearsal_tokens,
-                                          args.seed, args.rehearsal_keep_cut_off]).encode()).hexdigest()[:12]
-        info = build_rehearsal(model_dir, read_documents(Path(data["general"]["train"])),
-                               out / "probe" / f"rehearsal-{rkey}.jsonl", args.rehearsal_prompts, args.rehearsal_tokens,
-                               args.seed, args.rehearsal_keep_cut_off)
+        rkey = hashlib.sha256(
+            json.dumps(
+                [
+                    cache.name,
+                    train_sha,
+                    args.rehearsal_prompts,
+                    args.rehearsal_tokens,
+                    args.seed,
+                    args.rehearsal_keep_cut_off,
+                ]
+            ).encode()
+        ).hexdigest()[:12]
+        info = build_rehearsal(
+            model_dir,
+            read_documents(Path(data["general"]["train"])),
+            out / "probe" / f"rehearsal-{rkey}.jsonl",
+            args.rehearsal_prompts,
+            args.rehearsal_tokens,
+            args.seed,
+            args.rehearsal_keep_cut_off,
+        )
         if not info["answers"]:
-            raise SystemExit(f"rehearsal: none of the base's {info['prompts']} answers ended within "
-                             f"--rehearsal-tokens={args.rehearsal_tokens}; raise it")
+            raise SystemExit(
+                f"rehearsal: none of the base's {info['prompts']} answers ended within "
+                f"--rehearsal-tokens={args.rehearsal_tokens}; raise it"
+            )
         rehearsal = Path(info["path"])
-        print(f"rehearsal (chat replay): the base's answers to {info['answers']} of {info['prompts']} prompts on general "
-              f"train documents ({info['answer_tokens']} answer tokens; {info['dropped_cut_off']} dropped, cut off at "
-              f"{args.rehearsal_tokens} tokens) -> {rehearsal} ({info['seconds']:.0f} s)", flush=True)
+        print(
+            f"rehearsal (chat replay): the base's answers to {info['answers']} of {info['prompts']} prompts on general "
+            f"train documents ({info['answer_tokens']} answer tokens; {info['dropped_cut_off']} dropped, cut off at "
+            f"{args.rehearsal_tokens} tokens) -> {rehearsal} ({info['seconds']:.0f} s)",
+            flush=True,
+        )
 
     model = drift.load_model(model_dir)
     num_layers = model.config.num_hidden_layers
@@ -550,19 +765,37 @@ def real_main(args) -> Dict:
         if s.name == "none" and args.group_alphas:
             for a in group_grid(args.group_alphas):
                 label = alpha_label(a)
-                mine.append(drift_point(s.name, "interpolation per group: none", label.replace("bottom=", "b")
-                                        .replace("middle=", "m").replace("top=", "t"), label, score_at(tuned, a)))
+                mine.append(
+                    drift_point(
+                        s.name,
+                        "interpolation per group: none",
+                        label.replace("bottom=", "b").replace("middle=", "m").replace("top=", "t"),
+                        label,
+                        score_at(tuned, a),
+                    )
+                )
         rows = read_metrics(run_dir)
         losses = series(rows, "train/loss")
         step_time = series(rows, "perf/step_time_s")
-        runs.append({"setting": s.name, "overrides": s.overrides, "wall_s": round(wall, 1),
-                     "score_wall_s": round(time.perf_counter() - t0, 1), "final_train_loss": losses.get(max(losses)),
-                     "step_time_s": statistics.median(step_time.values()) if step_time else None,
-                     "replay_token_fraction": statistics.mean(series(rows, "data/replay_token_fraction").values())
-                     if series(rows, "data/replay_token_fraction") else None})
+        runs.append(
+            {
+                "setting": s.name,
+                "overrides": s.overrides,
+                "wall_s": round(wall, 1),
+                "score_wall_s": round(time.perf_counter() - t0, 1),
+                "final_train_loss": losses.get(max(losses)),
+                "step_time_s": statistics.median(step_time.values()) if step_time else None,
+                "replay_token_fraction": statistics.mean(series(rows, "data/replay_token_fraction").values())
+                if series(rows, "data/replay_token_fraction")
+                else None,
+            }
+        )
         points += mine
-        print(f"  {len(mine)} points scored in {time.perf_counter() - t0:.0f} s; the export at α=1: "
-              f"{json.dumps({k: round(v, 4) for k, v in mine[0]['scores'].items()})}", flush=True)
+        print(
+            f"  {len(mine)} points scored in {time.perf_counter() - t0:.0f} s; the export at α=1: "
+            f"{json.dumps({k: round(v, 4) for k, v in mine[0]['scores'].items()})}",
+            flush=True,
+        )
         if not args.keep_runs:  # 2 GB of checkpoint and 0.5 GB of export a run; metrics.jsonl stays
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             shutil.rmtree(run_dir / "hf", ignore_errors=True)
@@ -571,32 +804,60 @@ def real_main(args) -> Dict:
     relate(points, base, reference)
     fronts = frontier.frontiers(points)
     best = frontier.best_trade_off(points[1:], TARGET_REMOVED, TARGET_KEPT)
-    png = frontier.plot(points[1:], out / "frontier.png",
-                        f"{model_dir.name}: {args.steps} steps on {Path(args.domain).name}; forgetting removed = min over "
-                        f"{' and '.join(MEASURES)} loss", TARGET_REMOVED, TARGET_KEPT)
+    png = frontier.plot(
+        points[1:],
+        out / "frontier.png",
+        f"{model_dir.name}: {args.steps} steps on {Path(args.domain).name}; forgetting removed = min over "
+        f"{' and '.join(MEASURES)} loss",
+        TARGET_REMOVED,
+        TARGET_KEPT,
+    )
     shown = [p for p in points if not p["method"].startswith("interpolation per group")]
     grouped = [p for p in fronts.get("interpolation per group: none", [])]
     print()
-    print(f"Forgetting, real model {model_dir.name}: {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens of "
-          f"{Path(args.domain).name}, lr {args.lr:g}; general text {Path(args.general).name}; chat: the base's greedy "
-          f"answers to {len(probe.answers)} prompts")
+    print(
+        f"Forgetting, real model {model_dir.name}: {args.steps} steps x {args.micro_batch} x {args.seq_len} tokens of "
+        f"{Path(args.domain).name}, lr {args.lr:g}; general text {Path(args.general).name}; chat: the base's greedy "
+        f"answers to {len(probe.answers)} prompts"
+    )
     print(real_table(points[:1] + [p for p in shown[1:]], base))
     if grouped:
         print("\nper-group interpolation of `none` (bottom / middle / top α): its Pareto frontier")
         print(real_table(grouped, base))
     meeting = [p for p in points[1:] if p["meets_target"]]
-    print(f"target: >= {TARGET_REMOVED:.0%} of the forgetting removed (on every measure where plain fine-tuning forgot) "
-          f"with >= {TARGET_KEPT:.0%} of the gain kept: "
-          + (f"met by {len(meeting)} point(s), best {meeting and frontier.best_trade_off(meeting, 0, 0)['setting']}" if meeting else "NOT met")
-          + (f"; closest: {best['setting']} α {best['alpha']} (removed {_pct(best['removed'])}, kept {_pct(best['kept'])})" if best else ""))
+    print(
+        f"target: >= {TARGET_REMOVED:.0%} of the forgetting removed (on every measure where plain fine-tuning forgot) "
+        f"with >= {TARGET_KEPT:.0%} of the gain kept: "
+        + (
+            f"met by {len(meeting)} point(s), best {meeting and frontier.best_trade_off(meeting, 0, 0)['setting']}"
+            if meeting
+            else "NOT met"
+        )
+        + (
+            f"; closest: {best['setting']} α {best['alpha']} (removed {_pct(best['removed'])}, kept "
+            f"{_pct(best['kept'])})"
+            if best
+            else ""
+        )
+    )
     print(f"frontiers: {png}")
     report = {
-        "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine_line(), "profile": "real",
-        "model": str(model_dir), "args": {k: v for k, v in vars(args).items()}, "data": data,
-        "probe": {"cache": str(cache), "tokens": probe.tokens(), "answers": probe.answers}, "base": base,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": machine_line(),
+        "profile": "real",
+        "model": str(model_dir),
+        "args": {k: v for k, v in vars(args).items()},
+        "data": data,
+        "probe": {"cache": str(cache), "tokens": probe.tokens(), "answers": probe.answers},
+        "base": base,
         "rehearsal": info if rehearsal else None,
-        "runs": runs, "points": points, "frontiers": fronts, "best": best,
-        "target_met": bool(meeting), "total_wall_s": round(time.perf_counter() - started, 1),
+        "runs": runs,
+        "points": points,
+        "frontiers": fronts,
+        "best": best,
+        "target_met": bool(meeting),
+        "total_wall_s": round(time.perf_counter() - started, 1),
     }
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))
     print(f"wrote {out / 'forgetting.json'} ({report['total_wall_s']:.0f} s in all)")
@@ -605,40 +866,107 @@ def real_main(args) -> Dict:
 
 # ---- main ------------------------------------------------------------------------------------------
 
+
 def _floats(text: str) -> List[float]:
     return [float(x) for x in text.split(",") if x.strip()]
 
 
 # Per profile: the tiny model pretrained here (default), the real model (--model), the CI smoke runs.
 PROFILES = {
-    "tiny": dict(steps=200, base_steps=600, lr=1e-3, base_lr=1e-3, warmup=10, seq_len=512, micro_batch=4,
-                 heldout_docs=500, lams=[0.01, 0.1, 1.0], replay_ratios=[0.05, 0.25], ewc_replay_ratio=0.05,
-                 fisher_batches=8, lower_lrs=[], alphas=[0.25, 0.5, 0.75], group_alphas=[], skip_steps=5, warmups=[],
-                 fisher_labels=["data"], chat_replay_ratios=[]),
+    "tiny": dict(
+        steps=200,
+        base_steps=600,
+        lr=1e-3,
+        base_lr=1e-3,
+        warmup=10,
+        seq_len=512,
+        micro_batch=4,
+        heldout_docs=500,
+        lams=[0.01, 0.1, 1.0],
+        replay_ratios=[0.05, 0.25],
+        ewc_replay_ratio=0.05,
+        fisher_batches=8,
+        lower_lrs=[],
+        alphas=[0.25, 0.5, 0.75],
+        group_alphas=[],
+        skip_steps=5,
+        warmups=[],
+        fisher_labels=["data"],
+        chat_replay_ratios=[],
+    ),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
     # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
-    "real": dict(steps=20, lr=1e-4, warmup=2, seq_len=512, micro_batch=1, heldout_docs=200, lams=[0.01, 0.1],
-                 replay_ratios=[0.1, 0.25, 0.5], ewc_replay_ratio=0.25, fisher_batches=4, lower_lrs=[2.5e-5],
-                 alphas=[0.75, 0.5, 0.25], group_alphas=[0.25, 0.5, 1.0], skip_steps=2, warmups=[],
-                 fisher_labels=["data"], chat_replay_ratios=[]),
-    "smoke": dict(steps=3, base_steps=3, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1,
-                  lams=[1.0], replay_ratios=[0.25], alphas=[0.5], fisher_labels=["sampled"]),
-    "real_smoke": dict(steps=2, seq_len=128, warmup=1, skip_steps=0, heldout_docs=20, fisher_batches=1, lams=[1.0],
-                       replay_ratios=[], chat_replay_ratios=[0.25], fisher_labels=["sampled"], lower_lrs=[],
-                       ewc_replay_ratio=0, chat_ewc_replay_ratio=0.25,
-                       alphas=[0.5], group_alphas=[0.5, 1.0], lr=1e-3, probe_tokens=200, answer_tokens=8, prompts=3,
-                       rehearsal_prompts=4, rehearsal_tokens=16, rehearsal_keep_cut_off=True),
+    "real": dict(
+        steps=20,
+        lr=1e-4,
+        warmup=2,
+        seq_len=512,
+        micro_batch=1,
+        heldout_docs=200,
+        lams=[0.01, 0.1],
+        replay_ratios=[0.1, 0.25, 0.5],
+        ewc_replay_ratio=0.25,
+        fisher_batches=4,
+        lower_lrs=[2.5e-5],
+        alphas=[0.75, 0.5, 0.25],
+        group_alphas=[0.25, 0.5, 1.0],
+        skip_steps=2,
+        warmups=[],
+        fisher_labels=["data"],
+        chat_replay_ratios=[],
+    ),
+    "smoke": dict(
+        steps=3,
+        base_steps=3,
+        seq_len=128,
+        warmup=1,
+        skip_steps=0,
+        heldout_docs=20,
+        fisher_batches=1,
+        lams=[1.0],
+        replay_ratios=[0.25],
+        alphas=[0.5],
+        fisher_labels=["sampled"],
+    ),
+    "real_smoke": dict(
+        steps=2,
+        seq_len=128,
+        warmup=1,
+        skip_steps=0,
+        heldout_docs=20,
+        fisher_batches=1,
+        lams=[1.0],
+        replay_ratios=[],
+        chat_replay_ratios=[0.25],
+        fisher_labels=["sampled"],
+        lower_lrs=[],
+        ewc_replay_ratio=0,
+        chat_ewc_replay_ratio=0.25,
+        alphas=[0.5],
+        group_alphas=[0.5, 1.0],
+        lr=1e-3,
+        probe_tokens=200,
+        answer_tokens=8,
+        prompts=3,
+        rehearsal_prompts=4,
+        rehearsal_tokens=16,
+        rehearsal_keep_cut_off=True,
+    ),
 }
 
 
 def parse_args(argv: Optional[List[str]] = None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--general", help="general corpus (.txt/.md with blank-line-separated documents, or .jsonl)")
     p.add_argument("--domain", help="domain corpus, same formats")
     p.add_argument("--out", required=True, help="output directory (the pretrained base is cached here)")
-    p.add_argument("--model", help="real-model profile: a pretrained Hugging Face directory, or an importable "
-                                    "model's name (smollm2_135m); fine-tuned as it is, no base pretraining")
+    p.add_argument(
+        "--model",
+        help="real-model profile: a pretrained Hugging Face directory, or an importable "
+        "model's name (smollm2_135m); fine-tuned as it is, no base pretraining",
+    )
     p.add_argument("--steps", type=int, help="fine-tuning steps per setting (tiny 200, real 20)")
     p.add_argument("--base-steps", type=int, default=600, help="pretraining steps of the tiny base")
     p.add_argument("--lr", type=float, help="fine-tuning peak learning rate (tiny 1e-3, real 1e-4)")
@@ -653,34 +981,60 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--ewc-replay-lam", type=float, default=None, help="λ of ewc_replay (default: the smallest --lams)")
     p.add_argument("--ewc-replay-ratio", type=float)
     p.add_argument("--lower-lrs", type=_floats, help="plain fine-tuning at these lower peak LRs too (real: 2.5e-5)")
-    p.add_argument("--warmups", type=lambda t: [int(x) for x in t.split(",") if x.strip()],
-                   help="plain fine-tuning re-warmed over these numbers of steps too (0 = no warmup)")
-    p.add_argument("--fisher-labels", type=lambda t: [x for x in t.split(",") if x.strip()],
-                   help="EWC's Fisher labels, each run at every --lams: data (the empirical Fisher), sampled (the "
-                        "model's own predictions); e.g. data,sampled")
-    p.add_argument("--chat-replay-ratios", type=_floats,
-                   help="real: replay the base's own answers to general prompts (rehearsal) at these ratios")
-    p.add_argument("--chat-ewc-replay-ratio", type=float,
-                   help="real: ewc_replay on the rehearsal: chat replay at this ratio, EWC (--ewc-replay-lam, the "
-                        "first --fisher-labels) with its Fisher on the same chats' answers")
+    p.add_argument(
+        "--warmups",
+        type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+        help="plain fine-tuning re-warmed over these numbers of steps too (0 = no warmup)",
+    )
+    p.add_argument(
+        "--fisher-labels",
+        type=lambda t: [x for x in t.split(",") if x.strip()],
+        help="EWC's Fisher labels, each run at every --lams: data (the empirical Fisher), sampled (the "
+        "model's own predictions); e.g. data,sampled",
+    )
+    p.add_argument(
+        "--chat-replay-ratios",
+        type=_floats,
+        help="real: replay the base's own answers to general prompts (rehearsal) at these ratios",
+    )
+    p.add_argument(
+        "--chat-ewc-replay-ratio",
+        type=float,
+        help="real: ewc_replay on the rehearsal: chat replay at this ratio, EWC (--ewc-replay-lam, the "
+        "first --fisher-labels) with its Fisher on the same chats' answers",
+    )
     p.add_argument("--rehearsal-prompts", type=int, default=64, help="real: rehearsal prompts to answer")
     p.add_argument("--rehearsal-tokens", type=int, default=128, help="real: longest rehearsal answer kept")
-    p.add_argument("--rehearsal-keep-cut-off", action="store_true",
-                   help="real: keep rehearsal answers cut off at --rehearsal-tokens (default: dropped)")
+    p.add_argument(
+        "--rehearsal-keep-cut-off",
+        action="store_true",
+        help="real: keep rehearsal answers cut off at --rehearsal-tokens (default: dropped)",
+    )
     p.add_argument("--alphas", type=_floats, help="real: interpolation α with the start, scored for every fine-tune")
-    p.add_argument("--group-alphas", type=_floats,
-                   help="real: per-group α grid (bottom/middle/top each from these values) scored for `none`")
+    p.add_argument(
+        "--group-alphas",
+        type=_floats,
+        help="real: per-group α grid (bottom/middle/top each from these values) scored for `none`",
+    )
     p.add_argument("--probe-tokens", type=int, default=3000, help="real: tokens of general and of domain text scored")
     p.add_argument("--answer-tokens", type=int, default=64, help="real: longest base answer generated per prompt")
     p.add_argument("--prompts", type=int, help="real: how many of the chat prompts (default: all 24)")
     p.add_argument("--top-k", type=int, default=64, help="real: the base's next-token probabilities kept for the KL")
     p.add_argument("--keep-runs", action="store_true", help="real: keep each fine-tune's checkpoint and export")
     p.add_argument("--fisher-batches", type=int, help="reference micro-batches for the Fisher")
-    p.add_argument("--only", type=lambda s: s.split(","), default=["replay", "ewc", "ewc_replay"],
-                   help="regularizers to run besides none (the reference, always run), e.g. --only ewc")
+    p.add_argument(
+        "--only",
+        type=lambda s: s.split(","),
+        default=["replay", "ewc", "ewc_replay"],
+        help="regularizers to run besides none (the reference, always run), e.g. --only ewc",
+    )
     p.add_argument("--skip-steps", type=int, help="first steps left out of the step-time median")
-    p.add_argument("--launcher", choices=("python", "deepspeed"), default="python",
-                   help="python: one rank; deepspeed: --nproc ZeRO-3 ranks")
+    p.add_argument(
+        "--launcher",
+        choices=("python", "deepspeed"),
+        default="python",
+        help="python: one rank; deepspeed: --nproc ZeRO-3 ranks",
+    )
     p.add_argument("--nproc", type=int, default=2, help="ranks with --launcher deepspeed")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--smoke", action="store_true", help="bundled sample data, a few steps (seconds to a minute)")
@@ -707,11 +1061,16 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         return real_main(args)
     out = Path(args.out).resolve()
     started, commit = time.perf_counter(), git_head()  # the code the runs start from
-    data = {name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
-            for name, path in (("general", args.general), ("domain", args.domain))}
+    data = {
+        name: split_corpus(Path(path).resolve(), name, out / "data", args.max_docs, args.heldout_docs, args.seed)
+        for name, path in (("general", args.general), ("domain", args.domain))
+    }
     for name, d in data.items():
-        print(f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
-              f"({d['train_mib']} MiB train)", flush=True)
+        print(
+            f"{name}: {d['source']} -> {d['train_docs']:,} train / {d['heldout_docs']:,} held-out documents "
+            f"({d['train_mib']} MiB train)",
+            flush=True,
+        )
 
     base = out / f"base-{base_key(args, data)}"
     if (base / "hf" / "config.json").is_file():
@@ -732,49 +1091,89 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         wall = train(args, finetune_overrides(args, data, base, s, run_dir), out / "logs" / f"{run_dir.name}.log")
         interp = run_dir / "interpolation.json"
         method, knob = method_of(s)
-        results.append({"setting": s.name, "regularizer": s.regularizer, "overrides": s.overrides,
-                        "method": method, "knob": knob,
-                        "output_dir": str(run_dir), "wall_s": round(wall, 1),
-                        **summarise(read_metrics(run_dir), args.skip_steps),
-                        "interpolation": json.loads(interp.read_text()) if interp.is_file() else None})
+        results.append(
+            {
+                "setting": s.name,
+                "regularizer": s.regularizer,
+                "overrides": s.overrides,
+                "method": method,
+                "knob": knob,
+                "output_dir": str(run_dir),
+                "wall_s": round(wall, 1),
+                **summarise(read_metrics(run_dir), args.skip_steps),
+                "interpolation": json.loads(interp.read_text()) if interp.is_file() else None,
+            }
+        )
         shutil.rmtree(run_dir / "hf", ignore_errors=True)  # the export was only the sweep's output
     relative(results)
     summary = verdict(results)
     points = tiny_points(results)
     fronts = frontier.frontiers(points)
-    png = frontier.plot(points, out / "frontier.png", f"tiny base, {args.steps} steps on {Path(args.domain).name}",
-                        TARGET_REMOVED, TARGET_KEPT)
+    png = frontier.plot(
+        points,
+        out / "frontier.png",
+        f"tiny base, {args.steps} steps on {Path(args.domain).name}",
+        TARGET_REMOVED,
+        TARGET_KEPT,
+    )
 
     ranks = 1 if args.launcher == "python" else args.nproc
-    launch = "python launch/train.py (1 rank)" if ranks == 1 else f"deepspeed --num_gpus {ranks} (ZeRO-3, {ranks} ranks)"
+    launch = (
+        "python launch/train.py (1 rank)" if ranks == 1 else f"deepspeed --num_gpus {ranks} (ZeRO-3, {ranks} ranks)"
+    )
     print()
-    print(f"Forgetting: {args.steps} fine-tuning steps on {Path(args.domain).name} from a base pretrained "
-          f"{args.base_steps} steps on {Path(args.general).name}; launcher: {launch}")
-    print(f"base model: general held-out loss {base_general[0]:.3f} -> {base_general[max(base_general)]:.3f}, "
-          f"domain {base_domain[0]:.3f} -> {base_domain[max(base_domain)]:.3f} over pretraining")
+    print(
+        f"Forgetting: {args.steps} fine-tuning steps on {Path(args.domain).name} from a base pretrained "
+        f"{args.base_steps} steps on {Path(args.general).name}; launcher: {launch}"
+    )
+    print(
+        f"base model: general held-out loss {base_general[0]:.3f} -> {base_general[max(base_general)]:.3f}, "
+        f"domain {base_domain[0]:.3f} -> {base_domain[max(base_domain)]:.3f} over pretraining"
+    )
     print(table(results))
-    print(f"target: best setting removes >= {TARGET_REMOVED:.0%} of the forgetting and keeps >= {TARGET_KEPT:.0%} "
-          f"of the gain: {'met by ' + ', '.join(summary['settings_meeting_target']) if summary['forgetting_target_met'] else 'NOT met'}"
-          f" (best: {summary['best_setting']})")
+    print(
+        f"target: best setting removes >= {TARGET_REMOVED:.0%} of the forgetting and keeps >= {TARGET_KEPT:.0%} "
+        "of the gain: "
+        + (f"met by {', '.join(summary['settings_meeting_target'])}" if summary["forgetting_target_met"] else "NOT met")
+        + f" (best: {summary['best_setting']})"
+    )
     yes = {True: "met", False: "NOT met", None: "no EWC run"}
-    print(f"target: EWC costs <= {TARGET_EWC_COST:.0%} of a step: {yes[summary['ewc_cost_target_met']]} by EWC's own time "
-          f"(max {_pct(summary['ewc_extra_unphased_vs_none_max'], True)}), "
-          f"{yes[summary['ewc_step_time_target_met_raw']]} by the whole step's median "
-          f"(max {_pct(summary['ewc_step_time_vs_none_max'], True)})")
+    print(
+        f"target: EWC costs <= {TARGET_EWC_COST:.0%} of a step: {yes[summary['ewc_cost_target_met']]} by EWC's own "
+        "time "
+        f"(max {_pct(summary['ewc_extra_unphased_vs_none_max'], True)}), "
+        f"{yes[summary['ewc_step_time_target_met_raw']]} by the whole step's median "
+        f"(max {_pct(summary['ewc_step_time_vs_none_max'], True)})"
+    )
     print("\nPareto frontiers (forgetting removed / gain kept over each method's knob):")
     for method, front in sorted(fronts.items()):
         print(f"  {method}: " + ", ".join(f"{p['knob']} {_pct(p['removed'])}/{_pct(p['kept'])}" for p in front))
     print(f"frontiers: {png}")
     if not summary["none_forgets"]:
-        print("warning: plain fine-tuning did not forget (general loss did not rise); pretrain the base longer "
-              "(--base-steps) or fine-tune longer / with a higher --lr")
+        print(
+            "warning: plain fine-tuning did not forget (general loss did not rise); pretrain the base longer "
+            "(--base-steps) or fine-tune longer / with a higher --lr"
+        )
 
     report = {
-        "date": datetime.date.today().isoformat(), "commit": commit, "machine": machine_line(),
-        "launcher": launch, "ranks": ranks, "args": {k: v for k, v in vars(args).items()},
-        "data": data, "base": {"output_dir": str(base), "wall_s": base_wall, "general_loss": base_general,
-                                "domain_loss": base_domain},
-        "results": results, "summary": summary, "table": table(results), "points": points, "frontiers": fronts,
+        "date": datetime.date.today().isoformat(),
+        "commit": commit,
+        "machine": machine_line(),
+        "launcher": launch,
+        "ranks": ranks,
+        "args": {k: v for k, v in vars(args).items()},
+        "data": data,
+        "base": {
+            "output_dir": str(base),
+            "wall_s": base_wall,
+            "general_loss": base_general,
+            "domain_loss": base_domain,
+        },
+        "results": results,
+        "summary": summary,
+        "table": table(results),
+        "points": points,
+        "frontiers": fronts,
         "total_wall_s": round(time.perf_counter() - started, 1),
     }
     (out / "forgetting.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str))

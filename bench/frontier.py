@@ -47,17 +47,31 @@ def plot(points: Sequence[Dict], path: Path, title: str, removed_target: float, 
 
     fig, ax = plt.subplots(figsize=(8, 6), dpi=110)
     ax.axvspan(removed_target, 1.05, ymin=0, ymax=1, alpha=0)  # keeps the corner inside the axes
-    ax.fill_between([removed_target, 1.05], kept_target, 1.1, color="tab:green", alpha=0.12,
-                    label=f"target: removed ≥ {removed_target:.0%}, kept ≥ {kept_target:.0%}")
+    ax.fill_between(
+        [removed_target, 1.05],
+        kept_target,
+        1.1,
+        color="tab:green",
+        alpha=0.12,
+        label=f"target: removed ≥ {removed_target:.0%}, kept ≥ {kept_target:.0%}",
+    )
     palette = plt.get_cmap("tab20").colors  # 20 distinct colours: a sweep has a dozen methods
     for i, (method, front) in enumerate(sorted(frontiers(points).items())):
         colour = palette[(2 * i) % 20 if i < 10 else (2 * i + 1) % 20]
-        mine = [p for p in points if p["method"] == method and p.get("removed") is not None and p.get("kept") is not None]
+        mine = [
+            p for p in points if p["method"] == method and p.get("removed") is not None and p.get("kept") is not None
+        ]
         ax.scatter([p["removed"] for p in mine], [p["kept"] for p in mine], color=colour, alpha=0.3, s=18)
         ax.plot([p["removed"] for p in front], [p["kept"] for p in front], "o-", color=colour, label=method, ms=5)
         for p in front:
-            ax.annotate(p["knob"], (p["removed"], p["kept"]), fontsize=7, color=colour, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.annotate(
+                p["knob"],
+                (p["removed"], p["kept"]),
+                fontsize=7,
+                color=colour,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xlabel("share of plain fine-tuning's forgetting removed")
     ax.set_ylabel("share of plain fine-tuning's domain gain kept")
     xs = [p["removed"] for p in points if p.get("removed") is not None] + [0.0, 1.0]

@@ -35,8 +35,8 @@ if str(ROOT) not in sys.path:
 from trainer.distributed import free_port  # noqa: E402
 from trainer.observability.tracking import read_metrics, series  # noqa: E402,F401  (the one metrics reader)
 
-
 # ---- the synthetic SFT set ------------------------------------------------------------------------
+
 
 def _sentences():
     """Every sentence of the bundled data (notes, general text, QA answers), in file order."""
@@ -69,9 +69,17 @@ class SentencePool:
         return " ".join(out)
 
 
-def write_alpaca(path: Path, pool: SentencePool, n: int, seed: int, answer_median: float = 250.0,
-                 answer_sigma: float = 1.0, input_fraction: float = 0.4, input_median: float = 60.0,
-                 chat: bool = False) -> Dict:
+def write_alpaca(
+    path: Path,
+    pool: SentencePool,
+    n: int,
+    seed: int,
+    answer_median: float = 250.0,
+    answer_sigma: float = 1.0,
+    input_fraction: float = 0.4,
+    input_median: float = 60.0,
+    chat: bool = False,
+) -> Dict:
     """n alpaca records with lognormal answer lengths (in tokens); returns a summary of the draw.
     chat=True writes each record as the conversation our pipeline makes of it (data.format=messages:
     a user turn "instruction[\\n\\ninput]" and the assistant's answer), the same draw for the same seed."""
@@ -90,8 +98,13 @@ def write_alpaca(path: Path, pool: SentencePool, n: int, seed: int, answer_media
                 rec = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]}
             f.write(json.dumps(rec) + "\n")
     answers.sort()
-    return {"records": n, "answer_tokens_median": answers[n // 2], "answer_tokens_mean": round(sum(answers) / n, 1),
-            "answer_tokens_p99": answers[min(n - 1, int(0.99 * n))], "answer_tokens_max": answers[-1]}
+    return {
+        "records": n,
+        "answer_tokens_median": answers[n // 2],
+        "answer_tokens_mean": round(sum(answers) / n, 1),
+        "answer_tokens_p99": answers[min(n - 1, int(0.99 * n))],
+        "answer_tokens_max": answers[-1],
+    }
 
 
 def write_chat(path: Path, pool: SentencePool, n: int, seed: int, **kwargs) -> Dict:
@@ -100,6 +113,7 @@ def write_chat(path: Path, pool: SentencePool, n: int, seed: int, **kwargs) -> D
 
 
 # ---- config, tokenizer, starting model ------------------------------------------------------------
+
 
 def compose(overrides: Sequence[str]):
     """The typed Config for these overrides, composed exactly as launch/train.py does."""
@@ -129,8 +143,14 @@ def save_init_model(out: Path, arch: Dict, tokenizer, seed: int, model_type: str
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
@@ -143,8 +163,14 @@ def save_init_config(out: Path, arch: Dict, tokenizer, model_type: str = "llama"
     """The config and tokenizer of save_init_model's directory, without weights (for dry runs)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **arch)
+    config = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **arch,
+    )
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -154,8 +180,19 @@ def arch_of(model_dir: Path) -> Dict:
     """A Hugging Face model directory's architecture as param_count takes it (plus vocab_size and
     model_type)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "vocab_size", "model_type")
+    keys = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "vocab_size",
+        "model_type",
+    )
     return {k: config[k] for k in keys if k in config}
 
 
@@ -172,6 +209,7 @@ def param_count(arch: Dict, vocab: int, model_type: str = "llama") -> int:
 
 # ---- launching ------------------------------------------------------------------------------------
 
+
 def launch_cmd(launcher: str, nproc: int, script: str = "launch/train.py") -> List[str]:
     """`script` under `deepspeed --num_gpus N` (on CPU: N CPU ranks over gloo, on a free port, so
     concurrent benchmarks do not collide) or plain `python` (one rank)."""
@@ -182,8 +220,14 @@ def launch_cmd(launcher: str, nproc: int, script: str = "launch/train.py") -> Li
 
 def deepspeed_cmd(script: str, nproc: int) -> List[str]:
     """`deepspeed --num_gpus N script` (on CPU: N CPU ranks over gloo), on a free port."""
-    return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-            str(free_port()), script]
+    return [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        script,
+    ]
 
 
 def run_logged(cmd: Sequence[str], log_file: Path, env: Optional[Dict[str, str]] = None) -> float:
@@ -205,10 +249,12 @@ def run_logged(cmd: Sequence[str], log_file: Path, env: Optional[Dict[str, str]]
 
 # ---- what every figure carries --------------------------------------------------------------------
 
+
 def git_head() -> Optional[str]:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -225,11 +271,16 @@ def load_average() -> List[float]:
 def machine() -> Dict:
     import torch
 
-    info = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "platform": platform.platform()}
+    info = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
     try:
-        info["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                                 if line.startswith("model name"))
+        info["cpu_model"] = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     if torch.cuda.is_available():
@@ -243,8 +294,12 @@ def machine() -> Dict:
 
 
 def stamp() -> Dict:
-    return {"date": datetime.date.today().isoformat(), "commit": git_head(), "load_avg_start": load_average(),
-            "machine": machine()}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_head(),
+        "load_avg_start": load_average(),
+        "machine": machine(),
+    }
 
 
 def peak_rss_gb() -> float:

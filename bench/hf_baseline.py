@@ -102,12 +102,19 @@ def ds_config(on_gpu: bool) -> dict:
 def main() -> None:
     args = parse_args()
     import transformers
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     on_gpu = torch.cuda.is_available()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or
-                      os.environ.get("WORLD_SIZE") or 1)
+    local_world = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1
+    )
     if not on_gpu:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     transformers.logging.set_verbosity_warning()
@@ -122,17 +129,36 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(args.out)
     training_args = TrainingArguments(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, num_train_epochs=1,
-        learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup,
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=args.adam_beta2, adam_epsilon=1e-8, max_grad_norm=1.0,
-        seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not on_gpu, bf16=args.bf16, deepspeed=ds_config(on_gpu), dataloader_drop_last=True,
-        remove_unused_columns=False, gradient_checkpointing=args.gradient_checkpointing,
-        disable_tqdm=True)
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not on_gpu,
+        bf16=args.bf16,
+        deepspeed=ds_config(on_gpu),
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        disable_tqdm=True,
+    )
     # After TrainingArguments(deepspeed=ZeRO-3): from_pretrained partitions under zero.Init.
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                                 attn_implementation=args.attn)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, attn_implementation=args.attn
+    )
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     collator = DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100)
@@ -142,15 +168,23 @@ def main() -> None:
 
     class Measured(Trainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
-                                                 num_items_in_batch=num_items_in_batch)
+            loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
             with torch.no_grad():  # the token-loss sum our trainer logs; row by row, so the extra memory is one
                 labels = inputs["labels"][:, 1:]  # row's log-softmax (and the FLOPs ~5 x vocab a token: noise)
-                loss_sum = sum(torch.nn.functional.cross_entropy(outputs.logits[i, :-1].float(), labels[i],
-                                                                 ignore_index=-100, reduction="sum")
-                               for i in range(labels.size(0)))
-                counts = [float(inputs["attention_mask"].sum()), float((labels != -100).sum()), float(loss_sum),
-                          float(inputs["input_ids"].numel())]
+                loss_sum = sum(
+                    torch.nn.functional.cross_entropy(
+                        outputs.logits[i, :-1].float(), labels[i], ignore_index=-100, reduction="sum"
+                    )
+                    for i in range(labels.size(0))
+                )
+                counts = [
+                    float(inputs["attention_mask"].sum()),
+                    float((labels != -100).sum()),
+                    float(loss_sum),
+                    float(inputs["input_ids"].numel()),
+                ]
             if len(steps) <= self.state.global_step:
                 steps.append([0.0, 0.0, 0.0, 0.0])
             steps[self.state.global_step] = [a + b for a, b in zip(steps[self.state.global_step], counts)]
@@ -169,8 +203,9 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             step_ends.append(time.perf_counter())
 
-    trainer = Measured(model=model, args=training_args, train_dataset=Samples(args.data), data_collator=collator,
-                       callbacks=[Clock()])
+    trainer = Measured(
+        model=model, args=training_args, train_dataset=Samples(args.data), data_collator=collator, callbacks=[Clock()]
+    )
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
@@ -187,8 +222,11 @@ def write_report(path: Path, trainer, steps: list, step_ends: list, train_s: flo
     """Every rank: its peak memory and per-step counts, summed over ranks; the final weights to
     OUT/hf; rank 0 writes `path`. steps: per optimizer step, this rank's [real tokens, supervised
     tokens, token-loss sum, row slots]; step_ends: the clock at train begin and at each step end."""
-    peak_gb = (torch.cuda.max_memory_allocated() / 2**30 if on_gpu
-               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    peak_gb = (
+        torch.cuda.max_memory_allocated() / 2**30
+        if on_gpu
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    )
 
     import torch.distributed as dist
 
@@ -199,13 +237,28 @@ def write_report(path: Path, trainer, steps: list, step_ends: list, train_s: flo
     mem = torch.zeros(world, dtype=torch.float64, device=device)
     mem[rank] = peak_gb
     dist.all_reduce(mem)
-    trainer.save_model(str(path.parent / "hf"))  # ZeRO-3: gathers the weights (stage3_gather_16bit_weights_on_model_save)
+    trainer.save_model(
+        str(path.parent / "hf")
+    )  # ZeRO-3: gathers the weights (stage3_gather_16bit_weights_on_model_save)
     if rank == 0:
         times = np.diff(step_ends).tolist()
-        rows = [{"step": i + 1, "step_time_s": times[i], "tokens": t[0], "supervised_tokens": t[1],
-                 "loss": t[2] / max(t[1], 1.0), "slots": t[3]} for i, t in enumerate(totals.tolist())]
-        path.write_text(json.dumps({"world_size": world, "train_s": train_s, **extra,
-                                    "peak_mem_gb_per_rank": mem.tolist(), "steps": rows}, indent=1))
+        rows = [
+            {
+                "step": i + 1,
+                "step_time_s": times[i],
+                "tokens": t[0],
+                "supervised_tokens": t[1],
+                "loss": t[2] / max(t[1], 1.0),
+                "slots": t[3],
+            }
+            for i, t in enumerate(totals.tolist())
+        ]
+        path.write_text(
+            json.dumps(
+                {"world_size": world, "train_s": train_s, **extra, "peak_mem_gb_per_rank": mem.tolist(), "steps": rows},
+                indent=1,
+            )
+        )
     # Leave the gloo group before the interpreter exits: left to teardown, its threads can abort the
     # process ("terminate called without an active exception", exit -6) after the work is done.
     from trainer.distributed import shutdown

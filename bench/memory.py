@@ -60,8 +60,9 @@ TARGET_EWC_COST = 0.03
 TARGET_DPO_MEM = 1.10  # a DPO step's peak within 10% of an SFT step's on the same rows
 TARGET_CE_MEM, TARGET_CE_TIME = 0.60, 1.05  # chunked CE at vocab 128k, seq 8k: >= 40% lower peak, <= 5% time
 # ~100M parameters with the tiny 2k-token vocabulary (GPT-2-small-like widths, Llama blocks).
-MEM_ARCH = dict(hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12,
-                num_key_value_heads=12)
+MEM_ARCH = dict(
+    hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12
+)
 STATE_BYTES = 20  # ZeRO-3, fp32: parameter 4 + fp32 master 4 + gradient 4 + Adam m, v 8
 
 
@@ -83,22 +84,52 @@ def runs(args) -> List[Run]:
     if ("ac" in args.only or "ewc" in args.only) and not (out and args.short_seq == args.seq_len):
         out.append(Run("AC none", "ac", 2, args.seq_len, ["trainer.activation_checkpointing=none"]))
     if "ac" in args.only:
-        out += [Run("AC full", "ac", 2, args.seq_len, ["trainer.activation_checkpointing=full"]),
-                Run("AC every_n (n=2)", "ac", 2, args.seq_len, ["trainer.activation_checkpointing=every_n",
-                                                                 "trainer.activation_checkpointing_every_n=2"])]
+        out += [
+            Run("AC full", "ac", 2, args.seq_len, ["trainer.activation_checkpointing=full"]),
+            Run(
+                "AC every_n (n=2)",
+                "ac",
+                2,
+                args.seq_len,
+                ["trainer.activation_checkpointing=every_n", "trainer.activation_checkpointing_every_n=2"],
+            ),
+        ]
     if "ewc" in args.only:
-        out.append(Run("EWC", "ewc", 2, args.seq_len, ["regularizer=ewc", f"regularizer.ewc.fisher_data={args.fisher}",
-                                                       f"regularizer.ewc.fisher_batches={args.fisher_batches}"]))
+        out.append(
+            Run(
+                "EWC",
+                "ewc",
+                2,
+                args.seq_len,
+                [
+                    "regularizer=ewc",
+                    f"regularizer.ewc.fisher_data={args.fisher}",
+                    f"regularizer.ewc.fisher_batches={args.fisher_batches}",
+                ],
+            )
+        )
     if "dpo" in args.only:
-        out += [Run("SFT on the pair documents", "dpo", 2, args.seq_len, data="pair_docs"),
-                Run("DPO", "dpo", 2, args.seq_len, data="pairs")]
+        out += [
+            Run("SFT on the pair documents", "dpo", 2, args.seq_len, data="pair_docs"),
+            Run("DPO", "dpo", 2, args.seq_len, data="pairs"),
+        ]
     if "ce" in args.only:
         for vocab in args.ce_vocabs:
             for seq in args.ce_seqs:
                 for chunked in (False, True):
-                    out.append(Run(f"CE {'chunked' if chunked else 'full logits'} V={vocab} T={seq}", "ce", 1, seq,
-                                   [f"++model.arch.vocab_size={vocab}", f"model.arch.max_position_embeddings={max(seq, 2048)}",
-                                    f"trainer.loss_chunk_tokens={'null' if chunked else 0}"]))
+                    out.append(
+                        Run(
+                            f"CE {'chunked' if chunked else 'full logits'} V={vocab} T={seq}",
+                            "ce",
+                            1,
+                            seq,
+                            [
+                                f"++model.arch.vocab_size={vocab}",
+                                f"model.arch.max_position_embeddings={max(seq, 2048)}",
+                                f"trainer.loss_chunk_tokens={'null' if chunked else 0}",
+                            ],
+                        )
+                    )
     return out
 
 
@@ -117,13 +148,28 @@ def write_pairs(path: Path, docs: Path, train: Path) -> None:
 def overrides(args, run: Run, data: Dict[str, Path], cache: Path, out: Path) -> List[str]:
     arch = [] if run.group == "ce" else [f"model.arch.{k}={v}" for k, v in args.arch.items()]  # ce: the tiny Llama
     stage, fmt = {"train": ("sft", "alpaca"), "pairs": ("dpo", "auto"), "pair_docs": ("sft", "completion")}[run.data]
-    return ["model=tiny", *arch, f"stage={stage}", f"data.path={data[run.data]}", f"data.format={fmt}",
-            f"data.seq_len={run.seq_len}",
-            f"data.cache_dir={cache}", "logger=jsonl", f"trainer.micro_batch_size={args.micro_rows}",
-            "trainer.grad_accum_steps=1", f"trainer.max_steps={args.steps}", "trainer.log_every_steps=1",
-            "trainer.save_every_steps=0", "trainer.eval_every_steps=0", "trainer.export_hf=false",
-            "eval.at_start=false", "trainer.warmup_steps=1", f"trainer.seed={args.seed}", *run.overrides,
-            f"output_dir={out}"]
+    return [
+        "model=tiny",
+        *arch,
+        f"stage={stage}",
+        f"data.path={data[run.data]}",
+        f"data.format={fmt}",
+        f"data.seq_len={run.seq_len}",
+        f"data.cache_dir={cache}",
+        "logger=jsonl",
+        f"trainer.micro_batch_size={args.micro_rows}",
+        "trainer.grad_accum_steps=1",
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_steps=1",
+        "trainer.save_every_steps=0",
+        "trainer.eval_every_steps=0",
+        "trainer.export_hf=false",
+        "eval.at_start=false",
+        "trainer.warmup_steps=1",
+        f"trainer.seed={args.seed}",
+        *run.overrides,
+        f"output_dir={out}",
+    ]
 
 
 def measure(rows: List[Dict], ranks: int, skip: int) -> Dict:
@@ -133,14 +179,23 @@ def measure(rows: List[Dict], ranks: int, skip: int) -> Dict:
     timed = [times[s] for s in sorted(times) if s > skip] or list(times.values())
     # Time per step outside the timed phases (data wait, forward/backward, optimizer): where EWC adds
     # its gradient term, so its difference to the reference is EWC's own cost, robust to a busy machine.
-    unphased = [r["perf/step_time_s"] - sum(r.get(f"perf/{p}_s", 0.0) for p in ("data_wait", "forward_backward", "optimizer"))
-                for r in rows if "perf/step_time_s" in r and r["step"] > skip]
-    return {"peak_mem_gb_per_rank": per_rank, "peak_mem_gb": max(per_rank), "step_time_s": statistics.median(timed),
-            "unphased_s": statistics.median(unphased) if unphased else None,
-            "step_times_s": [times[s] for s in sorted(times)],
-            "tokens_per_s": statistics.median(r["perf/tokens_per_s"] for r in rows
-                                              if "perf/tokens_per_s" in r and r["step"] > skip)
-            if any(r["step"] > skip for r in rows) else None}
+    unphased = [
+        r["perf/step_time_s"] - sum(r.get(f"perf/{p}_s", 0.0) for p in ("data_wait", "forward_backward", "optimizer"))
+        for r in rows
+        if "perf/step_time_s" in r and r["step"] > skip
+    ]
+    return {
+        "peak_mem_gb_per_rank": per_rank,
+        "peak_mem_gb": max(per_rank),
+        "step_time_s": statistics.median(timed),
+        "unphased_s": statistics.median(unphased) if unphased else None,
+        "step_times_s": [times[s] for s in sorted(times)],
+        "tokens_per_s": statistics.median(
+            r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r and r["step"] > skip
+        )
+        if any(r["step"] > skip for r in rows)
+        else None,
+    }
 
 
 def reference(by_name: Dict[str, Dict]) -> Optional[Dict]:
@@ -162,8 +217,12 @@ def summarise(results: List[Dict], params: int) -> Dict:
     if one and two:
         drop = one["peak_mem_gb"] - two["peak_mem_gb"]
         expected = STATE_BYTES * params / 2 / 2**30  # half of the model states leave each rank
-        summary.update(ws_peak_ratio=two["peak_mem_gb"] / one["peak_mem_gb"], ws_drop_gb=drop,
-                       ws_expected_drop_gb=expected, ws_drop_vs_expected=drop / expected)
+        summary.update(
+            ws_peak_ratio=two["peak_mem_gb"] / one["peak_mem_gb"],
+            ws_drop_gb=drop,
+            ws_expected_drop_gb=expected,
+            ws_drop_vs_expected=drop / expected,
+        )
     for name in ("AC full", "AC every_n (n=2)", "EWC"):
         r = by_name.get(name)
         if r and none:
@@ -192,14 +251,18 @@ def summarise(results: List[Dict], params: int) -> Dict:
                 summary[f"ce_{key}_time_ratio"] = r["step_time_s"] / full["step_time_s"]
     big = [k for k in summary if k.startswith("ce_V128256_T8192_mem")]
     if big:
-        summary["ce_target_met"] = (summary["ce_V128256_T8192_mem_ratio"] <= TARGET_CE_MEM
-                                    and summary["ce_V128256_T8192_time_ratio"] <= TARGET_CE_TIME)
+        summary["ce_target_met"] = (
+            summary["ce_V128256_T8192_mem_ratio"] <= TARGET_CE_MEM
+            and summary["ce_V128256_T8192_time_ratio"] <= TARGET_CE_TIME
+        )
     return summary
 
 
 def table(results: List[Dict], ref_of) -> str:
-    head = ("| run | ranks | seq_len | peak mem per rank (GB) | vs reference | Δ vs reference (GB) | step time (s) "
-            "| vs reference | reference |")
+    head = (
+        "| run | ranks | seq_len | peak mem per rank (GB) | vs reference | Δ vs reference (GB) | step time (s) "
+        "| vs reference | reference |"
+    )
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in results:
         ref = ref_of(r)
@@ -211,13 +274,15 @@ def table(results: List[Dict], ref_of) -> str:
             f"| {'–' if same or not ref else format(r['peak_mem_gb'] - ref['peak_mem_gb'], '+.3f')} "
             f"| {r['step_time_s']:.3f} "
             f"| {'–' if same or not ref else fmt(ratio(r['step_time_s'], ref['step_time_s']), '.3f') + 'x'} "
-            f"| {'–' if same or not ref else ref['name']} |")
+            f"| {'–' if same or not ref else ref['name']} |"
+        )
     return "\n".join(lines)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     p.add_argument("--only", default="ws,ac,ewc,dpo,ce", help="comma-separated subset of ws, ac, ewc, dpo, ce")
     p.add_argument("--ce-vocabs", default="49152,128256", help="vocabulary sizes of the chunked-CE runs")
     p.add_argument("--ce-seqs", default="2048,8192", help="row lengths of the chunked-CE runs")
@@ -229,10 +294,16 @@ def parse_args(argv=None):
     p.add_argument("--samples", type=int, default=300, help="synthetic training samples")
     p.add_argument("--fisher-batches", type=int, default=2)
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--smoke", action="store_true",
-                   help="the tiny model, 2 steps, 1 and 2 ranks only; AC/EWC configs composed, not run (CI)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="compose every run's config (any machine, GPU runs included), launch nothing")
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="the tiny model, 2 steps, 1 and 2 ranks only; AC/EWC configs composed, not run (CI)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="compose every run's config (any machine, GPU runs included), launch nothing",
+    )
     p.add_argument("--out", help="work directory (default: a new temporary directory, kept)")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
@@ -265,8 +336,11 @@ def main(argv=None) -> Dict:
     write_pairs(data["pairs"], data["pair_docs"], train)
     arch = {**harness.tiny_arch(), **args.arch}
     params = harness.param_count(arch, len(tokenizer))
-    print(f"memory: {params / 1e6:.1f}M-parameter Llama in {out}; ZeRO-3 model states {STATE_BYTES} B x params = "
-          f"{STATE_BYTES * params / 2**30:.2f} GiB in all; load average {stamp['load_avg_start']}", flush=True)
+    print(
+        f"memory: {params / 1e6:.1f}M-parameter Llama in {out}; ZeRO-3 model states {STATE_BYTES} B x params = "
+        f"{STATE_BYTES * params / 2**30:.2f} GiB in all; load average {stamp['load_avg_start']}",
+        flush=True,
+    )
 
     results, composed = [], []
     for run in runs(args):
@@ -281,13 +355,23 @@ def main(argv=None) -> Dict:
         cmd = harness.deepspeed_cmd("launch/train.py", run.ranks) + run_overrides
         load = harness.load_average()
         wall = harness.run_logged(cmd, out / "logs" / f"{run_dir.name}.log")
-        result = {"name": run.name, "group": run.group, "ranks": run.ranks, "seq_len": run.seq_len,
-                  "overrides": run.overrides, "wall_s": round(wall, 1), "load_avg_before": load,
-                  **measure(harness.read_metrics(run_dir), run.ranks, args.skip_steps)}
+        result = {
+            "name": run.name,
+            "group": run.group,
+            "ranks": run.ranks,
+            "seq_len": run.seq_len,
+            "overrides": run.overrides,
+            "wall_s": round(wall, 1),
+            "load_avg_before": load,
+            **measure(harness.read_metrics(run_dir), run.ranks, args.skip_steps),
+        }
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # GBs for the big model; not needed
         results.append(result)
-        print(f"  {run.name}: peak {' / '.join(f'{m:.3f}' for m in result['peak_mem_gb_per_rank'])} GB per rank, "
-              f"step {result['step_time_s']:.3f} s ({wall:.0f} s wall, load {load[0]})", flush=True)
+        print(
+            f"  {run.name}: peak {' / '.join(f'{m:.3f}' for m in result['peak_mem_gb_per_rank'])} GB per rank, "
+            f"step {result['step_time_s']:.3f} s ({wall:.0f} s wall, load {load[0]})",
+            flush=True,
+        )
 
     summary = summarise(results, params)
     by_name = {r["name"]: r for r in results}
@@ -301,32 +385,54 @@ def main(argv=None) -> Dict:
         return by_name.get("1 rank") if r["group"] == "ws" else none
 
     print()
-    print(f"Memory: {params / 1e6:.1f}M-parameter Llama, {args.micro_rows} packed row(s) per rank per step, "
-          f"{args.steps} steps; step time = median after step {args.skip_steps}")
+    print(
+        f"Memory: {params / 1e6:.1f}M-parameter Llama, {args.micro_rows} packed row(s) per rank per step, "
+        f"{args.steps} steps; step time = median after step {args.skip_steps}"
+    )
     print(table(results, ref_of))
     if "ws_drop_gb" in summary:
-        print(f"1 -> 2 ranks: per-rank peak x{summary['ws_peak_ratio']:.2f}, down {summary['ws_drop_gb']:.3f} GB; half "
-              f"of the ZeRO-3 model states is {summary['ws_expected_drop_gb']:.3f} GiB "
-              f"({100 * summary['ws_drop_vs_expected']:.0f}% of it observed)")
+        print(
+            f"1 -> 2 ranks: per-rank peak x{summary['ws_peak_ratio']:.2f}, down {summary['ws_drop_gb']:.3f} GB; half "
+            f"of the ZeRO-3 model states is {summary['ws_expected_drop_gb']:.3f} GiB "
+            f"({100 * summary['ws_drop_vs_expected']:.0f}% of it observed)"
+        )
     if "ewc_time_ratio" in summary:
-        print(f"EWC: its own work {summary['ewc_own_time_s']:+.3f} s a step = {100 * summary['ewc_own_time_share']:+.2f}% "
-              f"of the step (target <= +{TARGET_EWC_COST:.0%}: {'met' if summary['ewc_cost_target_met'] else 'NOT met'}); "
-              f"whole step time {100 * (summary['ewc_time_ratio'] - 1):+.1f}% (machine noise included); memory "
-              f"{summary['ewc_extra_gb']:+.3f} GB (Fisher + anchor: {summary['ewc_expected_extra_gb']:.3f} GiB per rank expected)")
+        print(
+            f"EWC: its own work {summary['ewc_own_time_s']:+.3f} s a step = "
+            f"{100 * summary['ewc_own_time_share']:+.2f}% "
+            f"of the step (target <= +{TARGET_EWC_COST:.0%}: "
+            f"{'met' if summary['ewc_cost_target_met'] else 'NOT met'}); "
+            f"whole step time {100 * (summary['ewc_time_ratio'] - 1):+.1f}% (machine noise included); memory "
+            f"{summary['ewc_extra_gb']:+.3f} GB (Fisher + anchor: {summary['ewc_expected_extra_gb']:.3f} GiB per "
+            "rank expected)"
+        )
     if "dpo_mem_ratio" in summary:
-        print(f"DPO vs SFT on the same rows: peak memory x{summary['dpo_mem_ratio']:.3f} (target <= "
-              f"x{TARGET_DPO_MEM:.2f}: {'met' if summary['dpo_mem_target_met'] else 'NOT met'}), step time "
-              f"x{summary['dpo_time_ratio']:.3f}")
+        print(
+            f"DPO vs SFT on the same rows: peak memory x{summary['dpo_mem_ratio']:.3f} (target <= "
+            f"x{TARGET_DPO_MEM:.2f}: {'met' if summary['dpo_mem_target_met'] else 'NOT met'}), step time "
+            f"x{summary['dpo_time_ratio']:.3f}"
+        )
     for k in sorted(k for k in summary if k.startswith("ce_") and k.endswith("_mem_ratio")):
-        case = k[3:-len("_mem_ratio")]
+        case = k[3 : -len("_mem_ratio")]
         print(f"chunked CE {case}: peak memory x{summary[k]:.3f}, step time x{summary[f'ce_{case}_time_ratio']:.3f}")
     if "ce_target_met" in summary:
-        print(f"chunked CE at vocab 128k, seq 8k: target peak <= x{TARGET_CE_MEM:.2f} at step time <= "
-              f"x{TARGET_CE_TIME:.2f}: {'met' if summary['ce_target_met'] else 'NOT met'}")
-    report = {**stamp, "load_avg_end": harness.load_average(), "params": params, "arch": arch,
-              "args": {k: v for k, v in vars(args).items()}, "results": results, "composed_only": composed,
-              "summary": summary,
-              "table": table(results, ref_of), "total_wall_s": round(time.perf_counter() - started, 1), "out": str(out)}
+        print(
+            f"chunked CE at vocab 128k, seq 8k: target peak <= x{TARGET_CE_MEM:.2f} at step time <= "
+            f"x{TARGET_CE_TIME:.2f}: {'met' if summary['ce_target_met'] else 'NOT met'}"
+        )
+    report = {
+        **stamp,
+        "load_avg_end": harness.load_average(),
+        "params": params,
+        "arch": arch,
+        "args": {k: v for k, v in vars(args).items()},
+        "results": results,
+        "composed_only": composed,
+        "summary": summary,
+        "table": table(results, ref_of),
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "out": str(out),
+    }
     for path in [out / "memory.json"] + ([Path(args.json)] if args.json else []):
         path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {out / 'memory.json'} ({report['total_wall_s']:.0f} s in all)")

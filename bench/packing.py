@@ -54,6 +54,7 @@ def sft_lengths(n: int, seed: int, median: float = 250.0, sigma: float = 1.0) ->
 
 # ---- baselines (row id per sample) ----------------------------------------------------------------
 
+
 def first_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Row id of each sample, first-fit in input order. A max-segment-tree over as many rows as there
     are samples, all starting empty (room = capacity): rows are opened left to right, so the leftmost
@@ -93,7 +94,8 @@ def next_fit(lengths: np.ndarray, capacity: int) -> np.ndarray:
 def rows_from_bins(bins: List[List[int]], n: int) -> np.ndarray:
     row = np.empty(n, dtype=np.int64)
     row[np.concatenate([np.asarray(b, dtype=np.int64) for b in bins])] = np.repeat(
-        np.arange(len(bins)), [len(b) for b in bins])
+        np.arange(len(bins)), [len(b) for b in bins]
+    )
     return row
 
 
@@ -109,6 +111,7 @@ def check_rows(row: np.ndarray, lengths: np.ndarray, capacity: int, every_index_
 
 # ---- TRL ------------------------------------------------------------------------------------------
 
+
 def import_trl(required: bool):
     try:
         import datasets
@@ -117,23 +120,33 @@ def import_trl(required: bool):
         from trl import pack_dataset
     except ImportError as e:
         if required:
-            sys.exit(f"error: the full benchmark compares against TRL, which is not importable ({e}).\n"
-                     f"Install the bench extra: {TRL_HINT}   (or run with --smoke to skip TRL)")
+            sys.exit(
+                f"error: the full benchmark compares against TRL, which is not importable ({e}).\n"
+                f"Install the bench extra: {TRL_HINT}   (or run with --smoke to skip TRL)"
+            )
         print(f"note: trl is not importable ({e}); skipping the TRL rows. {TRL_HINT} to include them.")
         return None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    return {"pack_dataset": pack_dataset, "datasets": datasets, "versions": {
-        "trl": trl.__version__, "transformers": transformers.__version__, "datasets": datasets.__version__}}
+    return {
+        "pack_dataset": pack_dataset,
+        "datasets": datasets,
+        "versions": {
+            "trl": trl.__version__,
+            "transformers": transformers.__version__,
+            "datasets": datasets.__version__,
+        },
+    }
 
 
 def trl_dataset(trl_mod, lengths: np.ndarray):
     """An in-memory datasets.Dataset with one int32 `input_ids` list column of the given lengths (the
     token values do not matter to packing; int32 because real vocabularies need it)."""
     import pyarrow as pa
+
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = pa.array(np.zeros(int(offsets[-1]), dtype=np.int32))
-    offsets_type = np.int32 if offsets[-1] < 2 ** 31 else np.int64
+    offsets_type = np.int32 if offsets[-1] < 2**31 else np.int64
     cls = pa.ListArray if offsets_type is np.int32 else pa.LargeListArray
     column = cls.from_arrays(pa.array(offsets.astype(offsets_type)), values)
     return trl_mod["datasets"].Dataset(pa.table({"input_ids": column}))
@@ -151,6 +164,7 @@ def trl_rows(packed, lengths: np.ndarray, capacity: int) -> int:
 
 # ---- the run --------------------------------------------------------------------------------------
 
+
 def timed(fn: Callable):
     gc.collect()
     t = time.perf_counter()
@@ -160,8 +174,10 @@ def timed(fn: Callable):
 
 def run(n: int, seed: int, batch_rows: int, trl_mod: Optional[dict]) -> List[Dict]:
     raw = sft_lengths(n, seed)
-    print(f"{n:,} samples, lognormal lengths seed {seed}: median {int(np.median(raw))}, mean {raw.mean():.0f}, "
-          f"p99 {int(np.percentile(raw, 99))}, max {raw.max():,}; {int((raw > 4096).sum()):,} past 4096 tokens")
+    print(
+        f"{n:,} samples, lognormal lengths seed {seed}: median {int(np.median(raw))}, mean {raw.mean():.0f}, "
+        f"p99 {int(np.percentile(raw, 99))}, max {raw.max():,}; {int((raw > 4096).sum()):,} past 4096 tokens"
+    )
     results = []
     for seq_len in SEQ_LENS:
         lengths = np.minimum(raw, seq_len)  # the one truncation every method shares (see module doc)
@@ -169,39 +185,59 @@ def run(n: int, seed: int, batch_rows: int, trl_mod: Optional[dict]) -> List[Dic
         over = int((raw > seq_len).sum())
         methods = {}
 
-        bins, t = timed(lambda: best_fit_decreasing(lengths, seq_len))
+        # (each lambda is called at once, inside this iteration: B023's late binding cannot bite)
+        bins, t = timed(lambda: best_fit_decreasing(lengths, seq_len))  # noqa: B023
         methods["ours: best-fit-decreasing"] = (check_rows(rows_from_bins(bins, n), lengths, seq_len, True), t)
         del bins
-        row, t = timed(lambda: first_fit(lengths, seq_len))
+        row, t = timed(lambda: first_fit(lengths, seq_len))  # noqa: B023
         methods["greedy first-fit (input order)"] = (check_rows(row, lengths, seq_len, True), t)
-        row, t = timed(lambda: next_fit(lengths, seq_len))
+        row, t = timed(lambda: next_fit(lengths, seq_len))  # noqa: B023
         methods["greedy next-fit (streaming)"] = (check_rows(row, lengths, seq_len, True), t)
         methods["naive padding (1 sample/row)"] = (n, 0.0)
         if trl_mod is not None:
-            for name, kwargs in (("trl pack_dataset bfd (SFTTrainer: map batches of 1000)", {}),
-                                 ("trl pack_dataset bfd (one batch: batch_size=None)", {"batch_size": None})):
+            for name, kwargs in (
+                ("trl pack_dataset bfd (SFTTrainer: map batches of 1000)", {}),
+                ("trl pack_dataset bfd (one batch: batch_size=None)", {"batch_size": None}),
+            ):
                 ds = trl_dataset(trl_mod, lengths)
-                packed, t = timed(lambda: trl_mod["pack_dataset"](ds, seq_len, strategy="bfd", map_kwargs=kwargs))
+                packed, t = timed(lambda: trl_mod["pack_dataset"](ds, seq_len, strategy="bfd", map_kwargs=kwargs))  # noqa: B023
                 methods[name] = (trl_rows(packed, lengths, seq_len), t)
                 del ds, packed
 
         ours_rows, ours_t = methods["ours: best-fit-decreasing"]
-        print(f"\nseq_len {seq_len}: {tokens:,} tokens after truncating {over:,} samples to {seq_len} "
-              f"({int(raw.sum()) - tokens:,} tokens cut); steps/epoch at {batch_rows} rows per step")
-        header = (f"{'method':<56} {'efficiency':>10} {'rows':>10} {'steps/epoch':>11} {'time s':>8} "
-                  f"{'rows/ours':>9} {'time/ours':>9}")
+        print(
+            f"\nseq_len {seq_len}: {tokens:,} tokens after truncating {over:,} samples to {seq_len} "
+            f"({int(raw.sum()) - tokens:,} tokens cut); steps/epoch at {batch_rows} rows per step"
+        )
+        header = (
+            f"{'method':<56} {'efficiency':>10} {'rows':>10} {'steps/epoch':>11} {'time s':>8} "
+            f"{'rows/ours':>9} {'time/ours':>9}"
+        )
         print(header)
         print("-" * len(header))
         for name, (rows, t) in methods.items():
             eff = tokens / (rows * seq_len)
             steps = math.ceil(rows / batch_rows)
             secs, time_ratio = (f"{t:.3f}", f"{t / ours_t:.2f}x") if t else ("-", "-")  # padding: no work
-            print(f"{name:<56} {eff:>10.3%} {rows:>10,} {steps:>11,} {secs:>8} {rows / ours_rows:>8.3f}x "
-                  f"{time_ratio:>9}")
-            results.append({"seq_len": seq_len, "method": name, "samples": n, "tokens": tokens,
-                            "samples_truncated": over, "efficiency": eff, "rows": rows,
-                            "steps_per_epoch": steps, "batch_rows": batch_rows, "seconds": t,
-                            "rows_vs_ours": rows / ours_rows, "time_vs_ours": t / ours_t if t else None})
+            print(
+                f"{name:<56} {eff:>10.3%} {rows:>10,} {steps:>11,} {secs:>8} {rows / ours_rows:>8.3f}x {time_ratio:>9}"
+            )
+            results.append(
+                {
+                    "seq_len": seq_len,
+                    "method": name,
+                    "samples": n,
+                    "tokens": tokens,
+                    "samples_truncated": over,
+                    "efficiency": eff,
+                    "rows": rows,
+                    "steps_per_epoch": steps,
+                    "batch_rows": batch_rows,
+                    "seconds": t,
+                    "rows_vs_ours": rows / ours_rows,
+                    "time_vs_ours": t / ours_t if t else None,
+                }
+            )
         sys.stdout.flush()
     return results
 
@@ -222,8 +258,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     results = run(n, args.seed, args.batch_rows, trl_mod)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"argv": sys.argv, "samples": n, "seed": args.seed, "versions": versions,
-                       "cpus": os.cpu_count(), "results": results}, f, indent=1)
+            json.dump(
+                {
+                    "argv": sys.argv,
+                    "samples": n,
+                    "seed": args.seed,
+                    "versions": versions,
+                    "cpus": os.cpu_count(),
+                    "results": results,
+                },
+                f,
+                indent=1,
+            )
         print(f"\nwrote {args.json}")
 
 

@@ -38,16 +38,31 @@ from harness import fmt  # noqa: E402
 from memory import MEM_ARCH  # noqa: E402
 
 CONVERTED = re.compile(r"reshard: converted (step_\d+) in ([\d.]+) s \(([\d.]+) GB\)")
-RESHARDED = re.compile(r"reshard: (step_\d+) from (\d+) to (\d+) ranks in ([\d.]+) s "
-                       r"\(conversion ([\d.]+) s, loading ([\d.]+) s\)")
+RESHARDED = re.compile(
+    r"reshard: (step_\d+) from (\d+) to (\d+) ranks in ([\d.]+) s "
+    r"\(conversion ([\d.]+) s, loading ([\d.]+) s\)"
+)
 
 
 def overrides(arch: Dict, seq_len: int, steps: int, out: Path, cache: Path) -> List[str]:
-    return ["model=tiny", *[f"model.arch.{k}={v}" for k, v in arch.items()], "stage=pretrain",
-            f"data.seq_len={seq_len}", f"data.cache_dir={cache}", "logger=jsonl", "logger.dashboard=false",
-            "trainer.micro_batch_size=1", f"trainer.max_steps={steps}", "trainer.save_every_steps=0",
-            "trainer.eval_every_steps=0", "trainer.export_hf=false", "eval.at_start=false", "trainer.warmup_steps=1",
-            "trainer.log_every_steps=1", f"output_dir={out}"]
+    return [
+        "model=tiny",
+        *[f"model.arch.{k}={v}" for k, v in arch.items()],
+        "stage=pretrain",
+        f"data.seq_len={seq_len}",
+        f"data.cache_dir={cache}",
+        "logger=jsonl",
+        "logger.dashboard=false",
+        "trainer.micro_batch_size=1",
+        f"trainer.max_steps={steps}",
+        "trainer.save_every_steps=0",
+        "trainer.eval_every_steps=0",
+        "trainer.export_hf=false",
+        "eval.at_start=false",
+        "trainer.warmup_steps=1",
+        "trainer.log_every_steps=1",
+        f"output_dir={out}",
+    ]
 
 
 def size_gb(path: Path) -> float:
@@ -58,8 +73,9 @@ def one_size(arch: Dict, args, base: Path, params: int, layers: int) -> List[Dic
     out, cache = base / "run", base / "cache"
     rows = []
     for name, ranks, steps in (("A", 2, 1), ("B", 1, 2), ("C", 2, 3)):
-        cmd = harness.launch_cmd("deepspeed" if ranks > 1 else "python", ranks) + overrides(arch, args.seq_len, steps,
-                                                                                            out, cache)
+        cmd = harness.launch_cmd("deepspeed" if ranks > 1 else "python", ranks) + overrides(
+            arch, args.seq_len, steps, out, cache
+        )
         log = base / f"{name}.log"
         load = harness.load_average()
         wall = harness.run_logged(cmd, log)
@@ -70,27 +86,45 @@ def one_size(arch: Dict, args, base: Path, params: int, layers: int) -> List[Dic
         if not resharded or not converted:
             raise SystemExit(f"{log}: no reshard lines (was the checkpoint resharded?)")
         tag = resharded.group(1)
-        rows.append({"params": params, "layers": layers, "from": int(resharded.group(2)),
-                     "to": int(resharded.group(3)), "total_s": float(resharded.group(4)),
-                     "conversion_s": float(resharded.group(5)), "loading_s": float(resharded.group(6)),
-                     "checkpoint_gb": size_gb(out / "checkpoints" / tag),
-                     "converted_gb": float(converted.group(3)), "run_wall_s": round(wall, 1), "load_avg_before": load})
+        rows.append(
+            {
+                "params": params,
+                "layers": layers,
+                "from": int(resharded.group(2)),
+                "to": int(resharded.group(3)),
+                "total_s": float(resharded.group(4)),
+                "conversion_s": float(resharded.group(5)),
+                "loading_s": float(resharded.group(6)),
+                "checkpoint_gb": size_gb(out / "checkpoints" / tag),
+                "converted_gb": float(converted.group(3)),
+                "run_wall_s": round(wall, 1),
+                "load_avg_before": load,
+            }
+        )
         r = rows[-1]
-        print(f"  {params / 1e6:.0f}M, {r['from']} -> {r['to']} ranks: conversion {r['conversion_s']:.1f} s, loading "
-              f"{r['loading_s']:.1f} s, total {r['total_s']:.1f} s; checkpoint {r['checkpoint_gb']:.2f} GB, converted "
-              f"{r['converted_gb']:.2f} GB (load {load[0]})", flush=True)
+        print(
+            f"  {params / 1e6:.0f}M, {r['from']} -> {r['to']} ranks: conversion {r['conversion_s']:.1f} s, loading "
+            f"{r['loading_s']:.1f} s, total {r['total_s']:.1f} s; checkpoint {r['checkpoint_gb']:.2f} GB, converted "
+            f"{r['converted_gb']:.2f} GB (load {load[0]})",
+            flush=True,
+        )
     if not args.keep:  # checkpoints and conversions: ~5 GB at 200M parameters
         shutil.rmtree(out, ignore_errors=True)
     return rows
 
 
 def table(rows: List[Dict]) -> str:
-    lines = ["| parameters | ranks | checkpoint | conversion (the new ranks) | load (each rank) | reshard in all | per 100M parameters |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| parameters | ranks | checkpoint | conversion (the new ranks) | load (each rank) | reshard in all | per "
+        "100M parameters |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['params'] / 1e6:.0f}M ({r['layers']} layers) | {r['from']} -> {r['to']} | "
-                     f"{r['checkpoint_gb']:.2f} GB | {r['conversion_s']:.1f} s | {r['loading_s']:.1f} s | "
-                     f"{r['total_s']:.1f} s | {fmt(r['total_s'] / (r['params'] / 1e8), '.1f')} s |")
+        lines.append(
+            f"| {r['params'] / 1e6:.0f}M ({r['layers']} layers) | {r['from']} -> {r['to']} | "
+            f"{r['checkpoint_gb']:.2f} GB | {r['conversion_s']:.1f} s | {r['loading_s']:.1f} s | "
+            f"{r['total_s']:.1f} s | {fmt(r['total_s'] / (r['params'] / 1e8), '.1f')} s |"
+        )
     return "\n".join(lines)
 
 
@@ -118,8 +152,15 @@ def main(argv=None) -> Dict:
         rows += one_size(arch, args, base, params, full["num_hidden_layers"])
     print()
     print(table(rows))
-    report = {**stamp, "load_avg_end": harness.load_average(), "seq_len": args.seq_len, "rows": rows,
-              "table": table(rows), "total_wall_s": round(time.perf_counter() - started, 1), "out": str(out)}
+    report = {
+        **stamp,
+        "load_avg_end": harness.load_average(),
+        "seq_len": args.seq_len,
+        "rows": rows,
+        "table": table(rows),
+        "total_wall_s": round(time.perf_counter() - started, 1),
+        "out": str(out),
+    }
     for path in [out / "reshard.json"] + ([Path(args.json)] if args.json else []):
         path.write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {out / 'reshard.json'} ({report['total_wall_s']:.0f} s in all)")

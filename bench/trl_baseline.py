@@ -42,9 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 import hf_baseline  # bench/ is this script's directory: (b)'s DeepSpeed config, schedule and report
+import torch
 
 
 def parse_args():
@@ -62,8 +61,11 @@ def parse_args():
     p.add_argument("--adam-beta2", type=float, default=0.95)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--attn", default="sdpa", help="attn_implementation")
-    p.add_argument("--gradient-checkpointing", action="store_true",
-                   help="activation checkpointing (TRL's SFTConfig default; off here, as in ours and (b))")
+    p.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="activation checkpointing (TRL's SFTConfig default; off here, as in ours and (b))",
+    )
     p.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -72,12 +74,16 @@ def parse_args():
 # generation markers on the assistant turn's content + end-of-turn text). Rendering is unchanged:
 # the markers only tell transformers which characters are the assistant's (return_assistant_tokens_mask).
 _CHATML = "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
-_CHATML_MARKED = ("{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}{% generation %}"
-                  "{{message['content'] + '<|im_end|>' + '\n'}}{% endgeneration %}{% else %}"
-                  "{{message['content'] + '<|im_end|>' + '\n'}}{% endif %}")
+_CHATML_MARKED = (
+    "{{'<|im_start|>' + message['role'] + '\n'}}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{message['content'] + '<|im_end|>' + '\n'}}{% endgeneration %}{% else %}"
+    "{{message['content'] + '<|im_end|>' + '\n'}}{% endif %}"
+)
 _TINY = "<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}"  # trainer/engine/tokenizer.py's TINY_CHAT_TEMPLATE
-_TINY_MARKED = ("<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
-                "{% endgeneration %}{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}")
+_TINY_MARKED = (
+    "<|{{ m['role'] }}|>\n{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}{{ eos_token }}"
+    "{% endgeneration %}{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}"
+)
 MARKABLE = {"ChatML (SmolLM2, Qwen2)": (_CHATML, _CHATML_MARKED), "tiny": (_TINY, _TINY_MARKED)}
 
 
@@ -89,11 +95,13 @@ def marked_chat_template(template: str) -> str:
 
     if has_generation_markers(template):
         return template
-    for name, (plain, marked) in MARKABLE.items():
+    for plain, marked in MARKABLE.values():
         if template.count(plain) == 1:
             return template.replace(plain, marked)
-    raise ValueError("bench/trl_baseline.py: this model's chat template has no {% generation %} markers and is not one "
-                     f"it knows how to mark ({', '.join(MARKABLE)}); add its assistant-turn expression to MARKABLE")
+    raise ValueError(
+        "bench/trl_baseline.py: this model's chat template has no {% generation %} markers and is not one "
+        f"it knows how to mark ({', '.join(MARKABLE)}); add its assistant-turn expression to MARKABLE"
+    )
 
 
 def main() -> None:
@@ -104,8 +112,9 @@ def main() -> None:
     from trl import SFTConfig, SFTTrainer
 
     on_gpu = torch.cuda.is_available()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or
-                      os.environ.get("WORLD_SIZE") or 1)
+    local_world = int(
+        os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or os.environ.get("WORLD_SIZE") or 1
+    )
     if not on_gpu:  # cores / ranks threads each, as ours and (b)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     transformers.logging.set_verbosity_warning()
@@ -121,28 +130,50 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     out = Path(args.out)
     training_args = SFTConfig(
-        output_dir=str(out / "trainer"), per_device_train_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, num_train_epochs=1,
-        learning_rate=args.lr, lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup,
-        weight_decay=0.0, adam_beta1=0.9, adam_beta2=args.adam_beta2, adam_epsilon=1e-8, max_grad_norm=1.0,
-        seed=args.seed, data_seed=args.seed, logging_steps=1, save_strategy="no", report_to="none",
-        use_cpu=not on_gpu, bf16=args.bf16, deepspeed=hf_baseline.ds_config(on_gpu), dataloader_drop_last=True,
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum,
+        max_steps=args.max_steps,
+        num_train_epochs=1,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=args.warmup,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=args.adam_beta2,
+        adam_epsilon=1e-8,
+        max_grad_norm=1.0,
+        seed=args.seed,
+        data_seed=args.seed,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not on_gpu,
+        bf16=args.bf16,
+        deepspeed=hf_baseline.ds_config(on_gpu),
+        dataloader_drop_last=True,
         disable_tqdm=True,
         # SFTConfig turns activation checkpointing on by default (TrainingArguments does not): off
         # unless asked, so (d) recomputes no more than ours and (b) do
         gradient_checkpointing=args.gradient_checkpointing,
         # TRL's packed SFT: BFD packing into rows of max_length, padding-free batches, loss on the
         # assistant turns only (the marked template below)
-        max_length=args.seq_len, packing=True, packing_strategy="bfd", padding_free=True,
-        assistant_only_loss=True)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                                                 attn_implementation=args.attn)
+        max_length=args.seq_len,
+        packing=True,
+        packing_strategy="bfd",
+        padding_free=True,
+        assistant_only_loss=True,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=torch.bfloat16 if args.bf16 else torch.float32, attn_implementation=args.attn
+    )
     model.config.use_cache = False
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.chat_template = marked_chat_template(tokenizer.chat_template)
     # In memory (no datasets cache files for two ranks to race on); TRL tokenizes and packs it.
-    dataset = Dataset.from_list([json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines()
-                                 if line.strip()])
+    dataset = Dataset.from_list(
+        [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
+    )
 
     steps: list = []  # per optimizer step, this rank: [real tokens, supervised tokens, loss sum, positions]
     step_ends: list = []
@@ -180,12 +211,16 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             step_ends.append(time.perf_counter())
 
-    trainer = Measured(model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer,
-                       callbacks=[Clock()])
+    trainer = Measured(
+        model=model, args=training_args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Clock()]
+    )
     packed = trainer.train_dataset
-    data = {"samples": len(dataset), "packed_rows": len(packed),
-            "tokens": int(sum(len(ids) for ids in packed["input_ids"])),
-            "supervised_tokens": int(sum(sum(1 for t in labels if t != -100) for labels in packed["labels"]))}
+    data = {
+        "samples": len(dataset),
+        "packed_rows": len(packed),
+        "tokens": int(sum(len(ids) for ids in packed["input_ids"])),
+        "supervised_tokens": int(sum(sum(1 for t in labels if t != -100) for labels in packed["labels"])),
+    }
     # The token budget is one epoch: as many steps as the packed rows fill (TRL's BFD may pack the
     # samples into a row or two fewer than ours; a second epoch must not top them up).
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -196,8 +231,15 @@ def main() -> None:
     started = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - started
-    hf_baseline.write_report(out / "trl_baseline.json", trainer, steps, step_ends, train_s, on_gpu,
-                             {"batch_size": args.batch_size, "data": data})
+    hf_baseline.write_report(
+        out / "trl_baseline.json",
+        trainer,
+        steps,
+        step_ends,
+        train_s,
+        on_gpu,
+        {"batch_size": args.batch_size, "data": data},
+    )
 
 
 if __name__ == "__main__":

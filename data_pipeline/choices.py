@@ -28,7 +28,9 @@ def choice(name: str, *values: str) -> type:
     return Choice(name, [(v, v) for v in values])
 
 
-StageObjective = choice("StageObjective", "pretrain", "sft", "instruct", "dpo")  # what a stage learns (the `stage=` group)
+StageObjective = choice(
+    "StageObjective", "pretrain", "sft", "instruct", "dpo"
+)  # what a stage learns (the `stage=` group)
 PreferenceLossName = choice("PreferenceLossName", "dpo", "ipo", "simpo")
 DataFormat = choice("DataFormat", "auto", "alpaca", "sharegpt", "messages", "completion", "text")
 OnError = choice("OnError", "raise", "skip")

@@ -17,13 +17,20 @@ from data_pipeline.choices import DataFormat
 from data_pipeline.sources import DataError, Record
 
 FORMATS = tuple(f.value for f in DataFormat if f != DataFormat.auto)
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "system": "system", "model": "assistant"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "model": "assistant",
+}
 
 
 @dataclass(frozen=True)
 class Example:
     """One normalised sample: either `messages` or `prompt` + `text` (prompt may be empty)."""
+
     where: str
     messages: Optional[List[Dict[str, str]]] = None
     prompt: str = ""
@@ -62,9 +69,11 @@ def normalise(record: Record, fmt: str) -> Example:
     if fmt == "auto":
         detected = detect_format(data)
         if detected is None:
-            raise DataError(f"{where}: cannot tell the format from keys {sorted(data)}; expected one of "
-                            "messages / conversations / instruction+output / prompt+completion / text, "
-                            "or set data.format")
+            raise DataError(
+                f"{where}: cannot tell the format from keys {sorted(data)}; expected one of "
+                "messages / conversations / instruction+output / prompt+completion / text, "
+                "or set data.format"
+            )
         fmt = detected
     if fmt == "text":
         text = _str_field(data, "text", where, fmt)
@@ -102,8 +111,10 @@ def normalise(record: Record, fmt: str) -> Example:
         content = turn.get(content_key) if isinstance(turn, dict) else None
         role = _SHAREGPT_ROLES.get(role) if fmt == "sharegpt" else role
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{i}] must have '{role_key}' (system/user/assistant"
-                            f"{'/human/gpt' if fmt == 'sharegpt' else ''}) and a string '{content_key}', got {turn!r:.120}")
+            raise DataError(
+                f"{where}: {key}[{i}] must have '{role_key}' (system/user/assistant"
+                f"{'/human/gpt' if fmt == 'sharegpt' else ''}) and a string '{content_key}', got {turn!r:.120}"
+            )
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
         raise DataError(f"{where}: field '{key}' has no non-empty assistant turn to learn from")

@@ -24,9 +24,18 @@ from data_pipeline.mixing import MixSchedule
 
 
 class StepLoader:
-    def __init__(self, sources: Sequence, weights: Sequence[float], micro_batch_size: int, grad_accum_steps: int,
-                 rank: int, world_size: int, seed: int, pad_to_multiple_of: Optional[int] = None,
-                 origin: Tuple[int, int] = (0, 0)) -> None:
+    def __init__(
+        self,
+        sources: Sequence,
+        weights: Sequence[float],
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        pad_to_multiple_of: Optional[int] = None,
+        origin: Tuple[int, int] = (0, 0),
+    ) -> None:
         """sources: prepared sources (each with `filled` and `rows(idx)`), mixed by token `weights`.
         pad_to_multiple_of: cut each micro-batch to its longest row, rounded up to this (unpacked
         rows); None keeps every row's full width (packed rows).
@@ -49,8 +58,11 @@ class StepLoader:
         """(source, row) pairs for this rank, one list per micro-batch of optimizer step `step` (0-based)."""
         out = []
         for m in range(self.accum):
-            first = (self.origin_row + (step - self.origin_step) * self.rows_per_step
-                     + (m * self.world + self.rank) * self.micro)
+            first = (
+                self.origin_row
+                + (step - self.origin_step) * self.rows_per_step
+                + (m * self.world + self.rank) * self.micro
+            )
             out.append(self.schedule.at(range(first, first + self.micro)))
         return out
 

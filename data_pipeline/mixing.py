@@ -44,7 +44,9 @@ class MixSchedule:
         if key not in self._orders:
             if len(self._orders) > 64:
                 self._orders.clear()
-            self._orders[key] = np.random.default_rng([self.seed, source, epoch]).permutation(len(self.row_tokens[source]))
+            self._orders[key] = np.random.default_rng([self.seed, source, epoch]).permutation(
+                len(self.row_tokens[source])
+            )
         return self._orders[key]
 
     def _extend(self, upto: int) -> None:

@@ -76,8 +76,9 @@ def best_fit_decreasing(lengths: Sequence[int], capacity: int) -> List[List[int]
     return bins
 
 
-def pack_rows(samples: Sequence[Tuple[List[int], List[int]]], bins: Sequence[Sequence[int]], seq_len: int,
-              pad_id: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def pack_rows(
+    samples: Sequence[Tuple[List[int], List[int]]], bins: Sequence[Sequence[int]], seq_len: int, pad_id: int
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """input_ids, labels, position_ids arrays of shape [len(bins), seq_len] for the given bins, and
     the number of real (non-padding) tokens in each row."""
     n = len(bins)
@@ -90,10 +91,10 @@ def pack_rows(samples: Sequence[Tuple[List[int], List[int]]], bins: Sequence[Seq
         for i in members:
             ids, lab = samples[i]
             k = len(ids)
-            input_ids[r, at:at + k] = ids
-            labels[r, at:at + k] = lab
+            input_ids[r, at : at + k] = ids
+            labels[r, at : at + k] = lab
             labels[r, at] = IGNORE
-            position_ids[r, at:at + k] = np.arange(k)
+            position_ids[r, at : at + k] = np.arange(k)
             at += k
         # The padding tail is a document of its own (positions restart at 0), so no real token
         # attends to it and it attends to nothing real.
@@ -102,7 +103,9 @@ def pack_rows(samples: Sequence[Tuple[List[int], List[int]]], bins: Sequence[Seq
     return input_ids, labels, position_ids, filled
 
 
-def chunk_documents(samples: Sequence[Tuple[List[int], List[int]]], seq_len: int) -> List[List[Tuple[List[int], List[int]]]]:
+def chunk_documents(
+    samples: Sequence[Tuple[List[int], List[int]]], seq_len: int
+) -> List[List[Tuple[List[int], List[int]]]]:
     """Continued pretraining: documents back to back, cut into rows of seq_len; a document that
     crosses a row boundary continues at position 0 of the next row. Returns each row's pieces."""
     rows: List[List[Tuple[List[int], List[int]]]] = [[]]
@@ -114,7 +117,7 @@ def chunk_documents(samples: Sequence[Tuple[List[int], List[int]]], seq_len: int
                 rows.append([])
                 room = seq_len
             take = min(room, len(ids) - start)
-            rows[-1].append((ids[start:start + take], lab[start:start + take]))
+            rows[-1].append((ids[start : start + take], lab[start : start + take]))
             room -= take
             start += take
     return rows if rows[0] else []

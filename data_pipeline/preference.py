@@ -39,6 +39,7 @@ _ROLES = ("system", "user", "assistant")
 @dataclass(frozen=True)
 class Pair:
     """One normalised preference pair: plain text (str fields) or a conversation (message lists)."""
+
     where: str
     prompt: Union[str, Messages]
     chosen: Union[str, Messages]
@@ -61,8 +62,10 @@ def _messages(value: Any, where: str, key: str) -> Messages:
         role = turn.get("role") if isinstance(turn, dict) else None
         content = turn.get("content") if isinstance(turn, dict) else None
         if role not in _ROLES or not isinstance(content, str):
-            raise DataError(f"{where}: {key}[{i}] must have 'role' (system/user/assistant) and a string 'content', "
-                            f"got {turn!r:.120}")
+            raise DataError(
+                f"{where}: {key}[{i}] must have 'role' (system/user/assistant) and a string 'content', "
+                f"got {turn!r:.120}"
+            )
         out.append({"role": role, "content": content})
     return out
 
@@ -83,13 +86,17 @@ def normalise_pair(record: Record) -> Pair:
     if "__error__" in data:
         raise DataError(f"{where}: {data['__error__']}")
     if not is_preference_record(data):
-        raise DataError(f"{where}: a preference pair needs 'chosen' and 'rejected' (and 'prompt', unless both are "
-                        f"whole conversations sharing it); got keys {sorted(data)}")
+        raise DataError(
+            f"{where}: a preference pair needs 'chosen' and 'rejected' (and 'prompt', unless both are "
+            f"whole conversations sharing it); got keys {sorted(data)}"
+        )
     chosen, rejected = data["chosen"], data["rejected"]
     if "prompt" not in data or data["prompt"] is None:
         if isinstance(chosen, str) or isinstance(rejected, str):
-            raise DataError(f"{where}: field 'prompt' is missing; text pairs need {{prompt, chosen, rejected}} "
-                            "(only whole conversations in chosen/rejected may leave the prompt out)")
+            raise DataError(
+                f"{where}: field 'prompt' is missing; text pairs need {{prompt, chosen, rejected}} "
+                "(only whole conversations in chosen/rejected may leave the prompt out)"
+            )
         pair = _split_shared_prompt(_messages(chosen, where, "chosen"), _messages(rejected, where, "rejected"), where)
     elif isinstance(data["prompt"], str):
         prompt = data["prompt"]
@@ -101,8 +108,12 @@ def normalise_pair(record: Record) -> Pair:
                     raise DataError(f"{where}: field '{key}' is empty")
             pair = Pair(where, prompt, chosen, rejected)
         else:  # a text prompt with conversational completions: the prompt is one user turn
-            pair = Pair(where, [{"role": "user", "content": prompt}], _completion(chosen, where, "chosen"),
-                        _completion(rejected, where, "rejected"))
+            pair = Pair(
+                where,
+                [{"role": "user", "content": prompt}],
+                _completion(chosen, where, "chosen"),
+                _completion(rejected, where, "rejected"),
+            )
     else:
         prompt = _messages(data["prompt"], where, "prompt")
         if prompt[-1]["role"] == "assistant":
@@ -121,17 +132,23 @@ def _split_shared_prompt(chosen: Messages, rejected: Messages, where: str) -> Pa
         n += 1
     if n == len(chosen) == len(rejected):
         raise DataError(f"{where}: 'chosen' and 'rejected' are identical; a pair must differ to teach a preference")
-    while n > 0 and not (chosen[n:] and chosen[n]["role"] == "assistant" and rejected[n:]
-                         and rejected[n]["role"] == "assistant"):
+    while n > 0 and not (
+        chosen[n:] and chosen[n]["role"] == "assistant" and rejected[n:] and rejected[n]["role"] == "assistant"
+    ):
         n -= 1
     if n == 0:
-        raise DataError(f"{where}: the prompt is missing: 'chosen' and 'rejected' share no turns before the "
-                        "assistant turn where they differ (give 'prompt' explicitly, or whole conversations that "
-                        "start with the same user turn)")
-    return Pair(where, chosen[:n], _completion(chosen[n:], where, "chosen"), _completion(rejected[n:], where, "rejected"))
+        raise DataError(
+            f"{where}: the prompt is missing: 'chosen' and 'rejected' share no turns before the "
+            "assistant turn where they differ (give 'prompt' explicitly, or whole conversations that "
+            "start with the same user turn)"
+        )
+    return Pair(
+        where, chosen[:n], _completion(chosen[n:], where, "chosen"), _completion(rejected[n:], where, "rejected")
+    )
 
 
 # ---- tokens -------------------------------------------------------------------------------------
+
 
 def _common_prefix(a: List[int], b: List[int]) -> int:
     n = 0
@@ -154,7 +171,11 @@ def encode_pair(tokenizer, pair: Pair, system_prompt: Optional[str] = None) -> T
             text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
             return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        prompt_ids, with_chosen, with_rejected = ids(prompt, True), ids(prompt + pair.chosen), ids(prompt + pair.rejected)
+        prompt_ids, with_chosen, with_rejected = (
+            ids(prompt, True),
+            ids(prompt + pair.chosen),
+            ids(prompt + pair.rejected),
+        )
     else:
         eos = tokenizer.eos_token
         end = lambda text: text if text.endswith(eos) else text + eos  # noqa: E731  (TRL adds EOS the same way)
@@ -163,8 +184,10 @@ def encode_pair(tokenizer, pair: Pair, system_prompt: Optional[str] = None) -> T
         with_rejected = tokenizer(pair.prompt + end(pair.rejected))["input_ids"]
     n = min(_common_prefix(prompt_ids, with_chosen), _common_prefix(prompt_ids, with_rejected))
     if n == 0:  # nothing to condition on: a completion's first token could not be scored
-        raise DataError(f"{pair.where}: the prompt's tokens merge into the completion's (no token of the prompt "
-                        "survives in prompt+completion); end the prompt on a word boundary, e.g. with a space or newline")
+        raise DataError(
+            f"{pair.where}: the prompt's tokens merge into the completion's (no token of the prompt "
+            "survives in prompt+completion); end the prompt on a word boundary, e.g. with a space or newline"
+        )
     chosen_ids, rejected_ids = with_chosen[n:], with_rejected[n:]
     if not chosen_ids or not rejected_ids:
         raise DataError(f"{pair.where}: a completion tokenizes to nothing after the prompt")
@@ -189,8 +212,9 @@ def fit_pair(prompt: int, chosen: int, rejected: int, seq_len: int) -> Optional[
     return room // 2
 
 
-def write_pairs(work, pairs: List[Tuple[List[int], List[int], List[int]]], seq_len: int, packing: bool,
-                pad_id: int) -> Tuple[int, int]:
+def write_pairs(
+    work, pairs: List[Tuple[List[int], List[int], List[int]]], seq_len: int, packing: bool, pad_id: int
+) -> Tuple[int, int]:
     """Rows of whole pairs into `work` (input_ids, supervised, position_ids, filled, document .npy);
     best-fit-decreasing over pair lengths, or one pair a row without packing. Returns (rows, the most
     documents a row holds)."""
@@ -215,11 +239,11 @@ def write_pairs(work, pairs: List[Tuple[List[int], List[int], List[int]]], seq_l
             prompt, chosen, rejected = pairs[i]
             for completion in (chosen, rejected):
                 n = len(prompt) + len(completion)
-                ids_out[r, at:at + n] = prompt + completion
-                sup_out[r, at + len(prompt):at + n] = True
+                ids_out[r, at : at + n] = prompt + completion
+                sup_out[r, at + len(prompt) : at + n] = True
                 sup_out[r, at] = False  # a document's first token is never predicted (see packing.py)
-                pos_out[r, at:at + n] = np.arange(n)
-                doc_out[r, at:at + n] = doc
+                pos_out[r, at : at + n] = np.arange(n)
+                doc_out[r, at : at + n] = doc
                 at, doc = at + n, doc + 1
         pos_out[r, at:] = np.arange(seq_len - at)  # padding is a document of its own (see packing.py)
         filled[r] = at

@@ -55,6 +55,7 @@ _FLUSH_TOKENS = 1 << 20
 @dataclass(frozen=True)
 class PrepareOptions:
     """Everything besides the source and the tokenizer that decides the rows."""
+
     objective: StageObjective
     """pretrain (all tokens, documents chunked) | sft (final answer) | instruct (assistant turns) |
     dpo (preference pairs, data_pipeline/preference.py)."""
@@ -81,7 +82,9 @@ class PrepareOptions:
         object.__setattr__(self, "on_error", parse(OnError, self.on_error, "data.on_error"))
         object.__setattr__(self, "overlong", parse(Overlong, self.overlong, "data.overlong"))
         if self.overlong == Overlong.auto:
-            raise ValueError("overlong=auto is resolved by the stage (Config.overlong_for): pass truncate, drop or split")
+            raise ValueError(
+                "overlong=auto is resolved by the stage (Config.overlong_for): pass truncate, drop or split"
+            )
 
 
 class Prepared:
@@ -120,8 +123,11 @@ class Prepared:
         """int64 input_ids, labels (-100 where not learned) and position_ids of the given rows."""
         idx = np.asarray(idx)
         ids = self.input_ids[idx].astype(np.int64)
-        out = {"input_ids": ids, "labels": np.where(self.supervised[idx], ids, IGNORE),
-               "position_ids": self.position_ids[idx].astype(np.int64)}
+        out = {
+            "input_ids": ids,
+            "labels": np.where(self.supervised[idx], ids, IGNORE),
+            "position_ids": self.position_ids[idx].astype(np.int64),
+        }
         if self.document is not None:
             out["document"] = self.document[idx].astype(np.int64)
             if self.reference is not None:
@@ -130,6 +136,7 @@ class Prepared:
 
 
 # ---- cache key ----------------------------------------------------------------------------------
+
 
 def _file_fingerprint(path: Path) -> Dict:
     if path.is_dir():  # a saved dataset: its arrow files and state
@@ -141,29 +148,49 @@ def _file_fingerprint(path: Path) -> Dict:
         if st.st_size > 2 << 20:
             f.seek(-(1 << 20), 2)
             digest.update(f.read())
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "sha256_head_tail": digest.hexdigest()}
+    return {
+        "path": str(path.resolve()),
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "sha256_head_tail": digest.hexdigest(),
+    }
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    parts = [backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
-             str(tokenizer.chat_template), repr(sorted(tokenizer.special_tokens_map.items())),
-             str(tokenizer.eos_token_id), str(tokenizer.pad_token_id)]
+    parts = [
+        backend.to_str() if backend is not None else repr(tokenizer.get_vocab()),
+        str(tokenizer.chat_template),
+        repr(sorted(tokenizer.special_tokens_map.items())),
+        str(tokenizer.eos_token_id),
+        str(tokenizer.pad_token_id),
+    ]
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
 
 def cache_key(path: str, tokenizer, options: PrepareOptions) -> tuple:
     sources = [_file_fingerprint(f) for f in list_files(path)]
-    identity = {"version": VERSION, "sources": sources, "tokenizer": tokenizer_fingerprint(tokenizer),
-                "options": asdict(options)}
+    identity = {
+        "version": VERSION,
+        "sources": sources,
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "options": asdict(options),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20], identity
 
 
 # ---- prepare or wait ----------------------------------------------------------------------------
 
-def prepare(path: str, tokenizer, options: PrepareOptions, cache_dir: str, preparer: bool = True,
-            timeout_s: float = 7200.0, progress: bool = False) -> Prepared:
+
+def prepare(
+    path: str,
+    tokenizer,
+    options: PrepareOptions,
+    cache_dir: str,
+    preparer: bool = True,
+    timeout_s: float = 7200.0,
+    progress: bool = False,
+) -> Prepared:
     """The prepared rows for `path`, from the cache when it matches. With preparer=False (ranks
     other than the node's first) only wait for another process to finish preparing."""
     key, identity = cache_key(path, tokenizer, options)
@@ -220,22 +247,26 @@ def _wait_for(target: Path, lock: Path, path: str, timeout_s: float) -> Prepared
         if not lock.exists():
             lock_seen_gone += 1
             if lock_seen_gone > 30:  # no one is preparing and nothing appeared
-                raise DataError(f"{path}: waited for another process to prepare it into {target}, but that "
-                                "process stopped without finishing; see its log (usually rank 0's)")
+                raise DataError(
+                    f"{path}: waited for another process to prepare it into {target}, but that "
+                    "process stopped without finishing; see its log (usually rank 0's)"
+                )
         else:
             lock_seen_gone = 0
         if time.monotonic() > deadline:
-            raise DataError(f"{path}: still being prepared after {timeout_s:.0f} s (lock {lock}). If no process "
-                            "is preparing it, delete the lock; to prepare ahead of time run "
-                            "`python launch/prepare_data.py <same overrides>`")
+            raise DataError(
+                f"{path}: still being prepared after {timeout_s:.0f} s (lock {lock}). If no process "
+                "is preparing it, delete the lock; to prepare ahead of time run "
+                "`python launch/prepare_data.py <same overrides>`"
+            )
         time.sleep(1.0)
     return Prepared(target)
 
 
 # ---- the pipeline -------------------------------------------------------------------------------
 
-def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, identity: Dict,
-                  progress: bool) -> None:
+
+def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, identity: Dict, progress: bool) -> None:
     started = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -243,8 +274,9 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
         extra = {}
         if options.objective == StageObjective.dpo:
             pairs, counts = _tokenize_pairs(path, tokenizer, options, progress)
-            rows, extra["documents_per_row"] = preference.write_pairs(work, pairs, options.seq_len, options.packing,
-                                                                      tokenizer.pad_token_id)
+            rows, extra["documents_per_row"] = preference.write_pairs(
+                work, pairs, options.seq_len, options.packing, tokenizer.pad_token_id
+            )
             lengths = np.asarray([2 * len(p) + len(c) + len(r) for p, c, r in pairs], dtype=np.int64)
             extra["pairs"] = len(pairs)
         else:
@@ -260,12 +292,23 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
             (work / "mask.u8").unlink()
         supervised = np.load(work / "supervised.npy", mmap_mode="r")
         real = int(lengths.sum())
-        stats = dict(counts, **extra, samples=int(len(lengths)), rows=int(rows), real_tokens=real,
-                     supervised_tokens=int(np.count_nonzero(supervised)),
-                     packing_efficiency=real / max(rows * options.seq_len, 1))
+        stats = dict(
+            counts,
+            **extra,
+            samples=int(len(lengths)),
+            rows=int(rows),
+            real_tokens=real,
+            supervised_tokens=int(np.count_nonzero(supervised)),
+            packing_efficiency=real / max(rows * options.seq_len, 1),
+        )
         del supervised
-        manifest = {**identity, "stats": stats, "seconds": round(time.time() - started, 2),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "seq_len": options.seq_len}
+        manifest = {
+            **identity,
+            "stats": stats,
+            "seconds": round(time.time() - started, 2),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seq_len": options.seq_len,
+        }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
         if target.exists():  # a leftover without a manifest (it is only ever renamed in whole)
             shutil.rmtree(target)
@@ -273,9 +316,16 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    log.info("%s: prepared %d samples -> %d rows of %d tokens in %.1f s, packing efficiency %.4f, counts %s",
-             path, stats["samples"], rows, options.seq_len, manifest["seconds"], stats["packing_efficiency"],
-             {k: v for k, v in counts.items() if k != "records"})
+    log.info(
+        "%s: prepared %d samples -> %d rows of %d tokens in %.1f s, packing efficiency %.4f, counts %s",
+        path,
+        stats["samples"],
+        rows,
+        options.seq_len,
+        manifest["seconds"],
+        stats["packing_efficiency"],
+        {k: v for k, v in counts.items() if k != "records"},
+    )
 
 
 def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path, progress: bool):
@@ -387,9 +437,11 @@ def _open_rows(work: Path, rows: int, seq_len: int):
     from numpy.lib.format import open_memmap
 
     pos_dtype = np.uint16 if seq_len <= np.iinfo(np.uint16).max else np.int32
-    return (open_memmap(work / "input_ids.npy", mode="w+", dtype=np.uint32, shape=(rows, seq_len)),
-            open_memmap(work / "supervised.npy", mode="w+", dtype=np.bool_, shape=(rows, seq_len)),
-            open_memmap(work / "position_ids.npy", mode="w+", dtype=pos_dtype, shape=(rows, seq_len)))
+    return (
+        open_memmap(work / "input_ids.npy", mode="w+", dtype=np.uint32, shape=(rows, seq_len)),
+        open_memmap(work / "supervised.npy", mode="w+", dtype=np.bool_, shape=(rows, seq_len)),
+        open_memmap(work / "position_ids.npy", mode="w+", dtype=pos_dtype, shape=(rows, seq_len)),
+    )
 
 
 def _write_packed(work: Path, tokens, mask, lengths: np.ndarray, options: PrepareOptions, pad_id: int) -> int:
@@ -408,10 +460,10 @@ def _write_packed(work: Path, tokens, mask, lengths: np.ndarray, options: Prepar
         at = 0
         for i in members:
             a, n = int(offsets[i]), int(lengths[i])
-            ids_out[r, at:at + n] = tokens[a:a + n]
-            sup_out[r, at:at + n] = mask[a:a + n]
+            ids_out[r, at : at + n] = tokens[a : a + n]
+            sup_out[r, at : at + n] = mask[a : a + n]
             sup_out[r, at] = False
-            pos_out[r, at:at + n] = np.arange(n)
+            pos_out[r, at : at + n] = np.arange(n)
             at += n
         pos_out[r, at:] = np.arange(seq_len - at)  # padding is a document of its own
         filled[r] = at

@@ -52,8 +52,10 @@ def list_files(path: str) -> List[Path]:
             raise DataError(f"{path}: directory has no {'/'.join(SUFFIXES)} files and is not a saved dataset")
         return files
     if p.suffix not in SUFFIXES:
-        raise DataError(f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}, "
-                        "or a directory saved with datasets' save_to_disk")
+        raise DataError(
+            f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}, "
+            "or a directory saved with datasets' save_to_disk"
+        )
     if p.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
     return [p]
@@ -82,12 +84,19 @@ def _lines(file: Path) -> Iterator[tuple]:
     with open(file, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if lineno == 1 and raw.startswith(_BOM):
-                raw = raw[len(_BOM):]
+                raw = raw[len(_BOM) :]
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as ex:
-                yield lineno, None, (f"not valid UTF-8 (byte 0x{raw[ex.start]:02x} at column {ex.start + 1}); "
-                                     "re-encode the file as UTF-8"), True
+                yield (
+                    lineno,
+                    None,
+                    (
+                        f"not valid UTF-8 (byte 0x{raw[ex.start]:02x} at column {ex.start + 1}); "
+                        "re-encode the file as UTF-8"
+                    ),
+                    True,
+                )
                 continue
             yield lineno, text.rstrip("\r\n"), None, raw.endswith(b"\n")
 
@@ -134,20 +143,26 @@ def _read_jsonl(file: Path) -> Iterator[Record]:
 def _read_json(file: Path) -> Iterator[Record]:
     raw = file.read_bytes()
     if raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
+        raw = raw[len(_BOM) :]
     try:
         items = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as ex:
-        line = raw[:ex.start].count(b"\n") + 1
-        raise DataError(f"{file}:{line}: not valid UTF-8 (byte 0x{raw[ex.start]:02x}); re-encode the file as UTF-8") from None
+        line = raw[: ex.start].count(b"\n") + 1
+        raise DataError(
+            f"{file}:{line}: not valid UTF-8 (byte 0x{raw[ex.start]:02x}); re-encode the file as UTF-8"
+        ) from None
     except json.JSONDecodeError as ex:
         raise DataError(f"{file}:{ex.lineno}: not valid JSON ({ex.msg} at column {ex.colno})") from None
     if not isinstance(items, list):
-        raise DataError(f"{file}: expected a JSON list of records, got {type(items).__name__} "
-                        "(for one object per line, name the file .jsonl)")
+        raise DataError(
+            f"{file}: expected a JSON list of records, got {type(items).__name__} "
+            "(for one object per line, name the file .jsonl)"
+        )
     for i, obj in enumerate(items):
-        yield Record(obj if isinstance(obj, dict) else {"__error__": f"expected a JSON object, got {type(obj).__name__}"},
-                     f"{file}:[{i}]")
+        yield Record(
+            obj if isinstance(obj, dict) else {"__error__": f"expected a JSON object, got {type(obj).__name__}"},
+            f"{file}:[{i}]",
+        )
 
 
 def _read_parquet(file: Path) -> Iterator[Record]:

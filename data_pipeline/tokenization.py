@@ -27,16 +27,22 @@ def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
 
 def check_chat_template(tokenizer, source: str) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{source}: the tokenizer has no chat template; set model.chat_template to a Jinja "
-                        "template (or use a tokenizer that ships one)")
+        raise DataError(
+            f"{source}: the tokenizer has no chat template; set model.chat_template to a Jinja "
+            "template (or use a tokenizer that ships one)"
+        )
 
 
 def encode(tokenizer, example: Example, objective: StageObjective) -> Tuple[List[int], List[int]]:
     """(input_ids, labels) for one example; labels are -100 where no loss is taken."""
     objective = parse(StageObjective, objective, "objective")  # a word it does not know is an error
     if example.messages is not None:
-        return _encode_chat(tokenizer, example, last_only=(objective == StageObjective.sft),
-                            all_tokens=(objective == StageObjective.pretrain))
+        return _encode_chat(
+            tokenizer,
+            example,
+            last_only=(objective == StageObjective.sft),
+            all_tokens=(objective == StageObjective.pretrain),
+        )
     eos = tokenizer.eos_token_id
     prompt_ids = tokenizer(example.prompt, add_special_tokens=True)["input_ids"] if example.prompt else []
     text_ids = tokenizer(example.text, add_special_tokens=not prompt_ids)["input_ids"] + [eos]
@@ -54,14 +60,18 @@ def _encode_chat(tokenizer, example: Example, last_only: bool, all_tokens: bool)
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
         if not full.startswith(upto) or not upto.startswith(before):
-            raise DataError(f"{example.where}: the chat template does not render conversations prefix by prefix, "
-                            "so assistant turns cannot be located; use a template whose output for the first "
-                            "k messages is a prefix of the output for all of them")
+            raise DataError(
+                f"{example.where}: the chat template does not render conversations prefix by prefix, "
+                "so assistant turns cannot be located; use a template whose output for the first "
+                "k messages is a prefix of the output for all of them"
+            )
         spans.append((len(before), len(upto)))
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if all_tokens:
         return ids, list(ids)
-    labels = [tid if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE
-              for tid, (a, b) in zip(ids, enc["offset_mapping"])]
+    labels = [
+        tid if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE
+        for tid, (a, b) in zip(ids, enc["offset_mapping"])
+    ]
     return ids, labels

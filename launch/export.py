@@ -25,19 +25,25 @@ def export(step_dir: Path, out: Path, bf16: bool = False) -> None:
 
     step_dir = step_dir.resolve()
     if not (step_dir / "COMPLETE").is_file():
-        raise SystemExit(f"{step_dir} is not a complete checkpoint (no COMPLETE file): pick a step_* directory "
-                         f"that `latest` named, e.g. {step_dir.parent / 'latest'}")
+        raise SystemExit(
+            f"{step_dir} is not a complete checkpoint (no COMPLETE file): pick a step_* directory "
+            f"that `latest` named, e.g. {step_dir.parent / 'latest'}"
+        )
     if not (step_dir / "model" / "config.json").is_file():
-        raise SystemExit(f"{step_dir / 'model'} is missing (a checkpoint saved before checkpoints carried the model "
-                         f"config): use `python {step_dir.parent}/zero_to_fp32.py` and the run's hf/ config instead")
+        raise SystemExit(
+            f"{step_dir / 'model'} is missing (a checkpoint saved before checkpoints carried the model "
+            f"config): use `python {step_dir.parent}/zero_to_fp32.py` and the run's hf/ config instead"
+        )
     config = AutoConfig.from_pretrained(step_dir / "model")
     state = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if getattr(config, "tie_word_embeddings", False) and "lm_head" in k}
     if set(missing) - tied or unexpected:
-        raise SystemExit(f"{step_dir} does not match its model config: missing {sorted(set(missing) - tied)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise SystemExit(
+            f"{step_dir} does not match its model config: missing {sorted(set(missing) - tied)[:5]}, "
+            f"unexpected {sorted(unexpected)[:5]}"
+        )
     model.tie_weights()
     if bf16:
         model = model.to(torch.bfloat16)

@@ -18,12 +18,14 @@ from trainer.engine.model_import import KNOWN, ImportReport, import_gguf, import
 
 
 def _print_report(report: ImportReport) -> None:
-    print(f"imported {report.gguf_file} -> {report.out_dir}\n"
-          f"  architecture {report.architecture}, {report.parameters:,} parameters, vocab {report.vocab_size:,}, "
-          f"tied embeddings: {'yes' if report.tied_embeddings else 'no'}\n"
-          f"  logits of the saved model vs the GGUF's: max |diff| {report.logits_max_abs_diff:.3g}\n"
-          f"  sha256 {report.gguf_sha256}, transformers {report.transformers_version}, gguf {report.gguf_version}\n"
-          f"  {report.seconds:.0f} s (de-quantise, save, reload, check)")
+    print(
+        f"imported {report.gguf_file} -> {report.out_dir}\n"
+        f"  architecture {report.architecture}, {report.parameters:,} parameters, vocab {report.vocab_size:,}, "
+        f"tied embeddings: {'yes' if report.tied_embeddings else 'no'}\n"
+        f"  logits of the saved model vs the GGUF's: max |diff| {report.logits_max_abs_diff:.3g}\n"
+        f"  sha256 {report.gguf_sha256}, transformers {report.transformers_version}, gguf {report.gguf_version}\n"
+        f"  {report.seconds:.0f} s (de-quantise, save, reload, check)"
+    )
 
 
 def main(argv=None) -> int:
@@ -38,8 +40,10 @@ def main(argv=None) -> int:
                 print(f"{args.source} is already imported: {out_dir} (model={args.source} uses it)")
                 return 0
         elif args.out_dir is None:
-            parser.error(f"{args.source!r} is not a known model ({', '.join(sorted(KNOWN))}); for a GGUF file "
-                         "give both FILE.gguf and OUT_DIR")
+            parser.error(
+                f"{args.source!r} is not a known model ({', '.join(sorted(KNOWN))}); for a GGUF file "
+                "give both FILE.gguf and OUT_DIR"
+            )
         else:
             report = import_gguf(args.source, args.out_dir)
     except (OSError, ValueError, KeyError, ModuleNotFoundError) as ex:

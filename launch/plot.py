@@ -1,6 +1,6 @@
 """Draw a run's PNG dashboard from its metrics.jsonl (trainer/observability/dashboard.py has the panels).
 
-    python launch/plot.py OUTPUT_DIR [-o dashboard.png]
+python launch/plot.py OUTPUT_DIR [-o dashboard.png]
 """
 
 from __future__ import annotations

@@ -22,15 +22,16 @@ from trainer.distributed import strip_launcher_args
 def main(cfg: DictConfig) -> None:
     config = to_config(cfg)
     from trainer.data import prepare_data
-    from trainer.recipe import stage_overrides
     from trainer.engine.tokenizer import load_tokenizer
+    from trainer.recipe import stage_overrides
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     stages = [("", config)]
     if config.recipe:  # every stage of a recipe
         overrides = list(HydraConfig.get().overrides.task)
-        stages = stage_overrides(config, lambda o: to_config(compose(config_name="config", overrides=upgrade_overrides(o))),
-                                 overrides)
+        stages = stage_overrides(
+            config, lambda o: to_config(compose(config_name="config", overrides=upgrade_overrides(o))), overrides
+        )
     # Later stages start from an earlier stage's export, which carries the first stage's tokenizer.
     tokenizer = load_tokenizer(stages[0][1].model)
     for stage, staged in stages:

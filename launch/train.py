@@ -16,8 +16,8 @@ from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from trainer.cli import CONF_DIR, preflight, to_config, upgrade_overrides
 from trainer import distributed
+from trainer.cli import CONF_DIR, preflight, to_config, upgrade_overrides
 from trainer.distributed import strip_launcher_args
 
 

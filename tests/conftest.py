@@ -35,8 +35,14 @@ if not Path("/dev/nvidia0").exists():
 # marker, but with pytest 9 its group suffix never reaches the node id: it silently spreads every
 # test.) The longest files are queued first, so that neither worker is left with a long tail; the
 # Slurm tier runs in a session of its own, after these (see the Makefile).
-FIRST = ("test_training.py", "test_real_training.py", "test_bench_perf.py", "test_faults.py", "test_recipe.py",
-         "test_elastic_resume.py")
+FIRST = (
+    "test_training.py",
+    "test_real_training.py",
+    "test_bench_perf.py",
+    "test_faults.py",
+    "test_recipe.py",
+    "test_elastic_resume.py",
+)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -92,8 +98,11 @@ def _mapped_shm() -> set:
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped |= {Path(line.split()[-1]) for line in maps.read_text().splitlines()
-                       if "/dev/shm/deepspeed_allreduce_buffer_" in line}
+            mapped |= {
+                Path(line.split()[-1])
+                for line in maps.read_text().splitlines()
+                if "/dev/shm/deepspeed_allreduce_buffer_" in line
+            }
         except OSError:  # the process ended meanwhile
             continue
     return mapped

@@ -35,7 +35,7 @@ def payloads(data: bytes) -> Iterator[bytes]:
         crc, length, kind = RECORD_HEADER.unpack_from(data, pos)
         if kind == 0 and length == 0:  # preallocated, never written: the end of the log
             return
-        body = data[pos + RECORD_HEADER.size: pos + RECORD_HEADER.size + length]
+        body = data[pos + RECORD_HEADER.size : pos + RECORD_HEADER.size + length]
         assert len(body) == length, f"truncated record at byte {pos}"
         # The checksum covers the type byte and the payload (LevelDB's convention, unmasked here).
         assert zlib.crc32(body, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF == crc, f"bad crc at byte {pos}"
@@ -65,7 +65,7 @@ def write_log(blobs: List[bytes]) -> bytes:
             if room < RECORD_HEADER.size:
                 out += bytes(room)
                 continue
-            chunk, blob = blob[: room - RECORD_HEADER.size], blob[room - RECORD_HEADER.size:]
+            chunk, blob = blob[: room - RECORD_HEADER.size], blob[room - RECORD_HEADER.size :]
             kind = (FULL if first else LAST) if not blob else (FIRST if first else MIDDLE)
             out += RECORD_HEADER.pack(zlib.crc32(chunk, zlib.crc32(bytes([kind]))) & 0xFFFFFFFF, len(chunk), kind)
             out += chunk
@@ -78,6 +78,7 @@ def write_log(blobs: List[bytes]) -> bytes:
 @dataclass
 class OfflineRun:
     """What one offline run file says: its run record(s), config, and history rows."""
+
     path: Path
     runs: List[Any] = field(default_factory=list)
     config: Dict[str, Any] = field(default_factory=dict)

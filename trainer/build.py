@@ -58,6 +58,7 @@ log = logging.getLogger("trainer")
 @dataclass
 class Run:
     """One stage, built and resumed: what trainer/loop.py trains."""
+
     cfg: Config
     dist: distributed.DistInfo
     engine: Any
@@ -121,41 +122,106 @@ def build(cfg: Config) -> Run:
     if objective.needs_reference:
         key = reference.start_key(cfg.model, t.seed, "bf16" if bf16 else "fp32", tokenizer)
         named = {**dict(zip(data.names, data.sources)), **{f"eval/{n}": s for n, s in data.eval_sets.items()}}
-        reference.attach(engine, named, key, cfg.eval.micro_batch_size, dist.rank, dist.world_size, engine.device,
-                         writer=dist.local_rank == 0)
+        reference.attach(
+            engine,
+            named,
+            key,
+            cfg.eval.micro_batch_size,
+            dist.rank,
+            dist.world_size,
+            engine.device,
+            writer=dist.local_rank == 0,
+        )
 
     e = cfg.regularizer.ewc
     ewc = None
     if cfg.regularizer.uses_ewc:
-        fisher_batches = StepLoader([data.fisher], [1.0], t.micro_batch_size, e.fisher_batches, dist.rank,
-                                    dist.world_size, t.seed, pad_to_multiple_of=pad)
-        ewc = EWC(engine, e.lam, e.gamma, e.normalise, reference=fisher_batches, labels=e.fisher_labels, seed=t.seed,
-                  previous=e.previous)
-    checkpointer = Checkpointer(cfg.output_dir, t.keep_last, dist.rank, dist.world_size, fallback=t.resume_fallback,
-                                tokenizer=tokenizer, extras={"ewc": ewc} if ewc else None, every_steps=t.save_every_steps,
-                                elastic=t.elastic_resume)
+        fisher_batches = StepLoader(
+            [data.fisher],
+            [1.0],
+            t.micro_batch_size,
+            e.fisher_batches,
+            dist.rank,
+            dist.world_size,
+            t.seed,
+            pad_to_multiple_of=pad,
+        )
+        ewc = EWC(
+            engine,
+            e.lam,
+            e.gamma,
+            e.normalise,
+            reference=fisher_batches,
+            labels=e.fisher_labels,
+            seed=t.seed,
+            previous=e.previous,
+        )
+    checkpointer = Checkpointer(
+        cfg.output_dir,
+        t.keep_last,
+        dist.rank,
+        dist.world_size,
+        fallback=t.resume_fallback,
+        tokenizer=tokenizer,
+        extras={"ewc": ewc} if ewc else None,
+        every_steps=t.save_every_steps,
+        elastic=t.elastic_resume,
+    )
     # Restores EWC's Fisher and anchor too; a checkpoint of another world size is resharded.
     state = checkpointer.resume(engine)
     layout.continue_data(state, t, dist.world_size)
     if state.step > 0 and cfg.model.name_or_path:
-        log.warning("resuming at step %d: the weights come from the checkpoint, not from model.name_or_path=%s "
-                    "(which only started step 0); use a new output_dir to start again from %s",
-                    state.step, cfg.model.name_or_path, cfg.model.name_or_path)
+        log.warning(
+            "resuming at step %d: the weights come from the checkpoint, not from model.name_or_path=%s "
+            "(which only started step 0); use a new output_dir to start again from %s",
+            state.step,
+            cfg.model.name_or_path,
+            cfg.model.name_or_path,
+        )
 
-    batches = StepLoader(data.sources, data.weights, t.micro_batch_size, t.grad_accum_steps, dist.rank,
-                         dist.world_size, t.seed, pad_to_multiple_of=pad, origin=tuple(state.data_origin))
-    generator = Generator(cfg.eval.sample_prompts, cfg.eval.sample_max_new_tokens, tokenizer,
-                          chat=cfg.stage.objective != StageObjective.pretrain, system_prompt=cfg.stage.system_prompt)
-    evaluation = Evaluation(engine, data.eval_sets, cfg.eval.micro_batch_size, t.eval_every_steps, cfg.eval.at_start,
-                            cfg.eval.baseline_from, generator, dist.rank, dist.world_size, engine.device, pad,
-                            objective if objective.unit == "pairs" else None)
+    batches = StepLoader(
+        data.sources,
+        data.weights,
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        dist.rank,
+        dist.world_size,
+        t.seed,
+        pad_to_multiple_of=pad,
+        origin=tuple(state.data_origin),
+    )
+    generator = Generator(
+        cfg.eval.sample_prompts,
+        cfg.eval.sample_max_new_tokens,
+        tokenizer,
+        chat=cfg.stage.objective != StageObjective.pretrain,
+        system_prompt=cfg.stage.system_prompt,
+    )
+    evaluation = Evaluation(
+        engine,
+        data.eval_sets,
+        cfg.eval.micro_batch_size,
+        t.eval_every_steps,
+        cfg.eval.at_start,
+        cfg.eval.baseline_from,
+        generator,
+        dist.rank,
+        dist.world_size,
+        engine.device,
+        pad,
+        objective if objective.unit == "pairs" else None,
+    )
     perf = PerfMeter.for_model(engine.module, cfg.data.seq_len, dist.world_size, dist.rank, dist.on_gpu, bf16=bf16)
     window = MetricWindow(data.names)
 
     objective, injected = faults.inject(objective, dist.rank)
-    components: List[Component] = [*injected, *([ewc] if ewc else []),
-                                   LogWindow(window, perf, t.log_every_steps, t.max_steps, enabled=dist.is_main),
-                                   evaluation, checkpointer]
+    components: List[Component] = [
+        *injected,
+        *([ewc] if ewc else []),
+        LogWindow(window, perf, t.log_every_steps, t.max_steps, enabled=dist.is_main),
+        evaluation,
+        checkpointer,
+    ]
     if t.export_hf:
         interp = None
         if cfg.regularizer.interpolation.enabled:
@@ -163,9 +229,16 @@ def build(cfg: Config) -> Run:
             components.append(interp)
         components.append(Export(engine, tokenizer, cfg.output_dir, dist.rank, interpolation=interp))
     components.append(Summary(cfg.output_dir, cfg.logger.dashboard, enabled=dist.is_main))
-    log.info("%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
-             f"{count_parameters(engine.module):,}", dist.world_size, sum(len(s) for s in data.sources),
-             cfg.data.seq_len, batches.rows_per_step, state.step, t.max_steps)
+    log.info(
+        "%s parameters | world %d | %d rows x %d tokens | %d rows per step | steps %d -> %d",
+        f"{count_parameters(engine.module):,}",
+        dist.world_size,
+        sum(len(s) for s in data.sources),
+        cfg.data.seq_len,
+        batches.rows_per_step,
+        state.step,
+        t.max_steps,
+    )
     return Run(cfg, dist, engine, data, batches, objective, state, components, perf, window, stop, config_tree)
 
 

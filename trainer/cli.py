@@ -38,8 +38,8 @@ def upgrade_overrides(argv: Sequence[str]) -> List[str]:
     on stderr."""
     out = []
     for arg in argv:
-        prefix = arg[:len(arg) - len(arg.lstrip("+~"))]
-        key, eq, value = arg[len(prefix):].partition("=")
+        prefix = arg[: len(arg) - len(arg.lstrip("+~"))]
+        key, eq, value = arg[len(prefix) :].partition("=")
         if eq and key in DEPRECATED_KEYS:
             new = DEPRECATED_KEYS[key]
             log.warning("%s= is deprecated; use %s=%s", key, new, value)
@@ -158,8 +158,10 @@ def check_output_dir(output_dir: str) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as ex:
-        raise PermissionError(f"output_dir={output_dir!r} is not writable ({ex.strerror}: {ex.filename}); "
-                              "choose another output_dir=... or fix its permissions") from None
+        raise PermissionError(
+            f"output_dir={output_dir!r} is not writable ({ex.strerror}: {ex.filename}); "
+            "choose another output_dir=... or fix its permissions"
+        ) from None
 
 
 def to_config(cfg: Any) -> Config:

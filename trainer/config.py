@@ -23,28 +23,26 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-
 from data_pipeline.choices import (  # noqa: F401  (the vocabulary, re-exported for the schemas' users)
-    Choice,
-    choice,
-    StageObjective,
-    PreferenceLossName,
-    DataFormat,
-    OnError,
-    Overlong,
     Attention,
-    OffloadDevice,
-    RegularizerName,
+    Checkpointing,
+    Choice,
+    DataFormat,
     FisherLabels,
     LoggerBackend,
-    WandbMode,
-    LRSchedule,
-    Precision,
-    Checkpointing,
     LossKernel,
+    LRSchedule,
+    OffloadDevice,
+    OnError,
     OnNonFinite,
+    Overlong,
+    Precision,
+    PreferenceLossName,
+    RegularizerName,
+    StageObjective,
+    WandbMode,
+    choice,
 )
-
 
 # ---- durations (trainer.max_time; trainer/checkpointing/preemption.py keeps the clock) -----------------------
 
@@ -63,15 +61,15 @@ def parse_duration(text: str) -> float:
     text = str(text).strip()
     m = _DURATION.match(text)
     if m:
-        return (int(m["d"] or 0) * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"]))
+        return int(m["d"] or 0) * 86400 + int(m["h"]) * 3600 + int(m["m"]) * 60 + float(m["s"])
     m = _WITH_UNIT.match(text)
     if m:
         return float(m["n"]) * _UNIT_S[m["unit"]]
-    raise ValueError(f"{text!r} is not a duration: use HH:MM:SS, D-HH:MM:SS or a number with a unit "
-                     "(3600s, 60m, 1h)")
+    raise ValueError(f"{text!r} is not a duration: use HH:MM:SS, D-HH:MM:SS or a number with a unit (3600s, 60m, 1h)")
 
 
 # ---- schemas -----------------------------------------------------------------------------------
+
 
 @dataclass
 class ModelConfig:
@@ -109,6 +107,7 @@ class ModelConfig:
 @dataclass
 class SourceConfig:
     """A further training source mixed with the main one (`data.sources.<name>` in YAML)."""
+
     path: str = MISSING
     """File, directory or saved dataset, as data.path."""
     format: DataFormat = DataFormat.auto
@@ -169,6 +168,7 @@ class DataConfig:
 @dataclass
 class StageConfig:
     """One stage of training: a single run, or one link of a recipe's chain (`recipe:`)."""
+
     objective: StageObjective = StageObjective.sft
     """What the stage learns. pretrain: every token, documents concatenated; sft: the final answer;
     instruct: every assistant turn; dpo: preferences between pairs of answers (data_pipeline/preference.py)."""
@@ -192,8 +192,10 @@ class StageConfig:
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"stage.label_smoothing={self.label_smoothing}: must be in [0, 0.5)")
         if self.label_smoothing and self.loss == PreferenceLossName.ipo:
-            raise ValueError("stage.label_smoothing is not defined for stage.loss=ipo; use stage.loss=dpo (conservative "
-                             "DPO) or set stage.label_smoothing=0")
+            raise ValueError(
+                "stage.label_smoothing is not defined for stage.loss=ipo; use stage.loss=dpo (conservative "
+                "DPO) or set stage.label_smoothing=0"
+            )
 
     @property
     def token_objective(self) -> StageObjective:
@@ -306,15 +308,19 @@ class RegularizerConfig:
                 raise ValueError(f"regularizer.replay.ratio={self.replay.ratio}: must be in [0, 1)")
         if self.uses_ewc:
             if not (self.ewc.fisher_data or self.replay.path):
-                raise ValueError(f"regularizer={self.name} needs reference data for the Fisher: set "
-                                 "regularizer.ewc.fisher_data=<general data> (or regularizer.replay.path)")
+                raise ValueError(
+                    f"regularizer={self.name} needs reference data for the Fisher: set "
+                    "regularizer.ewc.fisher_data=<general data> (or regularizer.replay.path)"
+                )
             if self.ewc.lam < 0 or self.ewc.fisher_batches < 1 or not 0 <= self.ewc.gamma <= 1:
                 raise ValueError("regularizer.ewc: lam >= 0, fisher_batches >= 1 and gamma in [0, 1] are required")
         i = self.interpolation
         bad = [a for a in i.alphas if not 0 <= a <= 1]
         if bad:
-            raise ValueError(f"regularizer.interpolation.alphas={list(i.alphas)}: {bad} outside [0, 1] "
-                             "(0 = the stage's start, 1 = the trained weights)")
+            raise ValueError(
+                f"regularizer.interpolation.alphas={list(i.alphas)}: {bad} outside [0, 1] "
+                "(0 = the stage's start, 1 = the trained weights)"
+            )
         if not 0 < i.keep_gain <= 1:
             raise ValueError(f"regularizer.interpolation.keep_gain={i.keep_gain}: must be in (0, 1]")
 
@@ -446,7 +452,9 @@ class TrainerConfig:
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1, or null (derived)")
         if self.loss_chunk_tokens is not None and self.loss_chunk_tokens < 0:
-            raise ValueError(f"trainer.loss_chunk_tokens={self.loss_chunk_tokens}: 0 (off), a chunk size, or null (auto)")
+            raise ValueError(
+                f"trainer.loss_chunk_tokens={self.loss_chunk_tokens}: 0 (off), a chunk size, or null (auto)"
+            )
         if self.max_skipped_steps < 0:
             raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -499,18 +507,27 @@ class Config:
     def __post_init__(self) -> None:
         if isinstance(self.data, DataConfig) and isinstance(self.stage, StageConfig):
             if self.data.overlong == Overlong.split and self.stage.objective != StageObjective.pretrain:
-                raise ValueError(f"data.overlong=split is for continued pretraining; stage={self.stage.objective} "
-                                 "needs whole samples: use data.overlong=truncate or drop")
+                raise ValueError(
+                    f"data.overlong=split is for continued pretraining; stage={self.stage.objective} "
+                    "needs whole samples: use data.overlong=truncate or drop"
+                )
             replay = self.regularizer.replay.objective if isinstance(self.regularizer, RegularizerConfig) else None
             if self.data.overlong == Overlong.split and replay not in (None, StageObjective.pretrain):
-                raise ValueError(f"data.overlong=split is for continued pretraining; regularizer.replay.objective={replay} "
-                                 "needs whole samples: use data.overlong=truncate or drop (or auto)")
-            if self.stage.objective == StageObjective.dpo and isinstance(self.regularizer, RegularizerConfig) \
-                    and self.regularizer.uses_replay:
-                raise ValueError(f"regularizer={self.regularizer.name} with stage=dpo: replay is refused in a preference "
-                                 "stage (its rows would need a token loss beside the pair loss, two normalisations in "
-                                 "one step). Use regularizer=ewc with regularizer.ewc.fisher_data=<general data>, or "
-                                 "regularizer=none; the stage's β already keeps it near its start.")
+                raise ValueError(
+                    f"data.overlong=split is for continued pretraining; regularizer.replay.objective={replay} "
+                    "needs whole samples: use data.overlong=truncate or drop (or auto)"
+                )
+            if (
+                self.stage.objective == StageObjective.dpo
+                and isinstance(self.regularizer, RegularizerConfig)
+                and self.regularizer.uses_replay
+            ):
+                raise ValueError(
+                    f"regularizer={self.regularizer.name} with stage=dpo: replay is refused in a preference "
+                    "stage (its rows would need a token loss beside the pair loss, two normalisations in "
+                    "one step). Use regularizer=ewc with regularizer.ewc.fisher_data=<general data>, or "
+                    "regularizer=none; the stage's β already keeps it near its start."
+                )
             if not self.data.packing and self.stage.objective == StageObjective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")
 
@@ -546,8 +563,11 @@ def _deprecated_samples(name: str) -> str:
     global _WARNED_SAMPLES
     if not _WARNED_SAMPLES:
         _WARNED_SAMPLES = True
-        warnings.warn("${samples:...} is deprecated: the bundled data is ${bundled:...} (data_pipeline/bundled/)",
-                      DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "${samples:...} is deprecated: the bundled data is ${bundled:...} (data_pipeline/bundled/)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
     return bundled_path(name)
 
 

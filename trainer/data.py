@@ -8,9 +8,9 @@ import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from data_pipeline.prepare import Prepared, PrepareOptions, prepare
-from data_pipeline.preference import is_preference_source
 from data_pipeline.choices import StageObjective
+from data_pipeline.preference import is_preference_source
+from data_pipeline.prepare import Prepared, PrepareOptions, prepare
 from trainer.config import Config
 from trainer.paths import cache_root
 
@@ -35,9 +35,16 @@ def options(cfg: Config, fmt: str, objective: Optional[str] = None) -> PrepareOp
     """How a source is prepared: the stage's objective unless `objective` (a replay source's own) says otherwise."""
     d = cfg.data
     objective = objective or cfg.stage.objective
-    return PrepareOptions(objective=objective, seq_len=d.seq_len, fmt=fmt, on_error=d.on_error,
-                          overlong=cfg.overlong_for(objective), packing=d.packing,
-                          system_prompt=cfg.stage.system_prompt, split=d.split)
+    return PrepareOptions(
+        objective=objective,
+        seq_len=d.seq_len,
+        fmt=fmt,
+        on_error=d.on_error,
+        overlong=cfg.overlong_for(objective),
+        packing=d.packing,
+        system_prompt=cfg.stage.system_prompt,
+        split=d.split,
+    )
 
 
 def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False) -> TrainingData:
@@ -58,17 +65,29 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
     # In a dpo stage, eval sets of pairs are scored as pairs; the others (general text, held-out
     # answers) by their token loss, as the stage's token_objective prepares them.
     token = cfg.stage.token_objective
-    eval_sets = {name: prepare(path, tokenizer, options(cfg, "auto", _eval_objective(cfg, path)), **kw)
-                 for name, path in cfg.eval.sets.items()}
+    eval_sets = {
+        name: prepare(path, tokenizer, options(cfg, "auto", _eval_objective(cfg, path)), **kw)
+        for name, path in cfg.eval.sets.items()
+    }
     fisher = None
     if reg.uses_ewc:
         own = reg.ewc.fisher_data is not None  # else the replay data, prepared as replay prepares it
-        fisher = prepare(reg.ewc.fisher_data if own else reg.replay.path, tokenizer,
-                         options(cfg, "auto", token) if own else options(cfg, reg.replay.format, reg.replay.objective or token),
-                         **kw)
+        fisher = prepare(
+            reg.ewc.fisher_data if own else reg.replay.path,
+            tokenizer,
+            options(cfg, "auto", token) if own else options(cfg, reg.replay.format, reg.replay.objective or token),
+            **kw,
+        )
     for (name, path, _, weight, _), src in zip(specs, sources):
-        log.info("source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s", name, weight, path, len(src),
-                 src.stats["packing_efficiency"], _counts(src.stats))
+        log.info(
+            "source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s",
+            name,
+            weight,
+            path,
+            len(src),
+            src.stats["packing_efficiency"],
+            _counts(src.stats),
+        )
     return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher)
 
 
@@ -79,6 +98,14 @@ def _eval_objective(cfg: Config, path: str):
 
 
 def _counts(stats: Dict) -> str:
-    keys = ("records", "samples", "pairs", "skipped_malformed", "truncated_overlong", "dropped_overlong", "split_overlong",
-            "dropped_no_supervised_tokens")
+    keys = (
+        "records",
+        "samples",
+        "pairs",
+        "skipped_malformed",
+        "truncated_overlong",
+        "dropped_overlong",
+        "split_overlong",
+        "dropped_no_supervised_tokens",
+    )
     return ", ".join(f"{k} {int(stats[k])}" for k in keys if stats.get(k))

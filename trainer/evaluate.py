@@ -17,21 +17,28 @@ from typing import Dict, Optional
 import torch
 
 from data_pipeline.loader import trim_to_longest
-from data_pipeline.prepare import Prepared
 from data_pipeline.packing import IGNORE
+from data_pipeline.prepare import Prepared
 from trainer import distributed
 from trainer.components import Component
 from trainer.objectives import head
-from trainer.objectives.token import supervised_tokens
 from trainer.objectives.preference import PreferenceLoss
+from trainer.objectives.token import supervised_tokens
 
 log = logging.getLogger("trainer")
 
 
 @torch.no_grad()
-def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int, world_size: int,
-             device: torch.device, pad_to_multiple_of: Optional[int] = None,
-             preference: Optional[PreferenceLoss] = None) -> Dict[str, float]:
+def evaluate(
+    engine,
+    sets: Dict[str, Prepared],
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    pad_to_multiple_of: Optional[int] = None,
+    preference: Optional[PreferenceLoss] = None,
+) -> Dict[str, float]:
     """Mean token loss (and perplexity) of each held-out set, over all ranks. pad_to_multiple_of:
     unpacked rows are cut to the longest of each micro-batch (data_pipeline.loader.trim_to_longest).
     A set of preference pairs (in a dpo stage, scored by `preference`) reports the mean pair loss and
@@ -47,8 +54,11 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
         rounds = math.ceil(len(data) / per_round)
         sums = torch.zeros(2, dtype=torch.float64)
         for r in range(rounds):
-            idx = [i for i in range(r * per_round + rank * micro_batch_size, r * per_round + (rank + 1) * micro_batch_size)
-                   if i < len(data)]
+            idx = [
+                i
+                for i in range(r * per_round + rank * micro_batch_size, r * per_round + (rank + 1) * micro_batch_size)
+                if i < len(data)
+            ]
             real = bool(idx)
             idx = idx or [0]
             rows = data.rows(idx)
@@ -57,8 +67,11 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
             labels = torch.from_numpy(rows["labels"])
             if not real:
                 labels = torch.full_like(labels, IGNORE)
-            batch = {"input_ids": torch.from_numpy(rows["input_ids"]), "labels": labels,
-                     "position_ids": torch.from_numpy(rows["position_ids"])}
+            batch = {
+                "input_ids": torch.from_numpy(rows["input_ids"]),
+                "labels": labels,
+                "position_ids": torch.from_numpy(rows["position_ids"]),
+            }
             sums[0] += head.score(engine, batch, device).double().sum().cpu()
             sums[1] += supervised_tokens(labels)
         distributed.all_reduce_sum(sums)
@@ -70,8 +83,16 @@ def evaluate(engine, sets: Dict[str, Prepared], micro_batch_size: int, rank: int
     return metrics
 
 
-def _evaluate_pairs(engine, name: str, data: Prepared, micro_batch_size: int, rank: int, world_size: int,
-                    device: torch.device, preference: PreferenceLoss) -> Dict[str, float]:
+def _evaluate_pairs(
+    engine,
+    name: str,
+    data: Prepared,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    preference: PreferenceLoss,
+) -> Dict[str, float]:
     per_round = micro_batch_size * world_size
     sums = torch.zeros(2 + len(preference.stats), dtype=torch.float64)  # loss, pairs, then the metrics
     for r in range(math.ceil(len(data) / per_round)):
@@ -95,7 +116,10 @@ def forgetting_metrics(scores: Dict[str, float], baseline: Dict[str, float]) -> 
     """eval/forgetting = general-set loss now minus at step 0 (> 0: the model forgot);
     eval/domain_gain = domain-set loss at step 0 minus now (> 0: the model learned the domain)."""
     out = {}
-    for key, name, sign in (("eval/general/loss", "eval/forgetting", 1.0), ("eval/domain/loss", "eval/domain_gain", -1.0)):
+    for key, name, sign in (
+        ("eval/general/loss", "eval/forgetting", 1.0),
+        ("eval/domain/loss", "eval/domain_gain", -1.0),
+    ):
         if key in scores and key in baseline:
             out[name] = sign * (scores[key] - baseline[key])
     return out
@@ -115,9 +139,21 @@ class Evaluation(Component):
     eval/domain_gain), every `every_steps` steps and at the last step; each one scores every
     held-out set and generates the sample prompts. Collective: every rank calls at the same steps."""
 
-    def __init__(self, engine, sets: Dict[str, Prepared], micro_batch_size: int, every_steps: int, at_start: bool,
-                 baseline_from: Optional[str], generator, rank: int, world_size: int, device: torch.device,
-                 pad_to_multiple_of: Optional[int], preference: Optional[PreferenceLoss] = None) -> None:
+    def __init__(
+        self,
+        engine,
+        sets: Dict[str, Prepared],
+        micro_batch_size: int,
+        every_steps: int,
+        at_start: bool,
+        baseline_from: Optional[str],
+        generator,
+        rank: int,
+        world_size: int,
+        device: torch.device,
+        pad_to_multiple_of: Optional[int],
+        preference: Optional[PreferenceLoss] = None,
+    ) -> None:
         self.engine, self.sets, self.generator, self.preference = engine, sets, generator, preference
         self.micro_batch_size, self.every_steps, self.at_start = micro_batch_size, every_steps, at_start
         self.baseline_from = baseline_from
@@ -125,8 +161,16 @@ class Evaluation(Component):
 
     def scores(self) -> Dict[str, float]:
         """Every held-out set's loss and perplexity now. Collective."""
-        return evaluate(self.engine, self.sets, self.micro_batch_size, self.rank, self.world_size, self.device,
-                        self.pad, self.preference)
+        return evaluate(
+            self.engine,
+            self.sets,
+            self.micro_batch_size,
+            self.rank,
+            self.world_size,
+            self.device,
+            self.pad,
+            self.preference,
+        )
 
     def on_start(self, state, tracker) -> None:
         """Step 0: score the model as it starts and keep that as state.baseline. In a recipe,

@@ -71,8 +71,15 @@ class Trainer:
             log.info("%s is already complete at step %d; nothing to do", self.cfg.output_dir, self.state.step)
             return Outcome.ALREADY_DONE
         r = self.run_
-        tracker = Tracker(self.cfg.logger, self.cfg.output_dir, self.cfg.exp_name, r.config_tree, self.state.step,
-                          enabled=r.dist.is_main, job_type=str(self.cfg.stage.objective))
+        tracker = Tracker(
+            self.cfg.logger,
+            self.cfg.output_dir,
+            self.cfg.exp_name,
+            r.config_tree,
+            self.state.step,
+            enabled=r.dist.is_main,
+            job_type=str(self.cfg.stage.objective),
+        )
         outcome = self._train(tracker)
         tracker.close()
         if outcome is Outcome.STOPPED:
@@ -108,14 +115,30 @@ class Trainer:
         with r.perf.phase("data_wait"):
             batches = r.batches.micro_batches(state.step)
         skipped_before = self.engine.skipped_steps
-        result = train_step(self.engine, batches, r.objective, r.data.names, self.components, phase=r.perf.phase,
-                            check_grads=check_grads)
+        result = train_step(
+            self.engine,
+            batches,
+            r.objective,
+            r.data.names,
+            self.components,
+            phase=r.perf.phase,
+            check_grads=check_grads,
+        )
         state.step += 1
         if self.engine.skipped_steps > skipped_before or not result.finite:
             state.skipped_steps += 1  # DeepSpeed found the gradient non-finite and did not update
-            check_finite(state.step, state.skipped_steps, result, r.batches.rows(state.step - 1), r.data.names,
-                         skip=t.on_nonfinite == OnNonFinite.skip, max_skipped_steps=t.max_skipped_steps)
+            check_finite(
+                state.step,
+                state.skipped_steps,
+                result,
+                r.batches.rows(state.step - 1),
+                r.data.names,
+                skip=t.on_nonfinite == OnNonFinite.skip,
+                max_skipped_steps=t.max_skipped_steps,
+            )
         state.tokens_seen += int(result.real_tokens)
         state.supervised_tokens_seen += int(result.supervised_tokens)
-        r.perf.end_step(state.step, result.real_tokens, {"train/loss": result.loss, "train/grad_norm": result.grad_norm})
+        r.perf.end_step(
+            state.step, result.real_tokens, {"train/loss": result.loss, "train/grad_norm": result.grad_norm}
+        )
         r.window.add(result)

@@ -20,17 +20,28 @@ from trainer.observability.metrics import StepResult
 log = logging.getLogger("trainer")
 
 
-def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], objective: Objective, source_names: List[str],
-               components: Sequence[Component] = (), phase=contextlib.nullcontext,
-               check_grads: bool = False) -> StepResult:
+def train_step(
+    engine,
+    micro_batches: List[Dict[str, torch.Tensor]],
+    objective: Objective,
+    source_names: List[str],
+    components: Sequence[Component] = (),
+    phase=contextlib.nullcontext,
+    check_grads: bool = False,
+) -> StepResult:
     """One optimizer step over this rank's micro-batches. The loss is the mean over every unit of
     the step on all ranks: supervised tokens (TokenLoss) or preference pairs (PreferenceLoss).
     `components`: their before_optimizer_step runs at the accumulation boundary, before DeepSpeed
     clips and steps. `phase(name)` times a part of the step (PerfMeter.phase). `check_grads`:
     fail if a trainable parameter got no gradient (the run's first step)."""
     device = engine.device
-    counts = torch.tensor([[objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]),
-                            b["labels"].numel()] for b in micro_batches], dtype=torch.float64).sum(0)
+    counts = torch.tensor(
+        [
+            [objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
+            for b in micro_batches
+        ],
+        dtype=torch.float64,
+    ).sum(0)
     distributed.all_reduce_sum(counts)
     scale = backward_scale(int(counts[0]), distributed.world_size())
     lr = engine.get_lr()[0]
@@ -62,55 +73,79 @@ def train_step(engine, micro_batches: List[Dict[str, torch.Tensor]], objective: 
             stat_sums += row_stats.detach().double().sum(0).cpu()
         bad = ~torch.isfinite(row_sums)
         if bad.any():
-            nonfinite_rows += [(source_names[int(batch["source"][i])], int(batch["row"][i]), m)
-                               for i in bad.nonzero().flatten().tolist()]
+            nonfinite_rows += [
+                (source_names[int(batch["source"][i])], int(batch["row"][i]), m)
+                for i in bad.nonzero().flatten().tolist()
+            ]
         source = batch["source"]
         sums[:, 0].index_add_(0, source, row_sums)
         sums[:, 1].index_add_(0, source, objective.row_units(batch))
         sums[:, 2].index_add_(0, source, batch["filled"].double())
     flat = distributed.all_reduce_sum(torch.cat([sums.flatten(), penalties, stat_sums]))
-    sums = flat[:sums.numel()].view_as(sums)
-    penalties, stat_sums = flat[sums.numel():sums.numel() + len(names)], flat[sums.numel() + len(names):]
+    sums = flat[: sums.numel()].view_as(sums)
+    penalties, stat_sums = flat[sums.numel() : sums.numel() + len(names)], flat[sums.numel() + len(names) :]
     grad_norm = engine.get_global_grad_norm()
     per_source = sums.tolist()
-    return StepResult(loss_sum=float(sums[:, 0].sum()), supervised_tokens=float(counts[1]),
-                      real_tokens=float(counts[2]), slots=float(counts[3]),
-                      source_loss_sum=[r[0] for r in per_source], source_supervised=[r[1] for r in per_source],
-                      source_tokens=[r[2] for r in per_source], lr=lr,
-                      grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                      penalties={n: float(v) for n, v, r in zip(names, penalties.tolist(), reported) if r},
-                      nonfinite_rows=nonfinite_rows, units=float(counts[0]),
-                      stats=dict(zip(objective.stats, stat_sums.tolist())))
+    return StepResult(
+        loss_sum=float(sums[:, 0].sum()),
+        supervised_tokens=float(counts[1]),
+        real_tokens=float(counts[2]),
+        slots=float(counts[3]),
+        source_loss_sum=[r[0] for r in per_source],
+        source_supervised=[r[1] for r in per_source],
+        source_tokens=[r[2] for r in per_source],
+        lr=lr,
+        grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+        penalties={n: float(v) for n, v, r in zip(names, penalties.tolist(), reported) if r},
+        nonfinite_rows=nonfinite_rows,
+        units=float(counts[0]),
+        stats=dict(zip(objective.stats, stat_sums.tolist())),
+    )
 
 
-def check_finite(step: int, skipped_steps: int, result: StepResult, step_rows: Sequence, names: List[str],
-                 skip: bool, max_skipped_steps: int) -> None:
+def check_finite(
+    step: int,
+    skipped_steps: int,
+    result: StepResult,
+    step_rows: Sequence,
+    names: List[str],
+    skip: bool,
+    max_skipped_steps: int,
+) -> None:
     """A step with a NaN/inf loss or gradient: DeepSpeed has already dropped its update (the
     weights are as before the step). Name the step and the rows, then raise or, with `skip`
     (trainer.on_nonfinite=skip), go on within `max_skipped_steps`. Called on every rank (the loss
     and DeepSpeed's overflow flag are reduced over ranks), so all ranks decide alike."""
     ranks = distributed.all_gather_object((result.nonfinite_rows, step_rows))
-    culprits = [f"{src}:row {row} (rank {r}, micro-batch {m})" for r, (rows, _) in enumerate(ranks)
-                for src, row, m in rows]
+    culprits = [
+        f"{src}:row {row} (rank {r}, micro-batch {m})" for r, (rows, _) in enumerate(ranks) for src, row, m in rows
+    ]
     if culprits:
         where = f"rows with a non-finite loss: {', '.join(culprits[:20])}{' ...' if len(culprits) > 20 else ''}"
     else:  # the loss was finite everywhere: the gradient overflowed; name the whole step
         rows = [f"{names[src]}:row {row}" for _, per_micro in ranks for micro in per_micro for src, row in micro]
-        where = (f"every row's loss was finite (the gradient overflowed); the step's rows: {', '.join(rows[:40])}"
-                 f"{' ...' if len(rows) > 40 else ''}")
-    what = (f"non-finite loss/gradient at step {step} (loss={result.loss}, grad_norm="
-            f"{result.grad_norm}): {where}. The update was skipped; the weights are those of step {step - 1}.")
+        where = (
+            f"every row's loss was finite (the gradient overflowed); the step's rows: {', '.join(rows[:40])}"
+            f"{' ...' if len(rows) > 40 else ''}"
+        )
+    what = (
+        f"non-finite loss/gradient at step {step} (loss={result.loss}, grad_norm="
+        f"{result.grad_norm}): {where}. The update was skipped; the weights are those of step {step - 1}."
+    )
     if skip and skipped_steps <= max_skipped_steps:
-        log.warning("%s Skipped (%d of at most trainer.max_skipped_steps=%d).", what, skipped_steps,
-                    max_skipped_steps)
+        log.warning("%s Skipped (%d of at most trainer.max_skipped_steps=%d).", what, skipped_steps, max_skipped_steps)
         return
     if skip:
-        advice = (f"{skipped_steps} steps skipped, more than trainer.max_skipped_steps={max_skipped_steps}: "
-                  "the run is diverging or the data is bad.")
+        advice = (
+            f"{skipped_steps} steps skipped, more than trainer.max_skipped_steps={max_skipped_steps}: "
+            "the run is diverging or the data is bad."
+        )
     else:
         advice = "trainer.on_nonfinite=skip would skip such steps (counted in train/skipped_steps)."
-    raise RuntimeError(f"{what} Stopped, without saving: the last checkpoint is intact. Inspect those rows "
-                       f"(data_pipeline: source name and row of the prepared cache) or lower trainer.lr; {advice}")
+    raise RuntimeError(
+        f"{what} Stopped, without saving: the last checkpoint is intact. Inspect those rows "
+        f"(data_pipeline: source name and row of the prepared cache) or lower trainer.lr; {advice}"
+    )
 
 
 def check_every_parameter_has_a_gradient(engine) -> None:
@@ -127,6 +162,8 @@ def check_every_parameter_has_a_gradient(engine) -> None:
     distributed.all_reduce_sum(norms)
     missing = [n for (n, _), v in zip(params, norms.tolist()) if v == 0.0]
     if missing:
-        raise RuntimeError(f"{len(missing)} trainable parameters received no gradient in the first step: "
-                           f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Check activation checkpointing "
-                           "(trainer.activation_checkpointing) and the model code.")
+        raise RuntimeError(
+            f"{len(missing)} trainable parameters received no gradient in the first step: "
+            f"{missing[:10]}{' ...' if len(missing) > 10 else ''}. Check activation checkpointing "
+            "(trainer.activation_checkpointing) and the model code."
+        )

@@ -33,8 +33,13 @@ def test_the_smoke_sweep_lists_every_setting():
 @pytest.mark.distributed  # it trains
 @pytest.mark.timeout(400)
 def test_forgetting_bench_smoke(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/forgetting.py", "--smoke", "--only", "ewc_replay", "--out",
-                           str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=360)
+    proc = subprocess.run(
+        [sys.executable, "bench/forgetting.py", "--smoke", "--only", "ewc_replay", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=360,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("|")]
     assert rows[0].startswith("| setting | general loss start → end | forgetting | removed")
@@ -44,8 +49,19 @@ def test_forgetting_bench_smoke(tmp_path):
     report = json.loads((tmp_path / "forgetting.json").read_text())
     assert [r["setting"] for r in report["results"]] == RUN
     for r in report["results"]:
-        for key in ("general_start", "general_end", "forgetting", "domain_start", "domain_end", "gain",
-                    "step_time_s", "unphased_time_s", "peak_mem_gb", "step_time_vs_none", "peak_mem_vs_none_gb"):
+        for key in (
+            "general_start",
+            "general_end",
+            "forgetting",
+            "domain_start",
+            "domain_end",
+            "gain",
+            "step_time_s",
+            "unphased_time_s",
+            "peak_mem_gb",
+            "step_time_vs_none",
+            "peak_mem_vs_none_gb",
+        ):
             assert isinstance(r[key], float), (r["setting"], key, r[key])
         assert r["forgetting"] == pytest.approx(r["general_end"] - r["general_start"])
         assert r["gain"] == pytest.approx(r["domain_start"] - r["domain_end"])
@@ -59,7 +75,9 @@ def test_forgetting_bench_smoke(tmp_path):
     # the held-out splits are disjoint from the train splits, and the base is cached for a rerun
     for corpus in ("general", "domain"):
         d = report["data"][corpus]
-        train, held = (set(forgetting.read_documents(tmp_path / "data" / f"{corpus}_{s}.txt")) for s in ("train", "heldout"))
+        train, held = (
+            set(forgetting.read_documents(tmp_path / "data" / f"{corpus}_{s}.txt")) for s in ("train", "heldout")
+        )
         assert len(held) == d["heldout_docs"] and not train & held
     assert (tmp_path / report["base"]["output_dir"] / "hf" / "config.json").is_file()
     # the trainer's own interpolation sweep (regularizer.interpolation) gives each fine-tune's α points
@@ -68,7 +86,11 @@ def test_forgetting_bench_smoke(tmp_path):
         assert sorted(rows) == [0.5, 1.0]
         assert rows[1.0]["eval/general/loss"] == pytest.approx(r["general_end"], rel=1e-6)
     assert [(p["setting"], p["alpha"]) for p in report["points"]] == [
-        ("none", "1"), ("none", "0.5"), ("ewc_replay λ=1 0.05 sampled", "1"), ("ewc_replay λ=1 0.05 sampled", "0.5")]
+        ("none", "1"),
+        ("none", "0.5"),
+        ("ewc_replay λ=1 0.05 sampled", "1"),
+        ("ewc_replay λ=1 0.05 sampled", "0.5"),
+    ]
     log = (tmp_path / "logs" / "ewc_replay_lam1_0.05_sampled.log").read_text()
     assert "EWC: Fisher from 1 reference batches (sampled labels)" in log
     assert report["points"][0]["removed"] == pytest.approx(0.0) or report["points"][0]["removed"] is None
@@ -93,9 +115,11 @@ def test_split_is_deterministic_and_reads_text_and_jsonl(tmp_path):
 
 
 def test_dictd_reader_dedupes_entries_and_strips_markup(tmp_path):
-    body = ("00-database-url\n   ftp://example\n"
-            "Aerate \\A\"[\"e]r*ate\\, v. t. To supply with {air}; to a[\"e]rate water.\n   [1913 Webster]\n"
-            "COTS\n\n   <software> commercial off-the-shelf.  See {commercial software}.\n\n   (2007-02-08)\n")
+    body = (
+        "00-database-url\n   ftp://example\n"
+        'Aerate \\A"["e]r*ate\\, v. t. To supply with {air}; to a["e]rate water.\n   [1913 Webster]\n'
+        "COTS\n\n   <software> commercial off-the-shelf.  See {commercial software}.\n\n   (2007-02-08)\n"
+    )
     raw = body.encode()
     first, second = raw.index(b"Aerate"), raw.index(b"COTS")
 
@@ -111,21 +135,27 @@ def test_dictd_reader_dedupes_entries_and_strips_markup(tmp_path):
     (tmp_path / "toy.index").write_text(
         f"00-database-url\t{b64(0)}\t{b64(first)}\n"
         f"Aerate\t{b64(first)}\t{b64(second - first)}\naeration\t{b64(first)}\t{b64(second - first)}\n"
-        f"COTS\t{b64(second)}\t{b64(len(raw) - second)}\n")
+        f"COTS\t{b64(second)}\t{b64(len(raw) - second)}\n"
+    )
     assert corpora.dictd_number("BCy") == 4274  # the worked example in dictd_number's docstring
     n = corpora.write_corpus("toy", tmp_path / "toy.txt", min_chars=10, root=tmp_path)
     assert n == 2
     assert (tmp_path / "toy.txt").read_text() == (
         "Aerate , v. t. To supply with air; to aerate water.\n\n"
-        "COTS <software> commercial off-the-shelf. See commercial software.\n")
+        "COTS <software> commercial off-the-shelf. See commercial software.\n"
+    )
 
 
 def test_fortune_files_become_one_document_per_entry(tmp_path):
-    (tmp_path / "wisdom").write_text("A penny saved is a penny earned, they say, and\n\tthey are right.\n"
-                                     "\t\t-- B. Franklin\n%\nShort.\n%\nThe last entry has no\ntrailing percent sign at all.\n")
+    (tmp_path / "wisdom").write_text(
+        "A penny saved is a penny earned, they say, and\n\tthey are right.\n"
+        "\t\t-- B. Franklin\n%\nShort.\n%\nThe last entry has no\ntrailing percent sign at all.\n"
+    )
     docs = corpora.fortunes(tmp_path, files=("wisdom",), min_chars=20)
-    assert docs == ["A penny saved is a penny earned, they say, and\nthey are right.\n-- B. Franklin",
-                    "The last entry has no\ntrailing percent sign at all."]
+    assert docs == [
+        "A penny saved is a penny earned, they say, and\nthey are right.\n-- B. Franklin",
+        "The last entry has no\ntrailing percent sign at all.",
+    ]
     with pytest.raises(FileNotFoundError, match="apt-get install -y .*fortunes"):
         corpora.fortunes(tmp_path, files=("love",))
 
@@ -134,32 +164,100 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     real = forgetting.parse_args(["--model", "smollm2_135m", "--general", "g", "--domain", "d", "--out", "x"])
     assert (real.steps, real.lr, real.micro_batch, real.alphas) == (20, 1e-4, 1, [0.75, 0.5, 0.25])
     assert [s.name for s in forgetting.settings(real)] == [
-        "none", "none lr=2.5e-05", "replay 0.1", "replay 0.25", "replay 0.5", "ewc λ=0.01", "ewc λ=0.1",
-        "ewc_replay λ=0.01 0.25"]
+        "none",
+        "none lr=2.5e-05",
+        "replay 0.1",
+        "replay 0.25",
+        "replay 0.5",
+        "ewc λ=0.01",
+        "ewc λ=0.1",
+        "ewc_replay λ=0.01 0.25",
+    ]
     assert [s.dirname for s in forgetting.settings(real)][1:3] == ["none_lr2.5e-05", "replay_0.1"]
-    given = forgetting.parse_args(["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--steps", "7",
-                                   "--lr", "3e-5", "--alphas", "0.5"])
+    given = forgetting.parse_args(
+        [
+            "--model",
+            "m",
+            "--general",
+            "g",
+            "--domain",
+            "d",
+            "--out",
+            "x",
+            "--steps",
+            "7",
+            "--lr",
+            "3e-5",
+            "--alphas",
+            "0.5",
+        ]
+    )
     assert (given.steps, given.lr, given.alphas) == (7, 3e-5, [0.5])
     assert forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]).steps == 200  # tiny profile
     # a setting's own value of a key replaces the common one (Hydra refuses two)
     assert forgetting.merged(["trainer.lr=1", "+eval.sets.a=p", "x=1"], ["trainer.lr=2", "eval.sets.a=q"]) == [
-        "x=1", "trainer.lr=2", "eval.sets.a=q"]
+        "x=1",
+        "trainer.lr=2",
+        "eval.sets.a=q",
+    ]
     assert len(forgetting.group_grid([0.25, 0.5, 1.0])) == 24  # 27 combinations minus the 3 uniform ones
     # re-warming, the sampled-label Fisher and chat replay (the real profile's rehearsal file) as settings
-    study = forgetting.parse_args(["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--lower-lrs", "",
-                                   "--replay-ratios", "", "--warmups", "0", "--chat-replay-ratios", "0.25",
-                                   "--fisher-labels", "data,sampled", "--lams", "0.1", "--ewc-replay-ratio", "0",
-                                   "--chat-ewc-replay-ratio", "0.1"])
+    study = forgetting.parse_args(
+        [
+            "--model",
+            "m",
+            "--general",
+            "g",
+            "--domain",
+            "d",
+            "--out",
+            "x",
+            "--lower-lrs",
+            "",
+            "--replay-ratios",
+            "",
+            "--warmups",
+            "0",
+            "--chat-replay-ratios",
+            "0.25",
+            "--fisher-labels",
+            "data,sampled",
+            "--lams",
+            "0.1",
+            "--ewc-replay-ratio",
+            "0",
+            "--chat-ewc-replay-ratio",
+            "0.1",
+        ]
+    )
     runs = forgetting.settings(study, Path("r.jsonl"))
-    assert [s.name for s in runs] == ["none", "none warmup=0", "replay chat 0.25", "ewc λ=0.1", "ewc λ=0.1 sampled",
-                                      "ewc_replay chat λ=0.1 0.1"]
+    assert [s.name for s in runs] == [
+        "none",
+        "none warmup=0",
+        "replay chat 0.25",
+        "ewc λ=0.1",
+        "ewc λ=0.1 sampled",
+        "ewc_replay chat λ=0.1 0.1",
+    ]
     # the chats are the Fisher's data too: fisher_data unset, so the replay's path and objective
-    assert "regularizer.ewc.fisher_data=null" in runs[5].overrides and "regularizer.replay.objective=instruct" in runs[5].overrides
+    assert (
+        "regularizer.ewc.fisher_data=null" in runs[5].overrides
+        and "regularizer.replay.objective=instruct" in runs[5].overrides
+    )
     assert [forgetting.method_of(s) for s in runs] == [
-        ("plain (peak LR)", "default lr"), ("plain (warmup)", "warmup 0"), ("replay (own chat answers)", "0.25"),
-        ("ewc", "0.1"), ("ewc sampled", "0.1"), ("ewc_replay chat", "0.1 0.1")]
-    assert runs[2].overrides == ["regularizer.replay.path=r.jsonl", "regularizer.replay.format=messages",
-                                 "regularizer.replay.objective=instruct", "regularizer.replay.ratio=0.25"]
+        ("plain (peak LR)", "default lr"),
+        ("plain (warmup)", "warmup 0"),
+        ("replay (own chat answers)", "0.25"),
+        ("ewc", "0.1"),
+        ("ewc sampled", "0.1"),
+        ("ewc_replay chat", "0.1 0.1"),
+    ]
+    assert runs[2].overrides == [
+        "regularizer.replay.path=r.jsonl",
+        "regularizer.replay.format=messages",
+        "regularizer.replay.objective=instruct",
+        "regularizer.replay.ratio=0.25",
+    ]
     assert "regularizer.ewc.fisher_labels=sampled" in runs[4].overrides
     assert [s.name for s in forgetting.settings(study)][2:] == ["ewc λ=0.1", "ewc λ=0.1 sampled"]  # no rehearsal file
 
@@ -167,7 +265,9 @@ def test_profiles_fill_what_the_command_line_leaves_out():
 def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():
     base = {"general": 4.0, "chat": 0.6, "kl": 0.0, "domain": 4.0}
     none = forgetting.drift_point("none", "plain", "", "1", {"general": 3.9, "chat": 0.8, "kl": 0.2, "domain": 3.0})
-    half = forgetting.drift_point("none", "interp", "α 0.5", "0.5", {"general": 3.8, "chat": 0.61, "kl": 0.05, "domain": 3.05})
+    half = forgetting.drift_point(
+        "none", "interp", "α 0.5", "0.5", {"general": 3.8, "chat": 0.61, "kl": 0.05, "domain": 3.05}
+    )
     forgetting.relate([none, half], base, none["scores"])
     assert none["removed"] is None or none["removed"] == pytest.approx(0.0)
     assert half["removed_by"]["general"] is None  # general text got better under plain fine-tuning: not judged
@@ -181,8 +281,17 @@ def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():
 def test_pareto_frontier_and_best_trade_off(tmp_path):
     import frontier
 
-    pts = [{"method": "m", "knob": k, "removed": r, "kept": g} for k, r, g in
-           [("a", 0.1, 1.0), ("b", 0.5, 0.9), ("c", 0.4, 0.8), ("d", 0.9, 0.5), ("e", 0.5, 0.95), ("f", None, 1.0)]]
+    pts = [
+        {"method": "m", "knob": k, "removed": r, "kept": g}
+        for k, r, g in [
+            ("a", 0.1, 1.0),
+            ("b", 0.5, 0.9),
+            ("c", 0.4, 0.8),
+            ("d", 0.9, 0.5),
+            ("e", 0.5, 0.95),
+            ("f", None, 1.0),
+        ]
+    ]
     assert [p["knob"] for p in frontier.pareto(pts)] == ["a", "e", "d"]
     # closest to the corner: min(removed/0.9, kept/0.95) is 0.556 for e (and for b, which e dominates), 0.526 for d
     assert frontier.best_trade_off(pts, 0.9, 0.95)["knob"] == "e"
@@ -194,9 +303,8 @@ def test_pareto_frontier_and_best_trade_off(tmp_path):
 
 
 def test_top_k_kl_is_exact_with_the_whole_vocabulary_and_a_lower_bound_below_it():
-    import torch
-
     import drift
+    import torch
 
     torch.manual_seed(0)
     p = torch.log_softmax(torch.randn(5, 50) * 2, -1)

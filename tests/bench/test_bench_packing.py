@@ -14,11 +14,23 @@ from helpers import ROOT
 @pytest.mark.timeout(300)
 def test_packing_bench_smoke(tmp_path):
     out = tmp_path / "packing.json"
-    proc = subprocess.run([sys.executable, "bench/packing.py", "--smoke", "--json", str(out)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "bench/packing.py", "--smoke", "--json", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    for text in ("seq_len 2048", "seq_len 4096", "efficiency", "steps/epoch", "ours: best-fit-decreasing",
-                 "greedy first-fit", "naive padding"):
+    for text in (
+        "seq_len 2048",
+        "seq_len 4096",
+        "efficiency",
+        "steps/epoch",
+        "ours: best-fit-decreasing",
+        "greedy first-fit",
+        "naive padding",
+    ):
         assert text in proc.stdout, proc.stdout
     assert "trl pack_dataset" in proc.stdout or "skipping the TRL rows" in proc.stdout
     results = json.loads(out.read_text())["results"]
@@ -29,8 +41,10 @@ def test_packing_bench_smoke(tmp_path):
 
 def _run_without_trl(*args: str) -> subprocess.CompletedProcess:
     # sys.modules["trl"] = None makes `import trl` raise ImportError, as on a `.[dev]` install.
-    code = ("import runpy, sys; sys.modules['trl'] = None; "
-            f"sys.argv = ['bench/packing.py', *{list(args)!r}]; runpy.run_path('bench/packing.py', run_name='__main__')")
+    code = (
+        "import runpy, sys; sys.modules['trl'] = None; "
+        f"sys.argv = ['bench/packing.py', *{list(args)!r}]; runpy.run_path('bench/packing.py', run_name='__main__')"
+    )
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 

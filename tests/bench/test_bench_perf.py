@@ -41,10 +41,26 @@ def test_throughput_smoke(tmp_path):
     from (a) by two overrides; its config is composed and its rows prepared in this run too, but it is
     not trained (CI time)."""
     out = tmp_path / "throughput.json"
-    proc = _bench("bench/throughput.py", "--smoke", "--systems", "a,b,d", "--out", str(tmp_path / "work"),
-                  "--json", str(out), timeout=400)
-    for text in ("(a) ours, packed", "(b) HF Trainer, padded", "(d) TRL SFTTrainer, packed", "tok/s vs (b)",
-                 "tok/s vs (d)", "target:", "target vs (d) TRL:"):
+    proc = _bench(
+        "bench/throughput.py",
+        "--smoke",
+        "--systems",
+        "a,b,d",
+        "--out",
+        str(tmp_path / "work"),
+        "--json",
+        str(out),
+        timeout=400,
+    )
+    for text in (
+        "(a) ours, packed",
+        "(b) HF Trainer, padded",
+        "(d) TRL SFTTrainer, packed",
+        "tok/s vs (b)",
+        "tok/s vs (d)",
+        "target:",
+        "target vs (d) TRL:",
+    ):
         assert text in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     results = {r["system"]: r for r in report["results"]}
@@ -75,8 +91,15 @@ def test_memory_smoke(tmp_path):
         assert text in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
     assert [r["name"] for r in report["results"]] == ["1 rank", "2 ranks"]
-    assert report["composed_only"] == ["AC full", "AC every_n (n=2)", "EWC", "SFT on the pair documents", "DPO",
-                                       "CE full logits V=49152 T=2048", "CE chunked V=49152 T=2048"]
+    assert report["composed_only"] == [
+        "AC full",
+        "AC every_n (n=2)",
+        "EWC",
+        "SFT on the pair documents",
+        "DPO",
+        "CE full logits V=49152 T=2048",
+        "CE chunked V=49152 T=2048",
+    ]
     pairs = [json.loads(line) for line in (tmp_path / "work" / "data" / "pairs.jsonl").read_text().splitlines()]
     assert len(pairs) == 40 and all(p["chosen"] != p["rejected"] for p in pairs)
     for r in report["results"]:
@@ -90,19 +113,43 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
     data, every run's typed config and DeepSpeed config (bf16 on), the HF baseline's arguments and the
     MFU arithmetic, with nothing launched: the GPU path cannot rot while no GPU is lent. And every
     memory-benchmark run's config composes (bench/memory.py --dry-run)."""
-    proc = _bench("bench/throughput.py", "--gpu", "--dry-run", "--samples", "120", "--systems", "a,b,c,d",
-                  "--out", str(tmp_path / "tp"), timeout=300)
+    proc = _bench(
+        "bench/throughput.py",
+        "--gpu",
+        "--dry-run",
+        "--samples",
+        "120",
+        "--systems",
+        "a,b,c,d",
+        "--out",
+        str(tmp_path / "tp"),
+        timeout=300,
+    )
     report = json.loads((tmp_path / "tp" / "throughput.json").read_text())
     assert report["dry_run"] and report["params"] > 900e6 and not (tmp_path / "tp" / "runs").exists()
-    assert report["checked"]["a"] == {"precision": "bf16", "attn": "flex_attention", "packing": True, "bf16": True,
-                                      "train_batch_size": 2}
+    assert report["checked"]["a"] == {
+        "precision": "bf16",
+        "attn": "flex_attention",
+        "packing": True,
+        "bf16": True,
+        "train_batch_size": 2,
+    }
     assert report["checked"]["b"]["bf16"] and report["checked"]["c"]["packing"] is False
     steps_a = next(int(c.split("=")[1]) for c in report["commands"]["a"] if c.startswith("trainer.max_steps="))
-    assert report["checked"]["d"] == {"bf16": True, "attn": "flex_attention", "batch_size": 1, "seq_len": 4096,
-                                      "max_steps": steps_a, "gradient_checkpointing": False,
-                                      "chat_template_marked": True}
+    assert report["checked"]["d"] == {
+        "bf16": True,
+        "attn": "flex_attention",
+        "batch_size": 1,
+        "seq_len": 4096,
+        "max_steps": steps_a,
+        "gradient_checkpointing": False,
+        "chat_template_marked": True,
+    }
     assert "bench/trl_baseline.py" in report["commands"]["d"]
-    assert "trainer.loss_chunk_tokens=null" in report["commands"]["a"] and "trainer.loss_kernel=auto" in report["commands"]["a"]
+    assert (
+        "trainer.loss_chunk_tokens=null" in report["commands"]["a"]
+        and "trainer.loss_kernel=auto" in report["commands"]["a"]
+    )
     assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
     proc = _bench("bench/memory.py", "--dry-run", "--out", str(tmp_path / "mem"), timeout=300)
     report = json.loads((tmp_path / "mem" / "memory.json").read_text())
@@ -110,6 +157,7 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
 
 
 # ---- the benchmarks' arithmetic, on literal numbers ---------------------------------------------------
+
 
 def _bench_module(name: str):
     sys.path.insert(0, str(ROOT / "bench"))
@@ -122,32 +170,47 @@ def _bench_module(name: str):
 def test_memory_summary_ratios():
     memory = _bench_module("memory")
     run = dict(group="ac", ranks=2, unphased_s=0.10)
-    results = [dict(run, name="1 rank", group="ws", ranks=1, peak_mem_gb=4.0, step_time_s=1.0),
-               dict(run, name="2 ranks", group="ws", peak_mem_gb=3.0, step_time_s=2.0),
-               dict(run, name="AC none", peak_mem_gb=5.0, step_time_s=10.0),
-               dict(run, name="AC full", peak_mem_gb=4.0, step_time_s=13.0),
-               dict(run, name="EWC", peak_mem_gb=5.5, step_time_s=10.5, unphased_s=0.30)]
+    results = [
+        dict(run, name="1 rank", group="ws", ranks=1, peak_mem_gb=4.0, step_time_s=1.0),
+        dict(run, name="2 ranks", group="ws", peak_mem_gb=3.0, step_time_s=2.0),
+        dict(run, name="AC none", peak_mem_gb=5.0, step_time_s=10.0),
+        dict(run, name="AC full", peak_mem_gb=4.0, step_time_s=13.0),
+        dict(run, name="EWC", peak_mem_gb=5.5, step_time_s=10.5, unphased_s=0.30),
+    ]
     s = memory.summarise(results, params=100_000_000)
     assert s["ws_peak_ratio"] == 0.75 and s["ws_drop_gb"] == 1.0
     assert abs(s["ws_expected_drop_gb"] - 20 * 1e8 / 2 / 2**30) < 1e-12  # 0.931 GiB
     assert s["ac_full_mem_ratio"] == 0.8 and s["ac_full_time_ratio"] == 1.3
     assert abs(s["ewc_own_time_s"] - 0.2) < 1e-12 and abs(s["ewc_own_time_share"] - 0.02) < 1e-12
     assert s["ewc_cost_target_met"] and abs(s["ewc_extra_gb"] - 0.5) < 1e-12
-    dpo = memory.summarise([dict(run, name="SFT on the pair documents", group="dpo", peak_mem_gb=4.0, step_time_s=10.0),
-                            dict(run, name="DPO", group="dpo", peak_mem_gb=4.2, step_time_s=11.0)], params=1)
+    dpo = memory.summarise(
+        [
+            dict(run, name="SFT on the pair documents", group="dpo", peak_mem_gb=4.0, step_time_s=10.0),
+            dict(run, name="DPO", group="dpo", peak_mem_gb=4.2, step_time_s=11.0),
+        ],
+        params=1,
+    )
     assert abs(dpo["dpo_mem_ratio"] - 1.05) < 1e-12 and abs(dpo["dpo_time_ratio"] - 1.1) < 1e-12
     assert dpo["dpo_mem_target_met"]
-    ce = memory.summarise([dict(run, name="CE full logits V=128256 T=8192", group="ce", peak_mem_gb=10.0, step_time_s=20.0),
-                           dict(run, name="CE chunked V=128256 T=8192", group="ce", peak_mem_gb=5.0, step_time_s=20.5)],
-                          params=1)
+    ce = memory.summarise(
+        [
+            dict(run, name="CE full logits V=128256 T=8192", group="ce", peak_mem_gb=10.0, step_time_s=20.0),
+            dict(run, name="CE chunked V=128256 T=8192", group="ce", peak_mem_gb=5.0, step_time_s=20.5),
+        ],
+        params=1,
+    )
     assert ce["ce_V128256_T8192_mem_ratio"] == 0.5 and abs(ce["ce_V128256_T8192_time_ratio"] - 1.025) < 1e-12
     assert ce["ce_target_met"]
 
 
 def test_throughput_loss_at_equal_supervised_tokens():
     throughput = _bench_module("throughput")
-    steps = [{"supervised": 100, "loss": 4.0}, {"supervised": 100, "loss": 3.0}, {"supervised": 100, "loss": 2.0},
-             {"supervised": 100, "loss": 1.0}]
+    steps = [
+        {"supervised": 100, "loss": 4.0},
+        {"supervised": 100, "loss": 3.0},
+        {"supervised": 100, "loss": 2.0},
+        {"supervised": 100, "loss": 1.0},
+    ]
     # budget 400: the last quarter (300, 400] is step 4 only
     assert throughput.loss_at(steps, 400) == 1.0
     # budget 300: steps ending in (225, 300] -> step 3; step 4 ends past the budget

@@ -11,11 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from trainer.cli import to_config
-from trainer.cli import register
+from helpers import ROOT
+from trainer.cli import register, to_config
 from trainer.config import GROUP_SCHEMAS, Config
 
-from helpers import ROOT
 CONF = ROOT / "conf"
 GROUPS = tuple(GROUP_SCHEMAS)  # one conf/ folder per group the library registers a schema for
 
@@ -40,7 +39,9 @@ def overrides_for(rel: Path):
 @pytest.mark.parametrize("rel", all_conf_files(), ids=str)
 def test_every_conf_file_composes_into_the_schema(rel):
     if rel.parts[:2] == ("hydra", "launcher"):
-        pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'")
+        pytest.importorskip(
+            "hydra_plugins.hydra_submitit_launcher", reason="needs the slurm extra: pip install -e '.[slurm]'"
+        )
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides_for(rel), return_hydra_config=rel.parts[0] == "hydra")
@@ -72,9 +73,15 @@ def _as_plain(schema_object) -> dict:
 def _differences(expected, actual, path: str = "") -> list:
     """`path: expected != actual` for every value the YAML sets that the composed group does not hold."""
     if isinstance(expected, dict) and isinstance(actual, dict):
-        return [d for k, v in expected.items()
-                for d in (_differences(v, actual[k], f"{path}.{k}".lstrip(".")) if k in actual
-                          else [f"{path}.{k}".lstrip(".") + ": missing"])]
+        return [
+            d
+            for k, v in expected.items()
+            for d in (
+                _differences(v, actual[k], f"{path}.{k}".lstrip("."))
+                if k in actual
+                else [f"{path}.{k}".lstrip(".") + ": missing"]
+            )
+        ]
     return [] if expected == actual else [f"{path}: {expected!r} != {actual!r}"]
 
 
@@ -83,8 +90,9 @@ def test_the_group_check_sees_a_file_that_was_not_selected():
     register()
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         default = to_config(compose(config_name="config"))
-    assert "model_type: 'qwen2' != 'llama'" in _differences(_yaml_values(Path("model/tiny_qwen2.yaml")),
-                                                           _as_plain(default.model))
+    assert "model_type: 'qwen2' != 'llama'" in _differences(
+        _yaml_values(Path("model/tiny_qwen2.yaml")), _as_plain(default.model)
+    )
 
 
 def test_every_group_has_a_yaml_for_its_default_and_exp_medical_exists():
@@ -94,7 +102,9 @@ def test_every_group_has_a_yaml_for_its_default_and_exp_medical_exists():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "launch/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "launch/train.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_typo_fails_before_any_model_is_built_and_names_the_valid_keys():
@@ -137,7 +147,10 @@ def _bad_configs(tmp: Path):
     (tmp / "a_file").write_text("")
     return [
         (["regularizer=replay", "regularizer.replay.ratio=1.0"], "regularizer.replay.ratio=1.0: must be in [0, 1)"),
-        (["regularizer=ewc", "regularizer.ewc.fisher_data=null"], "regularizer=ewc needs reference data for the Fisher"),
+        (
+            ["regularizer=ewc", "regularizer.ewc.fisher_data=null"],
+            "regularizer=ewc needs reference data for the Fisher",
+        ),
         ([f"deepspeed.config_file={contradicting}"], "contradicts the trainer config"),
         ([f"output_dir={tmp / 'a_file' / 'out'}"], f"output_dir='{tmp / 'a_file' / 'out'}' is not writable"),
         ([f"model.name_or_path={tmp / 'no_such_model'}"], f"'{tmp / 'no_such_model'}' does not exist"),
@@ -161,7 +174,10 @@ def test_the_liger_kernel_asked_for_where_it_cannot_run_stops_before_anything_st
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py sets it for the tests that run Liger
     proc = run_cli("+exp=medical_qa", f"output_dir={tmp_path / 'run'}", "trainer.loss_kernel=liger")
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "Config error: trainer.loss_kernel=liger: Liger's Triton kernels need a CUDA GPU" in text
+    assert (
+        proc.returncode != 0
+        and "Config error: trainer.loss_kernel=liger: Liger's Triton kernels need a CUDA GPU" in text
+    )
     assert "set trainer.loss_kernel=torch (or auto)" in text and "Traceback" not in text, text[-3000:]
     assert "prepar" not in text.lower()
 
@@ -177,16 +193,27 @@ def test_replay_objective_and_fisher_labels_are_checked_where_they_are_set():
     from trainer.cli import load_config, preflight
 
     register()
-    cfg = load_config(["stage=pretrain", "regularizer=ewc_replay", "regularizer.replay.objective=instruct",
-                       "regularizer.ewc.fisher_labels=sampled"])
+    cfg = load_config(
+        [
+            "stage=pretrain",
+            "regularizer=ewc_replay",
+            "regularizer.replay.objective=instruct",
+            "regularizer.ewc.fisher_labels=sampled",
+        ]
+    )
     assert cfg.regularizer.replay.objective == "instruct" and cfg.regularizer.ewc.fisher_labels == "sampled"
     # auto resolves per source: the stage's text is split at row ends, the replayed chats are kept whole
     assert cfg.overlong == "split" and cfg.overlong_for(cfg.regularizer.replay.objective) == "truncate"
     with pytest.raises(SystemExit, match=r"regularizer.ewc.fisher_labels='model': use one of data, sampled"):
         preflight(["regularizer=ewc", "regularizer.ewc.fisher_labels=model"])
-    with pytest.raises(SystemExit, match=r"data.overlong=split is for continued pretraining; "
-                                         r"regularizer.replay.objective=instruct needs whole samples"):
-        load_config(["stage=pretrain", "data.overlong=split", "regularizer=replay", "regularizer.replay.objective=instruct"])
+    with pytest.raises(
+        SystemExit,
+        match=r"data.overlong=split is for continued pretraining; "
+        r"regularizer.replay.objective=instruct needs whole samples",
+    ):
+        load_config(
+            ["stage=pretrain", "data.overlong=split", "regularizer=replay", "regularizer.replay.objective=instruct"]
+        )
 
 
 def test_a_dpo_stage_composes_and_refuses_what_it_cannot_do():

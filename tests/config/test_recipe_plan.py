@@ -3,12 +3,10 @@ reference), and a pretrained model skipping the random-init stage."""
 
 from __future__ import annotations
 
-
 from hydra import compose, initialize_config_dir
 
 from helpers import ROOT
-from trainer.cli import to_config
-from trainer.cli import register
+from trainer.cli import register, to_config
 from trainer.recipe import stage_overrides
 
 
@@ -34,7 +32,11 @@ def test_stages_chain_model_fisher_and_forgetting_reference():
     assert cpt.eval.baseline_from is None and instruct.eval.baseline_from == "/runs/m/cpt"
     assert all(not c.recipe for c in plan.values())
     # align: DPO from instruct's export, instruct's Fisher carried, pairs held out beside the forgetting sets
-    assert align.stage.objective == "dpo" and align.stage.loss == "dpo" and align.model.name_or_path == "/runs/m/instruct/hf"
+    assert (
+        align.stage.objective == "dpo"
+        and align.stage.loss == "dpo"
+        and align.model.name_or_path == "/runs/m/instruct/hf"
+    )
     assert align.regularizer.name == "ewc" and align.regularizer.ewc.previous == "/runs/m/instruct"
     assert set(align.eval.sets) == {"general", "domain", "prefs"} and align.eval.baseline_from == "/runs/m/cpt"
 
@@ -48,8 +50,15 @@ def test_a_pretrained_model_skips_the_random_init_stage():
 def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_still_wins():
     """model.stage_overrides (conf/model/smollm2_135m.yaml): `+exp=medical model=smollm2_135m` trains
     cpt and instruct with the real model's learning rates and sizes, not the tiny model's."""
-    plan = plan_for(["+exp=medical", "model=smollm2_135m", "model.name_or_path=/models/smollm2",
-                     "output_dir=/runs/s", "trainer.lr=1e-5"])
+    plan = plan_for(
+        [
+            "+exp=medical",
+            "model=smollm2_135m",
+            "model.name_or_path=/models/smollm2",
+            "output_dir=/runs/s",
+            "trainer.lr=1e-5",
+        ]
+    )
     assert list(plan) == ["cpt", "instruct", "align"]  # pretrained: no random-init base stage
     cpt, instruct = plan["cpt"], plan["instruct"]
     assert (cpt.trainer.max_steps, instruct.trainer.max_steps) == (20, 20)
@@ -57,6 +66,8 @@ def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_stil
     assert cpt.trainer.lr == instruct.trainer.lr == 1e-5  # the command line's
     assert cpt.model.name_or_path == "/models/smollm2" and instruct.model.name_or_path == "/runs/s/cpt/hf"
     assert instruct.regularizer.ewc.previous == "/runs/s/cpt" and instruct.eval.baseline_from == "/runs/s/cpt"
-    lrs = {n: c.trainer.lr for n, c in plan_for(["+exp=medical", "model=smollm2_135m",
-                                                   "model.name_or_path=/m", "output_dir=/r"]).items()}
+    lrs = {
+        n: c.trainer.lr
+        for n, c in plan_for(["+exp=medical", "model=smollm2_135m", "model.name_or_path=/m", "output_dir=/r"]).items()
+    }
     assert lrs == {"cpt": 5e-5, "instruct": 3e-5, "align": 5e-6}

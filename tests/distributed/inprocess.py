@@ -21,10 +21,11 @@ How it stays cheap and safe:
   message. faulthandler is on, so a crash leaves a Python stack there too.
 - An exception in a rank fails the call at once with that rank's traceback. A rank that dies
   without one (a signal, os._exit) fails it with its exit code. A rank still running when another
-  failed, or when a time limit runs out (startup, then `timeout_s` for the work), gets SIGABRT (faulthandler prints its stack, then it ends)
-  and SIGKILL if that does not end it; its stack is in the message. No rank outlives the call: each
-  is a process group of its own, killed whole (a compiler it started included), and one whose
-  pytest is killed outright dies with the forkserver (PR_SET_PDEATHSIG).
+  failed, or when a time limit runs out (startup, then `timeout_s` for the work), gets SIGABRT
+  (faulthandler prints its stack, then it ends) and SIGKILL if that does not end it; its stack is
+  in the message. No rank outlives the call: each is a process group of its own, killed whole (a
+  compiler it started included), and one whose pytest is killed outright dies with the forkserver
+  (PR_SET_PDEATHSIG).
 - DeepSpeed's /dev/shm all-reduce buffers of the group must be gone when the ranks end (the trainer
   unlinks them in init): a clean call that leaves one fails, and the files are removed either way.
 
@@ -58,8 +59,13 @@ from typing import Any, Callable, Dict, List, Optional
 # project module that failed to import here (the trainer being edited) would kill the server.
 # DeepSpeed's Muon module is imported by deepspeed.initialize's optimizer check and calls
 # torch.compile at import, which pulls in torch._inductor: ~8 s of every rank's first engine here.
-_PRELOAD = ["torch", "deepspeed", "transformers", "transformers.models.llama.modeling_llama",
-            "deepspeed.runtime.zero.muon.muon_optimizer"]
+_PRELOAD = [
+    "torch",
+    "deepspeed",
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "deepspeed.runtime.zero.muon.muon_optimizer",
+]
 # Until every rank has joined the group: the forkserver's imports (first call of a session) and,
 # when DeepSpeed's shm op is not in the torch extensions cache, its JIT build (~2-4 min on a busy
 # 2-core machine). Generous, and apart from timeout_s, so a slow start never reads as a hang of fn.
@@ -81,8 +87,13 @@ class DistributedFailure(AssertionError):
         self.errors = errors
 
 
-def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, timeout_s: float = 600,
-                    env: Optional[Dict[str, str]] = None) -> List[Any]:
+def run_distributed(
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    *args: Any,
+    timeout_s: float = 600,
+    env: Optional[Dict[str, str]] = None,
+) -> List[Any]:
     """`fn(rank, world_size, *args)` on `world_size` ranks of one gloo process group; the ranks'
     return values in rank order. timeout_s bounds the ranks' work once all of them have joined the
     group (startup has its own bound, _STARTUP_TIMEOUT_S) and is the group's collective timeout. It
@@ -102,8 +113,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int = 2, *args: Any, tim
             if outcome == "port_taken":
                 raise DistributedFailure(f"rank 0 found MASTER_PORT taken {_PORT_ATTEMPTS} times", {}, {})
             if leaked:
-                raise AssertionError(f"DeepSpeed shm all-reduce buffers outlived the ranks (removed now): {leaked}; "
-                                     "trainer.distributed.ops.release_shm_buffer no longer unlinks them")
+                raise AssertionError(
+                    f"DeepSpeed shm all-reduce buffers outlived the ranks (removed now): {leaked}; "
+                    "trainer.distributed.ops.release_shm_buffer no longer unlinks them"
+                )
             return outcome
     raise AssertionError("unreachable")
 
@@ -122,8 +135,12 @@ def _run_once(ctx, fn, world_size: int, args, timeout_s: float, env: Dict[str, s
         for rank in range(world_size):
             log_path = logs / f"port{port}_rank{rank}.log"
             receive, send = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_rank_main, name=f"rank{rank}", daemon=True,
-                               args=(rank, world_size, port, timeout_s, env, str(log_path), send, work))
+            proc = ctx.Process(
+                target=_rank_main,
+                name=f"rank{rank}",
+                daemon=True,
+                args=(rank, world_size, port, timeout_s, env, str(log_path), send, work),
+            )
             proc.start()
             send.close()  # only the child holds the write end: its death reads as EOF here
             procs.append(proc)
@@ -206,16 +223,21 @@ def _kill_group(proc) -> None:
         pass
 
 
-def _failure(world_size, timeout_s, timed_out, joined, results, errors, died, stopped, procs,
-             log_paths) -> DistributedFailure:
+def _failure(
+    world_size, timeout_s, timed_out, joined, results, errors, died, stopped, procs, log_paths
+) -> DistributedFailure:
     if timed_out and len(joined) < world_size:
-        head = (f"ranks {sorted(set(range(world_size)) - joined)} did not join the process group within "
-                f"{_STARTUP_TIMEOUT_S:g} s; the stacks are below")
+        head = (
+            f"ranks {sorted(set(range(world_size)) - joined)} did not join the process group within "
+            f"{_STARTUP_TIMEOUT_S:g} s; the stacks are below"
+        )
     elif timed_out:
         head = f"ranks {stopped} did not finish within timeout_s={timeout_s:g} s (a hang?); their stacks are below"
     else:
-        head = "; ".join([f"rank {r} raised" for r in sorted(errors)]
-                         + [f"rank {r} died with exit code {c}{_signal_name(c)}" for r, c in sorted(died.items())])
+        head = "; ".join(
+            [f"rank {r} raised" for r in sorted(errors)]
+            + [f"rank {r} died with exit code {c}{_signal_name(c)}" for r, c in sorted(died.items())]
+        )
     parts = [head]
     for r in range(world_size):
         if r in errors:
@@ -228,10 +250,12 @@ def _failure(world_size, timeout_s, timed_out, joined, results, errors, died, st
             story = "was still running and was stopped (SIGABRT: its stack is in its log)"
         parts.append(f"---- rank {r} {story}\n---- rank {r} log (tail):\n{_tail(log_paths[r])}")
     if any("_run_ninja_build" in _tail(p) for p in log_paths):
-        parts.append("A rank was stopped inside a JIT build of a DeepSpeed op (see its stack): that build's `lock` "
-                     "file under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py*_cpu/<op>/) outlives it, "
-                     "and every later load of the op waits for it forever. Delete it once no build is running; "
-                     "raise timeout_s if the build needs longer on this machine.")
+        parts.append(
+            "A rank was stopped inside a JIT build of a DeepSpeed op (see its stack): that build's `lock` "
+            "file under TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions/py*_cpu/<op>/) outlives it, "
+            "and every later load of the op waits for it forever. Delete it once no build is running; "
+            "raise timeout_s if the build needs longer on this machine."
+        )
     exitcodes = {r: (died[r] if r in died else None if r in stopped else procs[r].exitcode) for r in range(world_size)}
     return DistributedFailure("\n".join(parts), exitcodes, errors)
 
@@ -280,23 +304,32 @@ def _remove_shm_buffers(port: int) -> List[str]:
 # ---- a rank ----------------------------------------------------------------------------------------
 
 
-def _rank_main(rank: int, world_size: int, port: int, timeout_s: float, env: Dict[str, str], log_path: str,
-               conn, work: bytes) -> None:
+def _rank_main(
+    rank: int, world_size: int, port: int, timeout_s: float, env: Dict[str, str], log_path: str, conn, work: bytes
+) -> None:
     """The body of one rank (in a process forked from the forkserver)."""
     os.setsid()  # a process group of its own, so the parent can end it with everything it started
     _die_with_the_forkserver()
     _own_output(log_path)
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # SIGABRT must not drop a core file in the repo
-    os.environ.update({
-        "RANK": str(rank), "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank),
-        "LOCAL_WORLD_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-        "OMP_NUM_THREADS": "1",  # trainer.distributed.init honours it: one intra-op thread per rank
-        # The venv's ninja, as under `make test`: DeepSpeed JIT-builds its shm op with whichever ninja
-        # is first on PATH, and the system one (an older build-log format) would rebuild it (~2-3 min).
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        **env})
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s %(message)s",
-                        force=True)
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",  # trainer.distributed.init honours it: one intra-op thread per rank
+            # The venv's ninja, as under `make test`: DeepSpeed JIT-builds its shm op with whichever ninja
+            # is first on PATH, and the system one (an older build-log format) would rebuild it (~2-3 min).
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+            **env,
+        }
+    )
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s %(message)s", force=True
+    )
     # DeepSpeed calls collectives torch has renamed: the warning repeats at every call (as in the trainer's logs).
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use .*", category=FutureWarning)
     import torch
@@ -354,8 +387,11 @@ def _own_output(log_path: str) -> None:
 
 
 def _is_addr_in_use(ex: BaseException, text: str) -> bool:
-    return ((isinstance(ex, OSError) and ex.errno == errno.EADDRINUSE) or "EADDRINUSE" in text
-            or "address already in use" in text.lower())
+    return (
+        (isinstance(ex, OSError) and ex.errno == errno.EADDRINUSE)
+        or "EADDRINUSE" in text
+        or "address already in use" in text.lower()
+    )
 
 
 def _answer(conn, kind: str, payload) -> None:

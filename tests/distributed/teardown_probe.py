@@ -23,9 +23,12 @@ def main() -> None:
     import deepspeed
 
     dist = distributed.init(timeout_s=120)
-    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}}
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+    }
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
     engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())

@@ -17,13 +17,19 @@ import signal
 
 import pytest
 import torch
-
 from inprocess import DistributedFailure, run_distributed
 
 pytestmark = pytest.mark.distributed
 
-ARCH = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64)
+ARCH = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 SEQ = 16
 ROWS = 4  # rows of one global batch: 2 per rank on 2 ranks, all 4 on 1 rank
 
@@ -36,9 +42,13 @@ def _collectives(rank, world):
 
     values = torch.tensor([1.0 + rank, 10.0 * (rank + 1)], dtype=torch.float64)
     summed = distributed.all_reduce_sum(values)
-    return {"in_place": summed is values, "sum": values.tolist(),
-            "gathered": distributed.all_gather_object({"rank": rank, "files": [f"rng_rank{rank}.pt"]}),
-            "world": distributed.world_size(), "threads": torch.get_num_threads()}
+    return {
+        "in_place": summed is values,
+        "sum": values.tolist(),
+        "gathered": distributed.all_gather_object({"rank": rank, "files": [f"rng_rank{rank}.pt"]}),
+        "world": distributed.world_size(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def test_all_reduce_sum_and_all_gather_object_on_two_ranks():
@@ -80,16 +90,18 @@ def _engine(world: int, seed: int = 0):
     from trainer.engine.optim import build_optimizer
 
     # lr warms up then decays every step, so a resume that lost the scheduler's position shows in the loss.
-    trainer = TrainerConfig(max_steps=8, micro_batch_size=ROWS // world, grad_accum_steps=1, lr=1e-2,
-                            warmup_steps=2, weight_decay=0.1)
+    trainer = TrainerConfig(
+        max_steps=8, micro_batch_size=ROWS // world, grad_accum_steps=1, lr=1e-2, warmup_steps=2, weight_decay=0.1
+    )
     # Threshold 0: every parameter is partitioned and gathered for each forward, as in a real model
     # (the default keeps parameters under 100k elements whole on every rank: all of this model's).
     ds_config = build_deepspeed_config(DeepSpeedConfig(param_persistence_threshold=0), trainer, world, on_gpu=False)
     torch.manual_seed(seed)  # zero.Init broadcasts rank 0's initial weights: every world size gets these
     # tokenizer_path only satisfies ModelConfig's check (a random-init model names a tokenizer); build_model
     # does not read it.
-    model = build_model(ModelConfig(arch=ARCH, tokenizer_path="unused"), LlamaConfig(**ARCH), trainer, ds_config,
-                        _Vocab())
+    model = build_model(
+        ModelConfig(arch=ARCH, tokenizer_path="unused"), LlamaConfig(**ARCH), trainer, ds_config, _Vocab()
+    )
     optimizer, scheduler = build_optimizer(model, trainer, cpu_offload=False)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     return engine
@@ -99,7 +111,7 @@ def _rows(step: int, rank: int, world: int) -> torch.Tensor:
     """This rank's share of the global batch of `step`: the same ROWS rows whatever the world size."""
     rows = torch.randint(0, ARCH["vocab_size"], (ROWS, SEQ), generator=torch.Generator().manual_seed(1000 + step))
     per_rank = ROWS // world
-    return rows[rank * per_rank:(rank + 1) * per_rank]
+    return rows[rank * per_rank : (rank + 1) * per_rank]
 
 
 def _loss(engine, ids: torch.Tensor, world: int):
@@ -155,8 +167,9 @@ def _save_then_resume(rank, world, out):
     fresh = checkpointer.resume(engine)  # nothing saved yet: a fresh start, not an error
     for step in (1, 2):
         _train_step(engine, step, rank, world)
-    state = TrainState(step=2, tokens_seen=128, supervised_tokens_seen=120, skipped_steps=1,
-                       baseline={"eval/general/loss": 2.5})
+    state = TrainState(
+        step=2, tokens_seen=128, supervised_tokens_seen=120, skipped_steps=1, baseline={"eval/general/loss": 2.5}
+    )
     checkpointer.save(engine, state)
     saved, saved_lr = _local_state(engine), engine.get_lr()
     saved_counters = (engine.global_steps, engine.global_samples, engine.lr_scheduler.last_epoch)
@@ -171,10 +184,19 @@ def _save_then_resume(rank, world, out):
     rng_resumed = torch.rand(3)  # ... and again right after the resume
     restored = _same(_local_state(other), saved)
     counters = (saved_counters, (other.global_steps, other.global_samples, other.lr_scheduler.last_epoch))
-    return {"counters": counters, "fresh": fresh, "problems": problems, "state": resumed_state, "saved_state": state,
-            "differed": differed, "restored": restored, "lr": (saved_lr, other.get_lr()),
-            "rng": torch.equal(rng_next, rng_resumed), "straight": straight,
-            "resumed": [_train_step(other, step, rank, world) for step in (3, 4)]}
+    return {
+        "counters": counters,
+        "fresh": fresh,
+        "problems": problems,
+        "state": resumed_state,
+        "saved_state": state,
+        "differed": differed,
+        "restored": restored,
+        "lr": (saved_lr, other.get_lr()),
+        "rng": torch.equal(rng_next, rng_resumed),
+        "straight": straight,
+        "resumed": [_train_step(other, step, rank, world) for step in (3, 4)],
+    }
 
 
 def test_a_resume_restores_step_weights_optimizer_schedule_and_rng_exactly(tmp_path):
@@ -196,8 +218,15 @@ def test_a_resume_restores_step_weights_optimizer_schedule_and_rng_exactly(tmp_p
     assert ranks[0]["straight"] == ranks[1]["straight"]  # the global loss, all-reduced
     tag = tmp_path / "checkpoints/step_00000002"
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
-    for name in ("COMPLETE", "trainer_state.json", "rng_rank0.pt", "rng_rank1.pt", "model/config.json",
-                 "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"):
+    for name in (
+        "COMPLETE",
+        "trainer_state.json",
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+        "model/config.json",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ):
         assert (tag / name).is_file(), name
 
 
@@ -230,8 +259,15 @@ def _save_prune_damage_resume(rank, world, out):
         refused = str(ex)
     state = Checkpointer(out, keep_last=2, rank=rank, world_size=world, fallback=True).resume(engine)
     distributed.barrier()
-    return {"kept": kept, "problems": problems, "refused": refused, "state": state,
-            "after": sorted(p.name for p in checkpointer.dir.iterdir() if p.name.startswith(("step_", "damaged_", "latest")))}
+    return {
+        "kept": kept,
+        "problems": problems,
+        "refused": refused,
+        "state": state,
+        "after": sorted(
+            p.name for p in checkpointer.dir.iterdir() if p.name.startswith(("step_", "damaged_", "latest"))
+        ),
+    }
 
 
 def _resume_on_one_rank(rank, world, out):
@@ -257,8 +293,10 @@ def test_keep_last_prunes_verify_names_damage_and_fallback_resumes_the_previous(
         assert f"{tag / 'rng_rank0.pt'} fails its CRC-32 check (corrupted)" in got["problems"]
         assert f"{tag / 'trainer_state.json'} is missing" in got["problems"]
         assert got["refused"] is not None and f"checkpoint {tag} is damaged" in got["refused"], rank
-        assert "trainer.resume_fallback=true to resume from the previous complete checkpoint (step_00000002)" \
+        assert (
+            "trainer.resume_fallback=true to resume from the previous complete checkpoint (step_00000002)"
             in got["refused"]
+        )
         assert got["state"].step == 2, rank
         assert got["after"] == ["damaged_step_00000003", "latest", "step_00000002"], rank
     assert (tmp_path / "checkpoints/latest").read_text() == "step_00000002"
@@ -332,9 +370,13 @@ def _ewc_shards(rank, world, out):
     ewc = EWC(engine, lam=LAM)
     batches = [{"input_ids": _rows(100 + n, rank, world)} for n in range(FISHER_BATCHES)]
     ewc.start(engine, batches, _reference_loss, engine.device)
-    got = {"fisher": [f.clone() for f in ewc.fisher], "anchor": [a.clone() for a in ewc.anchor],
-           "numel": [p.ds_numel for p in ewc.params], "local": ewc.local_numel(),
-           "total": count_parameters(engine.module)}
+    got = {
+        "fisher": [f.clone() for f in ewc.fisher],
+        "anchor": [a.clone() for a in ewc.anchor],
+        "numel": [p.ds_numel for p in ewc.params],
+        "local": ewc.local_numel(),
+        "total": count_parameters(engine.module),
+    }
 
     _train_step(engine, 1, rank, world, before_step=ewc.before_step)  # θ moves away from θ*
     checks = {}
@@ -347,21 +389,27 @@ def _ewc_shards(rank, world, out):
         checks["lam0_untouched"] = all(torch.equal(g, safe_get_local_grad(p)) for g, p in zip(grads, ewc.params))
         penalty = ewc.before_step()
         # λ·F⊙(θ−θ*) on this rank's partition, written out (ewc_math's own tests check its formula)
-        expected = [g + LAM * f * (safe_get_local_fp32_param(p) - a)
-                    for g, p, a, f in zip(grads, ewc.params, ewc.anchor, ewc.fisher)]
-        checks["grad_added"] = all(torch.allclose(safe_get_local_grad(p), e, rtol=1e-6, atol=0)
-                                   for p, e in zip(ewc.params, expected))
+        expected = [
+            g + LAM * f * (safe_get_local_fp32_param(p) - a)
+            for g, p, a, f in zip(grads, ewc.params, ewc.anchor, ewc.fisher)
+        ]
+        checks["grad_added"] = all(
+            torch.allclose(safe_get_local_grad(p), e, rtol=1e-6, atol=0) for p, e in zip(ewc.params, expected)
+        )
         checks["penalty"] = float(distributed.all_reduce_sum(torch.tensor([penalty], dtype=torch.float64)))
 
     _train_step(engine, 2, rank, world, before_step=before_step)
     got.update(checks)
 
     if world > 1:  # through the checkpointer: saved as ewc_rank<R>.pt, loaded into an empty EWC
-        Checkpointer(out, keep_last=1, rank=rank, world_size=world, extras={"ewc": ewc}).save(engine, TrainState(step=2))
+        Checkpointer(out, keep_last=1, rank=rank, world_size=world, extras={"ewc": ewc}).save(
+            engine, TrainState(step=2)
+        )
         again = EWC(engine, lam=LAM)
         Checkpointer(out, keep_last=1, rank=rank, world_size=world, extras={"ewc": again}).resume(engine)
         got["round_trip"] = again.ready and all(
-            torch.equal(x, y) for x, y in zip(again.fisher + again.anchor, ewc.fisher + ewc.anchor))
+            torch.equal(x, y) for x, y in zip(again.fisher + again.anchor, ewc.fisher + ewc.anchor)
+        )
     return got
 
 
@@ -374,8 +422,12 @@ def _lambda_zero(rank, world):
     without = [_train_step(plain, step, rank, world) for step in (1, 2, 3)]
     engine = _engine(world)
     ewc = EWC(engine, lam=0.0)
-    ewc.start(engine, [{"input_ids": _rows(100 + n, rank, world)} for n in range(FISHER_BATCHES)],
-              _reference_loss, engine.device)
+    ewc.start(
+        engine,
+        [{"input_ids": _rows(100 + n, rank, world)} for n in range(FISHER_BATCHES)],
+        _reference_loss,
+        engine.device,
+    )
     return without, [_train_step(engine, step, rank, world, before_step=ewc.before_step) for step in (1, 2, 3)]
 
 
@@ -425,8 +477,8 @@ def _fisher_labels(rank, world):
     the optimizer and a later step are as if no Fisher had been estimated."""
     import functools
 
-    from trainer.forgetting.ewc import reference_loss as trainer_reference_loss
     from trainer.forgetting.ewc import EWC
+    from trainer.forgetting.ewc import reference_loss as trainer_reference_loss
 
     def batches():
         out = []
@@ -439,8 +491,13 @@ def _fisher_labels(rank, world):
     fishers = {}
     for name, seed in (("data", None), ("sampled", 7), ("sampled_again", 7), ("other_seed", 8)):
         ewc = EWC(engine, lam=LAM)
-        loss_fn = trainer_reference_loss if seed is None else functools.partial(
-            trainer_reference_loss, sample_with=torch.Generator().manual_seed(seed * 1_000_003 + rank))
+        loss_fn = (
+            trainer_reference_loss
+            if seed is None
+            else functools.partial(
+                trainer_reference_loss, sample_with=torch.Generator().manual_seed(seed * 1_000_003 + rank)
+            )
+        )
         ewc.start(engine, batches(), loss_fn, engine.device)
         fishers[name] = torch.cat([f.flatten() for f in ewc.fisher])
     plain = _engine(world)

@@ -18,11 +18,24 @@ pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
 # 8 rows a step (86 packed rows of 125 bundled pairs: about an epoch in 10 steps), checkpoints at 5
 # and 10, held-out pairs and general text evaluated at 0, 5 and 10, EWC against the start.
-DPO = ["stage=dpo", "data=medical_prefs", "+eval.sets.prefs=${bundled:medical_prefs_heldout.jsonl}",
-       "+eval.sets.general=${bundled:general_text_heldout.txt}", "regularizer=ewc", "regularizer.ewc.fisher_batches=2",
-       "logger.dashboard=false", "eval.sample_prompts=[]", "trainer.log_every_steps=1",
-       "trainer.warmup_steps=2", "trainer.lr=5e-4", "trainer.max_steps=10", "trainer.micro_batch_size=2",
-       "trainer.grad_accum_steps=2", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
+DPO = [
+    "stage=dpo",
+    "data=medical_prefs",
+    "+eval.sets.prefs=${bundled:medical_prefs_heldout.jsonl}",
+    "+eval.sets.general=${bundled:general_text_heldout.txt}",
+    "regularizer=ewc",
+    "regularizer.ewc.fisher_batches=2",
+    "logger.dashboard=false",
+    "eval.sample_prompts=[]",
+    "trainer.log_every_steps=1",
+    "trainer.warmup_steps=2",
+    "trainer.lr=5e-4",
+    "trainer.max_steps=10",
+    "trainer.micro_batch_size=2",
+    "trainer.grad_accum_steps=2",
+    "trainer.save_every_steps=5",
+    "trainer.eval_every_steps=5",
+]
 SCORED = re.compile(r"reference log-probs of (\S+): \d+ pairs scored once .*\(start (\w+)\)")
 REUSED = re.compile(r"reference log-probs of (\S+): reused \(\d+ rows, start (\w+)\)")
 
@@ -31,7 +44,9 @@ REUSED = re.compile(r"reference log-probs of (\S+): reused \(\d+ rows, start (\w
 def dpo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("dpo")
     # its own cache: the first run of the session computes the reference, whatever ran before
-    proc = run_train("torchrun", DPO + ["logger=wandb", f"output_dir={out}", f"data.cache_dir={out.parent / 'dpo_cache'}"])
+    proc = run_train(
+        "torchrun", DPO + ["logger=wandb", f"output_dir={out}", f"data.cache_dir={out.parent / 'dpo_cache'}"]
+    )
     check(proc)
     return out, proc
 
@@ -46,8 +61,16 @@ def test_dpo_trains_reports_trls_metrics_and_held_out_accuracy_rises(dpo_run):
     assert {m.group(1) for m in SCORED.finditer(log)} == {"main", "eval/prefs"} and not REUSED.search(log)
     rows = read_metrics(out)
     assert sorted(series(rows, "train/loss")) == list(range(1, 11))
-    for key in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "logps/rejected", "reg/ewc_penalty", "data/packing_efficiency"):
+    for key in (
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "reg/ewc_penalty",
+        "data/packing_efficiency",
+    ):
         assert len(series(rows, key)) == 10, key
     accuracy = series(rows, "eval/prefs/rewards/accuracies")
     assert sorted(accuracy) == [0, 5, 10] and accuracy[0] == 0.0 and accuracy[10] > 0.5, accuracy
@@ -80,8 +103,15 @@ def test_a_kill_inside_a_save_resumes_and_reproduces_the_straight_run(dpo_run, t
     assert {m.group(1) for m in REUSED.finditer(resumed.stdout + resumed.stderr)} == {"main", "eval/prefs"}
     ours, ref = read_metrics(out), read_metrics(dpo_run[0])
     assert [r["step"] for r in ours if "train/loss" in r] == list(range(1, 11))
-    for key in ("train/loss", "train/grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen",
-                "reg/ewc_penalty", "eval/prefs/rewards/accuracies"):
+    for key in (
+        "train/loss",
+        "train/grad_norm",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "reg/ewc_penalty",
+        "eval/prefs/rewards/accuracies",
+    ):
         assert series(ours, key) == series(ref, key), key
 
 
@@ -89,9 +119,21 @@ def test_one_rank_takes_the_same_first_step_and_another_start_scores_its_own_ref
     """1 rank x micro 8 reads the same 8 rows in step 1 as 2 ranks x micro 2 x accumulation 2 and reuses
     the reference (same start); its loss and gradient norm agree (the mean over the step's pairs). Another
     seed is another random start: its reference is scored anew."""
-    one = run_train("python", DPO + ["logger=jsonl", f"output_dir={tmp_path / 'one'}", _cache(dpo_run[0]), "trainer.max_steps=1",
-                                     "trainer.micro_batch_size=8", "trainer.grad_accum_steps=1", "trainer.export_hf=false",
-                                     "~eval.sets.general", "regularizer=none"])
+    one = run_train(
+        "python",
+        DPO
+        + [
+            "logger=jsonl",
+            f"output_dir={tmp_path / 'one'}",
+            _cache(dpo_run[0]),
+            "trainer.max_steps=1",
+            "trainer.micro_batch_size=8",
+            "trainer.grad_accum_steps=1",
+            "trainer.export_hf=false",
+            "~eval.sets.general",
+            "regularizer=none",
+        ],
+    )
     check(one)
     assert REUSED.search(one.stdout + one.stderr) and not SCORED.search(one.stdout + one.stderr)
     straight = read_metrics(dpo_run[0])
@@ -100,10 +142,24 @@ def test_one_rank_takes_the_same_first_step_and_another_start_scores_its_own_ref
     for key in ("train/loss", "train/grad_norm", "rewards/margins"):
         a, b = series(ours, key)[1], series(straight, key)[1]
         assert abs(a - b) <= 1e-4 * max(abs(b), 1e-6), (key, a, b)
-    other = run_train("python", DPO + ["logger=jsonl", f"output_dir={tmp_path / 'other'}", _cache(dpo_run[0]), "trainer.max_steps=1",
-                                       "trainer.seed=7", "trainer.micro_batch_size=8", "trainer.grad_accum_steps=1",
-                                       "trainer.export_hf=false", "~eval.sets.general", "regularizer=none",
-                                       "trainer.eval_every_steps=0", "eval.at_start=false"])
+    other = run_train(
+        "python",
+        DPO
+        + [
+            "logger=jsonl",
+            f"output_dir={tmp_path / 'other'}",
+            _cache(dpo_run[0]),
+            "trainer.max_steps=1",
+            "trainer.seed=7",
+            "trainer.micro_batch_size=8",
+            "trainer.grad_accum_steps=1",
+            "trainer.export_hf=false",
+            "~eval.sets.general",
+            "regularizer=none",
+            "trainer.eval_every_steps=0",
+            "eval.at_start=false",
+        ],
+    )
     check(other)
     starts = {m.group(2) for m in SCORED.finditer(other.stdout + other.stderr)}
     first = {m.group(2) for m in SCORED.finditer(dpo_run[1].stdout + dpo_run[1].stderr)}

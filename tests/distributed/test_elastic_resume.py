@@ -26,9 +26,16 @@ import reshard as reshard_bench  # noqa: E402  (bench/reshard.py)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
-RUN = QUICK + ["regularizer=ewc_replay", "regularizer.ewc.fisher_batches=2", "trainer.max_steps=30",
-               "trainer.micro_batch_size=2", "trainer.save_every_steps=10", "trainer.keep_last=3",
-               "trainer.eval_every_steps=0", "trainer.export_hf=false"]
+RUN = QUICK + [
+    "regularizer=ewc_replay",
+    "regularizer.ewc.fisher_batches=2",
+    "trainer.max_steps=30",
+    "trainer.micro_batch_size=2",
+    "trainer.save_every_steps=10",
+    "trainer.keep_last=3",
+    "trainer.eval_every_steps=0",
+    "trainer.export_hf=false",
+]
 TOLERANCE = 1e-4
 MEASURED = {}  # filled by the test, printed for the record
 
@@ -71,8 +78,10 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
     # bench/reshard.py reads its figures from these lines: they must keep the shape it parses.
     assert reshard_bench.RESHARDED.search(log).group(1, 2, 3) == ("step_00000010", "2", "1")
     assert reshard_bench.CONVERTED.search(log).group(1) == "step_00000010"
-    assert "resuming a checkpoint of 2 ranks x micro 2 x accumulation 1 = 4 rows a step on 1 ranks: micro 2 x " \
-           "accumulation 2 x 1 ranks = 4 rows a step" in log
+    assert (
+        "resuming a checkpoint of 2 ranks x micro 2 x accumulation 1 = 4 rows a step on 1 ranks: micro 2 x "
+        "accumulation 2 x 1 ranks = 4 rows a step" in log
+    )
     assert "EWC: Fisher from" not in log  # the Fisher and anchor came from the checkpoint, resharded
     _assert_continues(read_metrics(one), ref, 11, 30, "2 -> 1")
     assert (one / "checkpoints/universal/step_00000010/COMPLETE").is_file()
@@ -98,7 +107,9 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
     proc = run_train("python", RUN + [f"output_dir={back}", "trainer.grad_accum_steps=3", "trainer.max_steps=40"])
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
-    assert ("the checkpoint to resume was trained with a global batch of 2 ranks x micro 2 x accumulation 1 = 4 rows "
-            "a step, and this run asks for trainer.micro_batch_size=2 x trainer.grad_accum_steps=3 x 1 ranks = 6") in message
+    assert (
+        "the checkpoint to resume was trained with a global batch of 2 ranks x micro 2 x accumulation 1 = 4 rows "
+        "a step, and this run asks for trainer.micro_batch_size=2 x trainer.grad_accum_steps=3 x 1 ranks = 6"
+    ) in message
     assert "trainer.micro_batch_size=2 trainer.grad_accum_steps=2" in message
     assert "trainer.allow_new_global_batch=true" in message

@@ -10,10 +10,14 @@ import torch
 
 from helpers import LAUNCHER, QUICK, check, read_metrics, run_train, series
 
-
 # ---- 2 CPU ranks, real DeepSpeed ZeRO-3 ---------------------------------------------------------
-RUN = QUICK + ["trainer.max_steps=6", "trainer.save_every_steps=3", "trainer.eval_every_steps=3",
-               "+eval.sets.general=${bundled:general_text_heldout.txt}", "trainer.export_hf=false"]
+RUN = QUICK + [
+    "trainer.max_steps=6",
+    "trainer.save_every_steps=3",
+    "trainer.eval_every_steps=3",
+    "+eval.sets.general=${bundled:general_text_heldout.txt}",
+    "trainer.export_hf=false",
+]
 EWC = ["regularizer=ewc", "regularizer.ewc.lam=50", "regularizer.ewc.fisher_batches=2"]
 
 

@@ -15,6 +15,7 @@ import pytest
 from helpers import LAUNCHER, QUICK, STRAIGHT, read_metrics, run_train, series
 from trainer import faults
 
+
 def _text(proc: subprocess.CompletedProcess) -> str:
     return proc.stdout + proc.stderr
 
@@ -33,7 +34,9 @@ def small_disk(tmp_path):
     mnt.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mnt)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
     yield mnt
@@ -75,8 +78,12 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_previous_checkpoint_intact
     assert Checkpointer(str(out), keep_last=2, rank=0, world_size=1).verify("step_00000005") == []
 
 
-NAN_RUN = QUICK + ["trainer.max_steps=6", "trainer.save_every_steps=0", "trainer.export_hf=false",
-                   "eval.at_start=false"]
+NAN_RUN = QUICK + [
+    "trainer.max_steps=6",
+    "trainer.save_every_steps=0",
+    "trainer.export_hf=false",
+    "eval.at_start=false",
+]
 
 
 @pytest.mark.distributed
@@ -86,7 +93,9 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_rows(tmp_path):
     proc = run_train(LAUNCHER, NAN_RUN + [f"output_dir={out}"], env={faults.NAN_LOSS: "3:1"})
     assert proc.returncode != 0 and not _survivors(out)
     text = _text(proc)
-    assert "non-finite loss/gradient at step 3 (loss=nan, grad_norm=inf): rows with a non-finite loss: main:row " in text
+    assert (
+        "non-finite loss/gradient at step 3 (loss=nan, grad_norm=inf): rows with a non-finite loss: main:row " in text
+    )
     assert "(rank 1, micro-batch 0)" in text and "(rank 0," not in text
     assert "The update was skipped; the weights are those of step 2. Stopped, without saving" in text
     assert "trainer.on_nonfinite=skip would skip such steps" in text
@@ -97,8 +106,11 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_rows(tmp_path):
 @pytest.mark.timeout(600)
 def test_skip_mode_counts_skipped_steps_and_stops_past_the_limit(tmp_path):
     out = tmp_path / "run"
-    proc = run_train(LAUNCHER, NAN_RUN + ["trainer.on_nonfinite=skip", "trainer.max_skipped_steps=1",
-                                             f"output_dir={out}"], env={faults.NAN_LOSS: "2:1,4:0"})
+    proc = run_train(
+        LAUNCHER,
+        NAN_RUN + ["trainer.on_nonfinite=skip", "trainer.max_skipped_steps=1", f"output_dir={out}"],
+        env={faults.NAN_LOSS: "2:1,4:0"},
+    )
     assert proc.returncode != 0
     text = _text(proc)
     assert "non-finite loss/gradient at step 2" in text and "Skipped (1 of at most trainer.max_skipped_steps=1)" in text

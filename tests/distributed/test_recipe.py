@@ -13,9 +13,17 @@ from helpers import LAUNCHER, check, read_metrics, run_train, series
 @pytest.mark.distributed
 @pytest.mark.timeout(900)
 def test_medical_recipe_runs_every_stage_and_a_rerun_skips_finished_ones(tmp_path):
-    overrides = ["+exp=medical", "logger=jsonl", "trainer.max_steps=4", "trainer.save_every_steps=4",
-                 "trainer.eval_every_steps=2", "trainer.log_every_steps=2", "regularizer.ewc.fisher_batches=2",
-                 "eval.sample_prompts=[]", f"output_dir={tmp_path}"]
+    overrides = [
+        "+exp=medical",
+        "logger=jsonl",
+        "trainer.max_steps=4",
+        "trainer.save_every_steps=4",
+        "trainer.eval_every_steps=2",
+        "trainer.log_every_steps=2",
+        "regularizer.ewc.fisher_batches=2",
+        "eval.sample_prompts=[]",
+        f"output_dir={tmp_path}",
+    ]
     proc = run_train(LAUNCHER, overrides)
     check(proc)
     log = proc.stdout + proc.stderr

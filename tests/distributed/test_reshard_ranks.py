@@ -14,11 +14,9 @@ another order than 1 rank adds them (measured: ~1e-7).
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-
 from inprocess import DistributedFailure, run_distributed
 from test_collectives import FISHER_BATCHES, _engine, _reference_loss, _rows, _train_step
 
@@ -35,19 +33,26 @@ def _full_state(engine) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     params = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
-    return {key: {n: (safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)).clone()
-                  for n, p in params}
-            for key in ("fp32", "exp_avg", "exp_avg_sq")}
+    return {
+        key: {
+            n: (safe_get_full_fp32_param(p) if key == "fp32" else safe_get_full_optimizer_state(p, key)).clone()
+            for n, p in params
+        }
+        for key in ("fp32", "exp_avg", "exp_avg_sq")
+    }
 
 
 def _optimizer_facts(engine) -> dict:
     zero = engine.optimizer
-    return {"steps": [float(zero.optimizer.state[f]["step"]) for f in zero.fp32_partitioned_groups_flat],
-            "step_tensors_shared": len({id(zero.optimizer.state[f]["step"]) for f in zero.fp32_partitioned_groups_flat})
-            < len(zero.fp32_partitioned_groups_flat),
-            "weight_decay": [g["weight_decay"] for g in zero.optimizer.param_groups],
-            "lr": engine.get_lr(), "last_epoch": engine.lr_scheduler.last_epoch,
-            "counters": (engine.global_steps, engine.global_samples)}
+    return {
+        "steps": [float(zero.optimizer.state[f]["step"]) for f in zero.fp32_partitioned_groups_flat],
+        "step_tensors_shared": len({id(zero.optimizer.state[f]["step"]) for f in zero.fp32_partitioned_groups_flat})
+        < len(zero.fp32_partitioned_groups_flat),
+        "weight_decay": [g["weight_decay"] for g in zero.optimizer.param_groups],
+        "lr": engine.get_lr(),
+        "last_epoch": engine.lr_scheduler.last_epoch,
+        "counters": (engine.global_steps, engine.global_samples),
+    }
 
 
 def _penalty(ewc) -> float:
@@ -57,8 +62,10 @@ def _penalty(ewc) -> float:
     from trainer import distributed
     from trainer.forgetting import ewc_math
 
-    local = sum(float(ewc_math.penalty_and_grad(safe_get_local_fp32_param(p).detach(), a, f, ewc.lam)[0])
-                for p, a, f in zip(ewc.params, ewc.anchor, ewc.fisher))
+    local = sum(
+        float(ewc_math.penalty_and_grad(safe_get_local_fp32_param(p).detach(), a, f, ewc.lam)[0])
+        for p, a, f in zip(ewc.params, ewc.anchor, ewc.fisher)
+    )
     return float(distributed.all_reduce_sum(torch.tensor([local], dtype=torch.float64)))
 
 
@@ -68,8 +75,9 @@ def _full_ewc(ewc, world: int) -> dict:
 
     mine = {"fisher": ewc.fisher, "anchor": ewc.anchor}
     ranks = distributed.all_gather_object(mine)
-    return {key: [torch.cat([r[key][i] for r in ranks])[:p.ds_numel] for i, p in enumerate(ewc.params)]
-            for key in mine}
+    return {
+        key: [torch.cat([r[key][i] for r in ranks])[: p.ds_numel] for i, p in enumerate(ewc.params)] for key in mine
+    }
 
 
 def _train_and_save(rank, world, out):
@@ -79,15 +87,24 @@ def _train_and_save(rank, world, out):
 
     engine = _engine(world)
     ewc = EWC(engine, lam=LAM)
-    ewc.start(engine, [{"input_ids": _rows(100 + n, rank, world)} for n in range(FISHER_BATCHES)], _reference_loss,
-              engine.device)
+    ewc.start(
+        engine,
+        [{"input_ids": _rows(100 + n, rank, world)} for n in range(FISHER_BATCHES)],
+        _reference_loss,
+        engine.device,
+    )
     for step in range(1, SAVED_STEPS + 1):
         _train_step(engine, step, rank, world, before_step=ewc.before_step)
-    state = TrainState(step=SAVED_STEPS, tokens_seen=123, world_size=world, micro_batch_size=4 // world,
-                       grad_accum_steps=1)
+    state = TrainState(
+        step=SAVED_STEPS, tokens_seen=123, world_size=world, micro_batch_size=4 // world, grad_accum_steps=1
+    )
     Checkpointer(out, keep_last=2, rank=rank, world_size=world, extras={"ewc": ewc}).save(engine, state)
-    saved = {"state": _full_state(engine), "optimizer": _optimizer_facts(engine), "penalty": _penalty(ewc),
-             "ewc": _full_ewc(ewc, world)}
+    saved = {
+        "state": _full_state(engine),
+        "optimizer": _optimizer_facts(engine),
+        "penalty": _penalty(ewc),
+        "ewc": _full_ewc(ewc, world),
+    }
     saved["next"] = [_train_step(engine, s, rank, world, before_step=ewc.before_step) for s in NEXT]
     return saved
 
@@ -100,8 +117,13 @@ def _resume(rank, world, out, env_note=""):
     engine = _engine(world, seed=1)
     ewc = EWC(engine, lam=LAM)
     state = Checkpointer(out, keep_last=2, rank=rank, world_size=world, extras={"ewc": ewc}).resume(engine)
-    got = {"state": _full_state(engine), "optimizer": _optimizer_facts(engine), "penalty": _penalty(ewc),
-           "ewc": _full_ewc(ewc, world), "train_state": state}
+    got = {
+        "state": _full_state(engine),
+        "optimizer": _optimizer_facts(engine),
+        "penalty": _penalty(ewc),
+        "ewc": _full_ewc(ewc, world),
+        "train_state": state,
+    }
     got["next"] = [_train_step(engine, s, rank, world, before_step=ewc.before_step) for s in NEXT]
     got["steps_after"] = _optimizer_facts(engine)["steps"]
     return got

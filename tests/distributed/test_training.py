@@ -15,7 +15,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import LAUNCHER, ONE_RANK, QUICK, ROOT, STRAIGHT, check, launcher_cmd, read_metrics, run_train, series, shm_buffers_left
+from helpers import (
+    LAUNCHER,
+    ONE_RANK,
+    QUICK,
+    ROOT,
+    STRAIGHT,
+    check,
+    launcher_cmd,
+    read_metrics,
+    run_train,
+    series,
+    shm_buffers_left,
+)
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(900)]
 
@@ -28,11 +40,25 @@ def test_loss_decreases_and_outputs_are_complete(straight_run):
     assert sum(list(loss.values())[-5:]) / 5 < 0.8 * sum(list(loss.values())[:3]) / 3
     evals = series(rows, "eval/domain/loss")
     assert sorted(evals) == [0, 10, 20] and evals[20] < evals[0]
-    for key in ("train/lr", "train/grad_norm", "train/tokens_seen", "perf/tokens_per_s", "perf/peak_mem_gb",
-                "data/packing_efficiency", "eval/domain/ppl"):
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_seen",
+        "perf/tokens_per_s",
+        "perf/peak_mem_gb",
+        "data/packing_efficiency",
+        "eval/domain/ppl",
+    ):
         assert any(key in r for r in rows), key
-    for name in ("config.yaml", "metrics.jsonl", "checkpoints/latest", "hf/config.json", "hf/model.safetensors",
-                 "hf/tokenizer.json", "hf/chat_template.jinja"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints/latest",
+        "hf/config.json",
+        "hf/model.safetensors",
+        "hf/tokenizer.json",
+        "hf/chat_template.jinja",
+    ):
         assert (out / name).exists(), name
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb")), "no offline W&B run"
     assert not [p.name for p in (out / "hf").iterdir() if p.suffix in (".bin", ".pt", ".pkl")], "pickled export"
@@ -42,8 +68,11 @@ def test_loss_decreases_and_outputs_are_complete(straight_run):
     assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_00000015", "step_00000020"]
     assert all((out / "checkpoints" / t / "COMPLETE").exists() for t in ("step_00000015", "step_00000020"))
     # every rank logged the same config hash
-    hashes = {line.split("config hash ")[1].split()[0] for line in (proc.stdout + proc.stderr).splitlines()
-              if "config hash" in line}
+    hashes = {
+        line.split("config hash ")[1].split()[0]
+        for line in (proc.stdout + proc.stderr).splitlines()
+        if "config hash" in line
+    }
     assert len(hashes) == 1 and (proc.stdout + proc.stderr).count("config hash") >= 2
 
 
@@ -79,7 +108,9 @@ def test_sigkill_of_one_rank_ends_the_job_and_rerun_resumes_exactly(straight_run
     while time.time() < deadline and not (metrics.exists() and '"step": 12,' in metrics.read_text()):
         assert launcher.poll() is None, launcher.stdout.read()
         time.sleep(0.05)
-    victim = subprocess.run(["pgrep", "-f", f"local_rank=1.*output_dir={out}"], capture_output=True, text=True).stdout.split()
+    victim = subprocess.run(
+        ["pgrep", "-f", f"local_rank=1.*output_dir={out}"], capture_output=True, text=True
+    ).stdout.split()
     assert victim, "rank 1 not found"
     os.kill(int(victim[0]), signal.SIGKILL)
     killed_at = time.time()
@@ -98,8 +129,14 @@ def test_sigkill_of_one_rank_ends_the_job_and_rerun_resumes_exactly(straight_run
 
 # Equal per step: the loss and gradient norm (the same weights and optimizer state), the learning
 # rate (the scheduler's position), and the token counts and packing (the same rows in each step).
-SAME = ("train/loss", "train/grad_norm", "train/lr", "train/tokens_seen", "train/supervised_tokens_seen",
-        "data/packing_efficiency")
+SAME = (
+    "train/loss",
+    "train/grad_norm",
+    "train/lr",
+    "train/tokens_seen",
+    "train/supervised_tokens_seen",
+    "data/packing_efficiency",
+)
 
 
 def assert_same_steps(rows, ref_rows, first: int = 1) -> None:
@@ -112,9 +149,14 @@ def assert_same_steps(rows, ref_rows, first: int = 1) -> None:
         assert ours == ref, f"{key} after resume differs from the straight run"
 
 
-@pytest.mark.parametrize("overrides", [["trainer.activation_checkpointing=every_n"],
-                                       ["trainer.activation_checkpointing=full", "deepspeed=zero3_offload"]],
-                         ids=["every_n", "full+offload"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["trainer.activation_checkpointing=every_n"],
+        ["trainer.activation_checkpointing=full", "deepspeed=zero3_offload"],
+    ],
+    ids=["every_n", "full+offload"],
+)
 def test_checkpointing_and_offload_train_the_same_model(one_rank_run, tmp_path, overrides):
     """Activation checkpointing recomputes the same activations and CPU offload runs the same Adam
     (DeepSpeedCPUAdam): the per-step losses match the plain run. Full checkpointing and offload
@@ -131,9 +173,17 @@ def test_launchers_and_batch_layouts_agree(straight_run, one_rank_run, tmp_path)
     trains on the same 8 rows per step as deepspeed (2 ranks x micro 2 x accum 2), so step 1's loss
     and gradient norm agree: the loss is normalised over the whole step."""
     ref = read_metrics(straight_run[0])
-    torchrun = run_train("torchrun", QUICK + ["trainer.max_steps=2", "trainer.micro_batch_size=4",
-                                              "trainer.grad_accum_steps=1", f"output_dir={tmp_path}",
-                                              "trainer.export_hf=false"])
+    torchrun = run_train(
+        "torchrun",
+        QUICK
+        + [
+            "trainer.max_steps=2",
+            "trainer.micro_batch_size=4",
+            "trainer.grad_accum_steps=1",
+            f"output_dir={tmp_path}",
+            "trainer.export_hf=false",
+        ],
+    )
     check(torchrun)
     for name, out in (("torchrun", tmp_path), ("python", one_rank_run[0])):
         rows = read_metrics(out)
@@ -179,8 +229,13 @@ def test_launch_export_makes_a_checkpoint_a_hugging_face_model_on_one_process(st
     """`python launch/export.py <checkpoint> <dir>` (the way on from any checkpoint, e.g. to start a
     new run from its weights) on one CPU process: the same logits as the run's own final export."""
     exported = tmp_path / "exported"
-    subprocess.run([sys.executable, "launch/export.py", str(straight_run[0] / "checkpoints" / TAG), str(exported)],
-                   cwd=ROOT, check=True, timeout=300, capture_output=True)
+    subprocess.run(
+        [sys.executable, "launch/export.py", str(straight_run[0] / "checkpoints" / TAG), str(exported)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+        capture_output=True,
+    )
     _same_logits(exported, straight_run[0] / "hf")
 
 
@@ -201,8 +256,9 @@ def test_weights_given_and_a_checkpoint_resumed_in_one_run_warn(straight_run, tm
     out = _copy_run(straight_run[0], tmp_path / "run", "hf")
     proc = run_train(LAUNCHER, STRAIGHT + [f"output_dir={out}", f"model.name_or_path={straight_run[0]}/hf"])
     check(proc)
-    assert (f"resuming at step 20: the weights come from the checkpoint, not from model.name_or_path="
-            f"{straight_run[0]}/hf") in (proc.stdout + proc.stderr)
+    assert (
+        f"resuming at step 20: the weights come from the checkpoint, not from model.name_or_path={straight_run[0]}/hf"
+    ) in (proc.stdout + proc.stderr)
 
 
 def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_one(straight_run, tmp_path):
@@ -216,11 +272,22 @@ def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_o
 
     start, out = straight_run[0] / "hf", tmp_path / "interp"
     # Trained on the held-out domain set itself, so that 3 steps surely lower its loss (a gain to keep).
-    proc = run_train(LAUNCHER, QUICK + [f"model.name_or_path={start}", "trainer.max_steps=3", "trainer.micro_batch_size=2",
-                                        "data.path=${bundled:medical_qa_heldout.jsonl}",
-                                        "trainer.warmup_steps=1", "trainer.lr=1e-3", "trainer.eval_every_steps=0",
-                                        "regularizer.interpolation.alphas=[0,0.5]", "regularizer.interpolation.keep_gain=0.6",
-                                        f"output_dir={out}"])
+    proc = run_train(
+        LAUNCHER,
+        QUICK
+        + [
+            f"model.name_or_path={start}",
+            "trainer.max_steps=3",
+            "trainer.micro_batch_size=2",
+            "data.path=${bundled:medical_qa_heldout.jsonl}",
+            "trainer.warmup_steps=1",
+            "trainer.lr=1e-3",
+            "trainer.eval_every_steps=0",
+            "regularizer.interpolation.alphas=[0,0.5]",
+            "regularizer.interpolation.keep_gain=0.6",
+            f"output_dir={out}",
+        ],
+    )
     check(proc)
     result = json.loads((out / "interpolation.json").read_text())
     rows = {r["alpha"]: r for r in result["rows"]}

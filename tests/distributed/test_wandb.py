@@ -13,14 +13,20 @@ import pytest
 from helpers import LAUNCHER, QUICK, check, read_metrics, run_train, series
 from wandb_records import offline_runs, payloads
 
-
 # ---- 2 ranks, real DeepSpeed, logger=wandb offline ----------------------------------------------------
 
 SECRET = "sk-planted-0123456789abcdef"  # a config value under a *_key name
 ENV_SECRET = "0123456789abcdef0123456789abcdef01234567"  # WANDB_API_KEY and HF_TOKEN in the environment
 # The generations are the point here: QUICK turns them off, this run puts the prompts of +exp=medical_qa back.
-WANDB_RUN = [a for a in QUICK if not a.startswith("eval.sample_prompts")] + ["logger=wandb", "trainer.max_steps=6", "trainer.save_every_steps=3", "trainer.eval_every_steps=3",
-                     "trainer.export_hf=false", "eval.sample_max_new_tokens=6", "logger.tags=[ci]"]
+WANDB_RUN = [a for a in QUICK if not a.startswith("eval.sample_prompts")] + [
+    "logger=wandb",
+    "trainer.max_steps=6",
+    "trainer.save_every_steps=3",
+    "trainer.eval_every_steps=3",
+    "trainer.export_hf=false",
+    "eval.sample_max_new_tokens=6",
+    "logger.tags=[ci]",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +46,15 @@ def _history_steps(run, key):
     return sorted(h["trainer/step"] for h in run.history if key in h)
 
 
-CONTRACT_TRAIN = ("train/loss", "train/lr", "train/grad_norm", "train/tokens_seen", "perf/tokens_per_s",
-                  "perf/peak_mem_gb", "data/packing_efficiency")
+CONTRACT_TRAIN = (
+    "train/loss",
+    "train/lr",
+    "train/grad_norm",
+    "train/tokens_seen",
+    "perf/tokens_per_s",
+    "perf/peak_mem_gb",
+    "data/packing_efficiency",
+)
 
 
 @pytest.mark.distributed
@@ -51,8 +64,12 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
     (run,) = offline_runs(out)  # one run per job: rank 1 never starts one
     (record,) = run.runs
     assert run.run_id == json.loads((out / "wandb_run.json").read_text())["run_id"]
-    assert (record.project, record.run_group, record.job_type, record.display_name) == \
-        ("fullft", "medical_qa", "instruct", out.name)
+    assert (record.project, record.run_group, record.job_type, record.display_name) == (
+        "fullft",
+        "medical_qa",
+        "instruct",
+        out.name,
+    )
     assert list(record.tags) == ["ci"]
     # the resolved config, secrets removed
     assert run.config["trainer"]["max_steps"] == 6 and run.config["stage"]["objective"] == "instruct"
@@ -65,8 +82,9 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
         assert SECRET.encode() not in data and ENV_SECRET.encode() not in data, path
     # Our processes print neither; DeepSpeed's launcher (runner.py, launch.py) echoes the command
     # line it starts, overrides included: the README says to pass secrets through the environment.
-    ours = [line for line in (proc.stdout + proc.stderr).splitlines()
-            if not re.search(r"\[(runner|launch)\.py:\d+:", line)]
+    ours = [
+        line for line in (proc.stdout + proc.stderr).splitlines() if not re.search(r"\[(runner|launch)\.py:\d+:", line)
+    ]
     assert not [line for line in ours if SECRET in line or ENV_SECRET in line]
     assert ENV_SECRET not in proc.stdout + proc.stderr
     # contract metrics at the trainer steps they belong to, with the trainer step as x-axis
@@ -94,8 +112,14 @@ def test_wandb_offline_run_has_config_metrics_and_samples(wandb_run):
     assert [s["step"] for s in samples] == [0, 0, 3, 3, 6, 6] and all(isinstance(s["completion"], str) for s in samples)
     # console: one line per log step from rank 0 only
     logs = proc.stdout + proc.stderr
-    assert [int(line.split("step ")[1].split("/")[0]) for line in logs.splitlines() if " INFO step " in line] == \
-        [1, 2, 3, 4, 5, 6]
+    assert [int(line.split("step ")[1].split("/")[0]) for line in logs.splitlines() if " INFO step " in line] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     assert "ETA" in logs and "[rank 1] INFO step" not in logs
 
 
@@ -108,8 +132,13 @@ def test_resumed_job_continues_the_same_wandb_run_and_loses_no_metric(wandb_run,
     out = tmp_path / "resumed"
     shutil.copytree(wandb_run[0], out)
     (out / "checkpoints/latest").write_text("step_00000003")
-    check(run_train(LAUNCHER, [a for a in WANDB_RUN if not a.startswith("trainer.max_steps")] +
-                    ["trainer.max_steps=8", f"+model.arch.api_key={SECRET}", f"output_dir={out}"]))
+    check(
+        run_train(
+            LAUNCHER,
+            [a for a in WANDB_RUN if not a.startswith("trainer.max_steps")]
+            + ["trainer.max_steps=8", f"+model.arch.api_key={SECRET}", f"output_dir={out}"],
+        )
+    )
     first, second = offline_runs(out)
     assert first.run_id == second.run_id
     assert max(h["_step"] for h in first.history) < min(h["_step"] for h in second.history)
@@ -118,7 +147,8 @@ def test_resumed_job_continues_the_same_wandb_run_and_loses_no_metric(wandb_run,
     assert _history_steps(second, "eval/domain/loss") == [6, 8]
     jsonl = read_metrics(out)
     assert [r["step"] for r in jsonl if "train/loss" in r] == list(range(1, 9))  # no gap, no duplicate
-    assert {h["trainer/step"]: h["train/loss"] for h in second.history if "train/loss" in h} == \
-        {s: v for s, v in series(jsonl, "train/loss").items() if s > 3}
+    assert {h["trainer/step"]: h["train/loss"] for h in second.history if "train/loss" in h} == {
+        s: v for s, v in series(jsonl, "train/loss").items() if s > 3
+    }
     # the samples table keeps the rows from before the resume point (steps 0 and 3)
     assert [h["samples/generations/nrows"] for h in second.history if "samples/generations/nrows" in h] == [6, 8]

@@ -116,7 +116,9 @@ def test_the_checker_finds_bad_links(tmp_path):
     docs = tmp_path / "docs"
     docs.mkdir()
     (tmp_path / "code.py").write_text("")
-    (docs / "b.md").write_text("# B page\n\n## What happens when…\n\n## Errors: `data.on_error`\n\n## Repeat\n\n## Repeat\n")
+    (docs / "b.md").write_text(
+        "# B page\n\n## What happens when…\n\n## Errors: `data.on_error`\n\n## Repeat\n\n## Repeat\n"
+    )
     (docs / "a.md").write_text(
         "# A\n"
         "[good](b.md#what-happens-when) [good](b.md#errors-dataon_error) [good](b.md#repeat-1) [good](#a)\n"
@@ -124,11 +126,17 @@ def test_the_checker_finds_bad_links(tmp_path):
         "[missing anchor](b.md#no-such-heading) [same file](#nowhere)\n"
         "[out of docs](../code.py) [web](https://example.com/x.md) `[in code](nowhere.md)`\n"
         "```\n[in a fence](nowhere.md)\n```\n"
-        "[ref]: d.md\n")
+        "[ref]: d.md\n"
+    )
     problems = check(docs / "a.md", inside=docs)
     assert [p.split(": ")[0] + ": " + p.split(": ")[1] for p in problems] == [
-        "a.md:3: c.md", "a.md:3: img/x.png", "a.md:4: b.md#no-such-heading", "a.md:4: #nowhere",
-        "a.md:5: ../code.py", "a.md:9: d.md"]
+        "a.md:3: c.md",
+        "a.md:3: img/x.png",
+        "a.md:4: b.md#no-such-heading",
+        "a.md:4: #nowhere",
+        "a.md:5: ../code.py",
+        "a.md:9: d.md",
+    ]
     assert "no heading with the anchor #no-such-heading" in problems[2]
     assert "leaves docs/" in problems[4]
     # Outside docs/ the same link to a file that exists is fine.

@@ -26,7 +26,9 @@ REQUIRE = os.environ.get("FULLFT_REQUIRE_REAL_MODEL") == "1"
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "real_model: tests on the real pretrained SmolLM2-135M-Instruct (the `real` extra)")
+    config.addinivalue_line(
+        "markers", "real_model: tests on the real pretrained SmolLM2-135M-Instruct (the `real` extra)"
+    )
 
 
 def _unavailable() -> str:

@@ -17,12 +17,27 @@ STEPS = 6
 
 
 def test_dpo_on_the_real_model_raises_held_out_reward_accuracy(reduced_dir, tmp_path):
-    overrides = ["stage=dpo", "data=medical_prefs", f"model.name_or_path={reduced_dir}",
-                 "+eval.sets.prefs=${bundled:medical_prefs_heldout.jsonl}", "logger=jsonl", "logger.dashboard=false",
-                 "eval.sample_prompts=[]", "data.seq_len=512", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
-                 f"trainer.max_steps={STEPS}", "trainer.warmup_steps=1", "trainer.lr=2e-5", "trainer.log_every_steps=1",
-                 "trainer.save_every_steps=0", f"trainer.eval_every_steps={STEPS}", "eval.micro_batch_size=4",
-                 f"output_dir={tmp_path}", f"data.cache_dir={tmp_path / 'cache'}"]  # its own: the reference is scored here
+    overrides = [
+        "stage=dpo",
+        "data=medical_prefs",
+        f"model.name_or_path={reduced_dir}",
+        "+eval.sets.prefs=${bundled:medical_prefs_heldout.jsonl}",
+        "logger=jsonl",
+        "logger.dashboard=false",
+        "eval.sample_prompts=[]",
+        "data.seq_len=512",
+        "trainer.micro_batch_size=2",
+        "trainer.grad_accum_steps=1",
+        f"trainer.max_steps={STEPS}",
+        "trainer.warmup_steps=1",
+        "trainer.lr=2e-5",
+        "trainer.log_every_steps=1",
+        "trainer.save_every_steps=0",
+        f"trainer.eval_every_steps={STEPS}",
+        "eval.micro_batch_size=4",
+        f"output_dir={tmp_path}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # its own: the reference is scored here
     proc = run_train(LAUNCHER, overrides, timeout=800)
     check(proc)
     log = proc.stdout + proc.stderr

@@ -25,9 +25,24 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
 
     from trainer.forgetting.interpolation import interpolate
 
-    proc = subprocess.run([sys.executable, "bench/forgetting.py", "--model", str(reduced_dir), "--smoke", "--only",
-                           "replay,ewc_replay", "--keep-runs", "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=800)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/forgetting.py",
+            "--model",
+            str(reduced_dir),
+            "--smoke",
+            "--only",
+            "replay,ewc_replay",
+            "--keep-runs",
+            "--out",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=800,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = json.loads((tmp_path / "forgetting.json").read_text())
     assert report["profile"] == "real" and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
@@ -40,8 +55,9 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     # the chat replay trained on the base's own answers (rehearsal), written as messages records
     rehearsal = [json.loads(line) for line in open(report["rehearsal"]["path"], encoding="utf-8")]
     assert len(rehearsal) == report["rehearsal"]["answers"] == 4
-    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"]
-               for r in rehearsal)
+    assert all(
+        [m["role"] for m in r["messages"]] == ["user", "assistant"] and r["messages"][1]["content"] for r in rehearsal
+    )
     log = (tmp_path / "logs" / "replay_chat_0.25.log").read_text()
     assert "source replay (weight 0.25)" in log and report["rehearsal"]["path"] in log
     assert {("none", "1"), ("none", "0.5"), ("replay chat 0.25", "1"), ("replay chat 0.25", "0.5")} <= set(points)

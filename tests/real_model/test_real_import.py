@@ -13,8 +13,16 @@ import torch
 
 from helpers import ROOT
 from trainer.engine import model_import
-from trainer.engine.model_import import (NOT_IMPORTED, KnownModel, compare_logits, gguf_sha256, import_gguf, imported_model_dir,
-                                  known_gguf, require_model_dir)
+from trainer.engine.model_import import (
+    NOT_IMPORTED,
+    KnownModel,
+    compare_logits,
+    gguf_sha256,
+    import_gguf,
+    imported_model_dir,
+    known_gguf,
+    require_model_dir,
+)
 
 pytestmark = pytest.mark.real_model
 
@@ -38,11 +46,14 @@ def toy_gguf(real_extra, tmp_path):
 
 # ---- the real import ------------------------------------------------------------------------------
 
+
 def test_the_import_records_what_it_read_and_its_logits_check(smollm2_dir):
     info = json.loads((smollm2_dir / "import_info.json").read_text())
     gguf_path = known_gguf("smollm2_135m")
     assert info["gguf_file"] == gguf_path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
-    assert info["gguf_sha256"] == gguf_sha256(gguf_path) and smollm2_dir.name == f"smollm2_135m-{info['gguf_sha256'][:12]}"
+    assert (
+        info["gguf_sha256"] == gguf_sha256(gguf_path) and smollm2_dir.name == f"smollm2_135m-{info['gguf_sha256'][:12]}"
+    )
     assert (info["parameters"], info["vocab_size"], info["tied_embeddings"]) == (134_515_008, 49_152, True)
     assert info["logits_max_abs_diff"] <= model_import.LOGITS_ATOL and info["transformers_version"]
     config = json.loads((smollm2_dir / "config.json").read_text())
@@ -52,8 +63,13 @@ def test_the_import_records_what_it_read_and_its_logits_check(smollm2_dir):
 
 
 def test_the_cli_says_a_known_model_is_already_imported(smollm2_dir):
-    proc = subprocess.run([sys.executable, "launch/import_model.py", "smollm2_135m"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "launch/import_model.py", "smollm2_135m"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"smollm2_135m is already imported: {smollm2_dir}" in proc.stdout
 
@@ -71,11 +87,17 @@ def test_the_logits_check_fails_clearly():
 
 # ---- errors -----------------------------------------------------------------------------------------
 
+
 def test_a_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=f"GGUF file {tmp_path}/nope.gguf does not exist"):
         import_gguf(tmp_path / "nope.gguf", tmp_path / "out")
-    proc = subprocess.run([sys.executable, "launch/import_model.py", str(tmp_path / "nope.gguf"), str(tmp_path / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "launch/import_model.py", str(tmp_path / "nope.gguf"), str(tmp_path / "out")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -103,6 +125,7 @@ def test_an_architecture_transformers_cannot_dequantise_is_named(toy_gguf, tmp_p
 
 
 # ---- the compose-time resolver and the pre-flight check ----------------------------------------------
+
 
 @pytest.fixture
 def no_package(monkeypatch):
@@ -157,6 +180,7 @@ def test_the_recipe_skips_the_random_init_stage_with_the_real_model(smollm2_dir)
 
 
 # ---- the pad rule -----------------------------------------------------------------------------------
+
 
 def test_the_pad_token_never_grows_a_real_vocabulary(reduced_dir, real_tokenizer, tmp_path):
     from trainer.config import ModelConfig

@@ -16,12 +16,14 @@ pytestmark = pytest.mark.real_model
 END_OF_TURN = "<|im_end|>\n"
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
-MULTI_TURN = {"messages": [
-    {"role": "user", "content": "Name an organ that filters blood."},
-    {"role": "assistant", "content": "The kidney filters about 180 litres a day."},
-    {"role": "user", "content": "And one that stores bile?"},
-    {"role": "assistant", "content": "The gallbladder.\nIt sits under the liver."},
-]}
+MULTI_TURN = {
+    "messages": [
+        {"role": "user", "content": "Name an organ that filters blood."},
+        {"role": "assistant", "content": "The kidney filters about 180 litres a day."},
+        {"role": "user", "content": "And one that stores bile?"},
+        {"role": "assistant", "content": "The gallbladder.\nIt sits under the liver."},
+    ]
+}
 
 
 def supervised_runs(tok, record, objective):
@@ -63,17 +65,24 @@ def test_sft_learns_only_the_final_answer(real_tokenizer):
 
 @pytest.mark.parametrize("objective", ["sft", "instruct"])
 def test_alpaca_record_single_turn(real_tokenizer, objective):
-    record = {"instruction": "What is the normal resting heart rate?", "input": "Adults.",
-              "output": "60 to 100 beats per minute."}
+    record = {
+        "instruction": "What is the normal resting heart rate?",
+        "input": "Adults.",
+        "output": "60 to 100 beats per minute.",
+    }
     runs, full = supervised_runs(real_tokenizer, record, objective)
     assert runs == ["60 to 100 beats per minute." + END_OF_TURN]
     assert "What is the normal resting heart rate?\n\nAdults." in full
 
 
 def test_a_conversation_with_its_own_system_message_replaces_the_default(real_tokenizer):
-    record = {"messages": [{"role": "system", "content": "You are a cardiology nurse."},
-                           {"role": "user", "content": "What does an ECG measure?"},
-                           {"role": "assistant", "content": "The heart's electrical activity."}]}
+    record = {
+        "messages": [
+            {"role": "system", "content": "You are a cardiology nurse."},
+            {"role": "user", "content": "What does an ECG measure?"},
+            {"role": "assistant", "content": "The heart's electrical activity."},
+        ]
+    }
     runs, full = supervised_runs(real_tokenizer, record, "instruct")
     assert runs == ["The heart's electrical activity." + END_OF_TURN]
     assert full.startswith("<|im_start|>system\nYou are a cardiology nurse.<|im_end|>\n")

@@ -25,9 +25,12 @@ SYSTEM = "You are a careful clinical assistant."
 def qa_rows(real_tokenizer, tmp_path_factory):
     """The bundled medical QA pairs prepared as `+exp=medical_qa` would, at seq_len 256, with a
     configured system prompt."""
-    return prepare(bundled_path("medical_qa.jsonl"), real_tokenizer,
-                   PrepareOptions(objective="instruct", seq_len=256, system_prompt=SYSTEM),
-                   str(tmp_path_factory.mktemp("prepared")))
+    return prepare(
+        bundled_path("medical_qa.jsonl"),
+        real_tokenizer,
+        PrepareOptions(objective="instruct", seq_len=256, system_prompt=SYSTEM),
+        str(tmp_path_factory.mktemp("prepared")),
+    )
 
 
 def documents(position_ids, filled):
@@ -88,21 +91,31 @@ def next_fit_rows(lengths, seq_len):
     return rows
 
 
-@pytest.mark.parametrize("source,objective", [("medical_qa.jsonl", "instruct"), ("medical_notes.txt", "pretrain"),
-                                              ("general_text.txt", "pretrain")])
+@pytest.mark.parametrize(
+    "source,objective",
+    [("medical_qa.jsonl", "instruct"), ("medical_notes.txt", "pretrain"), ("general_text.txt", "pretrain")],
+)
 @pytest.mark.parametrize("seq_len", [256, 512])
 def test_bundled_data_packs_efficiently(real_tokenizer, tmp_path_factory, source, objective, seq_len):
-    prepared = prepare(bundled_path(source), real_tokenizer, PrepareOptions(objective=objective, seq_len=seq_len),
-                       str(tmp_path_factory.mktemp("prepared")))
+    prepared = prepare(
+        bundled_path(source),
+        real_tokenizer,
+        PrepareOptions(objective=objective, seq_len=seq_len),
+        str(tmp_path_factory.mktemp("prepared")),
+    )
     stats = prepared.stats
     fewest = math.ceil(stats["real_tokens"] / seq_len)
     if objective == "pretrain":  # documents back to back, cut into rows: only the last row is short
         assert stats["rows"] == fewest, stats
     else:  # whole samples, best-fit decreasing: better than packing them in order
-        lengths = [len(encode(real_tokenizer, normalise(record, "auto"), objective)[0])
-                   for record in read_records(bundled_path(source))]  # in file order
+        lengths = [
+            len(encode(real_tokenizer, normalise(record, "auto"), objective)[0])
+            for record in read_records(bundled_path(source))
+        ]  # in file order
         assert len(lengths) == stats["samples"] and sum(lengths) == stats["real_tokens"]
         assert stats["rows"] < next_fit_rows(lengths, seq_len), stats
         assert stats["packing_efficiency"] >= 0.9, stats
-    print(f"{source} {objective} seq_len {seq_len}: {stats['rows']} rows (token bound {fewest}), "
-          f"packing efficiency {stats['packing_efficiency']:.3f}")
+    print(
+        f"{source} {objective} seq_len {seq_len}: {stats['rows']} rows (token bound {fewest}), "
+        f"packing efficiency {stats['packing_efficiency']:.3f}"
+    )

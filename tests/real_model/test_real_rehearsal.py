@@ -21,8 +21,9 @@ END_OF_TURN = "<|im_end|>\n"
 
 
 def rehearse(*args):
-    return subprocess.run([sys.executable, "launch/rehearse.py", *map(str, args)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "launch/rehearse.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_rehearse_writes_the_models_own_greedy_answers(reduced_dir, tmp_path):
@@ -30,6 +31,7 @@ def test_rehearse_writes_the_models_own_greedy_answers(reduced_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from trainer.forgetting import rehearsal
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS[:2]) + "\n\n")
     out = tmp_path / "rehearsal.jsonl"
@@ -50,8 +52,18 @@ def test_rehearse_writes_the_models_own_greedy_answers(reduced_dir, tmp_path):
     from launch.rehearse import main
 
     with pytest.raises(SystemExit, match=r"no answer ended within --max-new-tokens=6 \(2 cut off\)"):
-        main(["--model", str(reduced_dir), "--prompts", str(prompts), "--out", str(tmp_path / "none.jsonl"),
-              "--max-new-tokens", "6"])
+        main(
+            [
+                "--model",
+                str(reduced_dir),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "none.jsonl"),
+                "--max-new-tokens",
+                "6",
+            ]
+        )
     assert not (tmp_path / "none.jsonl").exists() and not (tmp_path / "none.jsonl.tmp").exists()
     with pytest.raises(SystemExit, match="exists; pass --force"):
         main(["--model", str(reduced_dir), "--prompts", str(prompts), "--out", str(out)])
@@ -63,8 +75,10 @@ def test_prompts_files_and_their_errors(tmp_path):
     from trainer.forgetting.rehearsal import read_prompts
 
     good = tmp_path / "p.jsonl"
-    good.write_text('{"prompt": "a"}\n\n{"instruction": "b", "input": "c"}\n'
-                    '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "d"}]}\n')
+    good.write_text(
+        '{"prompt": "a"}\n\n{"instruction": "b", "input": "c"}\n'
+        '{"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "d"}]}\n'
+    )
     assert read_prompts(good) == ["a", "b\n\nc", "d"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a"}\n{"text": "no prompt"}\n')
@@ -84,13 +98,26 @@ def test_a_pretraining_stage_replays_chat_learning_only_the_answers(reduced_dir,
 
     chats = tmp_path / "rehearsal.jsonl"
     answers = ["A river is flowing water.", "Blue.", "Bonjour!"]
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]})
-                             + "\n" for p, a in zip(PROMPTS, answers)))
+    chats.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}) + "\n"
+            for p, a in zip(PROMPTS, answers)
+        )
+    )
     register()
-    cfg = load_config(["stage=pretrain", f"model.name_or_path={reduced_dir}", "data.seq_len=128",
-                       f"data.cache_dir={tmp_path / 'cache'}", "regularizer=replay", f"regularizer.replay.path={chats}",
-                       "regularizer.replay.format=messages", "regularizer.replay.objective=instruct",
-                       f"output_dir={tmp_path / 'out'}"])
+    cfg = load_config(
+        [
+            "stage=pretrain",
+            f"model.name_or_path={reduced_dir}",
+            "data.seq_len=128",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            "regularizer=replay",
+            f"regularizer.replay.path={chats}",
+            "regularizer.replay.format=messages",
+            "regularizer.replay.objective=instruct",
+            f"output_dir={tmp_path / 'out'}",
+        ]
+    )
     data = prepare_data(cfg, real_tokenizer, preparer=True)
     replay = data.sources[data.names.index("replay")]
     rows = replay.rows(np.arange(len(replay)))

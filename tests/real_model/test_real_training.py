@@ -20,10 +20,19 @@ FINAL_TAG = f"step_{STEPS:08d}"
 # micro 2 x 2 ranks of 128-token rows: the cost of a step is mostly ZeRO-3 gathering the 28M-element
 # tied embedding over gloo, so fewer, wider micro-batches are cheaper than accumulation.
 PROMPTS = "['How is atrial fibrillation treated?','What advice would you give a patient with asthma?']"
-REAL = QUICK + ["data.seq_len=128", "trainer.micro_batch_size=2", "trainer.grad_accum_steps=1",
-                f"trainer.max_steps={STEPS}", f"trainer.save_every_steps={SAVE_EVERY}",
-                f"trainer.eval_every_steps={STEPS}", "trainer.warmup_steps=2", "trainer.lr=3e-4", "eval.at_start=false",
-                f"eval.sample_prompts={PROMPTS}", "eval.sample_max_new_tokens=8"]
+REAL = QUICK + [
+    "data.seq_len=128",
+    "trainer.micro_batch_size=2",
+    "trainer.grad_accum_steps=1",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.save_every_steps={SAVE_EVERY}",
+    f"trainer.eval_every_steps={STEPS}",
+    "trainer.warmup_steps=2",
+    "trainer.lr=3e-4",
+    "eval.at_start=false",
+    f"eval.sample_prompts={PROMPTS}",
+    "eval.sample_max_new_tokens=8",
+]
 # Equal per step after a resume: the same weights and optimizer state, scheduler position and rows.
 SAME = ("train/loss", "train/grad_norm", "train/lr", "train/tokens_seen", "data/packing_efficiency")
 
@@ -53,7 +62,9 @@ def test_export_keeps_the_real_vocabulary_tie_and_template(real_run, reduced_dir
     hf = real_run / "hf"
     model = AutoModelForCausalLM.from_pretrained(hf)
     assert model.get_input_embeddings().num_embeddings == model.config.vocab_size == 49_152  # never grown
-    assert model.config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert (
+        model.config.tie_word_embeddings and model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    )
     with safe_open(str(hf / "model.safetensors"), "pt") as f:
         assert "lm_head.weight" not in set(f.keys())  # stored once, as the base model ships it
     tok, base = AutoTokenizer.from_pretrained(hf), AutoTokenizer.from_pretrained(reduced_dir)
@@ -72,8 +83,15 @@ def _generate(model, tok, prompts, max_new_tokens):
     input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids])
     mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids])
     with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
     completions = []
     for row in out[:, width:].tolist():
         row = row[: row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
@@ -99,12 +117,19 @@ def test_export_equals_the_live_model_in_logits_and_greedy_generations(real_run,
         live.eval()
         base = AutoModelForCausalLM.from_pretrained(reduced_dir, dtype=torch.float32).eval()
         tok = load_tokenizer(ModelConfig(name_or_path=str(real_run / "hf")))
-        text = tok.apply_chat_template([{"role": "user", "content": "What is the first-line treatment of asthma?"},
-                                        {"role": "assistant", "content": "An inhaled corticosteroid."}], tokenize=False)
+        text = tok.apply_chat_template(
+            [
+                {"role": "user", "content": "What is the first-line treatment of asthma?"},
+                {"role": "assistant", "content": "An inhaled corticosteroid."},
+            ],
+            tokenize=False,
+        )
         ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
         with torch.no_grad():
-            logits = {name: m(input_ids=ids, use_cache=False).logits for name, m in
-                      (("exported", exported), ("live", live), ("base", base))}
+            logits = {
+                name: m(input_ids=ids, use_cache=False).logits
+                for name, m in (("exported", exported), ("live", live), ("base", base))
+            }
         assert torch.allclose(logits["exported"], logits["live"], atol=1e-5)
         assert (logits["exported"] - logits["base"]).abs().max() > 1e-2  # training did change the model
 

@@ -26,14 +26,28 @@ from helpers import ROOT, free_port, read_metrics, series
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed, pytest.mark.timeout(900)]
 
 CLUSTER = ROOT / "tests" / "slurm" / "slurm_cluster.sh"
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
-            "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 # What the #SBATCH GPU defaults become on this CPU node: no GPUs, both cores, 2 ranks on one node.
 CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
 # No generations at the evals (a collective forward per new token, ~6 s an eval) and no dashboard: as
 # helpers.QUICK.
-QUICK = ["logger=jsonl", "trainer.log_every_steps=1", "trainer.warmup_steps=5", "eval.sample_prompts=[]",
-         "logger.dashboard=false"]
+QUICK = [
+    "logger=jsonl",
+    "trainer.log_every_steps=1",
+    "trainer.warmup_steps=5",
+    "eval.sample_prompts=[]",
+    "logger.dashboard=false",
+]
 RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
@@ -59,10 +73,16 @@ def _start_cluster(tmp_path_factory, nodes: int):
             pytest.fail(f"FULLFT_REQUIRE_SLURM=1 but {reason}")
         pytest.skip(reason)
     state = tmp_path_factory.mktemp(f"slurm{nodes}")
-    env = {**os.environ, "FULLFT_SLURM_DIR": str(state), "FULLFT_SLURMCTLD_PORT": str(free_port()),
-           "FULLFT_SLURMD_PORT": str(free_port()), "SLURM_CONF": str(state / "slurm.conf"),
-           "FULLFT_SLURM_NODES": str(nodes), "FULLFT_SLURM_TAG": f"fft{os.getpid() % 10000}",
-           "FULLFT_SLURM_SUBNET": f"10.{100 + os.getpid() % 100}.{os.getpid() // 100 % 250}"}
+    env = {
+        **os.environ,
+        "FULLFT_SLURM_DIR": str(state),
+        "FULLFT_SLURMCTLD_PORT": str(free_port()),
+        "FULLFT_SLURMD_PORT": str(free_port()),
+        "SLURM_CONF": str(state / "slurm.conf"),
+        "FULLFT_SLURM_NODES": str(nodes),
+        "FULLFT_SLURM_TAG": f"fft{os.getpid() % 10000}",
+        "FULLFT_SLURM_SUBNET": f"10.{100 + os.getpid() % 100}.{os.getpid() // 100 % 250}",
+    }
     up = subprocess.run([str(CLUSTER), "up"], env=env, capture_output=True, text=True, timeout=120)
     try:
         if up.returncode != 0 and nodes > 1 and os.environ.get("FULLFT_REQUIRE_SLURM") != "1":
@@ -77,8 +97,14 @@ def _start_cluster(tmp_path_factory, nodes: int):
         # trainer overrode OMP_NUM_THREADS; it now honours it), and with 2 ranks every reduction adds
         # two operands, exact in either order, so the collective path (shared memory on one host,
         # TCP across two) cannot change a bit.
-        env.update(VENV=str(Path(sys.executable).parent.parent), NPROC_PER_NODE=str(2 // nodes),
-                   WANDB_MODE="offline", PYTHONUNBUFFERED="1", EXP=EXP, OMP_NUM_THREADS="1")
+        env.update(
+            VENV=str(Path(sys.executable).parent.parent),
+            NPROC_PER_NODE=str(2 // nodes),
+            WANDB_MODE="offline",
+            PYTHONUNBUFFERED="1",
+            EXP=EXP,
+            OMP_NUM_THREADS="1",
+        )
         yield env
     finally:
         subprocess.run([str(CLUSTER), "down"], env=env, capture_output=True, text=True, timeout=120)
@@ -96,17 +122,25 @@ def two_nodes(tmp_path_factory):
     yield from _start_cluster(tmp_path_factory, nodes=2)
 
 
-def sbatch(env: Dict[str, str], script: str, log: Path, overrides: List[str], flags: List[str] = (),
-           **extra_env: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *CPU_NODE, *flags, f"--output={log}", script, *overrides],
-                          cwd=ROOT, env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+def sbatch(
+    env: Dict[str, str], script: str, log: Path, overrides: List[str], flags: List[str] = (), **extra_env: str
+) -> str:
+    proc = subprocess.run(
+        ["sbatch", "--parsable", *CPU_NODE, *flags, f"--output={log}", script, *overrides],
+        cwd=ROOT,
+        env={**env, **extra_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
 
 
 def job_info(env: Dict[str, str], job: str) -> Dict[str, str]:
-    out = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True,
-                         timeout=30).stdout
+    out = subprocess.run(
+        ["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True, timeout=30
+    ).stdout
     return dict(re.findall(r"(\w+)=(\S*)", out))
 
 
@@ -138,6 +172,7 @@ def _stall_report(env: Dict[str, str], job: str) -> str:
     """What a stalled job is doing, for the failure message: Slurm's view of the job and its steps,
     the job's processes (command, state, kernel wait channel) with the Python stacks of those that
     run Python (py-spy), who listens on which TCP port, and the tail of every daemon log."""
+
     def run(cmd: List[str]) -> str:
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
@@ -145,11 +180,15 @@ def _stall_report(env: Dict[str, str], job: str) -> str:
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"({' '.join(cmd)}: {exc})"
 
-    parts = [f"--- scontrol show job {job}", run(["scontrol", "show", "job", "-d", job]),
-             "--- squeue --steps", run(["squeue", "--steps"])]
+    parts = [
+        f"--- scontrol show job {job}",
+        run(["scontrol", "show", "job", "-d", job]),
+        "--- squeue --steps",
+        run(["squeue", "--steps"]),
+    ]
     for pid in _job_pids(job):
         try:
-            cmd = (Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             wchan = Path(f"/proc/{pid}/wchan").read_text()
         except OSError:
@@ -228,8 +267,13 @@ def test_two_nodes_usr1_requeue_and_resume_exactly(two_nodes, completed_job, tmp
 def _preempt_and_resume(env: Dict[str, str], completed_job, tmp_path: Path, flags: List[str]) -> str:
     ref = series(read_metrics(completed_job[0]), "train/loss")
     out, log = tmp_path / "run", tmp_path / "job.out"
-    job = sbatch(env, "slurm/full_ft.sh", log, [o.replace("logger=jsonl", "logger=wandb") for o in RUN]
-                 + [f"output_dir={out}"], flags=flags)
+    job = sbatch(
+        env,
+        "slurm/full_ft.sh",
+        log,
+        [o.replace("logger=jsonl", "logger=wandb") for o in RUN] + [f"output_dir={out}"],
+        flags=flags,
+    )
     wait_for_step(env, job, out, log, 3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True, timeout=30)
     signalled = time.time()
@@ -256,13 +300,16 @@ def _preempt_and_resume(env: Dict[str, str], completed_job, tmp_path: Path, flag
     # W&B continued the same run: one offline directory per attempt, both with the same run id.
     attempts = sorted(p.name for p in (out / "wandb").glob("offline-run-*"))
     assert len(attempts) == 2 and len({a.rsplit("-", 1)[1] for a in attempts}) == 1, attempts
-    print(f"USR1 at step >= 3 -> saved at step {step} -> requeued -> COMPLETED "
-          f"{time.time() - signalled:.0f} s after the signal")
+    print(
+        f"USR1 at step >= 3 -> saved at step {step} -> requeued -> COMPLETED "
+        f"{time.time() - signalled:.0f} s after the signal"
+    )
     return text
 
 
-def test_a_two_node_job_stopped_by_usr1_and_resubmitted_on_one_node_resumes_and_completes(two_nodes, completed_job,
-                                                                                          tmp_path):
+def test_a_two_node_job_stopped_by_usr1_and_resubmitted_on_one_node_resumes_and_completes(
+    two_nodes, completed_job, tmp_path
+):
     """Elastic resume under Slurm: a 2-node job (1 rank a node, --no-requeue: as when the cluster
     cannot give the nodes back) gets USR1, saves and stops; the same sbatch on one node resumes the
     2-rank checkpoint on 1 rank (resharded, the accumulation derived to keep 8 rows a step) and
@@ -291,7 +338,11 @@ def test_a_two_node_job_stopped_by_usr1_and_resubmitted_on_one_node_resumes_and_
     assert _train_steps(out) == list(range(1, 13)), "metrics.jsonl has a gap or a duplicate step"
     ours, theirs = series(read_metrics(out), "train/loss"), series(ref, "train/loss")
     for s in range(1, 13):
-        assert (ours[s] == theirs[s]) if s <= step else abs(ours[s] - theirs[s]) <= 1e-4 * theirs[s], (s, ours[s], theirs[s])
+        assert (ours[s] == theirs[s]) if s <= step else abs(ours[s] - theirs[s]) <= 1e-4 * theirs[s], (
+            s,
+            ours[s],
+            theirs[s],
+        )
     assert (out / "hf/model.safetensors").exists()
 
 
@@ -309,8 +360,9 @@ def test_a_killed_rank_fails_the_job_promptly_and_the_log_names_it(cluster, tmp_
 def test_a_killed_rank_on_the_second_node_fails_the_job_on_both(two_nodes, tmp_path):
     """LAUNCHER=srun (one srun task per rank, no torchrun), one rank per node: SIGKILL the rank on
     the second node; srun --kill-on-bad-exit ends the first node's rank too, FAILED within 60 s."""
-    text, log, took = _kill_rank_1_of_a_running_job(two_nodes, "slurm/full_ft.sh", tmp_path, flags=["--nodes=2"],
-                                                    LAUNCHER="srun")
+    text, log, took = _kill_rank_1_of_a_running_job(
+        two_nodes, "slurm/full_ft.sh", tmp_path, flags=["--nodes=2"], LAUNCHER="srun"
+    )
     assert re.search(r"srun: error: \S+-n2: task 1: Killed", text), _tail(log)
     assert "launcher srun" in text
     print(f"rank 1 (second node, LAUNCHER=srun) SIGKILLed -> job FAILED after {took:.1f} s")
@@ -352,7 +404,11 @@ def _ranks_of(job: str, rank: int = None) -> List[int]:
             continue
         # torchrun sets RANK for its workers; a task of `srun python` finds its rank in SLURM_PROCID.
         direct = not any(e.startswith(b"RANK=") for e in environ)
-        if rank is None or f"RANK={rank}".encode() in environ or (direct and f"SLURM_PROCID={rank}".encode() in environ):
+        if (
+            rank is None
+            or f"RANK={rank}".encode() in environ
+            or (direct and f"SLURM_PROCID={rank}".encode() in environ)
+        ):
             pids.append(pid)
     return pids
 
@@ -362,11 +418,23 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
     here, so that both points run at once on the 2 CPUs); every point trains into its own
     output_dir."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install -e '.[slurm]'")
-    cmd = [sys.executable, "launch/train.py", "-m", "hydra/launcher=slurm", f"+exp={EXP}", *QUICK,
-           "trainer.max_steps=2", "trainer.export_hf=false", "trainer.lr=1e-3,5e-4",
-           f"output_dir={tmp_path}/lr${{trainer.lr}}", f"hydra.sweep.dir={tmp_path}/sweep",
-           "hydra.launcher.gpus_per_node=null", "hydra.launcher.tasks_per_node=1", "hydra.launcher.cpus_per_task=1",
-           "hydra.launcher.timeout_min=20"]
+    cmd = [
+        sys.executable,
+        "launch/train.py",
+        "-m",
+        "hydra/launcher=slurm",
+        f"+exp={EXP}",
+        *QUICK,
+        "trainer.max_steps=2",
+        "trainer.export_hf=false",
+        "trainer.lr=1e-3,5e-4",
+        f"output_dir={tmp_path}/lr${{trainer.lr}}",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.tasks_per_node=1",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=20",
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=cluster, capture_output=True, text=True, timeout=400)
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "sweep").glob(".submitit/*/*_0_log.out"))
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}\n{logs}"

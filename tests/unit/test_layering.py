@@ -17,8 +17,11 @@ SHIPPED = LIBRARY + ("launch",)
 # What the shipped code must never import: the benchmark scripts (bench/ is put on sys.path and its
 # files imported by bare name, `import throughput`) and the tests' own modules (helpers, conftest,
 # wandb_records, ...), under either spelling.
-NOT_SHIPPED = {"bench", "tests"} | {p.stem for p in (ROOT / "bench").glob("*.py")} \
+NOT_SHIPPED = (
+    {"bench", "tests"}
+    | {p.stem for p in (ROOT / "bench").glob("*.py")}
     | {p.stem for p in (ROOT / "tests").rglob("*.py")}
+)
 LOOP_MAX_PROJECT_MODULES = 12
 
 Source = Tuple[str, str, str]  # (path relative to ROOT, dotted module name, text)
@@ -64,8 +67,12 @@ def _top(mod: str) -> str:
 
 def bad_imports(sources: Iterable[Source], forbidden: Callable[[str], bool]) -> List[str]:
     """`path:line imports module` for each import in `sources` that `forbidden` refuses."""
-    return [f"{rel}:{line} imports {mod}" for rel, dotted, text in sources
-            for line, mod in imports_in(text, dotted, rel) if forbidden(mod)]
+    return [
+        f"{rel}:{line} imports {mod}"
+        for rel, dotted, text in sources
+        for line, mod in imports_in(text, dotted, rel)
+        if forbidden(mod)
+    ]
 
 
 def project_imports(source: Source) -> Dict[str, List[str]]:
@@ -85,24 +92,35 @@ def _imports(path: Path):
 
 
 def test_no_library_module_imports_launch():
-    bad = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for pkg in LIBRARY for p in sorted((ROOT / pkg).rglob("*.py"))
-           for line, mod in _imports(p) if mod == "launch" or mod.startswith("launch.")]
+    bad = [
+        f"{p.relative_to(ROOT)}:{line} imports {mod}"
+        for pkg in LIBRARY
+        for p in sorted((ROOT / pkg).rglob("*.py"))
+        for line, mod in _imports(p)
+        if mod == "launch" or mod.startswith("launch.")
+    ]
     assert not bad, bad
 
 
 def test_the_schema_module_imports_no_runtime_module():
     allowed = ("__future__", "dataclasses", "enum", "importlib", "re", "typing", "warnings", "hydra", "omegaconf")
     path = ROOT / "trainer" / "config.py"
-    bad = [f"trainer/config.py:{line} imports {mod}" for line, mod in _imports(path)
-           if mod.split(".")[0] not in allowed and mod != "data_pipeline.choices"]  # the vocabulary: a leaf
+    bad = [
+        f"trainer/config.py:{line} imports {mod}"
+        for line, mod in _imports(path)
+        if mod.split(".")[0] not in allowed and mod != "data_pipeline.choices"
+    ]  # the vocabulary: a leaf
     assert not bad, bad
 
 
 def test_the_vocabulary_is_a_leaf():
     """data_pipeline/choices.py, which the schemas and the data pipeline share, imports nothing of the project."""
     path = ROOT / "data_pipeline" / "choices.py"
-    bad = [f"data_pipeline/choices.py:{line} imports {mod}" for line, mod in _imports(path)
-           if mod.split(".")[0] in ("trainer", "data_pipeline", "launch", "bench")]
+    bad = [
+        f"data_pipeline/choices.py:{line} imports {mod}"
+        for line, mod in _imports(path)
+        if mod.split(".")[0] in ("trainer", "data_pipeline", "launch", "bench")
+    ]
     assert not bad, bad
 
 
@@ -114,8 +132,12 @@ def test_every_config_field_has_a_docstring():
     documented = set()
     for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
         for field, after in zip(cls.body, cls.body[1:] + [None]):
-            if isinstance(field, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) \
-                    and isinstance(after.value.value, str):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
                 documented.add(f"{cls.name}.{field.target.id}")
     schemas = [c for c in vars(config).values() if dataclasses.is_dataclass(c) and c.__module__ == config.__name__]
     fields = {f"{c.__name__}.{f.name}" for c in schemas for f in dataclasses.fields(c)}
@@ -139,25 +161,38 @@ def test_the_loop_imports_few_project_modules():
     is one more thing that changes it. Distinct trainer.* / data_pipeline.* modules, at most 12."""
     found = project_imports(_source(ROOT / "trainer" / "loop.py"))
     listing = "\n".join(f"{where[0]} imports {mod}" for mod, where in sorted(found.items()))
-    assert len(found) <= LOOP_MAX_PROJECT_MODULES, \
+    assert len(found) <= LOOP_MAX_PROJECT_MODULES, (
         f"trainer/loop.py imports {len(found)} project modules (at most {LOOP_MAX_PROJECT_MODULES}):\n{listing}"
+    )
 
 
 def test_the_import_checks_flag_a_bad_source():
     """The checks above are not vacuous: a literal module that breaks each rule is caught, with its line."""
-    bad = ("import os\n"
-           "from trainer import distributed, config\n"
-           "def f():\n"
-           "    from .packing import IGNORE\n"
-           "    import helpers, throughput\n"
-           "    from bench.harness import run\n")
+    bad = (
+        "import os\n"
+        "from trainer import distributed, config\n"
+        "def f():\n"
+        "    from .packing import IGNORE\n"
+        "    import helpers, throughput\n"
+        "    from bench.harness import run\n"
+    )
     src = [("data_pipeline/x.py", "data_pipeline.x", bad)]
-    assert imports_in(bad, "data_pipeline.x") == [(1, "os"), (2, "trainer.config"), (2, "trainer.distributed"),
-                                                  (4, "data_pipeline.packing"), (5, "helpers"), (5, "throughput"),
-                                                  (6, "bench.harness")]
-    assert bad_imports(src, lambda mod: _top(mod) == "trainer") == \
-        ["data_pipeline/x.py:2 imports trainer.config", "data_pipeline/x.py:2 imports trainer.distributed"]
-    assert bad_imports(src, lambda mod: _top(mod) in NOT_SHIPPED) == \
-        ["data_pipeline/x.py:5 imports helpers", "data_pipeline/x.py:5 imports throughput",
-         "data_pipeline/x.py:6 imports bench.harness"]
+    assert imports_in(bad, "data_pipeline.x") == [
+        (1, "os"),
+        (2, "trainer.config"),
+        (2, "trainer.distributed"),
+        (4, "data_pipeline.packing"),
+        (5, "helpers"),
+        (5, "throughput"),
+        (6, "bench.harness"),
+    ]
+    assert bad_imports(src, lambda mod: _top(mod) == "trainer") == [
+        "data_pipeline/x.py:2 imports trainer.config",
+        "data_pipeline/x.py:2 imports trainer.distributed",
+    ]
+    assert bad_imports(src, lambda mod: _top(mod) in NOT_SHIPPED) == [
+        "data_pipeline/x.py:5 imports helpers",
+        "data_pipeline/x.py:5 imports throughput",
+        "data_pipeline/x.py:6 imports bench.harness",
+    ]
     assert sorted(project_imports(src[0])) == ["data_pipeline.packing", "trainer.config", "trainer.distributed"]

@@ -44,8 +44,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from trainer import distributed, faults
-from trainer.checkpointing.manifest import digest
 from trainer.checkpointing import reshard
+from trainer.checkpointing.manifest import digest
 from trainer.components import Component
 
 log = logging.getLogger("trainer")
@@ -77,16 +77,27 @@ class TrainState:
     step s is row + (s - step) x global batch. Moves only when a resume accepts a new global batch."""
 
     def layout(self) -> Optional["reshard.Layout"]:
-        return reshard.Layout(self.world_size, self.micro_batch_size, self.grad_accum_steps) if self.world_size else None
+        return (
+            reshard.Layout(self.world_size, self.micro_batch_size, self.grad_accum_steps) if self.world_size else None
+        )
 
 
 class Checkpointer(Component):
     """Saves at its cadence after a step and once more when the run stops early (a component of the
     loop); `resume(engine)` restores a run and binds the engine it saves from then on."""
 
-    def __init__(self, output_dir: str, keep_last: int, rank: int, world_size: int, fallback: bool = False,
-                 tokenizer=None, extras: Optional[Dict[str, Any]] = None, every_steps: int = 0,
-                 elastic: bool = True) -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        keep_last: int,
+        rank: int,
+        world_size: int,
+        fallback: bool = False,
+        tokenizer=None,
+        extras: Optional[Dict[str, Any]] = None,
+        every_steps: int = 0,
+        elastic: bool = True,
+    ) -> None:
         """every_steps: `maybe_save` saves every this many steps (0: only at the end).
         fallback: resume from the previous complete checkpoint when the latest is damaged.
         tokenizer: saved with the model's config in each checkpoint's model/ (for launch/export.py).
@@ -174,15 +185,18 @@ class Checkpointer(Component):
                 f"not enough space for checkpoint {tag} in {self.dir}: about {need / GB:.3f} GB needed (the size of "
                 f"{latest}), {free / GB:.3f} GB free{'' if free < 1.05 * need else ' here, less on another rank'}. "
                 f"Nothing was written; checkpoints/latest still points at {latest}, which is intact. Free space "
-                "(or move output_dir), then rerun the same command to resume from it.")
+                "(or move output_dir), then rerun the same command to resume from it."
+            )
 
     def _save_failed(self, tag: str, ex: Exception) -> str:
         free = shutil.disk_usage(self.dir).free if self.dir.exists() else 0
         latest = self.latest_tag()
         where = f"{latest}, which is intact" if latest else "nothing yet (this was the first save)"
-        return (f"could not write checkpoint {self.dir / tag} on rank {self.rank}: {type(ex).__name__}: {ex}. "
-                f"{free / GB:.3f} GB free there. checkpoints/latest still points at {where}; the partial {tag} is "
-                "removed when the run starts again. Free space (or move output_dir), then rerun the same command.")
+        return (
+            f"could not write checkpoint {self.dir / tag} on rank {self.rank}: {type(ex).__name__}: {ex}. "
+            f"{free / GB:.3f} GB free there. checkpoints/latest still points at {where}; the partial {tag} is "
+            "removed when the run starts again. Free space (or move output_dir), then rerun the same command."
+        )
 
     def _prune(self, keep: str) -> None:
         complete = sorted(p for p in self.dir.glob("step_*") if (p / "COMPLETE").is_file())
@@ -206,22 +220,27 @@ class Checkpointer(Component):
         saved_by = len(list(path.glob("*_optim_states.pt")))  # DeepSpeed writes one per rank
         if saved_by != self.world and not self.elastic:
             raise CheckpointError(
-                f"{path} was saved by {saved_by} ranks and this run has {self.world}, and trainer.elastic_resume=false: "
+                f"{path} was saved by {saved_by} ranks and this run has {self.world}, and "
+                "trainer.elastic_resume=false: "
                 f"it resumes only on {saved_by} ranks (the same launcher flags or nodes x NPROC_PER_NODE). Leave "
                 "trainer.elastic_resume on to reshard it to this world size (the optimizer state goes on), or start a "
                 f"new run from its weights: `python launch/export.py {path} <model dir>` makes them a Hugging Face "
                 "model, then run with model.name_or_path=<model dir> and a new output_dir (the optimizer state starts "
-                "afresh).")
+                "afresh)."
+            )
         for name in self.extras:
             missing = [f"{name}_rank{r}.pt" for r in range(saved_by) if not (path / f"{name}_rank{r}.pt").is_file()]
             if missing:
-                raise CheckpointError(f"{path / missing[0]} is missing: this run needs the {name} state saved with the "
-                                      "checkpoint (was it saved with another regularizer?)")
+                raise CheckpointError(
+                    f"{path / missing[0]} is missing: this run needs the {name} state saved with the "
+                    "checkpoint (was it saved with another regularizer?)"
+                )
         if saved_by != self.world:
             self._load_resharded(engine, path, saved_by)
         else:
-            loaded, _ = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            loaded, _ = engine.load_checkpoint(
+                str(self.dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load checkpoint {path}")
             for name, obj in self.extras.items():
@@ -244,8 +263,15 @@ class Checkpointer(Component):
             # mmap: each rank reads only the pages of the slices it keeps.
             states = [torch.load(path / f"{name}_rank{r}.pt", weights_only=True, mmap=True) for r in range(saved_by)]
             obj.load_resharded(states, self.world, self.rank)
-        log.info("reshard: %s from %d to %d ranks in %.1f s (conversion %.1f s, loading %.1f s)", path.name, saved_by,
-                 self.world, time.perf_counter() - started, converted - started, time.perf_counter() - converted)
+        log.info(
+            "reshard: %s from %d to %d ranks in %.1f s (conversion %.1f s, loading %.1f s)",
+            path.name,
+            saved_by,
+            self.world,
+            time.perf_counter() - started,
+            converted - started,
+            time.perf_counter() - converted,
+        )
 
     def _remove_partial(self) -> None:
         """Directories without COMPLETE are saves that never finished (killed, disk full): not resumable;
@@ -267,8 +293,10 @@ class Checkpointer(Component):
         complete = sorted((p.name for p in self.dir.glob("step_*") if (p / "COMPLETE").is_file()), reverse=True)
         if latest is None:
             if complete:  # `latest` deleted by hand: never silently start over
-                raise CheckpointError(f"{self.dir} holds {complete[0]} but no `latest` file; write the tag to resume "
-                                      f"from into {self.dir / 'latest'}, or delete {self.dir} to start over")
+                raise CheckpointError(
+                    f"{self.dir} holds {complete[0]} but no `latest` file; write the tag to resume "
+                    f"from into {self.dir / 'latest'}, or delete {self.dir} to start over"
+                )
             return None
         candidates = [latest] + [t for t in complete if t < latest]
         for i, tag in enumerate(candidates):
@@ -283,13 +311,15 @@ class Checkpointer(Component):
                 raise CheckpointError(
                     f"checkpoint {self.dir / tag} is damaged: {report}. Restore the file(s), or rerun with "
                     f"trainer.resume_fallback=true to resume from the previous complete checkpoint "
-                    f"({previous or 'there is none'}).")
+                    f"({previous or 'there is none'})."
+                )
             log.warning("checkpoint %s is damaged (%s); falling back to %s", self.dir / tag, report, previous)
             distributed.barrier()  # every rank has read it before it moves
             if self.rank == 0:
                 os.replace(self.dir / tag, self.dir / f"damaged_{tag}")
-        raise CheckpointError(f"no intact checkpoint in {self.dir} (every one is damaged, see above); delete "
-                              f"{self.dir} to start over")
+        raise CheckpointError(
+            f"no intact checkpoint in {self.dir} (every one is damaged, see above); delete {self.dir} to start over"
+        )
 
     def verify(self, tag: str) -> List[str]:
         """Problems with checkpoint `tag` against its manifest (collective: each rank hashes a share)."""
@@ -309,7 +339,9 @@ class Checkpointer(Component):
             if name not in actual:
                 problems.append(f"{path / name} is missing")
             elif actual[name][0] != expected[name][0]:
-                problems.append(f"{path / name} is {actual[name][0]} bytes, {expected[name][0]} were written (truncated?)")
+                problems.append(
+                    f"{path / name} is {actual[name][0]} bytes, {expected[name][0]} were written (truncated?)"
+                )
             elif actual[name][1] != expected[name][1]:
                 problems.append(f"{path / name} fails its CRC-32 check (corrupted)")
         return problems
@@ -320,7 +352,7 @@ class Checkpointer(Component):
 
     def _hash_files(self, tag: str, names: List[str]) -> Dict[str, List[int]]:
         """{file: [size, crc32]} for `names`, each rank hashing every world-th one; the same on all ranks."""
-        mine = {n: digest(self.dir / tag / n) for n in names[self.rank::self.world]}
+        mine = {n: digest(self.dir / tag / n) for n in names[self.rank :: self.world]}
         merged: Dict[str, List[int]] = {}
         for part in distributed.all_gather_object(mine):
             merged.update(part)

@@ -84,8 +84,10 @@ def fix_optimizer_after_universal_load(zero_optimizer, common: Path) -> None:
     with deepspeed_globals():
         saved = torch.load(common, map_location="cpu", weights_only=True)["optimizer_state_dict"]["param_groups"]
     if len(saved) != len(inner.param_groups):
-        raise ReshardError(f"{common}: {len(saved)} optimizer param groups saved, this run has {len(inner.param_groups)} "
-                           "(another optimizer setup?)")
+        raise ReshardError(
+            f"{common}: {len(saved)} optimizer param groups saved, this run has {len(inner.param_groups)} "
+            "(another optimizer setup?)"
+        )
     for group, kept in zip(inner.param_groups, saved):
         for key, value in kept.items():
             if key != "params":

@@ -42,8 +42,10 @@ class Layout:
         return self.world_size * self.micro_batch_size * self.grad_accum_steps
 
     def describe(self) -> str:
-        return (f"{self.world_size} ranks x micro {self.micro_batch_size} x accumulation {self.grad_accum_steps} = "
-                f"{self.global_batch} rows a step")
+        return (
+            f"{self.world_size} ranks x micro {self.micro_batch_size} x accumulation {self.grad_accum_steps} = "
+            f"{self.global_batch} rows a step"
+        )
 
 
 def saved_layout(output_dir: str) -> Optional[Layout]:
@@ -69,8 +71,15 @@ def saved_layout(output_dir: str) -> Optional[Layout]:
         return None
 
 
-def resolve_batch(micro: int, accum: Optional[int], global_batch: Optional[int], world: int,
-                  saved: Optional[Layout], allow_new: bool = False, elastic: bool = True) -> int:
+def resolve_batch(
+    micro: int,
+    accum: Optional[int],
+    global_batch: Optional[int],
+    world: int,
+    saved: Optional[Layout],
+    allow_new: bool = False,
+    elastic: bool = True,
+) -> int:
     """grad_accum_steps for this run: `accum` if fixed, else derived from trainer.global_batch_size,
     else (a resume) from the checkpoint's global batch, else 1. Raises ReshardError, naming the
     settings that keep the checkpoint's global batch, when they cannot be kept (unless `allow_new`)."""
@@ -81,11 +90,14 @@ def resolve_batch(micro: int, accum: Optional[int], global_batch: Optional[int],
             raise ReshardError(
                 f"trainer.global_batch_size={global_batch} is not a multiple of trainer.micro_batch_size={micro} x "
                 f"{world} ranks = {per_step}; choose a global batch that is, or another micro-batch "
-                f"({_divisors_text(global_batch, world)})")
+                f"({_divisors_text(global_batch, world)})"
+            )
         derived = global_batch // per_step
         if accum is not None and accum != derived:
-            raise ReshardError(f"trainer.grad_accum_steps={accum} and trainer.global_batch_size={global_batch} disagree "
-                               f"on {world} ranks at micro-batch {micro} (it needs {derived}); set only one of them")
+            raise ReshardError(
+                f"trainer.grad_accum_steps={accum} and trainer.global_batch_size={global_batch} disagree "
+                f"on {world} ranks at micro-batch {micro} (it needs {derived}); set only one of them"
+            )
         fixed = derived
     if saved is None:
         return fixed if fixed is not None else 1
@@ -101,22 +113,31 @@ def resolve_batch(micro: int, accum: Optional[int], global_batch: Optional[int],
     if fixed is None:
         problem = f"trainer.micro_batch_size={micro} x {world} ranks does not divide it"
     else:
-        which = (f"trainer.global_batch_size={global_batch}" if global_batch is not None else
-                 f"trainer.micro_batch_size={micro} x trainer.grad_accum_steps={accum} x {world} ranks")
+        which = (
+            f"trainer.global_batch_size={global_batch}"
+            if global_batch is not None
+            else f"trainer.micro_batch_size={micro} x trainer.grad_accum_steps={accum} x {world} ranks"
+        )
         problem = f"this run asks for {which} = {micro * fixed * world}"
     raise ReshardError(
         f"the checkpoint to resume was trained with a global batch of {saved.describe()}, and {problem}. To keep "
         f"it on {world} ranks: {_keep_text(target, micro, world)}. Or accept a new global batch from this step on "
         "with trainer.allow_new_global_batch=true: the data then goes on from the row where the checkpoint stopped, "
-        "and every later step trains on the new number of rows with the learning-rate schedule unchanged in steps.")
+        "and every later step trains on the new number of rows with the learning-rate schedule unchanged in steps."
+    )
 
 
 def _keep_text(target: int, micro: int, world: int) -> str:
     if target % world:
-        return (f"not possible ({target} rows are not divisible by {world} ranks); run on a number of ranks that "
-                f"divides {target}")
-    options = [f"trainer.micro_batch_size={m} trainer.grad_accum_steps={target // world // m}"
-               for m in _divisors(target // world) if m <= max(micro, 1) * 4][-3:]
+        return (
+            f"not possible ({target} rows are not divisible by {world} ranks); run on a number of ranks that "
+            f"divides {target}"
+        )
+    options = [
+        f"trainer.micro_batch_size={m} trainer.grad_accum_steps={target // world // m}"
+        for m in _divisors(target // world)
+        if m <= max(micro, 1) * 4
+    ][-3:]
     return "set " + " or ".join(options) + " (or leave trainer.grad_accum_steps unset: it is then derived)"
 
 
@@ -149,8 +170,10 @@ def repartition(slices: Sequence[torch.Tensor], numel: int, world: int, rank: in
     size = math.ceil(numel / old)
     bad = [i for i, s in enumerate(slices) if s.numel() != size]
     if bad:
-        raise ReshardError(f"partition of {numel} elements over {old} ranks: rank {bad[0]}'s slice has "
-                           f"{slices[bad[0]].numel()} elements, {size} expected (saved by another model?)")
+        raise ReshardError(
+            f"partition of {numel} elements over {old} ranks: rank {bad[0]}'s slice has "
+            f"{slices[bad[0]].numel()} elements, {size} expected (saved by another model?)"
+        )
     return partition(torch.cat([s.reshape(-1) for s in slices])[:numel], world, rank)
 
 
@@ -159,11 +182,25 @@ def resolve_config_batch(cfg, world: int):
     from trainer.global_batch_size, or (resuming) what keeps the checkpoint's global batch."""
     t = cfg.trainer
     saved = saved_layout(cfg.output_dir)
-    accum = resolve_batch(t.micro_batch_size, t.grad_accum_steps, t.global_batch_size, world, saved,
-                          t.allow_new_global_batch, t.elastic_resume)
+    accum = resolve_batch(
+        t.micro_batch_size,
+        t.grad_accum_steps,
+        t.global_batch_size,
+        world,
+        saved,
+        t.allow_new_global_batch,
+        t.elastic_resume,
+    )
     if saved is not None and saved.world_size != world and t.elastic_resume:
-        log.info("resuming a checkpoint of %s on %d ranks: micro %d x accumulation %d x %d ranks = %d rows a step",
-                 saved.describe(), world, t.micro_batch_size, accum, world, t.micro_batch_size * accum * world)
+        log.info(
+            "resuming a checkpoint of %s on %d ranks: micro %d x accumulation %d x %d ranks = %d rows a step",
+            saved.describe(),
+            world,
+            t.micro_batch_size,
+            accum,
+            world,
+            t.micro_batch_size * accum * world,
+        )
     return dataclasses.replace(cfg, trainer=dataclasses.replace(t, grad_accum_steps=accum))
 
 
@@ -177,12 +214,20 @@ def continue_data(state, t, world: int) -> None:
             raise ReshardError(
                 f"the checkpoint resumed (step {state.step}) was trained with {saved.describe()}, this run has "
                 f"{batch} rows a step; set trainer.grad_accum_steps so that they agree, or "
-                "trainer.allow_new_global_batch=true")
+                "trainer.allow_new_global_batch=true"
+            )
         origin_step, origin_row = state.data_origin
         row = origin_row + (state.step - origin_step) * saved.global_batch
         state.data_origin = [state.step, row]
-        log.warning("global batch %d -> %d rows from step %d on (trainer.allow_new_global_batch): the data goes on from "
-                    "row %d; the learning-rate schedule stays in steps, so the remaining %d steps train on %+.0f%% "
-                    "rows each", saved.global_batch, batch, state.step, row, max(t.max_steps - state.step, 0),
-                    100 * (batch / saved.global_batch - 1))
+        log.warning(
+            "global batch %d -> %d rows from step %d on (trainer.allow_new_global_batch): the data goes on from "
+            "row %d; the learning-rate schedule stays in steps, so the remaining %d steps train on %+.0f%% "
+            "rows each",
+            saved.global_batch,
+            batch,
+            state.step,
+            row,
+            max(t.max_steps - state.step, 0),
+            100 * (batch / saved.global_batch - 1),
+        )
     state.world_size, state.micro_batch_size, state.grad_accum_steps = world, t.micro_batch_size, t.grad_accum_steps

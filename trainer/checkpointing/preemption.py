@@ -35,12 +35,16 @@ log = logging.getLogger("trainer")
 
 # Reasons, in the order they win when ranks disagree: a cancellation is never turned into a requeue.
 TERM, USR1, MAX_TIME = 0, 1, 2
-_REASONS = {TERM: "SIGTERM (cancelled or preempted)", USR1: "SIGUSR1/SIGUSR2 (walltime or preemption notice)",
-            MAX_TIME: "trainer.max_time reached"}
+_REASONS = {
+    TERM: "SIGTERM (cancelled or preempted)",
+    USR1: "SIGUSR1/SIGUSR2 (walltime or preemption notice)",
+    MAX_TIME: "trainer.max_time reached",
+}
 _SIGNALS = {signal.SIGTERM: TERM, signal.SIGUSR1: USR1, signal.SIGUSR2: USR1}
 # After a requeue Slurm ends the job within seconds; until then rank 0 waits rather than exit 0,
 # so that no wrapper (submitit writes its result when the function returns) takes the run as done.
 REQUEUE_WAIT_S = 300
+
 
 def out_of_time(elapsed_s: float, longest_step_s: float, budget_s: Optional[float]) -> bool:
     """Stop now if one more step, as long as the longest seen so far, would end past the budget.
@@ -81,8 +85,11 @@ class Preemption:
             return
         self.signalled = _SIGNALS[signum]
         # No logging here: a handler can interrupt a logging call that holds its lock.
-        os.write(2, f"[rank {os.environ.get('RANK', '?')}] got {signal.Signals(signum).name}: stopping after "
-                    "this step, with a checkpoint\n".encode())
+        os.write(
+            2,
+            f"[rank {os.environ.get('RANK', '?')}] got {signal.Signals(signum).name}: stopping after "
+            "this step, with a checkpoint\n".encode(),
+        )
 
     def local_flags(self) -> list:
         """[term, usr1, max_time] as 0/1 for this rank, and the step-time bookkeeping behind max_time."""
@@ -120,8 +127,11 @@ class Preemption:
         for signum in _SIGNALS:
             signal.signal(signum, _exit_quietly)
         if rank == 0:
-            what = (f"requeueing Slurm job {job}; it resumes from this step" if requeue else
-                    "rerun the same command (same output_dir) to resume from this step")
+            what = (
+                f"requeueing Slurm job {job}; it resumes from this step"
+                if requeue
+                else "rerun the same command (same output_dir) to resume from this step"
+            )
             log.warning("STOPPED EARLY at step %d: %s; checkpoint saved; %s", step, _REASONS[self.reason], what)
         if not requeue:
             return
@@ -133,8 +143,7 @@ class Preemption:
         distributed.all_reduce_sum(requeued)
         if requeued.item() > 0:
             time.sleep(REQUEUE_WAIT_S)
-            log.error("job %s was requeued but this attempt was not ended within %d s; exiting", job,
-                      REQUEUE_WAIT_S)
+            log.error("job %s was requeued but this attempt was not ended within %d s; exiting", job, REQUEUE_WAIT_S)
 
 
 def _exit_quietly(signum: int, frame) -> None:
@@ -152,8 +161,12 @@ def _requeue(job: str) -> bool:
         log.error("scontrol requeue %s failed (%s): resubmit the same command to resume", job, ex)
         return False
     if proc.returncode != 0:
-        log.error("scontrol requeue %s failed: %s: resubmit the same command to resume (the job may "
-                  "have been submitted with --no-requeue)", job, (proc.stderr or proc.stdout).strip())
+        log.error(
+            "scontrol requeue %s failed: %s: resubmit the same command to resume (the job may "
+            "have been submitted with --no-requeue)",
+            job,
+            (proc.stderr or proc.stdout).strip(),
+        )
         return False
     return True
 

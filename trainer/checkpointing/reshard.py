@@ -48,9 +48,16 @@ import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
-
 from trainer import distributed, faults
 from trainer.checkpointing import deepspeed_patches
+from trainer.checkpointing.layout import (  # noqa: F401  (the layout's names, for the resharder's users)
+    Layout,
+    ReshardError,
+    partition,
+    repartition,
+    resolve_batch,
+    saved_layout,
+)
 from trainer.checkpointing.manifest import digest
 
 log = logging.getLogger("trainer")
@@ -62,16 +69,6 @@ HEARTBEAT_S = 10.0
 STALL_S = 600.0
 """The other ranks give up when the heartbeat is older than this (the converting rank died
 without the launcher ending the job): there is no limit on a conversion that is alive."""
-
-
-from trainer.checkpointing.layout import (  # noqa: F401  (the layout's names, for the resharder's users)
-    Layout,
-    ReshardError,
-    partition,
-    repartition,
-    resolve_batch,
-    saved_layout,
-)
 
 
 # ---- the universal conversion ------------------------------------------------------------------------
@@ -99,8 +96,12 @@ def ensure_universal(checkpointer, tag: str, saved_by: int) -> Path:
         if not problems:
             log.info("reshard: reusing the universal conversion %s of %s (saved by %d ranks)", final, tag, saved_by)
             return final
-        log.warning("reshard: the universal conversion %s is not usable (%s); converting %s again", final,
-                    "; ".join(problems[:3]), tag)
+        log.warning(
+            "reshard: the universal conversion %s is not usable (%s); converting %s again",
+            final,
+            "; ".join(problems[:3]),
+            tag,
+        )
         distributed.barrier()  # every rank has looked before it goes
         if checkpointer.rank == 0:
             shutil.rmtree(final, ignore_errors=True)
@@ -142,13 +143,16 @@ def _no_room(source: Path, root: Path) -> Optional[str]:
     free = shutil.disk_usage(root).free
     if free >= need:
         return None
-    return (f"not enough space to convert {source} for another world size in {root}: about {need / 1e9:.3f} GB "
-            f"needed (twice its optimizer shards), {free / 1e9:.3f} GB free. Free space, then rerun the same command; "
-            "the checkpoint is intact")
+    return (
+        f"not enough space to convert {source} for another world size in {root}: about {need / 1e9:.3f} GB "
+        f"needed (twice its optimizer shards), {free / 1e9:.3f} GB free. Free space, then rerun the same command; "
+        "the checkpoint is intact"
+    )
 
 
-def _convert(source: Path, tmp: Path, sync: Path, final: Path, wanted: int, saved_by: int, rank: int,
-             world: int) -> None:
+def _convert(
+    source: Path, tmp: Path, sync: Path, final: Path, wanted: int, saved_by: int, rank: int, world: int
+) -> None:
     """DeepSpeed's ZeRO-3 universal conversion (deepspeed.checkpoint.ds_to_universal), its two passes
     split over this run's ranks: each extracts the per-parameter fragments of the old ranks
     rank, rank + world, ...; then each merges every world-th parameter's fragments into its
@@ -160,15 +164,22 @@ def _convert(source: Path, tmp: Path, sync: Path, final: Path, wanted: int, save
     fragments, zero = tmp / "fragments", tmp / "zero"
     try:
         if rank == 0:
-            log.info("reshard: converting %s (saved by %d ranks) to DeepSpeed's universal format in %s, split over %d "
-                     "ranks", source, saved_by, final, world)
+            log.info(
+                "reshard: converting %s (saved by %d ranks) to DeepSpeed's universal format in %s, split over %d ranks",
+                source,
+                saved_by,
+                final,
+                world,
+            )
         optim_files = uc._filter_zero3_optim_files(uc._get_optim_files(str(source)))
         model_files = uc._get_zero3_model_state_files(str(source))
         optim_grid, tp_degree, dp_degree = uc._build_zero3_rank_grid(optim_files)
         _, model_tp, model_dp = uc._build_zero3_rank_grid(model_files)
         if (tp_degree, dp_degree, model_tp, model_dp) != (1, saved_by, 1, saved_by):
-            raise ReshardError(f"{source}: {dp_degree} optimizer and {model_dp} model-state shards (tensor parallel "
-                               f"{tp_degree}); a data-parallel ZeRO-3 checkpoint of {saved_by} ranks was expected")
+            raise ReshardError(
+                f"{source}: {dp_degree} optimizer and {model_dp} model-state shards (tensor parallel "
+                f"{tp_degree}); a data-parallel ZeRO-3 checkpoint of {saved_by} ranks was expected"
+            )
         shapes = [uc._parse_model_states_stage3(model_files)]  # parameter name -> shape, per sub-group
         printed = io.StringIO()  # DeepSpeed's progress prints
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
@@ -187,30 +198,48 @@ def _convert(source: Path, tmp: Path, sync: Path, final: Path, wanted: int, save
                 shutil.copy2(model_file, tmp)
             shutil.rmtree(fragments)
             deepspeed_patches.slim_optimizer_state(zero / "optimizer_state.pt")
-            (tmp / "source.json").write_text(json.dumps({
-                "source": source.name, "source_id": wanted, "saved_by": saved_by, "format": FORMAT,
-                "deepspeed": ds_version, "converted_by": world}, indent=1))
+            (tmp / "source.json").write_text(
+                json.dumps(
+                    {
+                        "source": source.name,
+                        "source_id": wanted,
+                        "saved_by": saved_by,
+                        "format": FORMAT,
+                        "deepspeed": ds_version,
+                        "converted_by": world,
+                    },
+                    indent=1,
+                )
+            )
             files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
             manifest = {name: digest(tmp / name) for name in files}
             (tmp / "COMPLETE").write_text(json.dumps({"files": manifest}, indent=1))
             faults.kill_in_reshard("finalize", 0)
             os.replace(tmp, final)
             size = sum(s for s, _ in manifest.values())
-            log.info("reshard: converted %s in %.1f s (%.3f GB)", source.name, time.perf_counter() - started, size / 1e9)
+            log.info(
+                "reshard: converted %s in %.1f s (%.3f GB)", source.name, time.perf_counter() - started, size / 1e9
+            )
         else:
             _wait_for(final, sync, world)
     except BaseException as ex:
         if not isinstance(ex, Exception) or isinstance(ex, ReshardError):
             raise
-        raise ReshardError(f"converting {source} to the universal format failed on rank {rank}: {type(ex).__name__}: "
-                           f"{ex}. The checkpoint itself is untouched; the partial {tmp} is removed and the conversion "
-                           "redone when the run starts again") from ex
+        raise ReshardError(
+            f"converting {source} to the universal format failed on rank {rank}: {type(ex).__name__}: "
+            f"{ex}. The checkpoint itself is untouched; the partial {tmp} is removed and the conversion "
+            "redone when the run starts again"
+        ) from ex
 
 
 def _done_and_wait(sync: Path, phase: str, rank: int, world: int) -> None:
     (sync / f"{phase}.{rank}").write_text("")
-    _wait(sync, world, lambda: all((sync / f"{phase}.{r}").exists() for r in range(world)),
-          f"the other ranks' part of the conversion ({phase})")
+    _wait(
+        sync,
+        world,
+        lambda: all((sync / f"{phase}.{r}").exists() for r in range(world)),
+        f"the other ranks' part of the conversion ({phase})",
+    )
 
 
 def _wait_for(final: Path, sync: Path, world: int) -> None:
@@ -224,8 +253,10 @@ def _wait(sync: Path, world: int, ready, what: str) -> None:
     while not ready():
         failed = sorted(sync.glob("FAILED.*"))
         if failed:
-            raise ReshardError(f"waited for {what}, but rank {failed[0].suffix[1:]} failed: {failed[0].read_text()}; "
-                               "see that rank's log")
+            raise ReshardError(
+                f"waited for {what}, but rank {failed[0].suffix[1:]} failed: {failed[0].read_text()}; "
+                "see that rank's log"
+            )
         for r in range(world):
             try:
                 beat = float((sync / f"HEARTBEAT.{r}").read_text() or 0)
@@ -234,8 +265,10 @@ def _wait(sync: Path, world: int, ready, what: str) -> None:
             seen[r] = max(seen[r], time.monotonic() - max(0.0, time.time() - beat))
         stalled = [r for r, t in seen.items() if time.monotonic() - t > STALL_S]
         if stalled and not ready():
-            raise ReshardError(f"waited for {what}, but rank {stalled[0]}'s heartbeat ({sync}/HEARTBEAT.{stalled[0]}) "
-                               f"stopped more than {STALL_S:.0f} s ago; see its log")
+            raise ReshardError(
+                f"waited for {what}, but rank {stalled[0]}'s heartbeat ({sync}/HEARTBEAT.{stalled[0]}) "
+                f"stopped more than {STALL_S:.0f} s ago; see its log"
+            )
         time.sleep(0.2)
 
 
@@ -264,12 +297,11 @@ def load_universal(engine, universal: Path) -> None:
     config.load_universal_checkpoint = True
     try:
         with deepspeed_patches.mapped_parameter_files():
-            loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            loaded, _ = engine.load_checkpoint(
+                str(universal.parent), tag=universal.name, load_optimizer_states=True, load_lr_scheduler_states=True
+            )
     finally:
         config.load_universal_checkpoint = previous
     if loaded is None:
         raise ReshardError(f"DeepSpeed could not load the universal checkpoint {universal}")
     deepspeed_patches.fix_optimizer_after_universal_load(engine.optimizer, universal / "zero" / "optimizer_state.pt")
-
-

@@ -65,11 +65,15 @@ def init(timeout_s: int) -> DistInfo:
     else:
         torch.set_num_threads(launcher.cpu_threads(env, os.cpu_count() or 1, local_world))
         ops.warn_stale_op_build_lock()
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s))
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", timeout=datetime.timedelta(seconds=timeout_s))
     ops.release_shm_buffer()
-    _INFO = DistInfo(rank=int(env["RANK"]), local_rank=int(env["LOCAL_RANK"]), world_size=int(env["WORLD_SIZE"]),
-                     local_world_size=local_world, on_gpu=on_gpu)
+    _INFO = DistInfo(
+        rank=int(env["RANK"]),
+        local_rank=int(env["LOCAL_RANK"]),
+        world_size=int(env["WORLD_SIZE"]),
+        local_world_size=local_world,
+        on_gpu=on_gpu,
+    )
     return _INFO
 
 

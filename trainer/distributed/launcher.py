@@ -64,8 +64,9 @@ def _env_from_slurm() -> None:
     env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1"))
     env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_STEP_TASKS_PER_NODE", "1").split("(")[0].split(",")[0])
     if "MASTER_ADDR" not in env:
-        nodes = subprocess.run(["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]],
-                               capture_output=True, text=True, check=True).stdout.split()
+        nodes = subprocess.run(
+            ["scontrol", "show", "hostnames", env["SLURM_STEP_NODELIST"]], capture_output=True, text=True, check=True
+        ).stdout.split()
         env["MASTER_ADDR"] = nodes[0]
     # A port every task derives alike from the job id, away from the ephemeral range.
     env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
@@ -78,8 +79,14 @@ def setup_environment() -> None:
     if "RANK" not in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
         _env_from_slurm()
     if "RANK" not in env:  # plain `python launch/train.py`
-        env.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=env.get("MASTER_PORT", str(free_port())))
+        env.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=env.get("MASTER_PORT", str(free_port())),
+        )
     env.setdefault("LOCAL_RANK", "0")
 
 

@@ -30,9 +30,13 @@ def warn_stale_op_build_lock(now: Optional[float] = None) -> Optional[str]:
         return None
     if age < STALE_LOCK_S:
         return None
-    log.warning("%s is %.0f minutes old: DeepSpeed waits on it before building its CPU communication op. "
-                "If no other process is building that op now, a killed build left it: delete the file, or "
-                "this run waits forever.", lock, age / 60)
+    log.warning(
+        "%s is %.0f minutes old: DeepSpeed waits on it before building its CPU communication op. "
+        "If no other process is building that op now, a killed build left it: delete the file, or "
+        "this run waits forever.",
+        lock,
+        age / 60,
+    )
     return str(lock)
 
 
@@ -90,7 +94,9 @@ def import_muon_uncompiled() -> None:
                 if compiled is None:
                     compiled = compile_now(fn, **options)
                 return compiled(*args, **kwargs)
+
             return call
+
         return wrap if model is None else wrap(model)
 
     torch.compile = deferred
@@ -116,8 +122,10 @@ def release_shm_buffer() -> None:
     if not tdist.is_initialized() or tdist.get_backend() != "gloo":
         return
     env = os.environ
-    mine = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
-            f"{env.get('MASTER_PORT', '')}_{tdist.get_rank()}")
+    mine = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_"
+        f"{env.get('MASTER_PORT', '')}_{tdist.get_rank()}"
+    )
     if tdist.get_world_size() > 1:
         tdist.barrier()
     with contextlib.suppress(FileNotFoundError):

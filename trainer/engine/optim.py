@@ -26,7 +26,7 @@ def lr_multiplier(step: int, warmup_steps: int, max_steps: int, schedule: str, m
 
 def build_optimizer(model, cfg: TrainerConfig, cpu_offload: bool):
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.requires_grad:
             # 1-D tensors (biases, norm scales) keep their scale; decaying them only hurts.
             (no_decay if getattr(p, "ds_shape", p.shape).__len__() < 2 else decay).append(p)
@@ -38,6 +38,11 @@ def build_optimizer(model, cfg: TrainerConfig, cpu_offload: bool):
         optimizer = DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     else:
         optimizer = torch.optim.AdamW(groups, **kwargs)
-    schedule = functools.partial(lr_multiplier, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-                                 schedule=cfg.lr_schedule, min_ratio=cfg.min_lr_ratio)
+    schedule = functools.partial(
+        lr_multiplier,
+        warmup_steps=cfg.warmup_steps,
+        max_steps=cfg.max_steps,
+        schedule=cfg.lr_schedule,
+        min_ratio=cfg.min_lr_ratio,
+    )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

@@ -42,8 +42,10 @@ def load_tokenizer(cfg: ModelConfig):
     if path is None:
         path = str(trained_tokenizer_dir(cfg))
     elif not Path(path).is_dir():
-        raise FileNotFoundError(f"tokenizer directory {path!r} does not exist (model.tokenizer_path / "
-                                "model.name_or_path must be a local Hugging Face directory)")
+        raise FileNotFoundError(
+            f"tokenizer directory {path!r} does not exist (model.tokenizer_path / "
+            "model.name_or_path must be a local Hugging Face directory)"
+        )
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
@@ -82,7 +84,8 @@ def trained_tokenizer_dir(cfg: ModelConfig) -> Path:
         raise FileNotFoundError(
             f"model.tokenizer_corpus: {missing or 'empty list'} not found; the tiny model trains its tokenizer "
             "on these files. Point model.tokenizer_corpus at existing text/jsonl files (the bundled samples "
-            "live in data_pipeline/bundled/) or set model.name_or_path to a local Hugging Face directory.")
+            "live in data_pipeline/bundled/) or set model.name_or_path to a local Hugging Face directory."
+        )
     digest = hashlib.sha256(f"{cfg.tokenizer_vocab_size}|{sentencepiece.__version__}|v1".encode())
     for file in cfg.tokenizer_corpus:
         digest.update(Path(file).read_bytes())
@@ -96,8 +99,9 @@ def trained_tokenizer_dir(cfg: ModelConfig) -> Path:
             os.replace(Path(tmp) / "hf", target)
         except OSError:  # another process won the race; its copy is identical
             shutil.rmtree(Path(tmp) / "hf", ignore_errors=True)
-    log.info("trained a %d-token sentencepiece tokenizer on %s -> %s", cfg.tokenizer_vocab_size,
-             cfg.tokenizer_corpus, target)
+    log.info(
+        "trained a %d-token sentencepiece tokenizer on %s -> %s", cfg.tokenizer_vocab_size, cfg.tokenizer_corpus, target
+    )
     return target
 
 
@@ -110,12 +114,29 @@ def _train_sentencepiece(cfg: ModelConfig, workdir: Path) -> None:
     corpus = workdir / "corpus.txt"
     corpus.write_text("\n".join(_corpus_lines(cfg.tokenizer_corpus)), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(workdir / "sp"), vocab_size=cfg.tokenizer_vocab_size,
-        model_type="bpe", byte_fallback=True, character_coverage=1.0, num_threads=1, hard_vocab_limit=False,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=SPECIAL_ROLES, minloglevel=2)
+        input=str(corpus),
+        model_prefix=str(workdir / "sp"),
+        vocab_size=cfg.tokenizer_vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        num_threads=1,
+        hard_vocab_limit=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=SPECIAL_ROLES,
+        minloglevel=2,
+    )
     extracted = SentencePieceExtractor(str(workdir / "sp.model")).extract(BPE)
-    tok = LlamaTokenizer(vocab=extracted["vocab"], merges=extracted["merges"], pad_token="<pad>",
-                         add_bos_token=False, add_eos_token=False)
+    tok = LlamaTokenizer(
+        vocab=extracted["vocab"],
+        merges=extracted["merges"],
+        pad_token="<pad>",
+        add_bos_token=False,
+        add_eos_token=False,
+    )
     tok.add_special_tokens({"additional_special_tokens": SPECIAL_ROLES})
     tok.chat_template = TINY_CHAT_TEMPLATE
     tok.model_max_length = 1 << 20

@@ -31,8 +31,17 @@ class EWC(Component):
 
     name = "ewc"
 
-    def __init__(self, engine, lam: float, gamma: float = 1.0, normalise: bool = True, reference=None,
-                 labels: str = "data", seed: int = 0, previous: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        engine,
+        lam: float,
+        gamma: float = 1.0,
+        normalise: bool = True,
+        reference=None,
+        labels: str = "data",
+        seed: int = 0,
+        previous: Optional[str] = None,
+    ) -> None:
         """reference: the Fisher's batches (a BatchSource; its step 0 is this rank's share). labels:
         `data` (the reference data's own labels) or `sampled` (drawn from the model, seeded per rank
         from `seed`). previous: an earlier stage's output_dir whose Fisher joins this one (online EWC)."""
@@ -55,8 +64,14 @@ class EWC(Component):
         previous = None
         if self.previous:
             previous = load_previous(self.previous, rank, world, [p.ds_numel for p in self.params])
-        self.start(self.engine, self.reference.micro_batches(0), loss_fn, self.engine.device, previous=previous,
-                   labels=str(self.labels))
+        self.start(
+            self.engine,
+            self.reference.micro_batches(0),
+            loss_fn,
+            self.engine.device,
+            previous=previous,
+            labels=str(self.labels),
+        )
 
     def before_optimizer_step(self) -> float:
         return self.before_step()
@@ -68,8 +83,15 @@ class EWC(Component):
     def local_numel(self) -> int:
         return sum(f.numel() for f in self.fisher)
 
-    def start(self, engine, batches: Iterable[Dict[str, torch.Tensor]], loss_fn: Callable, device,
-              previous: Optional[Dict] = None, labels: str = "data") -> None:
+    def start(
+        self,
+        engine,
+        batches: Iterable[Dict[str, torch.Tensor]],
+        loss_fn: Callable,
+        device,
+        previous: Optional[Dict] = None,
+        labels: str = "data",
+    ) -> None:
         """Anchor at the current weights; estimate F on `batches` (this rank's reference micro-batches,
         the same count on every rank); merge an earlier stage's Fisher (online EWC)."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad
@@ -95,21 +117,29 @@ class EWC(Component):
         for f in fisher:  # in place: a second list would hold a second copy of the Fisher at once
             f.div_(max(n, 1))
         if self.normalise:
-            totals = torch.tensor([sum(float(f.double().sum()) for f in fisher), sum(f.numel() for f in fisher)],
-                                  dtype=torch.float64)
+            totals = torch.tensor(
+                [sum(float(f.double().sum()) for f in fisher), sum(f.numel() for f in fisher)], dtype=torch.float64
+            )
             distributed.all_reduce_sum(totals)
             ewc_math.normalise(fisher, float(totals[0]), int(totals[1]))
         if previous is not None:
             old = previous["fisher"]
             if [o.shape for o in old] != [f.shape for f in fisher]:
-                raise ValueError("regularizer.ewc.previous: its Fisher shards do not match this model's local "
-                                 "partitions: it must come from a stage of the same model (any number of ranks)")
+                raise ValueError(
+                    "regularizer.ewc.previous: its Fisher shards do not match this model's local "
+                    "partitions: it must come from a stage of the same model (any number of ranks)"
+                )
             for f, o in zip(fisher, old):
                 ewc_math.online_merge_(f, o, self.gamma)
         self.fisher = fisher
-        log.info("EWC: Fisher from %d reference batches (%s labels)%s; lambda %g; %.1f MB of EWC state on this rank", n, labels,
-                 " merged with the previous stage's" if previous is not None else "", self.lam,
-                 8 * self.local_numel() / 2**20)
+        log.info(
+            "EWC: Fisher from %d reference batches (%s labels)%s; lambda %g; %.1f MB of EWC state on this rank",
+            n,
+            labels,
+            " merged with the previous stage's" if previous is not None else "",
+            self.lam,
+            8 * self.local_numel() / 2**20,
+        )
 
     def before_step(self) -> float:
         """Add λ·F⊙(θ−θ*) to each local gradient partition (call between the boundary backward and
@@ -143,10 +173,15 @@ class EWC(Component):
         numels = [p.ds_numel for p in self.params]
         for key in ("anchor", "fisher"):
             if any(len(s[key]) != len(numels) for s in states):
-                raise ValueError(f"EWC state: {len(states[0][key])} {key} partitions saved, this model has "
-                                 f"{len(numels)} trainable parameters (saved with another model?)")
-            setattr(self, key, [repartition([s[key][i] for s in states], n, world, rank).float()
-                                for i, n in enumerate(numels)])
+                raise ValueError(
+                    f"EWC state: {len(states[0][key])} {key} partitions saved, this model has "
+                    f"{len(numels)} trainable parameters (saved with another model?)"
+                )
+            setattr(
+                self,
+                key,
+                [repartition([s[key][i] for s in states], n, world, rank).float() for i, n in enumerate(numels)],
+            )
 
 
 def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[List[int]] = None) -> Dict:
@@ -156,12 +191,16 @@ def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[L
     ckpt = Path(output_dir) / "checkpoints"
     latest = ckpt / "latest"
     if not latest.is_file():
-        raise FileNotFoundError(f"regularizer.ewc.previous={output_dir!r}: no checkpoints/latest there; point it at "
-                                "the output_dir of a finished earlier stage that ran with regularizer=ewc")
+        raise FileNotFoundError(
+            f"regularizer.ewc.previous={output_dir!r}: no checkpoints/latest there; point it at "
+            "the output_dir of a finished earlier stage that ran with regularizer=ewc"
+        )
     tag = ckpt / latest.read_text().strip()
     saved_by = len(list(tag.glob("ewc_rank*.pt")))
     if saved_by == 0:
-        raise FileNotFoundError(f"regularizer.ewc.previous: no ewc_rank*.pt in {tag} (the earlier stage ran without EWC)")
+        raise FileNotFoundError(
+            f"regularizer.ewc.previous: no ewc_rank*.pt in {tag} (the earlier stage ran without EWC)"
+        )
     if saved_by == world or numels is None:
         path = tag / f"ewc_rank{rank}.pt"
         if not path.is_file():
@@ -171,15 +210,20 @@ def load_previous(output_dir: str, rank: int, world: int = 1, numels: Optional[L
 
     states = [torch.load(tag / f"ewc_rank{r}.pt", weights_only=True, mmap=True) for r in range(saved_by)]
     if any(len(s["fisher"]) != len(numels) for s in states):
-        raise ValueError(f"regularizer.ewc.previous: {tag}'s EWC state has {len(states[0]['fisher'])} partitions, this "
-                         f"model has {len(numels)} trainable parameters (another model?)")
+        raise ValueError(
+            f"regularizer.ewc.previous: {tag}'s EWC state has {len(states[0]['fisher'])} partitions, this "
+            f"model has {len(numels)} trainable parameters (another model?)"
+        )
     log.info("EWC: the previous stage's Fisher (%s, %d ranks) re-cut for %d ranks", tag, saved_by, world)
-    return {key: [repartition([s[key][i] for s in states], n, world, rank).float() for i, n in enumerate(numels)]
-            for key in ("anchor", "fisher")}
+    return {
+        key: [repartition([s[key][i] for s in states], n, world, rank).float() for i, n in enumerate(numels)]
+        for key in ("anchor", "fisher")
+    }
 
 
-def reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device,
-                   sample_with: Optional[torch.Generator] = None) -> torch.Tensor:
+def reference_loss(
+    engine, batch: Dict[str, torch.Tensor], device: torch.device, sample_with: Optional[torch.Generator] = None
+) -> torch.Tensor:
     """The mean token loss of one reference batch over all ranks, scaled for DeepSpeed's averaging
     (the Fisher is the squared gradient of exactly this loss); with `sample_with`, on targets drawn
     from the model's own predictions (regularizer.ewc.fisher_labels=sampled)."""
@@ -189,6 +233,7 @@ def reference_loss(engine, batch: Dict[str, torch.Tensor], device: torch.device,
     if sample_with is None:
         return head.score(engine, batch, device, uniform=True).sum() * scale
     # Sampled labels are drawn from the model's full distribution: this pass keeps the full logits.
-    out = engine(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                 use_cache=False)
+    out = engine(
+        input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
+    )
     return row_loss_sums(out.logits, sampled_labels(out.logits, batch["labels"], sample_with)).sum() * scale

@@ -26,12 +26,13 @@ import torch
 
 def penalty(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, lam: float) -> torch.Tensor:
     """λ/2 · Σ F (θ − θ*)², as a float64 scalar."""
-    d = (theta.double() - anchor.double())
+    d = theta.double() - anchor.double()
     return 0.5 * lam * (fisher.double() * d * d).sum()
 
 
-def penalty_and_grad(theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor,
-                     lam: float) -> "tuple[torch.Tensor, torch.Tensor]":
+def penalty_and_grad(
+    theta: torch.Tensor, anchor: torch.Tensor, fisher: torch.Tensor, lam: float
+) -> "tuple[torch.Tensor, torch.Tensor]":
     """The penalty and its gradient λ · F ⊙ (θ − θ*) at once, as the training step needs them, in
     one pass and in θ's dtype (no float64 copies): (0-dim penalty, gradient). The penalty is a dot
     product accumulated in θ's dtype; it is only logged, and equals penalty() to ~1e-6 relative in

@@ -54,8 +54,10 @@ def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
             try:
                 return float(text)
             except ValueError:
-                raise ValueError(f"interpolation alpha {spec!r}: expected a number (0.5) or group=number pairs "
-                                 f"(bottom=0.25,middle=0.5,top=1) with groups {', '.join(GROUPS)}") from None
+                raise ValueError(
+                    f"interpolation alpha {spec!r}: expected a number (0.5) or group=number pairs "
+                    f"(bottom=0.25,middle=0.5,top=1) with groups {', '.join(GROUPS)}"
+                ) from None
         items = {}
         for part in text.split(","):
             key, _, value = part.partition("=")
@@ -65,7 +67,9 @@ def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
                 raise ValueError(f"interpolation alpha {spec!r}: {part!r} is not group=number") from None
     unknown = sorted(set(items) - set(GROUPS))
     if unknown:
-        raise ValueError(f"interpolation alpha {spec!r}: unknown group(s) {unknown}; the groups are {', '.join(GROUPS)}")
+        raise ValueError(
+            f"interpolation alpha {spec!r}: unknown group(s) {unknown}; the groups are {', '.join(GROUPS)}"
+        )
     return {g: float(items.get(g, 1.0)) for g in GROUPS}
 
 
@@ -92,20 +96,25 @@ def alpha_of(alpha: Alpha, name: str, num_layers: int) -> float:
     return alpha[group_of(name, num_layers)] if isinstance(alpha, dict) else alpha
 
 
-def interpolate(start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], alpha: Alpha,
-                num_layers: int) -> Dict[str, torch.Tensor]:
+def interpolate(
+    start: Mapping[str, torch.Tensor], end: Mapping[str, torch.Tensor], alpha: Alpha, num_layers: int
+) -> Dict[str, torch.Tensor]:
     """θ0 + α(θ − θ0) for every tensor of `end`, α by the tensor's group; computed in fp32 and cast
     back to `end`'s dtype. Both state dicts must hold the same names and shapes."""
     missing = sorted(set(end) - set(start))
     if missing:
-        raise KeyError(f"interpolation: the start has no {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
-                       "start and fine-tuned model must be the same architecture")
+        raise KeyError(
+            f"interpolation: the start has no {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+            "start and fine-tuned model must be the same architecture"
+        )
     out = {}
     for name, theta in end.items():
         theta0 = start[name]
         if theta0.shape != theta.shape:
-            raise ValueError(f"interpolation: {name} is {tuple(theta0.shape)} at the start and {tuple(theta.shape)} "
-                             "after fine-tuning (a resized vocabulary?); interpolate models of the same shapes")
+            raise ValueError(
+                f"interpolation: {name} is {tuple(theta0.shape)} at the start and {tuple(theta.shape)} "
+                "after fine-tuning (a resized vocabulary?); interpolate models of the same shapes"
+            )
         a = alpha_of(alpha, name, num_layers)
         out[name] = torch.lerp(theta0.float(), theta.float(), a).to(theta.dtype)
     return out
@@ -136,15 +145,27 @@ def write_interpolated(start_dir: str, end_dir: str, alpha: Alpha, out_dir: str)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(end, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "interpolation.json").write_text(json.dumps(
-        {"alpha": alpha_label(alpha), "start": str(start.resolve()), "end": str(end.resolve()),
-         "rule": "theta0 + alpha * (theta - theta0)", "groups": GROUPS}, indent=2))
+    save_file(
+        {k: v.contiguous() for k, v in weights.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"}
+    )
+    (tmp / "interpolation.json").write_text(
+        json.dumps(
+            {
+                "alpha": alpha_label(alpha),
+                "start": str(start.resolve()),
+                "end": str(end.resolve()),
+                "rule": "theta0 + alpha * (theta - theta0)",
+                "groups": GROUPS,
+            },
+            indent=2,
+        )
+    )
     tmp.rename(out)
     return out
 
 
 # ---- in a run: θ from the engine, θ0 from the stage's start on disk ------------------------------------
+
 
 def _start_index(directory: Path) -> Dict[str, Path]:
     """Tensor name -> the safetensors file of `directory` that holds it."""
@@ -152,8 +173,10 @@ def _start_index(directory: Path) -> Dict[str, Path]:
 
     files = sorted(directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"regularizer.interpolation: {directory} has no *.safetensors; the stage's start "
-                                "(model.name_or_path) must be a Hugging Face directory with safetensors weights")
+        raise FileNotFoundError(
+            f"regularizer.interpolation: {directory} has no *.safetensors; the stage's start "
+            "(model.name_or_path) must be a Hugging Face directory with safetensors weights"
+        )
     index = {}
     for f in files:
         with safe_open(str(f), "pt") as h:
@@ -183,15 +206,19 @@ def apply(engine, start_dir: str, alpha: Alpha, rank: int) -> None:
             with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                 if rank == 0:
                     if name not in index:
-                        raise KeyError(f"regularizer.interpolation: {start_dir} has no tensor {name!r}; the stage's "
-                                       "start must be the same architecture as the model trained")
+                        raise KeyError(
+                            f"regularizer.interpolation: {start_dir} has no tensor {name!r}; the stage's "
+                            "start must be the same architecture as the model trained"
+                        )
                     f = index[name]
                     if f not in handles:
                         handles[f] = safe_open(str(f), "pt")
                     theta0 = handles[f].get_tensor(name)
                     if theta0.shape != theta.shape:
-                        raise ValueError(f"regularizer.interpolation: {name} is {tuple(theta0.shape)} in {start_dir} "
-                                         f"but {tuple(theta.shape)} here (a resized vocabulary?)")
+                        raise ValueError(
+                            f"regularizer.interpolation: {name} is {tuple(theta0.shape)} in {start_dir} "
+                            f"but {tuple(theta.shape)} here (a resized vocabulary?)"
+                        )
                     a = alpha_of(alpha, name, num_layers)
                     p.data.copy_(torch.lerp(theta0.float(), theta.float(), a).to(p.dtype).view_as(p.data))
     finally:
@@ -226,14 +253,23 @@ def sweep(engine, cfg, baseline: Dict[str, float], score: Callable[[], Dict[str,
             log.info("interpolation α=%g: %s", a, {k: round(v, 4) for k, v in scores.items() if "ppl" not in k})
         chosen = choose(rows, i.keep_gain)
         alpha: Alpha = chosen["alpha"]
-        how = (f"the smallest α keeping >= {i.keep_gain:g} of the domain gain at α=1 "
-               f"({chosen['eval/domain_gain']:.4f} of {next(r for r in rows if r['alpha'] == 1.0)['eval/domain_gain']:.4f})")
+        how = (
+            f"the smallest α keeping >= {i.keep_gain:g} of the domain gain at α=1 "
+            f"({chosen['eval/domain_gain']:.4f} of "
+            f"{next(r for r in rows if r['alpha'] == 1.0)['eval/domain_gain']:.4f})"
+        )
     else:
         alpha, how = parse_alpha(i.alpha), "regularizer.interpolation.alpha"
     apply(engine, start, alpha, rank)
     log.info("interpolation: exporting α=%s (%s)", alpha_label(alpha), how)
-    return {"alpha": alpha_label(alpha), "chosen_by": how, "start": start, "rule": "theta0 + alpha * (theta - theta0)",
-            "groups": GROUPS if isinstance(alpha, dict) else None, "rows": rows}
+    return {
+        "alpha": alpha_label(alpha),
+        "chosen_by": how,
+        "start": start,
+        "rule": "theta0 + alpha * (theta - theta0)",
+        "groups": GROUPS if isinstance(alpha, dict) else None,
+        "rows": rows,
+    }
 
 
 def check(cfg, baseline_expected: bool) -> None:
@@ -247,18 +283,24 @@ def check(cfg, baseline_expected: bool) -> None:
         except ValueError as e:
             raise ValueError(f"regularizer.interpolation.alpha: {e}") from None
     if not cfg.model.name_or_path:
-        raise ValueError("regularizer.interpolation needs the stage's start on disk: set model.name_or_path to a "
-                         "pretrained Hugging Face directory (a random-init start has nothing to keep)")
+        raise ValueError(
+            "regularizer.interpolation needs the stage's start on disk: set model.name_or_path to a "
+            "pretrained Hugging Face directory (a random-init start has nothing to keep)"
+        )
     if not cfg.trainer.export_hf:
         raise ValueError("regularizer.interpolation chooses what the stage exports: it needs trainer.export_hf=true")
     if i.alpha is None:
         if "domain" not in cfg.eval.sets:
-            raise ValueError(f"regularizer.interpolation.alphas={list(i.alphas)} chooses α by the domain gain: add a "
-                             "held-out domain set (+eval.sets.domain=PATH), or export a fixed α with "
-                             "regularizer.interpolation.alpha=0.5")
+            raise ValueError(
+                f"regularizer.interpolation.alphas={list(i.alphas)} chooses α by the domain gain: add a "
+                "held-out domain set (+eval.sets.domain=PATH), or export a fixed α with "
+                "regularizer.interpolation.alpha=0.5"
+            )
         if not baseline_expected:
-            raise ValueError("regularizer.interpolation.alphas measures the domain gain against the step-0 eval: "
-                             "keep eval.at_start=true")
+            raise ValueError(
+                "regularizer.interpolation.alphas measures the domain gain against the step-0 eval: "
+                "keep eval.at_start=true"
+            )
 
 
 class Interpolation(Component):
@@ -282,8 +324,9 @@ class Interpolation(Component):
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Write θ0 + α(θ − θ0) of a stage's start (θ0) and its export (θ) as "
-                                            "a Hugging Face directory.")
+    p = argparse.ArgumentParser(
+        description="Write θ0 + α(θ − θ0) of a stage's start (θ0) and its export (θ) as a Hugging Face directory."
+    )
     p.add_argument("start", help="the stage's starting model (its model.name_or_path)")
     p.add_argument("end", help="the stage's export (OUTPUT_DIR/hf)")
     p.add_argument("out", help="new directory for the interpolated model")

@@ -53,8 +53,10 @@ def read_prompts(path: Path) -> List[str]:
             raise ValueError(f"{path}:{n}: not JSON ({e.msg}); a .jsonl prompts file holds one record a line") from None
         prompt = _prompt_of(rec) if isinstance(rec, dict) else None
         if not prompt:
-            raise ValueError(f"{path}:{n}: no prompt in this record (keys {sorted(rec) if isinstance(rec, dict) else rec!r}); "
-                             'expected "prompt", "instruction" (+ "input") or "messages" with a user turn')
+            raise ValueError(
+                f"{path}:{n}: no prompt in this record (keys {sorted(rec) if isinstance(rec, dict) else rec!r}); "
+                'expected "prompt", "instruction" (+ "input") or "messages" with a user turn'
+            )
         prompts.append(prompt)
     return prompts
 
@@ -73,19 +75,29 @@ def _prompt_of(rec: dict) -> Optional[str]:
 
 def _chat_ids(tokenizer, prompt: str, system_prompt: Optional[str]) -> List[int]:
     messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-        {"role": "user", "content": prompt}]
+        {"role": "user", "content": prompt}
+    ]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 @torch.no_grad()
-def answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, system_prompt: Optional[str] = None,
-            temperature: float = 0.0, seed: int = 0) -> Iterator[Answer]:
+def answers(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    system_prompt: Optional[str] = None,
+    temperature: float = 0.0,
+    seed: int = 0,
+) -> Iterator[Answer]:
     """The model's answer to each prompt, rendered through the tokenizer's chat template as training
     renders a user turn (greedy with temperature 0, else sampled; seeded)."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template: rehearsal answers are chat turns; use a chat model "
-                         "(or set one on the tokenizer)")
+        raise ValueError(
+            "the tokenizer has no chat template: rehearsal answers are chat turns; use a chat model "
+            "(or set one on the tokenizer)"
+        )
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
@@ -96,13 +108,17 @@ def answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, syste
         for prompt in prompts:
             ids = _chat_ids(tokenizer, prompt, system_prompt)
             sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
-            out = model.generate(input_ids=torch.tensor([ids], device=device),
-                                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
-                                 max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos,
-                                 **sample)[0, len(ids):].tolist()
+            out = model.generate(
+                input_ids=torch.tensor([ids], device=device),
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                **sample,
+            )[0, len(ids) :].tolist()
             finished = eos in out
             if finished:
-                out = out[:out.index(eos) + 1]  # the end-of-turn token is part of the answer
+                out = out[: out.index(eos) + 1]  # the end-of-turn token is part of the answer
             yield Answer(prompt, ids, out, tokenizer.decode(out, skip_special_tokens=True).strip(), finished)
     finally:
         if was_training:
@@ -112,5 +128,7 @@ def answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, syste
 def record(answer: Answer, system_prompt: Optional[str] = None) -> dict:
     """The training record of an answer (the data pipeline's `messages` format)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    return {"messages": messages + [{"role": "user", "content": answer.prompt},
-                                    {"role": "assistant", "content": answer.text}]}
+    return {
+        "messages": messages
+        + [{"role": "user", "content": answer.prompt}, {"role": "assistant", "content": answer.text}]
+    }

@@ -6,8 +6,9 @@ forward, where ZeRO-3 has gathered the head's weight (and gathers it again for t
 
 For one 8,192-token row of a 128,256-token vocabulary the plain path holds fp32 logits, their
 log-softmax and their gradient: 3 x 8,192 x 128,256 x 4 B = 12.6 GB. Here a chunk of c tokens holds
-c x V at a time (c = 512: 0.26 GB, and its exponent in backward), plus one fp32 accumulator for the head weight's gradient (V x H x
-4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would shrink it, not done yet).
+c x V at a time (c = 512: 0.26 GB, and its exponent in backward), plus one fp32 accumulator for the
+head weight's gradient (V x H x 4 B: 2.1 GB at 128k x 4,096; looping over vocabulary slices would
+shrink it; not implemented).
 
 Two kernels compute the chunks (trainer.loss_kernel): this file's torch loop (any device), and on a
 GPU Liger's fused linear cross-entropy (liger-kernel, the optional `liger` extra: Triton kernels that
@@ -43,7 +44,6 @@ import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
 
-
 CHUNK_LOGITS_BYTES = 256 << 20
 """The automatic chunk's fp32 logits: 256 MiB (512 tokens of a 128,256 vocabulary, 1,024 of 49,152)."""
 
@@ -67,8 +67,15 @@ class LinearCrossEntropy(torch.autograd.Function):
     non-uniform upstream still gets the exact recomputed gradient)."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        gather: Optional[Callable] = None,
+        uniform: bool = False,
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
         nll = torch.zeros(n, dtype=torch.float32, device=hidden.device)
@@ -76,11 +83,11 @@ class LinearCrossEntropy(torch.autograd.Function):
         eager = uniform and any(ctx.needs_input_grad[:2])
         unit = _Grads(hidden, weight) if eager else None
         for s in range(0, n, chunk):
-            z = F.linear(hidden[s:s + chunk], weight).float()
-            lse[s:s + chunk] = torch.logsumexp(z, dim=-1)
-            nll[s:s + chunk] = lse[s:s + chunk] - z.gather(1, safe[s:s + chunk, None]).squeeze(1)
+            z = F.linear(hidden[s : s + chunk], weight).float()
+            lse[s : s + chunk] = torch.logsumexp(z, dim=-1)
+            nll[s : s + chunk] = lse[s : s + chunk] - z.gather(1, safe[s : s + chunk, None]).squeeze(1)
             if eager:
-                unit.add(s, z, lse[s:s + chunk], safe[s:s + chunk], None)
+                unit.add(s, z, lse[s : s + chunk], safe[s : s + chunk], None)
         nll = torch.where(targets != IGNORE, nll, torch.zeros_like(nll))
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.chunk, ctx.gather, ctx.unit = chunk, gather, unit
@@ -100,11 +107,16 @@ class LinearCrossEntropy(torch.autograd.Function):
             return grad_hidden, grad_weight, None, None, None, None
         ctx.unit = None
         safe = targets.clamp(min=0)
-        with (ctx.gather(weight) if ctx.gather else contextlib.nullcontext()):
+        with ctx.gather(weight) if ctx.gather else contextlib.nullcontext():
             grads = _Grads(hidden, weight)  # the weight's gradient dense, even if n == 0
             for s in range(0, n, chunk):
-                grads.add(s, F.linear(hidden[s:s + chunk], weight).float(), lse[s:s + chunk], safe[s:s + chunk],
-                          g[s:s + chunk])
+                grads.add(
+                    s,
+                    F.linear(hidden[s : s + chunk], weight).float(),
+                    lse[s : s + chunk],
+                    safe[s : s + chunk],
+                    g[s : s + chunk],
+                )
         return (*grads.scaled(None), None, None, None, None)
 
 
@@ -123,8 +135,8 @@ class _Grads:
         dz.scatter_add_(1, safe[:, None], -torch.ones_like(dz[:, :1]))
         if g is not None:
             dz.mul_(g[:, None])
-        h = self.hidden[s:s + dz.shape[0]]
-        self.grad_hidden[s:s + dz.shape[0]] = (dz.to(self.weight.dtype) @ self.weight).to(self.hidden.dtype)
+        h = self.hidden[s : s + dz.shape[0]]
+        self.grad_hidden[s : s + dz.shape[0]] = (dz.to(self.weight.dtype) @ self.weight).to(self.hidden.dtype)
         self.grad_weight.addmm_(dz.t(), h.float())
 
     def scaled(self, scale: Optional[torch.Tensor]):
@@ -152,16 +164,27 @@ def liger_problem() -> Optional[str]:
         return f"liger-kernel is not installed ({e}): pip install 'fullft[liger]' on a CUDA machine"
     params = inspect.signature(flce.fused_linear_cross_entropy_forward).parameters
     if not {"token_grad_output", "compute_gradients", "chunk_mem_const"} <= set(params):
-        return (f"liger-kernel {version('liger-kernel')} is older than {LIGER_MIN_VERSION} (no per-token upstream "
-                f"gradient in fused_linear_cross_entropy_forward): pip install 'liger-kernel>={LIGER_MIN_VERSION}'")
+        return (
+            f"liger-kernel {version('liger-kernel')} is older than {LIGER_MIN_VERSION} (no per-token upstream "
+            f"gradient in fused_linear_cross_entropy_forward): pip install 'liger-kernel>={LIGER_MIN_VERSION}'"
+        )
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return ("Liger's Triton kernels need a CUDA GPU and this machine has none (TRITON_INTERPRET=1 interprets "
-                "them on CPU, slowly: for tests)")
+        return (
+            "Liger's Triton kernels need a CUDA GPU and this machine has none (TRITON_INTERPRET=1 interprets "
+            "them on CPU, slowly: for tests)"
+        )
     return None
 
 
-def _liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int, grads: bool,
-           weight_grad: bool = True, token_grad: Optional[torch.Tensor] = None):
+def _liger(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    grads: bool,
+    weight_grad: bool = True,
+    token_grad: Optional[torch.Tensor] = None,
+):
     """Liger's chunked forward: (per-token loss fp32, dL/dhidden, dL/dweight); the gradients (when
     `grads`) for the upstream `token_grad` (None: 1 per token), accumulated in fp32. Its chunks are
     sized by a multiple of the hidden states' memory (chunk_mem_const); that multiple is chosen so a
@@ -171,9 +194,17 @@ def _liger(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ch
     n, h = hidden.shape
     mem_const = max(1, (chunk * weight.shape[0]) // (h * max(n, 1)))
     loss, *_, grad_hidden, grad_weight, _ = fused_linear_cross_entropy_forward(
-        _input=hidden, weight=weight, target=targets, ignore_index=IGNORE, reduction="none",
-        accum_dtype=torch.float32, compute_gradients=grads, weight_requires_grad=grads and weight_grad,
-        token_grad_output=token_grad, chunk_mem_const=mem_const)
+        _input=hidden,
+        weight=weight,
+        target=targets,
+        ignore_index=IGNORE,
+        reduction="none",
+        accum_dtype=torch.float32,
+        compute_gradients=grads,
+        weight_requires_grad=grads and weight_grad,
+        token_grad_output=token_grad,
+        chunk_mem_const=mem_const,
+    )
     return loss, grad_hidden, grad_weight
 
 
@@ -183,15 +214,23 @@ class LigerLinearCrossEntropy(torch.autograd.Function):
     again for backward, `gather` as the fallback), a uniform upstream's gradients formed in forward."""
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-                gather: Optional[Callable] = None, uniform: bool = False) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk: int,
+        gather: Optional[Callable] = None,
+        uniform: bool = False,
+    ) -> torch.Tensor:
         eager = uniform and any(ctx.needs_input_grad[:2]) and hidden.shape[0] > 0
         if hidden.shape[0] == 0:
             nll = torch.zeros(0, dtype=torch.float32, device=hidden.device)
             ctx.unit = None
         else:
-            nll, grad_hidden, grad_weight = _liger(hidden, weight, targets, chunk, grads=eager,
-                                                   weight_grad=ctx.needs_input_grad[1])
+            nll, grad_hidden, grad_weight = _liger(
+                hidden, weight, targets, chunk, grads=eager, weight_grad=ctx.needs_input_grad[1]
+            )
             ctx.unit = (grad_hidden, grad_weight) if eager else None
         ctx.save_for_backward(hidden, weight, targets)
         ctx.chunk, ctx.gather = chunk, gather
@@ -208,23 +247,37 @@ class LigerLinearCrossEntropy(torch.autograd.Function):
             grad_hidden, grad_weight = unit  # in the parameters' dtype (Liger casts at the end of its forward)
             scale = float(g[0])  # a Python scale: multiplied in fp32 inside the kernel (a bf16 tensor would round it)
             return grad_hidden.mul_(scale), grad_weight.mul_(scale), None, None, None, None
-        with (ctx.gather(weight) if ctx.gather else contextlib.nullcontext()):
-            _, grad_hidden, grad_weight = _liger(hidden, weight, targets, ctx.chunk, grads=True,
-                                                 weight_grad=ctx.needs_input_grad[1], token_grad=g)
+        with ctx.gather(weight) if ctx.gather else contextlib.nullcontext():
+            _, grad_hidden, grad_weight = _liger(
+                hidden, weight, targets, ctx.chunk, grads=True, weight_grad=ctx.needs_input_grad[1], token_grad=g
+            )
         if grad_weight is None:
             grad_weight = torch.zeros_like(weight)
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
-              gather: Optional[Callable] = None, uniform: bool = False, kernel: str = "torch") -> torch.Tensor:
+def token_nll(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk: int,
+    gather: Optional[Callable] = None,
+    uniform: bool = False,
+    kernel: str = "torch",
+) -> torch.Tensor:
     """Per-position cross-entropy [batch, seq] of hidden [batch, seq, H] through weight [V, H] at
     targets [batch, seq] (IGNORE = no loss, 0 there). Only supervised positions reach the head.
     uniform: see LinearCrossEntropy. kernel: "torch" (LinearCrossEntropy) or "liger" (LigerLinearCrossEntropy)."""
     flat_targets = targets.reshape(-1).to(hidden.device)
     where = (flat_targets != IGNORE).nonzero().squeeze(1)
     fn = LigerLinearCrossEntropy if kernel == "liger" else LinearCrossEntropy
-    picked = fn.apply(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), weight,
-                      flat_targets.index_select(0, where), chunk, gather, uniform)
+    picked = fn.apply(
+        hidden.reshape(-1, hidden.shape[-1]).index_select(0, where),
+        weight,
+        flat_targets.index_select(0, where),
+        chunk,
+        gather,
+        uniform,
+    )
     out = torch.zeros(flat_targets.shape[0], dtype=torch.float32, device=hidden.device).index_put((where,), picked)
     return out.view(targets.shape)

@@ -40,10 +40,15 @@ def chunking_for(hf_config, loss_chunk_tokens: Optional[int]) -> Optional[int]:
     if loss_chunk_tokens == 0:
         return None
     if hf_config.model_type not in PLAIN_HEAD_TYPES or any(
-            getattr(hf_config, k, None) for k in ("logit_scale", "final_logit_softcapping", "logits_scaling")):
+        getattr(hf_config, k, None) for k in ("logit_scale", "final_logit_softcapping", "logits_scaling")
+    ):
         if loss_chunk_tokens:
-            log.warning("trainer.loss_chunk_tokens=%d: model_type %r post-processes its logits; the loss stays "
-                        "on the full logits", loss_chunk_tokens, hf_config.model_type)
+            log.warning(
+                "trainer.loss_chunk_tokens=%d: model_type %r post-processes its logits; the loss stays "
+                "on the full logits",
+                loss_chunk_tokens,
+                hf_config.model_type,
+            )
         return None
     if loss_chunk_tokens is None:
         return 0 if hf_config.vocab_size >= 4 * hf_config.hidden_size else None
@@ -80,9 +85,11 @@ def install(model, chunk: Optional[int], loss_kernel: str = "torch") -> None:
     head._loss_chunk = chunk
     head._loss_kernel = kernel
     head.forward = types.MethodType(_head_forward, head)
-    log.info("chunked cross-entropy: the LM head and the loss %s, %s (trainer.loss_chunk_tokens, trainer.loss_kernel)",
-             f"in chunks of {chunk} tokens" if chunk else "in chunks of at most 256 MiB of fp32 logits",
-             "on Liger's fused linear cross-entropy kernel" if kernel == "liger" else "in torch")
+    log.info(
+        "chunked cross-entropy: the LM head and the loss %s, %s (trainer.loss_chunk_tokens, trainer.loss_kernel)",
+        f"in chunks of {chunk} tokens" if chunk else "in chunks of at most 256 MiB of fp32 logits",
+        "on Liger's fused linear cross-entropy kernel" if kernel == "liger" else "in torch",
+    )
 
 
 def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -91,8 +98,9 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     targets, uniform = self._loss_request
     tokens = int((targets != IGNORE).sum())
     chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0])
-    return token_nll(hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform,
-                     kernel=self._loss_kernel)
+    return token_nll(
+        hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform, kernel=self._loss_kernel
+    )
 
 
 def _gathered(weight: torch.nn.Parameter):
@@ -112,8 +120,9 @@ def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform:
     the caller's loss weights every token alike (a token mean), so the chunked head may compute its
     gradients in the forward pass (trainer/objectives/chunked.py)."""
     labels = batch["labels"]
-    inputs = dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                  use_cache=False)
+    inputs = dict(
+        input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False
+    )
     head = engine.module.get_output_embeddings()
     if not hasattr(head, "_loss_request"):
         return token_nll_from_logits(engine(**inputs).logits, labels)
@@ -123,7 +132,9 @@ def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform:
     finally:
         head._loss_request = None
     if nll.shape != labels.shape:
-        raise RuntimeError(f"the chunked LM head returned {tuple(nll.shape)}, not per-token losses "
-                           f"{tuple(labels.shape)}: this architecture post-processes its logits; set "
-                           "trainer.loss_chunk_tokens=0")
+        raise RuntimeError(
+            f"the chunked LM head returned {tuple(nll.shape)}, not per-token losses "
+            f"{tuple(labels.shape)}: this architecture post-processes its logits; set "
+            "trainer.loss_chunk_tokens=0"
+        )
     return nll[:, :-1]

@@ -34,13 +34,20 @@ import torch.nn.functional as F
 from data_pipeline.packing import IGNORE
 from trainer.objectives.token import token_nll_from_logits
 
-STATS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-         "logps/rejected")
+STATS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 """Per-pair metrics, summed over pairs by `PreferenceLoss.rows` and divided by the pair count for a log line."""
 
 
-def document_logps(logits: torch.Tensor, labels: torch.Tensor, document: torch.Tensor,
-                   documents: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def document_logps(
+    logits: torch.Tensor, labels: torch.Tensor, document: torch.Tensor, documents: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per row and document: the sum of the supervised tokens' log-probs, and their count; both
     [batch, documents]. Position t's logits predict token t+1, which belongs to document[t+1]
     (a document's first token is never supervised, so t is in the same document).
@@ -51,8 +58,9 @@ def document_logps(logits: torch.Tensor, labels: torch.Tensor, document: torch.T
     return document_sums(-token_nll_from_logits(logits, labels), labels, document, documents)
 
 
-def document_sums(token_logp: torch.Tensor, labels: torch.Tensor, document: torch.Tensor,
-                  documents: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def document_sums(
+    token_logp: torch.Tensor, labels: torch.Tensor, document: torch.Tensor, documents: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """document_logps from the per-token log-probs [batch, seq - 1] (0 where the label is IGNORE), as
     trainer/objectives/head.py's `score` gives them negated."""
     targets = labels[:, 1:].to(token_logp.device)
@@ -63,10 +71,18 @@ def document_sums(token_logp: torch.Tensor, labels: torch.Tensor, document: torc
     return sums, counts
 
 
-def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Optional[torch.Tensor],
-                ref_rejected: Optional[torch.Tensor], chosen_tokens: torch.Tensor, rejected_tokens: torch.Tensor,
-                loss: str, beta: float, label_smoothing: float = 0.0,
-                simpo_gamma: float = 0.5) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+def pair_losses(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: Optional[torch.Tensor],
+    ref_rejected: Optional[torch.Tensor],
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    loss: str,
+    beta: float,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Each pair's loss and its metrics (STATS, unreduced), from the policy's summed log-probs of the
     chosen and rejected completions, the reference's (None for simpo) and the completions' token counts."""
     eps = label_smoothing
@@ -89,10 +105,14 @@ def pair_losses(chosen: torch.Tensor, rejected: torch.Tensor, ref_chosen: Option
         else:
             raise ValueError(f"stage.loss={loss!r}: use dpo, ipo or simpo")
     chosen_reward, rejected_reward = chosen_reward.detach(), rejected_reward.detach()
-    stats = {"rewards/chosen": chosen_reward, "rewards/rejected": rejected_reward,
-             "rewards/margins": chosen_reward - rejected_reward,
-             "rewards/accuracies": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
-             "logps/chosen": chosen_lp.detach(), "logps/rejected": rejected_lp.detach()}
+    stats = {
+        "rewards/chosen": chosen_reward,
+        "rewards/rejected": rejected_reward,
+        "rewards/margins": chosen_reward - rejected_reward,
+        "rewards/accuracies": (chosen_reward > rejected_reward).to(chosen_reward.dtype),
+        "logps/chosen": chosen_lp.detach(),
+        "logps/rejected": rejected_lp.detach(),
+    }
     return losses, stats
 
 
@@ -109,8 +129,12 @@ def _documents_present(batch: Dict[str, torch.Tensor]) -> Tuple[int, torch.Tenso
     if "reference" in batch:
         documents = max(documents, batch["reference"].shape[1])
     supervised = (batch["labels"][:, 1:] != IGNORE).double()
-    present = torch.zeros(document.size(0), documents, dtype=torch.float64).scatter_add(
-        1, document[:, 1:].clamp(min=0), supervised) > 0
+    present = (
+        torch.zeros(document.size(0), documents, dtype=torch.float64).scatter_add(
+            1, document[:, 1:].clamp(min=0), supervised
+        )
+        > 0
+    )
     return documents, present
 
 
@@ -144,14 +168,25 @@ class PreferenceLoss:
         ref = None
         if self.needs_reference:
             if "reference" not in batch:
-                raise RuntimeError("stage.loss=%s needs the reference log-probs (trainer/objectives/reference.py); none are "
-                                   "attached to this batch" % self.loss)
+                raise RuntimeError(
+                    "stage.loss=%s needs the reference log-probs (trainer/objectives/reference.py); none are "
+                    "attached to this batch" % self.loss
+                )
             ref = batch["reference"].to(sums.device, sums.dtype)
             ref = F.pad(ref, (0, documents - ref.shape[1]))
         valid = (present[:, 0::2] & present[:, 1::2]).to(sums.device)
-        losses, stats = pair_losses(sums[:, 0::2], sums[:, 1::2], None if ref is None else ref[:, 0::2],
-                                    None if ref is None else ref[:, 1::2], counts[:, 0::2], counts[:, 1::2],
-                                    self.loss, self.beta, self.label_smoothing, self.simpo_gamma)
+        losses, stats = pair_losses(
+            sums[:, 0::2],
+            sums[:, 1::2],
+            None if ref is None else ref[:, 0::2],
+            None if ref is None else ref[:, 1::2],
+            counts[:, 0::2],
+            counts[:, 1::2],
+            self.loss,
+            self.beta,
+            self.label_smoothing,
+            self.simpo_gamma,
+        )
         zero = torch.zeros((), dtype=losses.dtype, device=losses.device)
         row_losses = torch.where(valid, losses, zero).sum(1)
         row_stats = torch.stack([torch.where(valid, stats[k], zero).sum(1) for k in STATS], dim=1)

@@ -47,13 +47,25 @@ def start_key(model_cfg, seed: int, precision: str, tokenizer) -> str:
         weights = [_file_fingerprint(p) for p in files]
     else:
         weights = {"model_type": model_cfg.model_type, "arch": model_cfg.arch, "seed": seed}
-    identity = {"weights": weights, "precision": precision, "attention": str(model_cfg.attn_implementation),
-                "tokenizer": tokenizer_fingerprint(tokenizer)}
+    identity = {
+        "weights": weights,
+        "precision": precision,
+        "attention": str(model_cfg.attn_implementation),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+    }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def attach(engine, sources: Dict[str, Prepared], key: str, micro_batch_size: int, rank: int, world_size: int,
-           device: torch.device, writer: bool) -> None:
+def attach(
+    engine,
+    sources: Dict[str, Prepared],
+    key: str,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    writer: bool,
+) -> None:
     """Give every preference source its `reference` array: from its cache when every rank has it, else
     computed now by all ranks and written by the `writer`s (one process per node). Collective."""
     sources = {name: src for name, src in sources.items() if src.is_preference}
@@ -76,14 +88,21 @@ def attach(engine, sources: Dict[str, Prepared], key: str, micro_batch_size: int
                 with open(tmp, "wb") as f:
                     np.save(f, reference)
                 os.replace(tmp, path)  # atomic: a reader sees the whole array or none
-            log.info("reference log-probs of %s: %d pairs scored once in %.1f s (start %s) -> %s",
-                     name, int(src.stats.get("pairs", 0)), time.time() - started, key, path)
+            log.info(
+                "reference log-probs of %s: %d pairs scored once in %.1f s (start %s) -> %s",
+                name,
+                int(src.stats.get("pairs", 0)),
+                time.time() - started,
+                key,
+                path,
+            )
         src.reference = np.pad(reference, ((0, 0), (0, width - reference.shape[1])))
 
 
 @torch.no_grad()
-def _score(engine, src: Prepared, micro_batch_size: int, rank: int, world_size: int,
-           device: torch.device) -> np.ndarray:
+def _score(
+    engine, src: Prepared, micro_batch_size: int, rank: int, world_size: int, device: torch.device
+) -> np.ndarray:
     """Every row's per-document completion log-probs under the engine's current weights. Every rank runs
     the same number of forwards (ZeRO-3 gathers parameters collectively); its rows, or a repeat of row
     0 whose result is dropped."""

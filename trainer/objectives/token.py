@@ -36,8 +36,9 @@ def token_nll_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     position t's logits against label t + 1. trainer/objectives/chunked.py computes the same without the logits."""
     logits = logits[:, :-1, :].float()
     targets = labels[:, 1:].to(logits.device)
-    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
-                             reduction="none")
+    losses = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE, reduction="none"
+    )
     return losses.view(targets.shape)
 
 

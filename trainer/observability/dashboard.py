@@ -16,8 +16,17 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-PANELS = ("loss", "eval loss", "Δ eval loss", "learning rate", "grad norm", "throughput",
-          "peak memory (GB)", "packing", "step time (s)")
+PANELS = (
+    "loss",
+    "eval loss",
+    "Δ eval loss",
+    "learning rate",
+    "grad norm",
+    "throughput",
+    "peak memory (GB)",
+    "packing",
+    "step time (s)",
+)
 PREFERENCE_PANELS = ("rewards", "reward accuracy", "log-probs")
 """A fourth row for preference stages (stage=dpo): TRL's rewards/*, logps/*, train and eval/<set>/."""
 COLUMNS = 3
@@ -79,8 +88,9 @@ def figure(rows: List[Dict], title: str = ""):
     import matplotlib.pyplot as plt
 
     names = PANELS + (PREFERENCE_PANELS if keys_like(rows, r"(eval/[^/]+/)?rewards/.+") else ())
-    fig, axes = plt.subplots(len(names) // COLUMNS, COLUMNS, figsize=(15, 11 * len(names) / len(PANELS)),
-                             constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(names) // COLUMNS, COLUMNS, figsize=(15, 11 * len(names) / len(PANELS)), constrained_layout=True
+    )
     panels = dict(zip(names, axes.flat))
 
     def draw(panel: str, keys: List[str], label=lambda k: k, offset_first: bool = False, ax=None, **style) -> int:

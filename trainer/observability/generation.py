@@ -19,8 +19,9 @@ log = logging.getLogger("trainer")
 
 
 class Generator:
-    def __init__(self, prompts: List[str], max_new_tokens: int, tokenizer, chat: bool,
-                 system_prompt: Optional[str] = None) -> None:
+    def __init__(
+        self, prompts: List[str], max_new_tokens: int, tokenizer, chat: bool, system_prompt: Optional[str] = None
+    ) -> None:
         self.prompts, self.max_new_tokens, self.tokenizer = list(prompts), max_new_tokens, tokenizer
         self.chat = chat and bool(getattr(tokenizer, "chat_template", None))
         self.system_prompt = system_prompt
@@ -31,8 +32,9 @@ class Generator:
         if not self.chat:
             return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-        text = self.tokenizer.apply_chat_template(messages + [{"role": "user", "content": prompt}], tokenize=False,
-                                                  add_generation_prompt=True)
+        text = self.tokenizer.apply_chat_template(
+            messages + [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()
@@ -51,16 +53,25 @@ class Generator:
         was_training, cache = model.training, model.config.use_cache
         model.eval()
         try:
-            out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                                 do_sample=False, use_cache=True, synced_gpus=True, pad_token_id=pad,
-                                 eos_token_id=tok.eos_token_id)
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=self.max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                synced_gpus=True,
+                pad_token_id=pad,
+                eos_token_id=tok.eos_token_id,
+            )
         finally:
             model.config.use_cache = cache  # generation only: training stays cache-free
             if was_training:
                 model.train()
         new = out[:, width:].tolist()
-        return [{"prompt": p, "completion": tok.decode(_until_eos(n, tok.eos_token_id), skip_special_tokens=True)}
-                for p, n in zip(self.prompts, new)]
+        return [
+            {"prompt": p, "completion": tok.decode(_until_eos(n, tok.eos_token_id), skip_special_tokens=True)}
+            for p, n in zip(self.prompts, new)
+        ]
 
 
 def _until_eos(ids: List[int], eos: Optional[int]) -> List[int]:

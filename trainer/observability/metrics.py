@@ -30,6 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 @dataclass
 class StepResult:
     """One optimizer step. Sums cover every rank; nonfinite_rows are this rank's."""
+
     loss_sum: float
     """Sum of the token losses of the step."""
     supervised_tokens: float
@@ -110,12 +111,14 @@ class MetricWindow:
         """The window's metrics (train/loss, train/lr, train/grad_norm, data/*, reg/*), then reset."""
         if self.steps == 0:
             return {}
-        out = {"train/loss": self.loss_sum / max(self.units, 1.0),
-               "train/lr": self.lr,
-               "train/grad_norm": sum(self.grad_norms) / len(self.grad_norms),
-               "train/grad_norm_max": max(self.grad_norms, key=lambda g: g if g == g else math.inf),
-               "data/packing_efficiency": self.real / max(self.slots, 1.0),
-               "data/supervised_token_fraction": self.supervised / max(self.slots, 1.0)}
+        out = {
+            "train/loss": self.loss_sum / max(self.units, 1.0),
+            "train/lr": self.lr,
+            "train/grad_norm": sum(self.grad_norms) / len(self.grad_norms),
+            "train/grad_norm_max": max(self.grad_norms, key=lambda g: g if g == g else math.inf),
+            "data/packing_efficiency": self.real / max(self.slots, 1.0),
+            "data/supervised_token_fraction": self.supervised / max(self.slots, 1.0),
+        }
         if len(self.names) > 1:
             for j, name in enumerate(self.names):
                 if self.src_supervised[j] > 0:

@@ -83,6 +83,7 @@ def model_flops_per_token(model, seq_len: int) -> float:
 
 # ---- spikes ----------------------------------------------------------------------------------
 
+
 def is_spike(history: List[float], value: float, z: float, rel: float, min_history: int) -> bool:
     """A value is a spike when it is not finite, or (with at least min_history earlier values) lies
     above the recent median by both z robust standard deviations (1.4826 * MAD) and `rel` of the
@@ -121,7 +122,7 @@ class SpikeWatch:
                 continue
             value, past = float(metrics[key]), self.history[key]
             if is_spike(list(past), value, z, rel, self.min_history):
-                if step - self.last_warned.get(key, -10**9) < self.cooldown:
+                if step - self.last_warned.get(key, -(10**9)) < self.cooldown:
                     self.held_back[key] += 1
                 else:
                     median = statistics.median(past) if past else float("nan")
@@ -137,6 +138,7 @@ class SpikeWatch:
 
 # ---- the meter the loop calls -------------------------------------------------------------------
 
+
 class PerfMeter:
     """Times each step's phases (data wait, forward/backward, optimizer) and reports averages over
     the steps since the previous report. On a GPU each phase ends with a device synchronize, or
@@ -144,8 +146,9 @@ class PerfMeter:
 
     PHASES = ("data_wait", "forward_backward", "optimizer")
 
-    def __init__(self, flops_per_token_: Optional[float], peak: Optional[float], world_size: int, rank: int,
-                 on_gpu: bool) -> None:
+    def __init__(
+        self, flops_per_token_: Optional[float], peak: Optional[float], world_size: int, rank: int, on_gpu: bool
+    ) -> None:
         self.flops_per_token, self.peak = flops_per_token_, peak
         self.world_size, self.rank, self.on_gpu = world_size, rank, on_gpu
         self.spikes = SpikeWatch(enabled=rank == 0)
@@ -201,10 +204,12 @@ class PerfMeter:
 
         steps, seconds = max(self.window_steps, 1), max(self.window_s, 1e-9)
         tokens_per_s = self.window_tokens / seconds
-        out = {"perf/step_time_s": seconds / steps,
-               "perf/tokens_per_s": tokens_per_s,
-               "perf/tokens_per_s_per_device": tokens_per_s / self.world_size,
-               "perf/data_wait_pct": 100.0 * self.phase_s["data_wait"] / seconds}
+        out = {
+            "perf/step_time_s": seconds / steps,
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/tokens_per_s_per_device": tokens_per_s / self.world_size,
+            "perf/data_wait_pct": 100.0 * self.phase_s["data_wait"] / seconds,
+        }
         out.update({f"perf/{p}_s": self.phase_s[p] / steps for p in self.PHASES})
         if self.peak and self.flops_per_token:
             out["perf/mfu"] = mfu(tokens_per_s / self.world_size, self.flops_per_token, self.peak)

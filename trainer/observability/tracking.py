@@ -43,8 +43,16 @@ SAMPLES_KEY = "samples/generations"
 
 
 class Tracker:
-    def __init__(self, cfg: LoggerConfig, output_dir: str, exp_name: str, config_tree: Dict[str, Any],
-                 resume_step: int, enabled: bool, job_type: str = "train") -> None:
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        output_dir: str,
+        exp_name: str,
+        config_tree: Dict[str, Any],
+        resume_step: int,
+        enabled: bool,
+        job_type: str = "train",
+    ) -> None:
         self.enabled = enabled
         self.run = None
         if not enabled:
@@ -121,8 +129,13 @@ def summarise(output_dir: str, baseline: Dict[str, float], dashboard: bool = Tru
     last = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
     for key in sorted(k for k in last if k.endswith("/loss")):
         if key in baseline:
-            log.info("summary %s: %.4f at the start -> %.4f at the end (%+.4f)", key, baseline[key], last[key],
-                     last[key] - baseline[key])
+            log.info(
+                "summary %s: %.4f at the start -> %.4f at the end (%+.4f)",
+                key,
+                baseline[key],
+                last[key],
+                last[key] - baseline[key],
+            )
     for key in ("eval/forgetting", "eval/domain_gain"):
         if key in last:
             log.info("summary %s: %+.4f", key, last[key])
@@ -161,14 +174,24 @@ def resolve_mode(cfg: LoggerConfig, env: Dict[str, str]) -> str:
     return cfg.mode or env.get("WANDB_MODE") or ("online" if env.get("WANDB_API_KEY") else "offline")
 
 
-def _start_wandb(cfg: LoggerConfig, output_dir: str, exp_name: str, config_tree: Dict[str, Any], run_id: str,
-                 job_type: str):
+def _start_wandb(
+    cfg: LoggerConfig, output_dir: str, exp_name: str, config_tree: Dict[str, Any], run_id: str, job_type: str
+):
     import wandb
 
     mode = resolve_mode(cfg, dict(os.environ))
-    kwargs = dict(project=cfg.project, entity=cfg.entity, group=cfg.group or exp_name,
-                  name=cfg.name or Path(output_dir).resolve().name, tags=list(cfg.tags), config=config_tree,
-                  dir=output_dir, id=run_id, resume="allow", job_type=job_type)
+    kwargs = dict(
+        project=cfg.project,
+        entity=cfg.entity,
+        group=cfg.group or exp_name,
+        name=cfg.name or Path(output_dir).resolve().name,
+        tags=list(cfg.tags),
+        config=config_tree,
+        dir=output_dir,
+        id=run_id,
+        resume="allow",
+        job_type=job_type,
+    )
     argv = sys.argv
     sys.argv = argv[:1] + redact_args(argv[1:])  # W&B reads the arguments at init
     try:
@@ -223,11 +246,19 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.4f}",
-                                 tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False)
-        log.info("step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  ETA %s", step, self.max_steps,
-                 metrics["train/loss"], metrics["train/lr"], metrics["train/grad_norm"],
-                 metrics.get("perf/tokens_per_s", float("nan")), _hms(self.eta_s(step)))
+            self.bar.set_postfix(
+                loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics.get('perf/tokens_per_s', 0):.0f}", refresh=False
+            )
+        log.info(
+            "step %d/%d  loss %.4f  lr %.2e  grad_norm %.3f  %.0f tok/s  ETA %s",
+            step,
+            self.max_steps,
+            metrics["train/loss"],
+            metrics["train/lr"],
+            metrics["train/grad_norm"],
+            metrics.get("perf/tokens_per_s", float("nan")),
+            _hms(self.eta_s(step)),
+        )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -259,9 +290,13 @@ class LogWindow(Component):
         self.progress.update(state.step)
         if state.step % self.every_steps and not last:
             return
-        metrics = {**self.window.summary(), "train/skipped_steps": state.skipped_steps,
-                   "train/tokens_seen": state.tokens_seen, "train/supervised_tokens_seen": state.supervised_tokens_seen,
-                   **self.perf.metrics()}
+        metrics = {
+            **self.window.summary(),
+            "train/skipped_steps": state.skipped_steps,
+            "train/tokens_seen": state.tokens_seen,
+            "train/supervised_tokens_seen": state.supervised_tokens_seen,
+            **self.perf.metrics(),
+        }
         tracker.log(state.step, metrics)
         self.progress.log(state.step, metrics)  # one line per log step (and the bar on a terminal)
 

@@ -21,18 +21,53 @@ def jl(*objs) -> str:
 
 # ---- formats ------------------------------------------------------------------------------------
 
+
 def test_every_format_normalises_to_messages_or_text():
-    alpaca = normalise(Record({"instruction": "Define fever.", "input": "Adult", "output": "A raised temperature.",
-                               "system": "Be brief."}, "f:1"), "auto")
-    assert alpaca.messages == [{"role": "system", "content": "Be brief."},
-                               {"role": "user", "content": "Define fever.\n\nAdult"},
-                               {"role": "assistant", "content": "A raised temperature."}]
-    share = normalise(Record({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "hi"},
-                                                {"from": "gpt", "value": "hello"}]}, "f:2"), "auto")
+    alpaca = normalise(
+        Record(
+            {
+                "instruction": "Define fever.",
+                "input": "Adult",
+                "output": "A raised temperature.",
+                "system": "Be brief.",
+            },
+            "f:1",
+        ),
+        "auto",
+    )
+    assert alpaca.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Define fever.\n\nAdult"},
+        {"role": "assistant", "content": "A raised temperature."},
+    ]
+    share = normalise(
+        Record(
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"},
+                ]
+            },
+            "f:2",
+        ),
+        "auto",
+    )
     assert [m["role"] for m in share.messages] == ["system", "user", "assistant"]
-    msgs = normalise(Record({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                          {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]},
-                            "f:3"), "auto")
+    msgs = normalise(
+        Record(
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "b"},
+                    {"role": "user", "content": "c"},
+                    {"role": "assistant", "content": "d"},
+                ]
+            },
+            "f:3",
+        ),
+        "auto",
+    )
     assert [m["content"] for m in msgs.messages] == ["a", "b", "c", "d"]
     comp = normalise(Record({"prompt": "Q:", "completion": " A"}, "f:4"), "auto")
     assert (comp.prompt, comp.text) == ("Q:", " A")
@@ -52,13 +87,22 @@ def test_sources_read_every_file_kind(tmp_path):
     pd.DataFrame([QA]).to_parquet(tmp_path / "d.parquet")
     pd.DataFrame([QA]).to_csv(tmp_path / "e.csv", index=False)
     records = list(read_records(str(tmp_path)))
-    assert [r.where.rsplit("/", 1)[1] for r in records] == ["a.jsonl:1", "b.json:[0]", "b.json:[1]", "c.txt:1",
-                                                            "c.txt:5", "d.parquet:[0]", "e.csv:2"]
+    assert [r.where.rsplit("/", 1)[1] for r in records] == [
+        "a.jsonl:1",
+        "b.json:[0]",
+        "b.json:[1]",
+        "c.txt:1",
+        "c.txt:5",
+        "d.parquet:[0]",
+        "e.csv:2",
+    ]
     assert records[3].data == {"text": "doc one\nline two"}
     assert records[5].data == QA and records[6].data == QA
     Dataset.from_list([QA] * 3).save_to_disk(str(tmp_path / "saved"))
     assert len(list(read_records(str(tmp_path / "saved")))) == 3
-    DatasetDict({"train": Dataset.from_list([QA]), "test": Dataset.from_list([QA] * 2)}).save_to_disk(str(tmp_path / "dd"))
+    DatasetDict({"train": Dataset.from_list([QA]), "test": Dataset.from_list([QA] * 2)}).save_to_disk(
+        str(tmp_path / "dd")
+    )
     assert len(list(read_records(str(tmp_path / "dd"), split="test"))) == 2
     with pytest.raises(DataError, match=r"splits \['test', 'train'\], not 'dev'; set data.split"):
         list(read_records(str(tmp_path / "dd"), split="dev"))
@@ -66,17 +110,30 @@ def test_sources_read_every_file_kind(tmp_path):
 
 # ---- labels -------------------------------------------------------------------------------------
 
+
 def test_assistant_only_labels_end_with_eos(tiny_tokenizer):
     tok = tiny_tokenizer
-    ex = normalise(Record({"messages": [{"role": "system", "content": "You are a nurse."},
-                                        {"role": "user", "content": "Name an organ."},
-                                        {"role": "assistant", "content": "The liver."},
-                                        {"role": "user", "content": "Another?"},
-                                        {"role": "assistant", "content": "The kidney."}]}, "f:1"), "messages")
+    ex = normalise(
+        Record(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a nurse."},
+                    {"role": "user", "content": "Name an organ."},
+                    {"role": "assistant", "content": "The liver."},
+                    {"role": "user", "content": "Another?"},
+                    {"role": "assistant", "content": "The kidney."},
+                ]
+            },
+            "f:1",
+        ),
+        "messages",
+    )
     ids, labels = encode(tok, ex, "instruct")
     learned = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     text = tok.decode(learned)
-    assert "liver" in text and "kidney" in text and "organ" not in text and "Another" not in text and "nurse" not in text
+    assert (
+        "liver" in text and "kidney" in text and "organ" not in text and "Another" not in text and "nurse" not in text
+    )
     assert learned[-1] == tok.eos_token_id and learned.count(tok.eos_token_id) == 2
     ids_sft, labels_sft = encode(tok, ex, "sft")  # only the final answer
     sft_text = tok.decode([t for t, lab in zip(ids_sft, labels_sft) if lab != IGNORE])
@@ -88,8 +145,9 @@ def test_assistant_only_labels_end_with_eos(tiny_tokenizer):
 
 def test_completion_loss_is_on_the_completion_and_eos(tiny_tokenizer):
     tok = tiny_tokenizer
-    ids, labels = encode(tok, normalise(Record({"prompt": "Dose of drug X:", "completion": " ten milligrams"}, "f:1"),
-                                        "auto"), "sft")
+    ids, labels = encode(
+        tok, normalise(Record({"prompt": "Dose of drug X:", "completion": " ten milligrams"}, "f:1"), "auto"), "sft"
+    )
     learned = [t for t, lab in zip(ids, labels) if lab != IGNORE]
     assert tok.decode(learned[:-1]).strip() == "ten milligrams" and learned[-1] == tok.eos_token_id
     assert labels[0] == IGNORE
@@ -99,25 +157,69 @@ def test_completion_loss_is_on_the_completion_and_eos(tiny_tokenizer):
 # (case, file name, bytes, message it raises with data.on_error=raise, count under on_error=skip)
 # The message names file:line, the field and what was expected; "{f}" is the file's path.
 BAD_INPUTS = [
-    ("malformed JSON line", "d.jsonl", (jl(QA) + "{broken\n" + jl(QA)).encode(),
-     r"{f}:2: not valid JSON \(Expecting property name enclosed in double quotes at column 2\)", "skipped_malformed"),
-    ("missing field", "d.jsonl", jl(QA, {"instruction": "Q?"}).encode(),
-     r"{f}:2: cannot tell the format from keys \['instruction'\]", "skipped_malformed"),
-    ("wrong type", "d.jsonl", jl(QA, {"instruction": "Q?", "output": 3}).encode(),
-     r"{f}:2: field 'output' is a int; the alpaca format expects a string", "skipped_malformed"),
-    ("unknown role", "d.jsonl", jl(QA, {"messages": [{"role": "doctor", "content": "x"},
-                                                     {"role": "assistant", "content": "y"}]}).encode(),
-     r"{f}:2: messages\[0\] must have 'role' \(system/user/assistant\) and a string 'content'", "skipped_malformed"),
-    ("empty text", "d.jsonl", jl({"text": "fine"}, {"text": "   "}).encode(), r"{f}:2: field 'text' is empty",
-     "skipped_malformed"),
-    ("empty answer", "d.jsonl", jl(QA, {"instruction": "Q?", "output": ""}).encode(),
-     r"{f}:2: field 'output' is empty; there is nothing to learn", "skipped_malformed"),
-    ("non-UTF-8 bytes", "d.jsonl", jl(QA).encode() + b'{"text": "caf\xe9"}\n',
-     r"{f}:2: not valid UTF-8 \(byte 0xe9 at column 14\); re-encode the file as UTF-8", "skipped_malformed"),
-    ("truncated last line", "d.jsonl", (jl(QA) + '{"instruction": "Q?", "outp').encode(),
-     r"{f}:2: not valid JSON .*it is the last line and has no newline: the file looks truncated", "skipped_malformed"),
-    ("not an object", "d.jsonl", (jl(QA) + "[1, 2]\n").encode(), r"{f}:2: expected a JSON object, got list",
-     "skipped_malformed"),
+    (
+        "malformed JSON line",
+        "d.jsonl",
+        (jl(QA) + "{broken\n" + jl(QA)).encode(),
+        r"{f}:2: not valid JSON \(Expecting property name enclosed in double quotes at column 2\)",
+        "skipped_malformed",
+    ),
+    (
+        "missing field",
+        "d.jsonl",
+        jl(QA, {"instruction": "Q?"}).encode(),
+        r"{f}:2: cannot tell the format from keys \['instruction'\]",
+        "skipped_malformed",
+    ),
+    (
+        "wrong type",
+        "d.jsonl",
+        jl(QA, {"instruction": "Q?", "output": 3}).encode(),
+        r"{f}:2: field 'output' is a int; the alpaca format expects a string",
+        "skipped_malformed",
+    ),
+    (
+        "unknown role",
+        "d.jsonl",
+        jl(QA, {"messages": [{"role": "doctor", "content": "x"}, {"role": "assistant", "content": "y"}]}).encode(),
+        r"{f}:2: messages\[0\] must have 'role' \(system/user/assistant\) and a string 'content'",
+        "skipped_malformed",
+    ),
+    (
+        "empty text",
+        "d.jsonl",
+        jl({"text": "fine"}, {"text": "   "}).encode(),
+        r"{f}:2: field 'text' is empty",
+        "skipped_malformed",
+    ),
+    (
+        "empty answer",
+        "d.jsonl",
+        jl(QA, {"instruction": "Q?", "output": ""}).encode(),
+        r"{f}:2: field 'output' is empty; there is nothing to learn",
+        "skipped_malformed",
+    ),
+    (
+        "non-UTF-8 bytes",
+        "d.jsonl",
+        jl(QA).encode() + b'{"text": "caf\xe9"}\n',
+        r"{f}:2: not valid UTF-8 \(byte 0xe9 at column 14\); re-encode the file as UTF-8",
+        "skipped_malformed",
+    ),
+    (
+        "truncated last line",
+        "d.jsonl",
+        (jl(QA) + '{"instruction": "Q?", "outp').encode(),
+        r"{f}:2: not valid JSON .*it is the last line and has no newline: the file looks truncated",
+        "skipped_malformed",
+    ),
+    (
+        "not an object",
+        "d.jsonl",
+        (jl(QA) + "[1, 2]\n").encode(),
+        r"{f}:2: expected a JSON object, got list",
+        "skipped_malformed",
+    ),
 ]
 
 
@@ -129,8 +231,9 @@ def test_bad_input_is_named_or_counted(tmp_path, tiny_tokenizer, case, name, con
     with pytest.raises(DataError, match=message.format(f=f)) as raised:
         prepare(str(f), tiny_tokenizer, opts, str(tmp_path / "cache"))
     assert "data.on_error=skip" in str(raised.value)
-    skipped = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=128, on_error="skip"),
-                      str(tmp_path / "cache"))
+    skipped = prepare(
+        str(f), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=128, on_error="skip"), str(tmp_path / "cache")
+    )
     assert skipped.stats[count] == 1 and skipped.stats["samples"] == skipped.stats["records"] - 1
     assert json_manifest(skipped)["stats"][count] == 1  # reported in the manifest too
 
@@ -202,9 +305,12 @@ def test_system_prompt_is_added_to_conversations_without_one(tmp_path, tiny_toke
     f = tmp_path / "d.jsonl"
     f.write_text(jl(QA))
     plain = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=128), str(tmp_path / "c"))
-    with_system = prepare(str(f), tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=128,
-                                                                 system_prompt="You are a careful clinician."),
-                          str(tmp_path / "c"))
+    with_system = prepare(
+        str(f),
+        tiny_tokenizer,
+        PrepareOptions(objective="instruct", seq_len=128, system_prompt="You are a careful clinician."),
+        str(tmp_path / "c"),
+    )
     text = tiny_tokenizer.decode(with_system.rows([0])["input_ids"][0][: with_system.filled[0]])
     assert "careful clinician" in text
     assert with_system.filled[0] > plain.filled[0]

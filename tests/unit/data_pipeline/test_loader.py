@@ -33,8 +33,10 @@ def sample_ids(loader: StepLoader, step: int):
 def layout(micro, accum, world, steps, n=13, seed=3):
     """Rows each step trains on, over all ranks, for a (micro, accum, world) layout."""
     src = [FakeSource(0, n)]
-    return [sorted(i for r in range(world) for i in sample_ids(StepLoader(src, [1.0], micro, accum, r, world, seed), s))
-            for s in steps]
+    return [
+        sorted(i for r in range(world) for i in sample_ids(StepLoader(src, [1.0], micro, accum, r, world, seed), s))
+        for s in steps
+    ]
 
 
 def test_layouts_with_the_same_global_batch_see_the_same_rows():
@@ -102,8 +104,9 @@ def test_mixing_holds_the_token_ratio_within_two_percent_and_is_deterministic():
         assert MixSchedule([domain, general], [1 - ratio, ratio], seed=11).at(range(10_000)) == picks
         # resume: a new schedule asked only from position 6000 on gives the same rows
         assert MixSchedule([domain, general], [1 - ratio, ratio], seed=11).at(range(6000, 10_000)) == picks[6000:]
-    assert MixSchedule([domain, general], [0.75, 0.25], seed=12).at(range(100)) != \
-        MixSchedule([domain, general], [0.75, 0.25], seed=11).at(range(100))
+    assert MixSchedule([domain, general], [0.75, 0.25], seed=12).at(range(100)) != MixSchedule(
+        [domain, general], [0.75, 0.25], seed=11
+    ).at(range(100))
 
 
 def test_mixing_rejects_bad_weights():
@@ -141,4 +144,6 @@ def test_the_loader_pads_unpacked_batches_to_their_longest_row_and_leaves_packed
         for b in StepLoader([src], [1.0], 2, 2, 0, 1, seed=1, pad_to_multiple_of=4).micro_batches(step):
             assert b["input_ids"].shape[1] == min(64, -(-int(b["filled"].max()) // 4) * 4)
             assert b["labels"].shape == b["position_ids"].shape == b["input_ids"].shape
-        assert all(b["input_ids"].shape[1] == 64 for b in StepLoader([src], [1.0], 2, 2, 0, 1, seed=1).micro_batches(step))
+        assert all(
+            b["input_ids"].shape[1] == 64 for b in StepLoader([src], [1.0], 2, 2, 0, 1, seed=1).micro_batches(step)
+        )

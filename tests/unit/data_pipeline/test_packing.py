@@ -41,8 +41,17 @@ def test_packed_documents_do_not_attend_to_each_other():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa")).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            attn_implementation="sdpa",
+        )
+    ).eval()
     a, b = [5, 6, 7, 8, 9], [10, 11, 12]
     ids, _, pos, _ = pack_rows([(a, a), (b, b)], [[0, 1]], 10, pad_id=0)
     with torch.no_grad():

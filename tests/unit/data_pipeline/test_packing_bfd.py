@@ -37,23 +37,26 @@ def check_invariants(bins: List[List[int]], lengths: Sequence[int], capacity: in
     assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
 
 
-@pytest.mark.parametrize("lengths, capacity, bins", [
-    ([], 8, []),
-    ([8], 8, [[0]]),
-    ([4, 4, 4, 4], 8, [[0, 1], [2, 3]]),
-    # Ties keep input order: 3(i0) opens bin 0 (room 3), 3(i1) fills it, 3(i2) opens bin 1.
-    ([3, 3, 3], 6, [[0, 1], [2]]),
-    # Sorted 5(i1) 4(i3) 3(i0) 2(i2) 1(i4), capacity 6: 5 -> bin0 (room 1); 4 -> bin1 (room 2);
-    # 3 -> bin2 (room 3, nothing else fits); 2 -> bin1, the least room >= 2 (room 0); 1 -> bin0 (room 0).
-    ([3, 5, 2, 4, 1], 6, [[1, 4], [3, 2], [0]]),
-    # Best fit, not first fit: 5(i0) -> bin0 (room 2); 3(i1) -> bin1 (room 4); 3(i2) -> bin1 (room 1);
-    # 1(i3) -> bin1, the fullest bin that fits (room 1), where first fit would pick bin0 (room 2).
-    ([5, 3, 3, 1], 7, [[0], [1, 2, 3]]),
-    # Equal rooms go to the lowest bin id, not the bin that reached that room first:
-    # 11(i0) -> bin0 (room 9); 10(i1) -> bin1 (room 10); 10(i2) -> bin1 (room 0, reached first);
-    # 9(i3) -> bin0 (room 0); the empty sample (i4) fits both rooms 0 and goes to bin 0.
-    ([11, 10, 10, 9, 0], 20, [[0, 3, 4], [1, 2]]),
-])
+@pytest.mark.parametrize(
+    "lengths, capacity, bins",
+    [
+        ([], 8, []),
+        ([8], 8, [[0]]),
+        ([4, 4, 4, 4], 8, [[0, 1], [2, 3]]),
+        # Ties keep input order: 3(i0) opens bin 0 (room 3), 3(i1) fills it, 3(i2) opens bin 1.
+        ([3, 3, 3], 6, [[0, 1], [2]]),
+        # Sorted 5(i1) 4(i3) 3(i0) 2(i2) 1(i4), capacity 6: 5 -> bin0 (room 1); 4 -> bin1 (room 2);
+        # 3 -> bin2 (room 3, nothing else fits); 2 -> bin1, the least room >= 2 (room 0); 1 -> bin0 (room 0).
+        ([3, 5, 2, 4, 1], 6, [[1, 4], [3, 2], [0]]),
+        # Best fit, not first fit: 5(i0) -> bin0 (room 2); 3(i1) -> bin1 (room 4); 3(i2) -> bin1 (room 1);
+        # 1(i3) -> bin1, the fullest bin that fits (room 1), where first fit would pick bin0 (room 2).
+        ([5, 3, 3, 1], 7, [[0], [1, 2, 3]]),
+        # Equal rooms go to the lowest bin id, not the bin that reached that room first:
+        # 11(i0) -> bin0 (room 9); 10(i1) -> bin1 (room 10); 10(i2) -> bin1 (room 0, reached first);
+        # 9(i3) -> bin0 (room 0); the empty sample (i4) fits both rooms 0 and goes to bin 0.
+        ([11, 10, 10, 9, 0], 20, [[0, 3, 4], [1, 2]]),
+    ],
+)
 def test_by_hand(lengths, capacity, bins):
     assert best_fit_decreasing(lengths, capacity) == bins
     assert reference_bfd(lengths, capacity) == bins

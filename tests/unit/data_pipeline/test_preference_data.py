@@ -43,8 +43,7 @@ def test_a_text_prompt_with_message_completions_becomes_a_user_turn():
 def test_whole_conversations_share_their_prompt_prefix():
     """HH-RLHF style: the prompt is the common prefix, cut back to end before the assistant turn."""
     shared = [U("I have a cough."), A("How long?"), U("Two weeks.")]
-    p = _pair({"chosen": shared + [A("See a doctor if it lasts three weeks.")],
-               "rejected": shared + [A("Ignore it.")]})
+    p = _pair({"chosen": shared + [A("See a doctor if it lasts three weeks.")], "rejected": shared + [A("Ignore it.")]})
     assert p.prompt == shared and p.chosen == [A("See a doctor if it lasts three weeks.")]
     assert p.rejected == [A("Ignore it.")]
     # The completions begin with the same words of the same assistant turn: the prompt still ends
@@ -53,24 +52,27 @@ def test_whole_conversations_share_their_prompt_prefix():
     assert q.prompt == [U("x")]
 
 
-@pytest.mark.parametrize("data, message", [
-    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
-    ({"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("a")]}, "identical"),
-    ({"chosen": [U("q"), A("a")], "rejected": [U("q"), A("a")]}, "identical"),
-    ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
-    ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
-    ({"chosen": [A("a")], "rejected": [A("b")]}, "the prompt is missing"),
-    ({"chosen": [U("q"), A("a")], "rejected": [U("other"), A("b")]}, "the prompt is missing"),
-    ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "field 'prompt' is empty"),
-    ({"prompt": "q", "chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
-    ({"prompt": [U("q"), A("a")], "chosen": [A("b")], "rejected": [A("c")]}, "ends with an assistant turn"),
-    ({"prompt": [U("q")], "chosen": [U("b")], "rejected": [A("c")]}, "must start with an assistant turn"),
-    ({"prompt": [U("q")], "chosen": [A("  ")], "rejected": [A("c")]}, "no non-empty assistant turn"),
-    ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "b", "rejected": "c"}, "prompt[0] must have 'role'"),
-    ({"prompt": "q", "chosen": 3, "rejected": "c"}, "field 'chosen' must be a non-empty list"),
-    ({"instruction": "q", "output": "a"}, "needs 'chosen' and 'rejected'"),
-    ({"__error__": "invalid JSON (Expecting value)"}, "invalid JSON"),
-])
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+        ({"prompt": [U("q")], "chosen": [A("a")], "rejected": [A("a")]}, "identical"),
+        ({"chosen": [U("q"), A("a")], "rejected": [U("q"), A("a")]}, "identical"),
+        ({"chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
+        ({"prompt": None, "chosen": "a", "rejected": "b"}, "field 'prompt' is missing"),
+        ({"chosen": [A("a")], "rejected": [A("b")]}, "the prompt is missing"),
+        ({"chosen": [U("q"), A("a")], "rejected": [U("other"), A("b")]}, "the prompt is missing"),
+        ({"prompt": "  ", "chosen": "a", "rejected": "b"}, "field 'prompt' is empty"),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "field 'chosen' is empty"),
+        ({"prompt": [U("q"), A("a")], "chosen": [A("b")], "rejected": [A("c")]}, "ends with an assistant turn"),
+        ({"prompt": [U("q")], "chosen": [U("b")], "rejected": [A("c")]}, "must start with an assistant turn"),
+        ({"prompt": [U("q")], "chosen": [A("  ")], "rejected": [A("c")]}, "no non-empty assistant turn"),
+        ({"prompt": [{"role": "robot", "content": "q"}], "chosen": "b", "rejected": "c"}, "prompt[0] must have 'role'"),
+        ({"prompt": "q", "chosen": 3, "rejected": "c"}, "field 'chosen' must be a non-empty list"),
+        ({"instruction": "q", "output": "a"}, "needs 'chosen' and 'rejected'"),
+        ({"__error__": "invalid JSON (Expecting value)"}, "invalid JSON"),
+    ],
+)
 def test_bad_pairs_name_the_line_and_the_problem(data, message):
     with pytest.raises(DataError, match="prefs.jsonl:7") as ex:
         _pair(data)
@@ -78,10 +80,10 @@ def test_bad_pairs_name_the_line_and_the_problem(data, message):
 
 
 def test_fit_pair_by_hand():
-    assert fit_pair(10, 30, 8, 40) == 12          # the docstring's example: chosen cut to 12, rejected kept
-    assert fit_pair(10, 30, 30, 40) == 10         # both cut to 10: 20 + 10 + 10 = 40
-    assert fit_pair(19, 5, 5, 40) == 1            # room 2: one token each
-    assert fit_pair(20, 5, 5, 40) is None         # the prompt twice fills the row
+    assert fit_pair(10, 30, 8, 40) == 12  # the docstring's example: chosen cut to 12, rejected kept
+    assert fit_pair(10, 30, 30, 40) == 10  # both cut to 10: 20 + 10 + 10 = 40
+    assert fit_pair(19, 5, 5, 40) == 1  # room 2: one token each
+    assert fit_pair(20, 5, 5, 40) is None  # the prompt twice fills the row
 
 
 def test_write_pairs_layout_by_hand(tmp_path):
@@ -109,9 +111,11 @@ def _jsonl(path, records):
 
 def test_prepare_counts_overlong_pairs_and_keeps_pairs_whole(tmp_path, tiny_tokenizer):
     long = "word " * 200
-    src = _jsonl(tmp_path / "p.jsonl", [{"prompt": [U("Is it safe?")], "chosen": [A("Ask your doctor.")],
-                                         "rejected": [A("Yes, always.")]}] * 5
-                 + [{"prompt": [U("Tell me more.")], "chosen": [A(long)], "rejected": [A("No.")]}])
+    src = _jsonl(
+        tmp_path / "p.jsonl",
+        [{"prompt": [U("Is it safe?")], "chosen": [A("Ask your doctor.")], "rejected": [A("Yes, always.")]}] * 5
+        + [{"prompt": [U("Tell me more.")], "chosen": [A(long)], "rejected": [A("No.")]}],
+    )
     opts = dict(objective="dpo", seq_len=64)
     cut = prepare(src, tiny_tokenizer, PrepareOptions(**opts, overlong="truncate"), str(tmp_path / "c"))
     assert cut.stats["truncated_overlong"] == 1 and cut.stats["pairs"] == 6
@@ -128,9 +132,14 @@ def test_prepare_counts_overlong_pairs_and_keeps_pairs_whole(tmp_path, tiny_toke
 
 
 def test_prepare_skips_and_counts_bad_pairs_or_stops_at_the_first(tmp_path, tiny_tokenizer):
-    src = _jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"},
-                                        {"prompt": "q", "chosen": "same", "rejected": "same"},
-                                        {"chosen": "a", "rejected": "b"}])
+    src = _jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "q", "chosen": "a", "rejected": "b"},
+            {"prompt": "q", "chosen": "same", "rejected": "same"},
+            {"chosen": "a", "rejected": "b"},
+        ],
+    )
     with pytest.raises(DataError, match=r"p\.jsonl:2: 'chosen' and 'rejected' are identical(.|\n)*data.on_error=skip"):
         prepare(src, tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=64), str(tmp_path / "c"))
     p = prepare(src, tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=64, on_error="skip"), str(tmp_path / "c"))
@@ -138,12 +147,14 @@ def test_prepare_skips_and_counts_bad_pairs_or_stops_at_the_first(tmp_path, tiny
 
 
 def test_text_pairs_end_in_eos_and_chat_pairs_in_the_template_end(tiny_tokenizer):
-    prompt, chosen, rejected = encode_pair(tiny_tokenizer, _pair({"prompt": "Is it safe?", "chosen": " Ask.",
-                                                                  "rejected": " Yes."}))
+    prompt, chosen, rejected = encode_pair(
+        tiny_tokenizer, _pair({"prompt": "Is it safe?", "chosen": " Ask.", "rejected": " Yes."})
+    )
     assert chosen[-1] == rejected[-1] == tiny_tokenizer.eos_token_id
     assert tiny_tokenizer.decode(prompt + chosen, skip_special_tokens=True).replace(" ", "") == "Isitsafe?Ask."
-    prompt, chosen, _ = encode_pair(tiny_tokenizer, _pair({"prompt": [U("Is it safe?")], "chosen": [A("Ask.")],
-                                                           "rejected": [A("Yes.")]}))
+    prompt, chosen, _ = encode_pair(
+        tiny_tokenizer, _pair({"prompt": [U("Is it safe?")], "chosen": [A("Ask.")], "rejected": [A("Yes.")]})
+    )
     text = tiny_tokenizer.decode(prompt + chosen)
     full = tiny_tokenizer.apply_chat_template([U("Is it safe?"), A("Ask.")], tokenize=False)
     assert text.replace(" ", "") == full.replace(" ", "")
@@ -158,7 +169,7 @@ def test_the_bundled_preference_sets_prepare_cleanly(tmp_path, tiny_tokenizer):
 
 
 def test_a_prompt_that_merges_into_its_completion_is_refused(tiny_tokenizer):
-    """"a" + "b" tokenizes as one token: no prompt token survives to condition on, and the completion's
+    """ "a" + "b" tokenizes as one token: no prompt token survives to condition on, and the completion's
     first token could never be scored. An error naming the line, not a silently shorter completion."""
     with pytest.raises(DataError, match=r"prefs.jsonl:7: the prompt's tokens merge into the completion's"):
         encode_pair(tiny_tokenizer, _pair({"prompt": "a", "chosen": "b", "rejected": "c"}))

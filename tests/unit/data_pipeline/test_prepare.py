@@ -17,10 +17,9 @@ from data_pipeline.loader import trim_to_longest
 from data_pipeline.packing import IGNORE
 from data_pipeline.prepare import PrepareOptions, _write_chunked, prepare
 from data_pipeline.sources import DataError
-from trainer.objectives.token import token_loss_sum
-from trainer.config import bundled_path
-
 from helpers import tiny_llama
+from trainer.config import bundled_path
+from trainer.objectives.token import token_loss_sum
 
 QA = bundled_path("medical_qa.jsonl")
 NOTES = bundled_path("medical_notes.txt")
@@ -131,8 +130,11 @@ def test_every_packed_document_has_its_standalone_logits(tmp_path, tiny_tokenize
     p = prepare(QA, tiny_tokenizer, PrepareOptions(objective="instruct", seq_len=256), str(tmp_path))
     rows = p.rows(np.arange(3))
     with torch.no_grad():
-        packed = model(input_ids=torch.from_numpy(rows["input_ids"]), position_ids=torch.from_numpy(rows["position_ids"]),
-                       use_cache=False).logits
+        packed = model(
+            input_ids=torch.from_numpy(rows["input_ids"]),
+            position_ids=torch.from_numpy(rows["position_ids"]),
+            use_cache=False,
+        ).logits
         checked = 0
         for r in range(3):
             pos = rows["position_ids"][r][: p.filled[r]]
@@ -162,8 +164,11 @@ def test_packed_and_unpacked_training_see_the_same_loss_and_gradients(tmp_path, 
                 rows = trim_to_longest(rows, prep.filled[chunk], trim)
                 widths.append(rows["input_ids"].shape[1])
             labels = torch.from_numpy(rows["labels"])
-            out = model(input_ids=torch.from_numpy(rows["input_ids"]), position_ids=torch.from_numpy(rows["position_ids"]),
-                        use_cache=False)
+            out = model(
+                input_ids=torch.from_numpy(rows["input_ids"]),
+                position_ids=torch.from_numpy(rows["position_ids"]),
+                use_cache=False,
+            )
             loss = token_loss_sum(out.logits, labels)
             loss.backward()
             total += loss.item()

@@ -23,8 +23,11 @@ def _fake_checkpoint(tmp_path: Path) -> Checkpointer:
     ck = Checkpointer(str(tmp_path), keep_last=2, rank=0, world_size=1)
     path = ck.dir / TAG
     path.mkdir(parents=True)
-    for name, size in (("zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000), ("rng_rank0.pt", 300),
-                       ("trainer_state.json", 50)):
+    for name, size in (
+        ("zero_pp_rank_0_mp_rank_00_optim_states.pt", 5000),
+        ("rng_rank0.pt", 300),
+        ("trainer_state.json", 50),
+    ):
         (path / name).write_bytes(os.urandom(size))
     files = ck._hash_files(TAG, sorted(ck._files(TAG)))
     (path / "COMPLETE").write_text(json.dumps({"files": files}))
@@ -44,10 +47,13 @@ def test_a_missing_truncated_or_corrupted_file_is_named(tmp_path):
     data = bytearray((path / "trainer_state.json").read_bytes())
     data[10] ^= 0xFF  # one flipped byte, same size
     (path / "trainer_state.json").write_bytes(bytes(data))
-    assert sorted(ck.verify(TAG)) == sorted([
-        f"{path / 'rng_rank0.pt'} is missing",
-        f"{path / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'} is 2500 bytes, 5000 were written (truncated?)",
-        f"{path / 'trainer_state.json'} fails its CRC-32 check (corrupted)"])
+    assert sorted(ck.verify(TAG)) == sorted(
+        [
+            f"{path / 'rng_rank0.pt'} is missing",
+            f"{path / 'zero_pp_rank_0_mp_rank_00_optim_states.pt'} is 2500 bytes, 5000 were written (truncated?)",
+            f"{path / 'trainer_state.json'} fails its CRC-32 check (corrupted)",
+        ]
+    )
 
 
 def test_a_checkpoint_without_complete_is_removed_at_the_start_and_latest_is_required(tmp_path, monkeypatch):
@@ -82,7 +88,6 @@ def test_fault_points_parse_and_refuse_garbage(monkeypatch):
     monkeypatch.setenv(faults.NAN_LOSS, "three")
     with pytest.raises(ValueError, match="STEP:RANK"):
         faults.inject(plain, 1)
-
 
 
 def test_finished_step_reads_a_finished_run_from_its_files(tmp_path):

@@ -11,12 +11,11 @@ import pytest
 import torch
 
 from data_pipeline.packing import IGNORE
+from helpers import close, plain_token_nll
 from trainer.objectives import head as loss_head
 from trainer.objectives.chunked import auto_chunk, token_nll
-from trainer.objectives.token import TokenLoss, token_nll_from_logits
 from trainer.objectives.preference import PreferenceLoss
-
-from helpers import close, plain_token_nll
+from trainer.objectives.token import TokenLoss, token_nll_from_logits
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
@@ -27,7 +26,7 @@ def test_loss_and_gradients_equal_the_full_logits_for_any_chunk(chunk):
     hidden = torch.randn(B, T, H, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
     targets[0, :10] = IGNORE  # a prompt
-    targets[2] = IGNORE       # a fully masked row
+    targets[2] = IGNORE  # a fully masked row
     upstream = torch.randn(B, T)  # per-token weights, as DPO's non-uniform gradient
 
     def grads(fn):
@@ -84,8 +83,17 @@ def _model(kind: str, tied: bool):
 
     torch.manual_seed(0)
     cls, cfg = (LlamaForCausalLM, LlamaConfig) if kind == "llama" else (Qwen2ForCausalLM, Qwen2Config)
-    return cls(cfg(vocab_size=97, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, tie_word_embeddings=tied)).eval()
+    return cls(
+        cfg(
+            vocab_size=97,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            tie_word_embeddings=tied,
+        )
+    ).eval()
 
 
 def _batch():
@@ -97,13 +105,21 @@ def _batch():
     document = torch.zeros_like(ids)
     document[:, 12:] = 1  # two documents a row: a pair (chosen, rejected)
     positions = torch.cat([torch.arange(12), torch.arange(12)]).repeat(3, 1)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "document": document,
-            "reference": torch.randn(3, 2, dtype=torch.float64) * 5 - 40}
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "position_ids": positions,
+        "document": document,
+        "reference": torch.randn(3, 2, dtype=torch.float64) * 5 - 40,
+    }
 
 
 @pytest.mark.parametrize("kind, tied", [("llama", False), ("qwen2", True)])
-@pytest.mark.parametrize("objective", [TokenLoss(), PreferenceLoss("dpo", 0.1), PreferenceLoss("ipo", 0.1),
-                                       PreferenceLoss("simpo", 2.0)], ids=["tokens", "dpo", "ipo", "simpo"])
+@pytest.mark.parametrize(
+    "objective",
+    [TokenLoss(), PreferenceLoss("dpo", 0.1), PreferenceLoss("ipo", 0.1), PreferenceLoss("simpo", 2.0)],
+    ids=["tokens", "dpo", "ipo", "simpo"],
+)
 def test_the_chunked_head_gives_every_objective_the_same_loss_and_gradients(kind, tied, objective):
     batch = _batch()
     plain, chunked = _model(kind, tied), _model(kind, tied)
@@ -129,7 +145,9 @@ def test_chunking_is_on_where_it_helps_and_off_where_the_logits_are_post_process
     assert loss_head.chunking_for(llama, 0) is None
     small_vocab = types.SimpleNamespace(model_type="llama", vocab_size=64, hidden_size=32)
     assert loss_head.chunking_for(small_vocab, None) is None
-    gemma = types.SimpleNamespace(model_type="gemma2", vocab_size=256_000, hidden_size=2304, final_logit_softcapping=30.0)
+    gemma = types.SimpleNamespace(
+        model_type="gemma2", vocab_size=256_000, hidden_size=2304, final_logit_softcapping=30.0
+    )
     assert loss_head.chunking_for(gemma, None) is None and loss_head.chunking_for(gemma, 256) is None
 
 

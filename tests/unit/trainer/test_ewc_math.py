@@ -3,7 +3,6 @@ Fisher as the mean squared gradient, sharded or not."""
 
 from __future__ import annotations
 
-
 import torch
 
 from trainer.forgetting import ewc_math
@@ -48,8 +47,18 @@ def test_fisher_is_the_mean_squared_gradient_and_sharding_changes_nothing():
         torch.nn.functional.mse_loss(model(x), y).backward()
         ewc_math.accumulate_fisher(full, torch.cat([p.grad.flatten() for p in model.parameters()]))
     full /= len(batches)
-    reference = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(
-        torch.nn.functional.mse_loss(model(x), y), list(model.parameters()))]) ** 2 for x, y in batches]).mean(0)
+    reference = torch.stack(
+        [
+            torch.cat(
+                [
+                    g.flatten()
+                    for g in torch.autograd.grad(torch.nn.functional.mse_loss(model(x), y), list(model.parameters()))
+                ]
+            )
+            ** 2
+            for x, y in batches
+        ]
+    ).mean(0)
     assert torch.allclose(full, reference, atol=1e-7)
     shards = [full[:10].clone(), full[10:].clone()]  # two "ranks"
     ewc_math.normalise(shards, float(full.sum()), full.numel())

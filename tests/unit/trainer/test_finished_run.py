@@ -7,8 +7,8 @@ import dataclasses
 
 from omegaconf import OmegaConf
 
-from trainer.cli import load_config
 from trainer.build import same_model as _same_model
+from trainer.cli import load_config
 
 
 def test_only_the_same_model_counts_as_this_run(tmp_path):

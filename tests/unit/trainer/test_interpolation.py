@@ -13,8 +13,16 @@ import torch
 
 from helpers import ROOT
 from trainer.cli import load_config
-from trainer.forgetting.interpolation import (GROUPS, alpha_label, check, choose, group_of, interpolate, parse_alpha,
-                                   write_interpolated)
+from trainer.forgetting.interpolation import (
+    GROUPS,
+    alpha_label,
+    check,
+    choose,
+    group_of,
+    interpolate,
+    parse_alpha,
+    write_interpolated,
+)
 
 
 def test_alpha_specs_parse_and_print_back():
@@ -30,19 +38,33 @@ def test_alpha_specs_parse_and_print_back():
         parse_alpha("half")
 
 
-@pytest.mark.parametrize("name,group", [
-    ("model.embed_tokens.weight", "bottom"), ("model.layers.0.self_attn.q_proj.weight", "bottom"),
-    ("model.layers.9.mlp.up_proj.weight", "bottom"), ("model.layers.10.mlp.up_proj.weight", "middle"),
-    ("model.layers.19.input_layernorm.weight", "middle"), ("model.layers.20.mlp.down_proj.weight", "top"),
-    ("model.layers.29.post_attention_layernorm.weight", "top"), ("model.norm.weight", "top"),
-    ("lm_head.weight", "top")])
+@pytest.mark.parametrize(
+    "name,group",
+    [
+        ("model.embed_tokens.weight", "bottom"),
+        ("model.layers.0.self_attn.q_proj.weight", "bottom"),
+        ("model.layers.9.mlp.up_proj.weight", "bottom"),
+        ("model.layers.10.mlp.up_proj.weight", "middle"),
+        ("model.layers.19.input_layernorm.weight", "middle"),
+        ("model.layers.20.mlp.down_proj.weight", "top"),
+        ("model.layers.29.post_attention_layernorm.weight", "top"),
+        ("model.norm.weight", "top"),
+        ("lm_head.weight", "top"),
+    ],
+)
 def test_depth_groups_of_a_30_layer_model(name, group):
     assert group_of(name, 30) == group
 
 
 def test_interpolation_is_exact_per_group_and_checks_shapes():
     torch.manual_seed(0)
-    names = ["model.embed_tokens.weight", "model.layers.0.w", "model.layers.1.w", "model.layers.2.w", "model.norm.weight"]
+    names = [
+        "model.embed_tokens.weight",
+        "model.layers.0.w",
+        "model.layers.1.w",
+        "model.layers.2.w",
+        "model.norm.weight",
+    ]
     start = {n: torch.randn(4, 3) for n in names}
     end = {n: torch.randn(4, 3) for n in names}
     mixed = interpolate(start, end, {"bottom": 0.0, "middle": 0.5, "top": 1.0}, num_layers=3)
@@ -63,8 +85,15 @@ def _hf_dir(path, seed):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
-                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     return path
 
@@ -73,20 +102,48 @@ def test_the_offline_command_writes_the_interpolated_model(tmp_path):
     from safetensors.torch import load_file
 
     a, b = _hf_dir(tmp_path / "start", 0), _hf_dir(tmp_path / "end", 1)
-    proc = subprocess.run([sys.executable, "-m", "trainer.forgetting.interpolation", str(a), str(b), str(tmp_path / "out"),
-                           "--alpha", "bottom=0.5,middle=0,top=1"], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.forgetting.interpolation",
+            str(a),
+            str(b),
+            str(tmp_path / "out"),
+            "--alpha",
+            "bottom=0.5,middle=0,top=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     w0, w1 = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    assert torch.allclose(out["model.embed_tokens.weight"], (w0["model.embed_tokens.weight"] + w1["model.embed_tokens.weight"]) / 2)
+    assert torch.allclose(
+        out["model.embed_tokens.weight"], (w0["model.embed_tokens.weight"] + w1["model.embed_tokens.weight"]) / 2
+    )
     assert torch.equal(out["model.layers.1.mlp.up_proj.weight"], w0["model.layers.1.mlp.up_proj.weight"])
     assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], w1["model.layers.2.mlp.up_proj.weight"])
     info = json.loads((tmp_path / "out" / "interpolation.json").read_text())
     assert info["alpha"] == "bottom=0.5,middle=0,top=1" and list(info["groups"]) == list(GROUPS)
     with pytest.raises(FileExistsError, match="nothing is overwritten"):
         write_interpolated(str(a), str(b), 0.5, str(tmp_path / "out"))
-    bad = subprocess.run([sys.executable, "-m", "trainer.forgetting.interpolation", str(a), str(b), str(tmp_path / "x"),
-                          "--alpha", "mid=1"], cwd=ROOT, capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.forgetting.interpolation",
+            str(a),
+            str(b),
+            str(tmp_path / "x"),
+            "--alpha",
+            "mid=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "unknown group(s) ['mid']" in bad.stderr
 
 
@@ -122,7 +179,9 @@ def test_config_checks_name_key_and_value():
     with pytest.raises(ValueError, match="keep eval.at_start=true"):
         check(cfg, baseline_expected=False)
     check(cfg, baseline_expected=True)
-    cfg = load_config(base + ["regularizer.interpolation.alpha=0.5", "model.name_or_path=/m", "trainer.export_hf=false"])
+    cfg = load_config(
+        base + ["regularizer.interpolation.alpha=0.5", "model.name_or_path=/m", "trainer.export_hf=false"]
+    )
     with pytest.raises(ValueError, match="trainer.export_hf=true"):
         check(cfg, baseline_expected=True)
     assert not load_config(base).regularizer.interpolation.enabled

@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
+from helpers import close, plain_token_nll
 from trainer.objectives import chunked as chunked_loss
 from trainer.objectives import head as loss_head
 from trainer.objectives.chunked import token_nll
-
-from helpers import close, plain_token_nll
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,14 +41,16 @@ def test_liger_equals_the_full_logits_and_the_torch_kernel():
     weight = torch.nn.Parameter(torch.randn(V, H) * 0.3)
     hidden = torch.randn(B, T, H, requires_grad=True)
     targets = torch.randint(0, V, (B, T))
-    targets[0, :8] = IGNORE   # a prompt
+    targets[0, :8] = IGNORE  # a prompt
     targets[1, -3:] = IGNORE  # padding
     liger = lambda h, w, t, **kw: token_nll(h, w, t, chunk, kernel="liger", **kw)  # noqa: E731
     for upstream in (torch.randn(B, T), torch.full((B, T), 0.37)):
         ref = _grads(plain_token_nll, hidden, weight, targets, upstream)
-        torch_kernel = _grads(lambda h, w, t: token_nll(h, w, t, chunk, uniform=True), hidden, weight, targets, upstream)
+        torch_kernel = _grads(
+            lambda h, w, t: token_nll(h, w, t, chunk, uniform=True), hidden, weight, targets, upstream
+        )
         for uniform in (False, True):  # True + a per-token upstream: the promise broken, still exact (recomputed)
-            got = _grads(lambda h, w, t: liger(h, w, t, uniform=uniform), hidden, weight, targets, upstream)
+            got = _grads(lambda h, w, t, u=uniform: liger(h, w, t, uniform=u), hidden, weight, targets, upstream)
             assert (got[0][targets == IGNORE] == 0).all()
             for g, r, t in zip(got, ref, torch_kernel):
                 assert close(g, r) and close(g, t)
@@ -72,8 +73,15 @@ def test_liger_through_a_hugging_face_head_equals_the_torch_kernel():
     per-token losses as the torch kernel and every parameter's gradient equals its."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    cfg = Qwen2Config(vocab_size=131, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=131,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     models = {k: Qwen2ForCausalLM(cfg) for k in ("torch", "liger")}
     models["liger"].load_state_dict(models["torch"].state_dict())
@@ -103,12 +111,17 @@ def test_the_kernel_choice(monkeypatch):
     try:
         if not torch.cuda.is_available():
             assert loss_head.kernel_for("auto") == "torch"
-            with pytest.raises(ValueError, match=r"trainer.loss_kernel=liger: Liger's Triton kernels need a CUDA GPU.*"
-                                                 r"trainer.loss_kernel=torch"):
+            with pytest.raises(
+                ValueError,
+                match=r"trainer.loss_kernel=liger: Liger's Triton kernels need a CUDA GPU.*"
+                r"trainer.loss_kernel=torch",
+            ):
                 loss_head.kernel_for("liger")
         from liger_kernel.ops import fused_linear_cross_entropy as flce
 
-        monkeypatch.setattr(flce, "fused_linear_cross_entropy_forward", lambda _input, weight, target, reduction="mean": None)
+        monkeypatch.setattr(
+            flce, "fused_linear_cross_entropy_forward", lambda _input, weight, target, reduction="mean": None
+        )
         chunked_loss.liger_problem.cache_clear()
         with pytest.raises(ValueError, match=r"liger-kernel \S+ is older than 0.8.5"):
             loss_head.kernel_for("liger")

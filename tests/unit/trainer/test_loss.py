@@ -52,8 +52,17 @@ def _grads(model, ids, labels, layout):
 
 def test_micro_batch_and_rank_splits_give_the_same_gradient():
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    )
     model.double()  # (RMSNorm still computes in float32 inside, hence a relative tolerance)
     ids, labels = _rows()
     r = list(range(8))
@@ -67,7 +76,9 @@ def test_micro_batch_and_rank_splits_give_the_same_gradient():
     # And it is the true mean over tokens, not a mean of per-micro-batch means.
     model.zero_grad()
     logits = model(input_ids=ids).logits
-    mean = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100)
+    mean = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     mean.backward()
     for a, p in zip(bsz8_ga1, model.parameters()):
         assert rel_diff(a, p.grad) < 1e-5
@@ -76,8 +87,17 @@ def test_micro_batch_and_rank_splits_give_the_same_gradient():
 def test_per_micro_batch_mean_would_differ():
     """The shortcut the normalisation replaces really is wrong here (so the test above can fail)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)).double()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+        )
+    ).double()
     ids, labels = _rows()
     model.zero_grad()
     for i in range(8):
@@ -89,6 +109,7 @@ def test_per_micro_batch_mean_would_differ():
 
 
 # ---- EWC's Fisher on the model's own predictions (regularizer.ewc.fisher_labels=sampled) -------------
+
 
 def test_sampled_labels_draw_only_where_a_loss_is_taken_and_repeat_with_the_seed():
     g = torch.Generator().manual_seed(0)
@@ -140,7 +161,11 @@ def test_the_squared_batch_gradient_on_sampled_labels_estimates_the_summed_per_t
             exact += p[i, y] * score * score
     draws = torch.Generator().manual_seed(4)
     data_labels = torch.cat([torch.zeros(1, 1, dtype=torch.long), torch.randint(0, vocab, (1, n))], 1)
-    mc = torch.stack([grad_sq(sampled_labels(torch.cat([logits.detach(), logits.detach()[:, :1]], 1), data_labels, draws))
-                      for _ in range(3000)]).mean(0)
+    mc = torch.stack(
+        [
+            grad_sq(sampled_labels(torch.cat([logits.detach(), logits.detach()[:, :1]], 1), data_labels, draws))
+            for _ in range(3000)
+        ]
+    ).mean(0)
     assert torch.allclose(mc.sum(), exact.sum(), rtol=0.05), (mc.sum(), exact.sum())
     assert float(torch.corrcoef(torch.stack([mc.flatten(), exact.flatten()]))[0, 1]) > 0.95

@@ -11,10 +11,18 @@ from trainer.observability.metrics import MetricWindow, StepResult
 
 def step(loss_sum, supervised, real, slots, sources, lr=1e-3, grad_norm=1.0, penalty=None):
     """A StepResult from per-source (loss_sum, supervised, real) triples; totals must add up."""
-    return StepResult(loss_sum=loss_sum, supervised_tokens=supervised, real_tokens=real, slots=slots,
-                      source_loss_sum=[s[0] for s in sources], source_supervised=[s[1] for s in sources],
-                      source_tokens=[s[2] for s in sources], lr=lr, grad_norm=grad_norm,
-                      penalties={} if penalty is None else {"ewc": penalty})
+    return StepResult(
+        loss_sum=loss_sum,
+        supervised_tokens=supervised,
+        real_tokens=real,
+        slots=slots,
+        source_loss_sum=[s[0] for s in sources],
+        source_supervised=[s[1] for s in sources],
+        source_tokens=[s[2] for s in sources],
+        lr=lr,
+        grad_norm=grad_norm,
+        penalties={} if penalty is None else {"ewc": penalty},
+    )
 
 
 def test_losses_are_token_weighted_over_the_window_not_a_mean_of_steps():
@@ -37,8 +45,15 @@ def test_replay_fraction_counts_every_step_of_the_window():
     window = MetricWindow(["main", "replay"])
     for k in range(5):
         replay = 100 if k == 2 else 0
-        window.add(step(2.0 * (1000 - replay) + 1.0 * replay, 1000, 1000, 1024,
-                        [(2.0 * (1000 - replay), 1000 - replay, 1000 - replay), (1.0 * replay, replay, replay)]))
+        window.add(
+            step(
+                2.0 * (1000 - replay) + 1.0 * replay,
+                1000,
+                1000,
+                1024,
+                [(2.0 * (1000 - replay), 1000 - replay, 1000 - replay), (1.0 * replay, replay, replay)],
+            )
+        )
     out = window.summary()
     assert out["data/replay_token_fraction"] == pytest.approx(100 / 5000)
     assert out["data/replay/token_fraction"] == out["data/replay_token_fraction"]

@@ -17,8 +17,10 @@ from trainer.engine.optim import lr_multiplier
 
 
 def schedule(kind: str, warmup: int, max_steps: int, min_ratio: float = 0.1):
-    return [lr_multiplier(s, warmup_steps=warmup, max_steps=max_steps, schedule=kind, min_ratio=min_ratio)
-            for s in range(max_steps)]
+    return [
+        lr_multiplier(s, warmup_steps=warmup, max_steps=max_steps, schedule=kind, min_ratio=min_ratio)
+        for s in range(max_steps)
+    ]
 
 
 def test_linear_warmup_reaches_the_peak_at_its_last_step():
@@ -58,11 +60,14 @@ def test_the_config_enum_selects_the_schedule():
     assert lr_multiplier(6, 2, 7, LRSchedule.cosine, 0.1) == pytest.approx(0.1)
 
 
-@pytest.mark.parametrize("max_steps, warmup, expected", [
-    (1, 0, [1.0]),              # a single step: p = 0 / max(1, 0) = 0, the peak
-    (2, 1, [1.0, 1.0]),         # warmup ends at the last step: no step left to decay in
-    (2, 0, [1.0, 0.1]),         # S - 1 - W = 1: the second step is already the floor
-    (3, 5, [0.2, 0.4, 0.6]),    # warmup longer than the run: the peak is never reached
-])
+@pytest.mark.parametrize(
+    "max_steps, warmup, expected",
+    [
+        (1, 0, [1.0]),  # a single step: p = 0 / max(1, 0) = 0, the peak
+        (2, 1, [1.0, 1.0]),  # warmup ends at the last step: no step left to decay in
+        (2, 0, [1.0, 0.1]),  # S - 1 - W = 1: the second step is already the floor
+        (3, 5, [0.2, 0.4, 0.6]),  # warmup longer than the run: the peak is never reached
+    ],
+)
 def test_very_short_runs(max_steps, warmup, expected):
     assert schedule("cosine", warmup=warmup, max_steps=max_steps) == pytest.approx(expected, abs=1e-12)

@@ -10,8 +10,15 @@ from trainer.engine.model import check_packed_isolation
 
 
 def _llama():
-    return transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
 
 
 def test_a_pass_is_remembered_and_the_probe_is_not_run_again(tmp_path, monkeypatch):
@@ -31,8 +38,15 @@ def test_a_pass_is_remembered_and_the_probe_is_not_run_again(tmp_path, monkeypat
 
 def test_a_refusal_is_not_remembered(tmp_path, monkeypatch):
     monkeypatch.setenv("FULLFT_CACHE", str(tmp_path))
-    opt = transformers.OPTConfig(vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                                 max_position_embeddings=64, word_embed_proj_dim=32)
+    opt = transformers.OPTConfig(
+        vocab_size=64,
+        hidden_size=32,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+    )
     for _ in range(2):
         with pytest.raises(ValueError, match="lets packed documents attend to each other"):
             check_packed_isolation(opt, "sdpa")

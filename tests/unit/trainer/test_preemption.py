@@ -14,8 +14,18 @@ from trainer.checkpointing import preemption
 from trainer.checkpointing.preemption import MAX_TIME, TERM, USR1, Preemption, decide, out_of_time, parse_duration
 
 
-@pytest.mark.parametrize("text, seconds", [("01:30:00", 5400), ("0:00:30", 30), ("1-02:03:04", 93784),
-                                           ("90s", 90), ("45m", 2700), ("1.5h", 5400), ("2d", 172800)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("01:30:00", 5400),
+        ("0:00:30", 30),
+        ("1-02:03:04", 93784),
+        ("90s", 90),
+        ("45m", 2700),
+        ("1.5h", 5400),
+        ("2d", 172800),
+    ],
+)
 def test_parse_duration(text, seconds):
     assert parse_duration(text) == seconds
 
@@ -29,8 +39,7 @@ def test_parse_duration_refuses_ambiguous_or_malformed(text):
 def test_max_time_is_checked_at_compose_time():
     from hydra import compose, initialize_config_dir
 
-    from trainer.cli import to_config
-    from trainer.cli import register
+    from trainer.cli import register, to_config
 
     register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
@@ -41,17 +50,19 @@ def test_max_time_is_checked_at_compose_time():
 
 def test_out_of_time_looks_one_step_ahead():
     assert not out_of_time(90, 8, 100)  # the next step would end at 98 s
-    assert out_of_time(93, 8, 100)      # ... at 101 s: stop now
+    assert out_of_time(93, 8, 100)  # ... at 101 s: stop now
     assert not out_of_time(10**6, 10**6, None)
 
 
 def test_longest_step_is_measured_between_checks():
     now = [0.0]
     p = Preemption(max_time_s=100, clock=lambda: now[0])
-    for t, expected in [(20, [0, 0, 0]),   # first check: no step measured yet
-                        (30, [0, 0, 0]),   # a 10 s step; 30 + 10 <= 100
-                        (60, [0, 0, 0]),   # a 30 s step; 60 + 30 <= 100
-                        (75, [0, 0, 1])]:  # 75 + 30 > 100: the next step could cross the budget
+    for t, expected in [
+        (20, [0, 0, 0]),  # first check: no step measured yet
+        (30, [0, 0, 0]),  # a 10 s step; 30 + 10 <= 100
+        (60, [0, 0, 0]),  # a 30 s step; 60 + 30 <= 100
+        (75, [0, 0, 1]),
+    ]:  # 75 + 30 > 100: the next step could cross the budget
         now[0] = t
         assert p.local_flags() == expected, t
     assert p.longest_step_s == 30
@@ -96,8 +107,10 @@ def test_one_clock_per_process_across_recipe_stages(handlers):
 
 def test_a_second_signal_ends_the_process():
     """Asked twice, stop being graceful: the second USR1 takes its default action."""
-    code = ("import os, signal, time\nfrom trainer.checkpointing import preemption\np = preemption.install(None)\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\nassert p.signalled is not None\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(5)\n")
+    code = (
+        "import os, signal, time\nfrom trainer.checkpointing import preemption\np = preemption.install(None)\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\nassert p.signalled is not None\n"
+        "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(5)\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == -signal.SIGUSR1, proc.stderr

@@ -13,12 +13,11 @@ import pytest
 import torch
 
 from data_pipeline.prepare import PrepareOptions, prepare
+from helpers import close, tiny_llama
 from trainer.config import bundled_path
+from trainer.objectives.preference import STATS, PreferenceLoss, document_logps, pair_losses
 from trainer.objectives.token import backward_scale, token_nll_from_logits
 from trainer.observability.metrics import MetricWindow, StepResult
-from trainer.objectives.preference import STATS, PreferenceLoss, document_logps, pair_losses
-
-from helpers import close, tiny_llama
 
 PREFS = bundled_path("medical_prefs.jsonl")
 
@@ -33,7 +32,9 @@ def test_the_three_losses_by_hand():
     dpo, stats = pair_losses(*args, loss="dpo", beta=0.1)
     # h = (−1 − −2) − (−3 − −2) = 2: loss = −log σ(0.2)
     assert dpo.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.2))))
-    assert stats["rewards/chosen"].item() == pytest.approx(0.1) and stats["rewards/rejected"].item() == pytest.approx(-0.1)
+    assert stats["rewards/chosen"].item() == pytest.approx(0.1) and stats["rewards/rejected"].item() == pytest.approx(
+        -0.1
+    )
     assert stats["rewards/margins"].item() == pytest.approx(0.2) and stats["rewards/accuracies"].item() == 1.0
     assert stats["logps/chosen"].item() == -1.0 and stats["logps/rejected"].item() == -3.0
     smooth, _ = pair_losses(*args, loss="dpo", beta=0.1, label_smoothing=0.25)
@@ -41,10 +42,11 @@ def test_the_three_losses_by_hand():
     assert smooth.item() == pytest.approx(-0.75 * math.log(s(0.2)) - 0.25 * math.log(s(-0.2)))
     # ipo: log-ratios per token, h' = 1/2 − (−1/4) = 0.75; loss = (0.75 − 1/(2·0.1))² = (−4.25)²
     ipo, _ = pair_losses(*args, loss="ipo", beta=0.1)
-    assert ipo.item() == pytest.approx(4.25 ** 2)
+    assert ipo.item() == pytest.approx(4.25**2)
     # simpo: mean log-probs −0.5 and −0.75, no reference; z = β(−0.5 + 0.75) − γ = 0.025 − 0.5
-    simpo, stats = pair_losses(_t(-1.0), _t(-3.0), None, None, _t(2.0), _t(4.0), loss="simpo", beta=0.1,
-                               simpo_gamma=0.5)
+    simpo, stats = pair_losses(
+        _t(-1.0), _t(-3.0), None, None, _t(2.0), _t(4.0), loss="simpo", beta=0.1, simpo_gamma=0.5
+    )
     assert simpo.item() == pytest.approx(-math.log(s(0.025 - 0.5)))
     assert stats["rewards/chosen"].item() == pytest.approx(-0.05) and stats["logps/chosen"].item() == -0.5
 
@@ -65,10 +67,12 @@ def test_document_logps_by_hand():
 def _batch(prepared, idx, reference_model):
     rows = {k: torch.from_numpy(np.asarray(v)) for k, v in prepared.rows(idx).items()}
     with torch.no_grad():
-        ref_logits = reference_model(input_ids=rows["input_ids"], position_ids=rows["position_ids"],
-                                     use_cache=False).logits
-    rows["reference"] = document_logps(ref_logits, rows["labels"], rows["document"],
-                                       prepared.documents_per_row)[0].double()
+        ref_logits = reference_model(
+            input_ids=rows["input_ids"], position_ids=rows["position_ids"], use_cache=False
+        ).logits
+    rows["reference"] = document_logps(ref_logits, rows["labels"], rows["document"], prepared.documents_per_row)[
+        0
+    ].double()
     return rows
 
 
@@ -91,7 +95,9 @@ def test_packed_pairs_equal_unpacked_pairs_in_loss_and_gradients(tmp_path, tiny_
     src = tmp_path / "p.jsonl"
     src.write_text("".join(open(PREFS).readlines()[:6]))
     packed = prepare(str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=512), str(tmp_path))
-    single = prepare(str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=512, packing=False), str(tmp_path))
+    single = prepare(
+        str(src), tiny_tokenizer, PrepareOptions(objective="dpo", seq_len=512, packing=False), str(tmp_path)
+    )
     assert len(packed) < len(single) == 6
     policy, reference = tiny_llama(len(tiny_tokenizer)), tiny_llama(len(tiny_tokenizer), seed=1)
     objective = PreferenceLoss(loss, beta=0.1)
@@ -114,8 +120,10 @@ def test_pair_exact_normalisation_across_layouts(tmp_path, tiny_tokenizer):
     accumulated = _loss_and_grads(policy, [_batch(rows, [i], reference) for i in range(8)], objective)
     # Two ranks: each backward-scales by world / (pairs of the whole step); DeepSpeed averages the two
     # ranks' gradients, i.e. their sum / 2.
-    halves = [_loss_and_grads(policy, [_batch(rows, np.arange(4 * r, 4 * r + 4), reference)], objective, world=2)
-              for r in range(2)]
+    halves = [
+        _loss_and_grads(policy, [_batch(rows, np.arange(4 * r, 4 * r + 4), reference)], objective, world=2)
+        for r in range(2)
+    ]
     per_rank_pairs = 4
     ranks = {n: (halves[0][1][n] + halves[1][1][n]) * per_rank_pairs / 8 for n in whole[1]}  # both ranks count 8 pairs
     for name, g in whole[1].items():
@@ -129,9 +137,21 @@ def test_a_dpo_log_line_is_pair_weighted():
     for pairs, loss_sum, acc in ((2, 1.0, 2.0), (6, 1.2, 3.0)):
         stats = dict.fromkeys(STATS, 0.0)
         stats["rewards/accuracies"] = acc
-        window.add(StepResult(loss_sum, supervised_tokens=100, real_tokens=120, slots=128, source_loss_sum=[loss_sum],
-                              source_supervised=[pairs], source_tokens=[120], lr=1e-3, grad_norm=1.0, units=pairs,
-                              stats=stats))
+        window.add(
+            StepResult(
+                loss_sum,
+                supervised_tokens=100,
+                real_tokens=120,
+                slots=128,
+                source_loss_sum=[loss_sum],
+                source_supervised=[pairs],
+                source_tokens=[120],
+                lr=1e-3,
+                grad_norm=1.0,
+                units=pairs,
+                stats=stats,
+            )
+        )
     out = window.summary()
     assert out["train/loss"] == pytest.approx(2.2 / 8) and out["rewards/accuracies"] == pytest.approx(5 / 8)
     assert out["data/supervised_token_fraction"] == pytest.approx(200 / 256)
@@ -147,7 +167,13 @@ def test_a_missing_reference_is_an_error_not_a_zero(tmp_path, tiny_tokenizer):
 
 
 def test_metrics_names_are_trls():
-    assert set(STATS) == {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-                          "logps/chosen", "logps/rejected"}
+    assert set(STATS) == {
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+    }
     assert json.dumps(list(STATS))  # plain strings, as metrics.jsonl keys
     assert copy.copy(STATS) == STATS

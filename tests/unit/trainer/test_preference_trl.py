@@ -24,17 +24,14 @@ import json
 import numpy as np
 import pytest
 import torch
-
-import trl  # noqa: E402  (the dev extra: this test must run in CI, not skip)
-
 from datasets import Dataset  # noqa: E402  (TRL's own dependency)
 
 from data_pipeline.preference import encode_pair, normalise_pair  # noqa: E402
 from data_pipeline.prepare import PrepareOptions, prepare  # noqa: E402
 from data_pipeline.sources import Record  # noqa: E402
 from trainer.objectives import reference as reference_module  # noqa: E402
-from trainer.objectives.token import token_nll_from_logits  # noqa: E402
 from trainer.objectives.preference import STATS, PreferenceLoss  # noqa: E402
+from trainer.objectives.token import token_nll_from_logits  # noqa: E402
 
 U = lambda text: {"role": "user", "content": text}  # noqa: E731
 A = lambda text: {"role": "assistant", "content": text}  # noqa: E731
@@ -43,29 +40,46 @@ S = lambda text: {"role": "system", "content": text}  # noqa: E731
 # Conversational pairs of different lengths (a system turn, a multi-turn prompt, a two-turn completion)
 # so rows pack several pairs each and completions differ in token counts (ipo and simpo divide by them).
 CONVERSATIONS = [
-    {"prompt": [U("What is a fever?")], "chosen": [A("A body temperature above 38 C.")],
-     "rejected": [A("A kind of rash.")]},
-    {"prompt": [S("You are a careful clinician."), U("How is asthma treated?")],
-     "chosen": [A("With an inhaled steroid to prevent attacks and a reliever inhaler for symptoms.")],
-     "rejected": [A("It is not treated.")]},
-    {"prompt": [U("I have a cough."), A("For how long?"), U("Two weeks.")],
-     "chosen": [A("See a doctor if it lasts three weeks or you cough blood.")], "rejected": [A("Ignore it.")]},
-    {"prompt": [U("Should I take antibiotics for a cold?")],
-     "chosen": [A("No: colds are viral, and antibiotics do not help.")],
-     "rejected": [A("Yes, always, as early as possible and for as long as you can.")]},
-    {"prompt": [U("What does a high blood sugar mean?")], "chosen": [A("It can mean diabetes; get tested.")],
-     "rejected": [A("Nothing at all.")]},
+    {
+        "prompt": [U("What is a fever?")],
+        "chosen": [A("A body temperature above 38 C.")],
+        "rejected": [A("A kind of rash.")],
+    },
+    {
+        "prompt": [S("You are a careful clinician."), U("How is asthma treated?")],
+        "chosen": [A("With an inhaled steroid to prevent attacks and a reliever inhaler for symptoms.")],
+        "rejected": [A("It is not treated.")],
+    },
+    {
+        "prompt": [U("I have a cough."), A("For how long?"), U("Two weeks.")],
+        "chosen": [A("See a doctor if it lasts three weeks or you cough blood.")],
+        "rejected": [A("Ignore it.")],
+    },
+    {
+        "prompt": [U("Should I take antibiotics for a cold?")],
+        "chosen": [A("No: colds are viral, and antibiotics do not help.")],
+        "rejected": [A("Yes, always, as early as possible and for as long as you can.")],
+    },
+    {
+        "prompt": [U("What does a high blood sugar mean?")],
+        "chosen": [A("It can mean diabetes; get tested.")],
+        "rejected": [A("Nothing at all.")],
+    },
 ]
 
 TEXTS = [
-    {"prompt": "Question: what is a fever?\nAnswer:", "chosen": " A temperature above 38 C.",
-     "rejected": " A rash."},
-    {"prompt": "Question: how is asthma treated?\nAnswer:",
-     "chosen": " With a steroid inhaler and a reliever inhaler.", "rejected": " It is not."},
-    {"prompt": "Question: do antibiotics cure a cold?\nAnswer:", "chosen": " No, colds are viral.",
-     "rejected": " Yes, always, and the more the better."},
-    {"prompt": "Question: what is hypertension?\nAnswer:", "chosen": " High blood pressure.",
-     "rejected": " Low mood."},
+    {"prompt": "Question: what is a fever?\nAnswer:", "chosen": " A temperature above 38 C.", "rejected": " A rash."},
+    {
+        "prompt": "Question: how is asthma treated?\nAnswer:",
+        "chosen": " With a steroid inhaler and a reliever inhaler.",
+        "rejected": " It is not.",
+    },
+    {
+        "prompt": "Question: do antibiotics cure a cold?\nAnswer:",
+        "chosen": " No, colds are viral.",
+        "rejected": " Yes, always, and the more the better.",
+    },
+    {"prompt": "Question: what is hypertension?\nAnswer:", "chosen": " High blood pressure.", "rejected": " Low mood."},
 ]
 
 SEQ_LEN = 128  # room for 2-3 of these pairs a row: several rows, several pairs in each
@@ -77,9 +91,18 @@ def _models(vocab: int):
 
     torch.manual_seed(0)
     # initializer_range 0.1 (not 0.02): logits far from uniform, so log-probs differ token to token
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1, attention_dropout=0.0,
-                         tie_word_embeddings=False, attn_implementation="sdpa")
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        attention_dropout=0.0,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
     policy = LlamaForCausalLM(config).float()
     reference = copy.deepcopy(policy)
     g = torch.Generator().manual_seed(1)
@@ -109,16 +132,18 @@ def _ours(tmp_path, monkeypatch, tokenizer, records, policy, reference, objectiv
     """Our loss (train_step's: row losses summed / pairs), metrics (summed / pairs) and gradients."""
     src = tmp_path / "pairs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
-    prepared = prepare(str(src), tokenizer, PrepareOptions(objective="dpo", seq_len=SEQ_LEN, packing=True),
-                       str(tmp_path / "cache"))
+    prepared = prepare(
+        str(src), tokenizer, PrepareOptions(objective="dpo", seq_len=SEQ_LEN, packing=True), str(tmp_path / "cache")
+    )
     assert prepared.stats["pairs"] == len(records)
     # packing is exercised: more than one row, and rows holding more than one pair
     assert len(prepared) > 1 and prepared.documents_per_row >= 4
     if objective.needs_reference:
         # trainer/objectives/reference.py's own pass, on one rank (its all-reduce over ranks is then the identity)
         monkeypatch.setattr(reference_module.distributed, "all_reduce_sum", lambda t: t)
-        prepared.reference = reference_module._score(_Engine(reference), prepared, micro_batch_size=2, rank=0,
-                                                     world_size=1, device=torch.device("cpu"))
+        prepared.reference = reference_module._score(
+            _Engine(reference), prepared, micro_batch_size=2, rank=0, world_size=1, device=torch.device("cpu")
+        )
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in prepared.rows(np.arange(len(prepared))).items()}
     policy.zero_grad()
     # as train_step: input_ids and per-document position_ids, no attention mask
@@ -175,13 +200,28 @@ def test_dpo_and_ipo_match_trls_dpo_trainer(tmp_path, monkeypatch, tiny_tokenize
     beta = 0.1
     policy, reference = _models(len(tiny_tokenizer))
     trl_policy = copy.deepcopy(policy)  # TRL patches the model it gets (its fused LM head): its own copy
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[], seed=0,
-                     bf16=False,  # TRL's configs default to bf16; this comparison is fp32
-                     beta=beta, loss_type=loss_type, loss_weights=loss_weights, label_smoothing=label_smoothing,
-                     precompute_ref_log_probs=False, per_device_train_batch_size=len(records), max_length=None,
-                     disable_dropout=True)
-    trainer = DPOTrainer(model=trl_policy, ref_model=copy.deepcopy(reference), args=args,
-                         train_dataset=Dataset.from_list(records), processing_class=copy.deepcopy(tiny_tokenizer))
+    args = DPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        bf16=False,  # TRL's configs default to bf16; this comparison is fp32
+        beta=beta,
+        loss_type=loss_type,
+        loss_weights=loss_weights,
+        label_smoothing=label_smoothing,
+        precompute_ref_log_probs=False,
+        per_device_train_batch_size=len(records),
+        max_length=None,
+        disable_dropout=True,
+    )
+    trainer = DPOTrainer(
+        model=trl_policy,
+        ref_model=copy.deepcopy(reference),
+        args=args,
+        train_dataset=Dataset.from_list(records),
+        processing_class=copy.deepcopy(tiny_tokenizer),
+    )
 
     # The same tokens: TRL's prompt_ids/chosen_ids/rejected_ids are our encode_pair's
     for i, record in enumerate(records):
@@ -196,8 +236,15 @@ def test_dpo_and_ipo_match_trls_dpo_trainer(tmp_path, monkeypatch, tiny_tokenize
     trl_loss.backward()
     trl_metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
 
-    ours = _ours(tmp_path, monkeypatch, tiny_tokenizer, records, policy, reference,
-                 PreferenceLoss(loss, beta=beta, label_smoothing=label_smoothing))
+    ours = _ours(
+        tmp_path,
+        monkeypatch,
+        tiny_tokenizer,
+        records,
+        policy,
+        reference,
+        PreferenceLoss(loss, beta=beta, label_smoothing=label_smoothing),
+    )
     assert trl_metrics["rewards/chosen"] != 0.0  # the reference differs from the policy
     _assert_same(ours, (trl_loss.item(), _grads(trl_policy)), trl_metrics)
 
@@ -216,12 +263,25 @@ def test_simpo_matches_trls_cpo_trainer(tmp_path, monkeypatch, tiny_tokenizer):
     # copy of the tokenizer has no BOS, so both sides see the same tokens (checked below).
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.bos_token = None
-    args = CPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[], seed=0, bf16=False,
-                     loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=label_smoothing,
-                     per_device_train_batch_size=len(records), max_length=1024, remove_unused_columns=False,
-                     disable_dropout=True)
-    trainer = CPOTrainer(model=trl_policy, args=args, train_dataset=Dataset.from_list(records),
-                         processing_class=tokenizer)
+    args = CPOConfig(
+        output_dir=str(tmp_path / "trl"),
+        use_cpu=True,
+        report_to=[],
+        seed=0,
+        bf16=False,
+        loss_type="simpo",
+        cpo_alpha=0.0,
+        beta=beta,
+        simpo_gamma=gamma,
+        label_smoothing=label_smoothing,
+        per_device_train_batch_size=len(records),
+        max_length=1024,
+        remove_unused_columns=False,
+        disable_dropout=True,
+    )
+    trainer = CPOTrainer(
+        model=trl_policy, args=args, train_dataset=Dataset.from_list(records), processing_class=tokenizer
+    )
 
     for i, record in enumerate(records):
         row = trainer.train_dataset[i]
@@ -235,6 +295,13 @@ def test_simpo_matches_trls_cpo_trainer(tmp_path, monkeypatch, tiny_tokenizer):
     trl_loss.backward()
     trl_metrics = {k: v[-1] for k, v in trainer._stored_metrics["train"].items()}
 
-    ours = _ours(tmp_path, monkeypatch, tiny_tokenizer, records, policy, None,
-                 PreferenceLoss("simpo", beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma))
+    ours = _ours(
+        tmp_path,
+        monkeypatch,
+        tiny_tokenizer,
+        records,
+        policy,
+        None,
+        PreferenceLoss("simpo", beta=beta, label_smoothing=label_smoothing, simpo_gamma=gamma),
+    )
     _assert_same(ours, (trl_loss.item(), _grads(trl_policy)), trl_metrics)

@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from trainer.checkpointing.checkpoint import Checkpointer
-from trainer.forgetting.ewc import EWC
 from trainer.checkpointing.reshard import Layout, ReshardError, partition, repartition, resolve_batch, saved_layout
-
+from trainer.forgetting.ewc import EWC
 
 # ---- partitions -----------------------------------------------------------------------------------
 
@@ -44,8 +43,10 @@ def test_ewc_state_is_recut_for_the_new_world_element_for_element():
     numels = [5, 8, 1]
     fisher = [torch.rand(n) for n in numels]
     anchor = [torch.randn(n) for n in numels]
-    states = [{"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]}
-              for r in range(2)]
+    states = [
+        {"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]}
+        for r in range(2)
+    ]
     for world in (1, 3):
         for rank in range(world):
             ewc = EWC.__new__(EWC)
@@ -69,8 +70,11 @@ def test_a_fresh_run_takes_the_accumulation_it_is_given_or_one_or_the_global_bat
     assert resolve_batch(4, 3, None, 2, None) == 3
     assert resolve_batch(2, None, 16, 4, None) == 2
     assert resolve_batch(2, 2, 16, 4, None) == 2
-    with pytest.raises(ReshardError, match=r"global_batch_size=12 is not a multiple of trainer.micro_batch_size=4 x "
-                                           r"2 ranks = 8.*micro-batches that divide it: 1, 2, 3, 6"):
+    with pytest.raises(
+        ReshardError,
+        match=r"global_batch_size=12 is not a multiple of trainer.micro_batch_size=4 x "
+        r"2 ranks = 8.*micro-batches that divide it: 1, 2, 3, 6",
+    ):
         resolve_batch(4, None, 12, 2, None)
     with pytest.raises(ReshardError, match="grad_accum_steps=3 and trainer.global_batch_size=16 disagree"):
         resolve_batch(2, 3, 16, 4, None)
@@ -89,8 +93,10 @@ def test_a_global_batch_that_cannot_be_kept_stops_naming_the_settings_that_would
     with pytest.raises(ReshardError) as fixed:
         resolve_batch(2, 2, None, 1, TWO)
     message = str(fixed.value)
-    assert ("trained with a global batch of 2 ranks x micro 2 x accumulation 2 = 8 rows a step, and this run asks for "
-            "trainer.micro_batch_size=2 x trainer.grad_accum_steps=2 x 1 ranks = 4") in message
+    assert (
+        "trained with a global batch of 2 ranks x micro 2 x accumulation 2 = 8 rows a step, and this run asks for "
+        "trainer.micro_batch_size=2 x trainer.grad_accum_steps=2 x 1 ranks = 4"
+    ) in message
     assert "trainer.micro_batch_size=2 trainer.grad_accum_steps=4" in message
     assert "trainer.allow_new_global_batch=true" in message
     with pytest.raises(ReshardError, match=r"trainer.micro_batch_size=3 x 1 ranks does not divide it"):
@@ -111,8 +117,9 @@ def test_the_layout_is_read_from_the_checkpoint_or_for_older_ones_from_the_confi
     tag = tmp_path / "checkpoints/step_00000010"
     tag.mkdir(parents=True)
     (tmp_path / "checkpoints/latest").write_text("step_00000010")
-    (tag / "trainer_state.json").write_text(json.dumps({"step": 10, "world_size": 4, "micro_batch_size": 1,
-                                                        "grad_accum_steps": 3}))
+    (tag / "trainer_state.json").write_text(
+        json.dumps({"step": 10, "world_size": 4, "micro_batch_size": 1, "grad_accum_steps": 3})
+    )
     assert saved_layout(str(tmp_path)) == Layout(4, 1, 3) and Layout(4, 1, 3).global_batch == 12
     # Written before the layout was recorded: world from the optimizer shards, batch from config.yaml.
     (tag / "trainer_state.json").write_text(json.dumps({"step": 10}))
@@ -127,8 +134,9 @@ def test_the_layout_is_read_from_the_checkpoint_or_for_older_ones_from_the_confi
 # ---- the conversion in the checkpoint protocol --------------------------------------------------------
 
 
-def test_an_unfinished_conversion_is_removed_at_the_start_and_a_conversion_goes_with_its_checkpoint(tmp_path,
-                                                                                                     monkeypatch):
+def test_an_unfinished_conversion_is_removed_at_the_start_and_a_conversion_goes_with_its_checkpoint(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr("trainer.distributed.barrier", lambda: None)  # one process, no group
     ck = Checkpointer(str(tmp_path), keep_last=1, rank=0, world_size=1)
     for tag in ("step_00000010", "step_00000020"):
@@ -168,8 +176,10 @@ def test_online_ewc_reads_an_earlier_stage_saved_by_another_number_of_ranks(tmp_
     tag.mkdir(parents=True)
     (tmp_path / "checkpoints/latest").write_text("step_00000020")
     for r in range(2):
-        torch.save({"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]},
-                   tag / f"ewc_rank{r}.pt")
+        torch.save(
+            {"fisher": [partition(f, 2, r) for f in fisher], "anchor": [partition(a, 2, r) for a in anchor]},
+            tag / f"ewc_rank{r}.pt",
+        )
     same = load_previous(str(tmp_path), 1, 2, numels)
     assert all(torch.equal(got, partition(f, 2, 1)) for got, f in zip(same["fisher"], fisher))
     for world in (1, 3):
@@ -186,20 +196,27 @@ def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the
 
     state = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
     same = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)
-    _continue_data(same, SimpleNamespace(micro_batch_size=4, grad_accum_steps=2, allow_new_global_batch=False,
-                                         max_steps=20), 1)  # another layout, the same 8 rows: nothing moves
+    _continue_data(
+        same, SimpleNamespace(micro_batch_size=4, grad_accum_steps=2, allow_new_global_batch=False, max_steps=20), 1
+    )  # another layout, the same 8 rows: nothing moves
     assert same.data_origin == [0, 0] and same.layout() == Layout(1, 4, 2)
-    with pytest.raises(ReshardError, match="trained with 2 ranks x micro 2 x accumulation 2 = 8 rows a step, this run "
-                                           "has 6 rows a step"):
-        _continue_data(TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2),
-                       SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=False,
-                                       max_steps=20), 1)
-    _continue_data(state, SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=True,
-                                          max_steps=20), 1)  # 6 rows a step from step 10 = row 80
+    with pytest.raises(
+        ReshardError,
+        match="trained with 2 ranks x micro 2 x accumulation 2 = 8 rows a step, this run has 6 rows a step",
+    ):
+        _continue_data(
+            TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2),
+            SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=False, max_steps=20),
+            1,
+        )
+    _continue_data(
+        state, SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=True, max_steps=20), 1
+    )  # 6 rows a step from step 10 = row 80
     assert state.data_origin == [10, 80] and state.layout() == Layout(1, 2, 3)
     state.step = 15  # and again at step 15, after 5 steps of 6 rows
-    _continue_data(state, SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, allow_new_global_batch=True,
-                                          max_steps=20), 4)
+    _continue_data(
+        state, SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, allow_new_global_batch=True, max_steps=20), 4
+    )
     assert state.data_origin == [15, 110]
 
 
@@ -207,6 +224,7 @@ def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_othe
     from collections import namedtuple
 
     from trainer.checkpointing import reshard
+
     source = tmp_path / "checkpoints/step_00000010"
     source.mkdir(parents=True)
     for r in range(2):
@@ -214,8 +232,10 @@ def test_a_conversion_that_cannot_fit_is_refused_and_a_failed_rank_ends_the_othe
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(reshard.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 3000, 3000))
     refusal = reshard._no_room(source, tmp_path / "checkpoints")
-    assert refusal.startswith(f"not enough space to convert {source} for another world size in {tmp_path / 'checkpoints'}: "
-                              "about 0.000 GB needed (twice its optimizer shards), 0.000 GB free")
+    assert refusal.startswith(
+        f"not enough space to convert {source} for another world size in {tmp_path / 'checkpoints'}: "
+        "about 0.000 GB needed (twice its optimizer shards), 0.000 GB free"
+    )
     monkeypatch.setattr(reshard.shutil, "disk_usage", lambda path: usage(10**6, 0, 4000))
     assert reshard._no_room(source, tmp_path / "checkpoints") is None
     # A rank's failure reaches every rank waiting on the filesystem, at once.

@@ -53,11 +53,16 @@ def test_every_torch_load_is_weights_only():
     assert loads >= 3 and not bad, f"torch.load without weights_only=True at {bad}"
 
 
-FORBIDDEN = {"eval": "evaluates a string as code", "exec": "executes a string as code",
-             "os.system": "runs a shell command line", "os.popen": "runs a shell command line",
-             "pickle.load": "unpickles (runs code from the file)", "pickle.loads": "unpickles",
-             "yaml.load": "may construct arbitrary objects (use yaml.safe_load)",
-             "yaml.unsafe_load": "constructs arbitrary objects"}
+FORBIDDEN = {
+    "eval": "evaluates a string as code",
+    "exec": "executes a string as code",
+    "os.system": "runs a shell command line",
+    "os.popen": "runs a shell command line",
+    "pickle.load": "unpickles (runs code from the file)",
+    "pickle.loads": "unpickles",
+    "yaml.load": "may construct arbitrary objects (use yaml.safe_load)",
+    "yaml.unsafe_load": "constructs arbitrary objects",
+}
 
 
 def test_nothing_is_executed_or_unpickled_and_no_shell_is_used():
@@ -88,10 +93,22 @@ def test_remote_code_runs_only_when_the_config_says_so():
     assert not bad, bad
 
 
-@pytest.mark.parametrize("key, secret", [("api_key", True), ("WANDB_API_KEY", True), ("hf_token", True),
-                                         ("db_password", True), ("client_secret_id", True), ("openaiApiKey", True),
-                                         ("num_key_value_heads", False), ("bos_token_id", False), ("max_tokens", False),
-                                         ("tokenizer_path", False), ("keep_last", False)])
+@pytest.mark.parametrize(
+    "key, secret",
+    [
+        ("api_key", True),
+        ("WANDB_API_KEY", True),
+        ("hf_token", True),
+        ("db_password", True),
+        ("client_secret_id", True),
+        ("openaiApiKey", True),
+        ("num_key_value_heads", False),
+        ("bos_token_id", False),
+        ("max_tokens", False),
+        ("tokenizer_path", False),
+        ("keep_last", False),
+    ],
+)
 def test_what_counts_as_a_secret(key, secret):
     from trainer.observability.redaction import is_secret_key
 
@@ -102,22 +119,42 @@ def test_a_secret_in_model_arch_never_reaches_the_saved_model_config(tiny_tokeni
     from trainer.config import ModelConfig
     from trainer.engine.model import model_config
 
-    cfg = ModelConfig(model_type="llama", arch={"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
-                                                "intermediate_size": 128, "num_key_value_heads": 2,
-                                                "api_key": "sk-planted"},
-                      tokenizer_path="unused")
+    cfg = ModelConfig(
+        model_type="llama",
+        arch={
+            "hidden_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "intermediate_size": 128,
+            "num_key_value_heads": 2,
+            "api_key": "sk-planted",
+        },
+        tokenizer_path="unused",
+    )
     hf = model_config(cfg, tiny_tokenizer, seq_len=256, packed=False)
     assert "sk-planted" not in hf.to_json_string() and hf.hidden_size == 64 and hf.num_key_value_heads == 2
 
 
-@pytest.mark.parametrize("arg, shown", [("+model.arch.api_key=sk-1", "+model.arch.api_key=<redacted>"),
-                                        ("logger.HF_TOKEN=hf_x", "logger.HF_TOKEN=<redacted>"),
-                                        ("db_password=x", "db_password=<redacted>"),
-                                        ("+model.arch.num_key_value_heads=2", "+model.arch.num_key_value_heads=2"),
-                                        ("+model.arch.bos_token_id=1", "+model.arch.bos_token_id=1"),
-                                        ("trainer.lr=1e-4", "trainer.lr=1e-4"), ("+exp=medical", "+exp=medical")])
+@pytest.mark.parametrize(
+    "arg, shown",
+    [
+        ("+model.arch.api_key=sk-1", "+model.arch.api_key=<redacted>"),
+        ("logger.HF_TOKEN=hf_x", "logger.HF_TOKEN=<redacted>"),
+        ("db_password=x", "db_password=<redacted>"),
+        ("+model.arch.num_key_value_heads=2", "+model.arch.num_key_value_heads=2"),
+        ("+model.arch.bos_token_id=1", "+model.arch.bos_token_id=1"),
+        ("trainer.lr=1e-4", "trainer.lr=1e-4"),
+        ("+exp=medical", "+exp=medical"),
+    ],
+)
 def test_the_slurm_templates_log_overrides_with_secrets_hidden(arg, shown):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # the job's Python
-    out = subprocess.run(["bash", "-c", 'source slurm/common.sh && _fullft_redacted "$@"', "_", arg],
-                         cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        ["bash", "-c", 'source slurm/common.sh && _fullft_redacted "$@"', "_", arg],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert out == shown

@@ -42,6 +42,7 @@ def test_record_reader_parses_wandb_records():
 
 # ---- perf math ----------------------------------------------------------------------------------
 
+
 def test_flops_per_token_and_mfu_hand_computed():
     from trainer.observability.perf import flops_per_token, mfu
 
@@ -53,11 +54,21 @@ def test_flops_per_token_and_mfu_hand_computed():
     assert mfu(2_000, per_token, 989e12) == pytest.approx(0.09796, abs=1e-5)
 
 
-@pytest.mark.parametrize("name,bf16,peak", [
-    ("NVIDIA H100 80GB HBM3", True, 989e12), ("NVIDIA H100 PCIe", True, 756e12), ("NVIDIA H100 NVL", True, 835e12),
-    ("NVIDIA H200", True, 989e12), ("NVIDIA H200 NVL", True, 835e12), ("NVIDIA A100-SXM4-80GB", True, 312e12),
-    ("NVIDIA A100 80GB PCIe", True, 312e12), ("NVIDIA GeForce RTX 4090", True, None), ("NVIDIA H100 80GB HBM3", False, None),
-    ("cpu", True, None)])
+@pytest.mark.parametrize(
+    "name,bf16,peak",
+    [
+        ("NVIDIA H100 80GB HBM3", True, 989e12),
+        ("NVIDIA H100 PCIe", True, 756e12),
+        ("NVIDIA H100 NVL", True, 835e12),
+        ("NVIDIA H200", True, 989e12),
+        ("NVIDIA H200 NVL", True, 835e12),
+        ("NVIDIA A100-SXM4-80GB", True, 312e12),
+        ("NVIDIA A100 80GB PCIe", True, 312e12),
+        ("NVIDIA GeForce RTX 4090", True, None),
+        ("NVIDIA H100 80GB HBM3", False, None),
+        ("cpu", True, None),
+    ],
+)
 def test_peak_flops_table(name, bf16, peak):
     from trainer.observability.perf import peak_flops
 
@@ -74,13 +85,22 @@ def test_model_flops_count_matmul_parameters(tied):
 
     from trainer.observability.perf import flops_per_token, model_flops_per_token
 
-    cfg = AutoConfig.for_model("llama", vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+    cfg = AutoConfig.for_model(
+        "llama",
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=tied,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     assert model_flops_per_token(model, 128) == flops_per_token(80_448, 2, 64, 128)
 
 
 # ---- spikes -------------------------------------------------------------------------------------
+
 
 def test_spike_rule_on_literals():
     from trainer.observability.perf import is_spike
@@ -115,19 +135,38 @@ def test_spike_warnings_are_rate_limited(caplog):
 
 # ---- W&B run management ---------------------------------------------------------------------------
 
+
 def test_secret_overrides_are_redacted_from_the_arguments_wandb_records():
     from trainer.observability.tracking import redact_args
 
-    argv = ["+exp=medical", "+model.arch.api_key=abc", "logger.hf_token=xyz", "trainer.lr=1e-4", "--cfg",
-            "db_password=p"]
-    assert redact_args(argv) == ["+exp=medical", "+model.arch.api_key=<redacted>", "logger.hf_token=<redacted>",
-                                 "trainer.lr=1e-4", "--cfg", "db_password=<redacted>"]
+    argv = [
+        "+exp=medical",
+        "+model.arch.api_key=abc",
+        "logger.hf_token=xyz",
+        "trainer.lr=1e-4",
+        "--cfg",
+        "db_password=p",
+    ]
+    assert redact_args(argv) == [
+        "+exp=medical",
+        "+model.arch.api_key=<redacted>",
+        "logger.hf_token=<redacted>",
+        "trainer.lr=1e-4",
+        "--cfg",
+        "db_password=<redacted>",
+    ]
 
 
-@pytest.mark.parametrize("mode,env,expected", [
-    (None, {}, "offline"), (None, {"WANDB_API_KEY": "k"}, "online"),
-    (None, {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"), (None, {"WANDB_MODE": "disabled"}, "disabled"),
-    ("offline", {"WANDB_API_KEY": "k", "WANDB_MODE": "online"}, "offline")])
+@pytest.mark.parametrize(
+    "mode,env,expected",
+    [
+        (None, {}, "offline"),
+        (None, {"WANDB_API_KEY": "k"}, "online"),
+        (None, {"WANDB_API_KEY": "k", "WANDB_MODE": "offline"}, "offline"),
+        (None, {"WANDB_MODE": "disabled"}, "disabled"),
+        ("offline", {"WANDB_API_KEY": "k", "WANDB_MODE": "online"}, "offline"),
+    ],
+)
 def test_wandb_mode(mode, env, expected):
     from trainer.config import LoggerConfig
     from trainer.observability.tracking import resolve_mode
@@ -168,6 +207,7 @@ def test_resumed_tracker_continues_the_same_run_without_losing_a_row(tmp_path, m
 
 # ---- console ------------------------------------------------------------------------------------
 
+
 def test_progress_logs_one_line_per_log_step_with_eta(caplog):
     from trainer.observability.tracking import Progress, _hms
 
@@ -185,19 +225,40 @@ def test_progress_logs_one_line_per_log_step_with_eta(caplog):
 
 # ---- the PNG dashboard ----------------------------------------------------------------------------
 
+
 def _synthetic_metrics(path: Path, with_eval: bool = True) -> None:
     rows = []
     for step in range(0, 41):
         if step and step % 2 == 0:
-            rows.append({"step": step, "train/loss": 3 / (1 + step / 10), "train/lr": 1e-4 * min(1, step / 10),
-                         "train/grad_norm": 1 + 0.1 * math.sin(step), "train/tokens_seen": 1000 * step,
-                         "perf/tokens_per_s": 5000 + step, "perf/step_time_s": 0.5, "perf/data_wait_s": 0.01,
-                         "perf/forward_backward_s": 0.4, "perf/optimizer_s": 0.05, "perf/peak_mem_gb": 1.2,
-                         "perf/rank0/peak_mem_gb": 1.2, "perf/rank1/peak_mem_gb": 1.1,
-                         "data/packing_efficiency": 0.95, "data/supervised_token_fraction": 0.5})
+            rows.append(
+                {
+                    "step": step,
+                    "train/loss": 3 / (1 + step / 10),
+                    "train/lr": 1e-4 * min(1, step / 10),
+                    "train/grad_norm": 1 + 0.1 * math.sin(step),
+                    "train/tokens_seen": 1000 * step,
+                    "perf/tokens_per_s": 5000 + step,
+                    "perf/step_time_s": 0.5,
+                    "perf/data_wait_s": 0.01,
+                    "perf/forward_backward_s": 0.4,
+                    "perf/optimizer_s": 0.05,
+                    "perf/peak_mem_gb": 1.2,
+                    "perf/rank0/peak_mem_gb": 1.2,
+                    "perf/rank1/peak_mem_gb": 1.1,
+                    "data/packing_efficiency": 0.95,
+                    "data/supervised_token_fraction": 0.5,
+                }
+            )
         if with_eval and step % 10 == 0:
-            rows.append({"step": step, "eval/domain/loss": 3 - step / 40, "eval/general/loss": 2 + step / 80,
-                         "eval/domain/ppl": 20.0, "eval/forgetting": step / 80})
+            rows.append(
+                {
+                    "step": step,
+                    "eval/domain/loss": 3 - step / 40,
+                    "eval/general/loss": 2 + step / 80,
+                    "eval/domain/ppl": 20.0,
+                    "eval/forgetting": step / 80,
+                }
+            )
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -210,11 +271,13 @@ def _colored_fraction_per_panel(png: Path):
 
     img = matplotlib.image.imread(str(png))[..., :3]
     colored = (img.max(axis=2) - img.min(axis=2)) > 0.3
-    body = colored[int(0.04 * img.shape[0]):]  # below the title
+    body = colored[int(0.04 * img.shape[0]) :]  # below the title
     rows = len(PANELS) // COLUMNS
     h, w = body.shape[0] // rows, body.shape[1] // COLUMNS
-    return {name: float(body[i // COLUMNS * h:(i // COLUMNS + 1) * h, i % COLUMNS * w:(i % COLUMNS + 1) * w].mean())
-            for i, name in enumerate(PANELS)}
+    return {
+        name: float(body[i // COLUMNS * h : (i // COLUMNS + 1) * h, i % COLUMNS * w : (i % COLUMNS + 1) * w].mean())
+        for i, name in enumerate(PANELS)
+    }
 
 
 def test_plot_writes_a_png_with_every_panel_drawn(tmp_path):
@@ -259,8 +322,11 @@ def test_the_delta_panel_calls_a_general_rise_forgetting_and_a_domain_fall_gain(
     _synthetic_metrics(tmp_path / "metrics.jsonl")
     title, legend = _delta_panel_texts(load(tmp_path / "metrics.jsonl"))
     assert title == "Δ eval loss since the first eval\nforgetting (general) and gain (domain)"
-    assert legend == ["domain: gain (Δ loss < 0 = learned)", "general: forgetting (Δ loss > 0 = forgot)",
-                      "eval/forgetting (general, vs the base model)"]
+    assert legend == [
+        "domain: gain (Δ loss < 0 = learned)",
+        "general: forgetting (Δ loss > 0 = forgot)",
+        "eval/forgetting (general, vs the base model)",
+    ]
 
 
 def test_the_delta_panel_of_a_stage_without_a_general_set_does_not_say_forgetting(tmp_path):
@@ -268,8 +334,10 @@ def test_the_delta_panel_of_a_stage_without_a_general_set_does_not_say_forgettin
     from trainer.observability.tracking import read_metrics as load
 
     _synthetic_metrics(tmp_path / "metrics.jsonl")
-    rows = [{k: v for k, v in r.items() if not k.startswith(("eval/general/", "eval/forgetting"))}
-            for r in load(tmp_path / "metrics.jsonl")]
+    rows = [
+        {k: v for k, v in r.items() if not k.startswith(("eval/general/", "eval/forgetting"))}
+        for r in load(tmp_path / "metrics.jsonl")
+    ]
     title, legend = _delta_panel_texts(rows)
     assert title == "Δ eval loss since the first eval\ngain (domain)"
     assert legend == ["domain: gain (Δ loss < 0 = learned)"]
