@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import tempfile
 import time
 from collections import Counter
@@ -39,7 +38,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from data_pipeline import preference
+from data_pipeline import filesync, preference
 from data_pipeline.choices import DataFormat, OnError, Overlong, StageObjective, parse
 from data_pipeline.formats import normalise
 from data_pipeline.packing import IGNORE, best_fit_decreasing
@@ -198,68 +197,42 @@ def prepare(
     if (target / "manifest.json").exists():
         return Prepared(target)
     lock = target.with_name(key + ".lock")
-    if preparer and _take_lock(lock):
+    if preparer and filesync.take_lock(lock):
         try:
             if not (target / "manifest.json").exists():
                 _prepare_into(target, path, tokenizer, options, identity, progress)
         finally:
-            lock.unlink(missing_ok=True)
+            filesync.release_lock(lock)
         return Prepared(target)
     return _wait_for(target, lock, path, timeout_s)
 
 
-def _take_lock(lock: Path) -> bool:
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if not _lock_is_stale(lock):
-                return False
-            lock.unlink(missing_ok=True)  # its owner died on this host; take over
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}, f)
-        return True
-    return False
-
-
-def _lock_is_stale(lock: Path) -> bool:
-    try:
-        owner = json.loads(lock.read_text())
-    except (OSError, ValueError):
-        return False  # being written right now
-    if owner.get("host") != socket.gethostname():
-        return False  # cannot check another host's process
-    try:
-        os.kill(int(owner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
 def _wait_for(target: Path, lock: Path, path: str, timeout_s: float) -> Prepared:
-    deadline = time.monotonic() + timeout_s
-    lock_seen_gone = 0
-    while not (target / "manifest.json").exists():
-        if not lock.exists():
-            lock_seen_gone += 1
-            if lock_seen_gone > 30:  # no one is preparing and nothing appeared
-                raise DataError(
-                    f"{path}: waited for another process to prepare it into {target}, but that "
-                    "process stopped without finishing; see its log (usually rank 0's)"
-                )
-        else:
-            lock_seen_gone = 0
-        if time.monotonic() > deadline:
+    """Until the process that holds `lock` has renamed the prepared `target` into place."""
+    polls_without_lock = 0
+
+    def preparer_alive() -> None:
+        # No lock is not yet a failure: a rank that only waits can get here before the preparer has
+        # taken it. A lock missing for 30 polls running, with no manifest, means the preparer stopped.
+        nonlocal polls_without_lock
+        polls_without_lock = 0 if lock.exists() else polls_without_lock + 1
+        if polls_without_lock > 30:  # no one is preparing and nothing appeared
             raise DataError(
-                f"{path}: still being prepared after {timeout_s:.0f} s (lock {lock}). If no process "
-                "is preparing it, delete the lock; to prepare ahead of time run "
-                "`python launch/prepare_data.py <same overrides>`"
+                f"{path}: waited for another process to prepare it into {target}, but that "
+                "process stopped without finishing; see its log (usually rank 0's)"
             )
-        time.sleep(1.0)
+
+    filesync.wait_until(
+        lambda: (target / "manifest.json").exists(),
+        poll_s=1.0,
+        check=preparer_alive,
+        timeout_s=timeout_s,
+        timeout_error=lambda: DataError(
+            f"{path}: still being prepared after {timeout_s:.0f} s (lock {lock}). If no process "
+            "is preparing it, delete the lock; to prepare ahead of time run "
+            "`python launch/prepare_data.py <same overrides>`"
+        ),
+    )
     return Prepared(target)
 
 
@@ -352,11 +325,7 @@ def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path,
                         example.messages.insert(0, {"role": "system", "content": options.system_prompt})
                 ids, labels = encode(tokenizer, example, options.objective)
             except DataError as ex:
-                if options.on_error == OnError("raise"):
-                    raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
-                counts["skipped_malformed"] += 1
-                if counts["skipped_malformed"] <= 10:
-                    log.warning("skipping %s", ex)
+                _skip_malformed(ex, options.on_error, counts)
                 continue
             if len(ids) > seq_len and options.overlong != Overlong.split:
                 if options.overlong == Overlong.drop:
@@ -405,11 +374,7 @@ def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: boo
                 chat_checked = True
             prompt, chosen, rejected = preference.encode_pair(tokenizer, pair, options.system_prompt)
         except DataError as ex:
-            if options.on_error == OnError("raise"):
-                raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
-            counts["skipped_malformed"] += 1
-            if counts["skipped_malformed"] <= 10:
-                log.warning("skipping %s", ex)
+            _skip_malformed(ex, options.on_error, counts)
             continue
         if 2 * len(prompt) + len(chosen) + len(rejected) > options.seq_len:
             keep = preference.fit_pair(len(prompt), len(chosen), len(rejected), options.seq_len)
@@ -425,6 +390,16 @@ def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: boo
     if not pairs:
         raise DataError(f"{path}: no usable preference pairs out of {counts['records']} records ({dict(counts)})")
     return pairs, counts
+
+
+def _skip_malformed(ex: DataError, on_error: OnError, counts: Counter) -> None:
+    """data.on_error for one malformed record: raise (naming the setting that skips instead), or
+    count it in counts["skipped_malformed"], showing the first 10 (the total is logged at the end)."""
+    if on_error == OnError("raise"):
+        raise DataError(f"{ex}\n(set data.on_error=skip to skip and count malformed records)") from None
+    counts["skipped_malformed"] += 1
+    if counts["skipped_malformed"] <= 10:
+        log.warning("skipping %s", ex)
 
 
 def _progress_bar(path: str, enabled: bool):

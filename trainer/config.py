@@ -271,7 +271,10 @@ class InterpolationConfig:
     and export the chosen α (trainer/forgetting/interpolation.py). Empty (and no `alpha`) = off: the export is θ."""
     alpha: Any = None
     """Export this α instead of choosing one: a number, or one per depth group,
-    `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1)."""
+    `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1).
+    Typed Any because OmegaConf's schemas take no union of a number and a mapping; it is checked
+    before the data and the model are built (trainer/forgetting/interpolation.py: `check`), with a
+    message naming this key, the value and the valid groups."""
     keep_gain: float = 0.95
     """The choice: the smallest scored α whose domain gain (eval/domain/loss below step 0's) is at least
     keep_gain × the trained model's (α = 1). Needs eval.sets.domain and the step-0 eval."""
@@ -490,7 +493,7 @@ class Config:
     data: DataConfig = MISSING
     """Training data: sources, format, packing (`data=` group)."""
     stage: StageConfig = MISSING
-    """What this stage learns (`stage=` group: pretrain | sft | instruct)."""
+    """What this stage learns (`stage=` group: pretrain | sft | instruct | dpo)."""
     deepspeed: DeepSpeedConfig = MISSING
     """ZeRO-3 settings (`deepspeed=` group: zero3 | zero3_offload)."""
     regularizer: RegularizerConfig = MISSING

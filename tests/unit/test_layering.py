@@ -10,6 +10,8 @@ import dataclasses
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Tuple
 
+import pytest
+
 from helpers import ROOT
 
 LIBRARY = ("trainer", "data_pipeline")
@@ -113,11 +115,13 @@ def test_the_schema_module_imports_no_runtime_module():
     assert not bad, bad
 
 
-def test_the_vocabulary_is_a_leaf():
-    """data_pipeline/choices.py, which the schemas and the data pipeline share, imports nothing of the project."""
-    path = ROOT / "data_pipeline" / "choices.py"
+@pytest.mark.parametrize("leaf", ["choices.py", "filesync.py"])
+def test_the_shared_leaves_import_nothing_of_the_project(leaf):
+    """data_pipeline/choices.py (the vocabulary the schemas and the data pipeline share) and
+    data_pipeline/filesync.py (the file-sync primitives of the data pipeline and the trainer)."""
+    path = ROOT / "data_pipeline" / leaf
     bad = [
-        f"data_pipeline/choices.py:{line} imports {mod}"
+        f"data_pipeline/{leaf}:{line} imports {mod}"
         for line, mod in _imports(path)
         if mod.split(".")[0] in ("trainer", "data_pipeline", "launch", "bench")
     ]

@@ -42,12 +42,12 @@ import json
 import logging
 import os
 import shutil
-import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
+from data_pipeline import filesync
 from trainer import distributed, faults
 from trainer.checkpointing import deepspeed_patches
 from trainer.checkpointing.layout import (  # noqa: F401  (the layout's names, for the resharder's users)
@@ -118,18 +118,13 @@ def ensure_universal(checkpointer, tag: str, saved_by: int) -> Path:
     refusal = distributed.all_gather_object(refusal)[0]
     if refusal:
         raise ReshardError(refusal)
-    stop = threading.Event()
-    beat = threading.Thread(target=_heartbeat, args=(sync / f"HEARTBEAT.{checkpointer.rank}", stop), daemon=True)
-    beat.start()
-    try:
-        _convert(checkpointer.dir / tag, tmp, sync, final, wanted, saved_by, checkpointer.rank, checkpointer.world)
-    except BaseException as ex:
-        with contextlib.suppress(OSError):
-            (sync / f"FAILED.{checkpointer.rank}").write_text(f"{type(ex).__name__}: {ex}")
-        raise
-    finally:
-        stop.set()
-        beat.join()
+    with filesync.heartbeat(sync / f"HEARTBEAT.{checkpointer.rank}", HEARTBEAT_S):
+        try:
+            _convert(checkpointer.dir / tag, tmp, sync, final, wanted, saved_by, checkpointer.rank, checkpointer.world)
+        except BaseException as ex:
+            with contextlib.suppress(OSError):
+                (sync / f"FAILED.{checkpointer.rank}").write_text(f"{type(ex).__name__}: {ex}")
+            raise
     distributed.barrier()
     if checkpointer.rank == 0:
         shutil.rmtree(sync, ignore_errors=True)
@@ -247,36 +242,25 @@ def _wait_for(final: Path, sync: Path, world: int) -> None:
     _wait(sync, world, lambda: (final / "COMPLETE").is_file(), f"rank 0 to finish the conversion into {final}")
 
 
-def _wait(sync: Path, world: int, ready, what: str) -> None:
+def _wait(sync: Path, world: int, ready: Callable[[], bool], what: str) -> None:
     """Poll until ready(); a rank's failure or a rank whose heartbeat stopped ends the wait."""
-    seen = {r: time.monotonic() for r in range(world)}
-    while not ready():
+    heartbeats = filesync.HeartbeatWatch([sync / f"HEARTBEAT.{r}" for r in range(world)])
+
+    def ranks_alive() -> None:
         failed = sorted(sync.glob("FAILED.*"))
         if failed:
             raise ReshardError(
                 f"waited for {what}, but rank {failed[0].suffix[1:]} failed: {failed[0].read_text()}; "
                 "see that rank's log"
             )
-        for r in range(world):
-            try:
-                beat = float((sync / f"HEARTBEAT.{r}").read_text() or 0)
-            except (OSError, ValueError):
-                continue
-            seen[r] = max(seen[r], time.monotonic() - max(0.0, time.time() - beat))
-        stalled = [r for r, t in seen.items() if time.monotonic() - t > STALL_S]
-        if stalled and not ready():
+        stalled = heartbeats.stalled(STALL_S)
+        if stalled and not ready():  # it may have finished, and stopped beating, since the last poll
             raise ReshardError(
-                f"waited for {what}, but rank {stalled[0]}'s heartbeat ({sync}/HEARTBEAT.{stalled[0]}) "
+                f"waited for {what}, but rank {stalled[0].suffix[1:]}'s heartbeat ({stalled[0]}) "
                 f"stopped more than {STALL_S:.0f} s ago; see its log"
             )
-        time.sleep(0.2)
 
-
-def _heartbeat(path: Path, stop: threading.Event) -> None:
-    while not stop.is_set():
-        with contextlib.suppress(OSError):
-            path.write_text(str(time.time()))
-        stop.wait(HEARTBEAT_S)
+    filesync.wait_until(ready, poll_s=0.2, check=ranks_alive)
 
 
 def _read_json(path: Path) -> Dict:

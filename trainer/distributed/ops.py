@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import time
 from pathlib import Path
 from typing import List, Optional
+
+from data_pipeline import filesync
 
 log = logging.getLogger("trainer")
 
@@ -24,11 +25,8 @@ def warn_stale_op_build_lock(now: Optional[float] = None) -> Optional[str]:
     from torch.utils.cpp_extension import _get_build_directory
 
     lock = Path(_get_build_directory("deepspeed_shm_comm", verbose=False)) / "lock"
-    try:
-        age = (now or time.time()) - lock.stat().st_mtime
-    except OSError:
-        return None
-    if age < STALE_LOCK_S:
+    age = filesync.age_s(lock, now)  # DeepSpeed's lock records no owner: its age is all there is to go by
+    if age is None or age < STALE_LOCK_S:
         return None
     log.warning(
         "%s is %.0f minutes old: DeepSpeed waits on it before building its CPU communication op. "
@@ -40,8 +38,6 @@ def warn_stale_op_build_lock(now: Optional[float] = None) -> Optional[str]:
     return str(lock)
 
 
-# DeepSpeed's CPU ops a run on CPU can JIT-build at first use (~90 s each on 2 cores): the shared-
-# memory all-reduce at every init, cpu_adam with deepspeed=zero3_offload.
 # DeepSpeed's CPU ops a run on CPU can JIT-build at first use (~90 s each on 2 cores): the shared-
 # memory all-reduce at every init, cpu_adam with deepspeed=zero3_offload.
 CPU_OPS = ("ShareMemCommBuilder", "CPUAdamBuilder")
