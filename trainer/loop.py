@@ -58,11 +58,11 @@ def _finished_step(cfg: Config):
 
 
 class Trainer:
-    """Trains a built Run from its resumed step to trainer.max_steps."""
+    """Trains a built Run (trainer/build.py) from its resumed step to trainer.max_steps."""
 
-    def __init__(self, run: Run) -> None:
-        self.run_, self.cfg, self.state, self.engine = run, run.cfg, run.state, run.engine
-        self.components = run.components
+    def __init__(self, built: Run) -> None:
+        self.built, self.cfg, self.state, self.engine = built, built.cfg, built.state, built.engine
+        self.components = built.components
 
     def run(self) -> Outcome:
         """Train, then return how the run ended: DONE, STOPPED (after a checkpoint; the preemption
@@ -70,7 +70,7 @@ class Trainer:
         if _finished_step(self.cfg) is not None:  # resumed from a finished run of another model in this output_dir
             log.info("%s is already complete at step %d; nothing to do", self.cfg.output_dir, self.state.step)
             return Outcome.ALREADY_DONE
-        r = self.run_
+        r = self.built
         tracker = Tracker(
             self.cfg.logger,
             self.cfg.output_dir,
@@ -87,7 +87,7 @@ class Trainer:
         return outcome
 
     def _train(self, tracker: Tracker) -> Outcome:
-        t, state, r = self.cfg.trainer, self.state, self.run_
+        t, state, r = self.cfg.trainer, self.state, self.built
         for c in self.components:
             c.on_start(state, tracker)
         first = True  # this process's first step checks that every parameter got a gradient
@@ -108,7 +108,7 @@ class Trainer:
 
     def _step(self, check_grads: bool) -> None:
         """One optimizer step and its bookkeeping: counters, the non-finite rule, perf, the log window."""
-        state, r, t = self.state, self.run_, self.cfg.trainer
+        state, r, t = self.state, self.built, self.cfg.trainer
         for c in self.components:
             c.pre_step(state)
         r.perf.begin_step()
