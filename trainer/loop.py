@@ -61,71 +61,72 @@ class Trainer:
     """Trains a built Run (trainer/build.py) from its resumed step to trainer.max_steps."""
 
     def __init__(self, built: Run) -> None:
-        self.built, self.cfg, self.state, self.engine = built, built.cfg, built.state, built.engine
-        self.components = built.components
+        self.built = built
 
     def run(self) -> Outcome:
         """Train, then return how the run ended: DONE, STOPPED (after a checkpoint; the preemption
         may requeue the job) or ALREADY_DONE. Collective."""
-        if _finished_step(self.cfg) is not None:  # resumed from a finished run of another model in this output_dir
-            log.info("%s is already complete at step %d; nothing to do", self.cfg.output_dir, self.state.step)
+        r, cfg = self.built, self.built.cfg
+        if _finished_step(cfg) is not None:  # resumed from a finished run of another model in this output_dir
+            log.info("%s is already complete at step %d; nothing to do", cfg.output_dir, r.state.step)
             return Outcome.ALREADY_DONE
-        r = self.built
         tracker = Tracker(
-            self.cfg.logger,
-            self.cfg.output_dir,
-            self.cfg.exp_name,
+            cfg.logger,
+            cfg.output_dir,
+            cfg.exp_name,
             r.config_tree,
-            self.state.step,
+            r.state.step,
             enabled=r.dist.is_main,
-            job_type=str(self.cfg.stage.objective),
+            job_type=str(cfg.stage.objective),
         )
         outcome = self._train(tracker)
         tracker.close()
         if outcome is Outcome.STOPPED:
-            r.stop.finish(self.state.step, r.dist.rank, self.engine.device)  # says why; may requeue the job
+            r.stop.finish(r.state.step, r.dist.rank, r.engine.device)  # says why; may requeue the job
         return outcome
 
     def _train(self, tracker: Tracker) -> Outcome:
-        t, state, r = self.cfg.trainer, self.state, self.built
-        for c in self.components:
+        r = self.built
+        t, state, components = r.cfg.trainer, r.state, r.components
+        for c in components:
             c.on_start(state, tracker)
         first = True  # this process's first step checks that every parameter got a gradient
         while state.step < t.max_steps:
             self._step(check_grads=first)
             first = False
             last = state.step == t.max_steps
-            for c in self.components:
+            for c in components:
                 c.after_step(state, tracker, last)
-            if not last and r.stop.requested(self.engine.device):  # every rank agrees to stop at this step
-                for c in self.components:
+            if not last and r.stop.requested(r.engine.device):  # every rank agrees to stop at this step
+                for c in components:
                     c.on_stop(state)
                 return Outcome.STOPPED
-        for c in self.components:
+        for c in components:
             c.on_end(state, tracker)
-        log.info("done: %d steps, outputs in %s", state.step, self.cfg.output_dir)
+        log.info("done: %d steps, outputs in %s", state.step, r.cfg.output_dir)
         return Outcome.DONE
 
     def _step(self, check_grads: bool) -> None:
         """One optimizer step and its bookkeeping: counters, the non-finite rule, perf, the log window."""
-        state, r, t = self.state, self.built, self.cfg.trainer
-        for c in self.components:
+        r = self.built
+        state, engine, t = r.state, r.engine, r.cfg.trainer
+        for c in r.components:
             c.pre_step(state)
         r.perf.begin_step()
         with r.perf.phase("data_wait"):
             batches = r.batches.micro_batches(state.step)
-        skipped_before = self.engine.skipped_steps
+        skipped_before = engine.skipped_steps
         result = train_step(
-            self.engine,
+            engine,
             batches,
             r.objective,
             r.data.names,
-            self.components,
+            r.components,
             phase=r.perf.phase,
             check_grads=check_grads,
         )
         state.step += 1
-        if self.engine.skipped_steps > skipped_before or not result.finite:
+        if engine.skipped_steps > skipped_before or not result.finite:
             state.skipped_steps += 1  # DeepSpeed found the gradient non-finite and did not update
             check_finite(
                 state.step,
