@@ -147,9 +147,11 @@ def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
     """Every fine-tune of the run; `rehearsal`: the base's own chat answers (real profile) for chat replay."""
     out = [Setting("none", "none")]
     for lr in args.lower_lrs:  # plain fine-tuning at a lower peak LR: a point of its own frontier
-        out.append(Setting(f"none lr={lr:g}", "none", [f"trainer.lr={lr}"], "plain (peak LR)", f"lr {lr:g}"))
+        out.append(Setting(f"none lr={lr:g}", "none", [f"trainer.optim.lr={lr}"], "plain (peak LR)", f"lr {lr:g}"))
     for w in args.warmups:  # plain fine-tuning re-warmed over another number of steps (0: none)
-        out.append(Setting(f"none warmup={w}", "none", [f"trainer.warmup_steps={w}"], "plain (warmup)", f"warmup {w}"))
+        out.append(
+            Setting(f"none warmup={w}", "none", [f"trainer.schedule.warmup_steps={w}"], "plain (warmup)", f"warmup {w}")
+        )
     for r in args.replay_ratios:
         out.append(Setting(f"replay {r:g}", "replay", [f"regularizer.replay.ratio={r}"]))
     for r in args.chat_replay_ratios if rehearsal else []:
@@ -231,8 +233,8 @@ def common(args, data: Dict) -> List[str]:
         f"trainer.micro_batch_size={args.micro_batch}",
         "trainer.grad_accum_steps=1",
         f"trainer.seed={args.seed}",
-        "trainer.save_every_steps=0",
-        "trainer.log_every_steps=1",
+        "trainer.cadence.save_every_steps=0",
+        "trainer.cadence.log_every_steps=1",
         f"+eval.sets.general={data['general']['heldout']}",
         f"+eval.sets.domain={data['domain']['heldout']}",
     ]
@@ -246,9 +248,9 @@ def base_overrides(args, data: Dict, out: Path) -> List[str]:
         f"data.path={g}",
         "regularizer=none",
         f"trainer.max_steps={args.base_steps}",
-        f"trainer.lr={args.base_lr}",
-        f"trainer.warmup_steps={args.warmup}",
-        f"trainer.eval_every_steps={args.base_steps}",
+        f"trainer.optim.lr={args.base_lr}",
+        f"trainer.schedule.warmup_steps={args.warmup}",
+        f"trainer.cadence.eval_every_steps={args.base_steps}",
         f"output_dir={out}",
     ]
 
@@ -265,10 +267,10 @@ def finetune_overrides(args, data: Dict, base: Path, setting: Setting, out: Path
             f"regularizer.ewc.fisher_data={g}",
             f"regularizer.ewc.fisher_batches={args.fisher_batches}",
             f"trainer.max_steps={args.steps}",
-            f"trainer.lr={args.lr}",
-            f"trainer.warmup_steps={args.warmup}",
+            f"trainer.optim.lr={args.lr}",
+            f"trainer.schedule.warmup_steps={args.warmup}",
             # the forgetting curve at quarters of the run (a short run: only at the start and the end)
-            f"trainer.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}",
+            f"trainer.cadence.eval_every_steps={args.steps // 4 if args.steps >= 8 else args.steps}",
             # with --alphas, the trainer's own end-of-stage sweep scores θ0 + α(θ − θ0) (it needs the export)
             *(
                 [
@@ -560,17 +562,17 @@ def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Pat
             f"trainer.micro_batch_size={args.micro_batch}",
             "trainer.grad_accum_steps=1",
             f"trainer.seed={args.seed}",
-            "trainer.save_every_steps=0",
-            "trainer.log_every_steps=1",
+            "trainer.cadence.save_every_steps=0",
+            "trainer.cadence.log_every_steps=1",
             f"data.path={data['domain']['train']}",
             f"regularizer={setting.regularizer}",
             f"regularizer.replay.path={g}",
             f"regularizer.ewc.fisher_data={g}",
             f"regularizer.ewc.fisher_batches={args.fisher_batches}",
             f"trainer.max_steps={args.steps}",
-            f"trainer.lr={args.lr}",
-            f"trainer.warmup_steps={args.warmup}",
-            "trainer.eval_every_steps=0",
+            f"trainer.optim.lr={args.lr}",
+            f"trainer.schedule.warmup_steps={args.warmup}",
+            "trainer.cadence.eval_every_steps=0",
             "trainer.export_hf=true",
             f"output_dir={out}",
         ],

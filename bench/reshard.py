@@ -55,12 +55,12 @@ def overrides(arch: Dict, seq_len: int, steps: int, out: Path, cache: Path) -> L
         "logger.dashboard=false",
         "trainer.micro_batch_size=1",
         f"trainer.max_steps={steps}",
-        "trainer.save_every_steps=0",
-        "trainer.eval_every_steps=0",
+        "trainer.cadence.save_every_steps=0",
+        "trainer.cadence.eval_every_steps=0",
         "trainer.export_hf=false",
         "eval.at_start=false",
-        "trainer.warmup_steps=1",
-        "trainer.log_every_steps=1",
+        "trainer.schedule.warmup_steps=1",
+        "trainer.cadence.log_every_steps=1",
         f"output_dir={out}",
     ]
 

@@ -13,7 +13,7 @@
 #   FULLFT_SETUP=FILE      a file to source first (module load ..., conda activate ...)
 #   NCCL_*, TORCH_NCCL_*   anything set wins over the defaults below
 # Extra arguments to sbatch after the script name are Hydra overrides:
-#   sbatch slurm/full_ft.sh trainer.lr=1e-5 trainer.max_steps=2000
+#   sbatch slurm/full_ft.sh trainer.optim.lr=1e-5 trainer.max_steps=2000
 
 fullft_log() { echo "[$(date +%H:%M:%S) slurm/${SLURM_JOB_NAME:-fullft} job ${SLURM_JOB_ID:-?}] $*"; }
 
@@ -68,7 +68,7 @@ fullft_setup() {
 
     # Collectives: a failed or timed-out NCCL operation aborts the process instead of hanging
     # (its peers then fail too, and srun --kill-on-bad-exit ends the job). The collective timeout
-    # itself is trainer.dist_timeout_s.
+    # itself is trainer.failure.dist_timeout_s.
     export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
     export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-$TORCH_NCCL_ASYNC_ERROR_HANDLING}  # older torch
     export NCCL_DEBUG=${NCCL_DEBUG:-WARN}

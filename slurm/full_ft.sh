@@ -2,7 +2,7 @@
 # Full fine-tuning / instruction tuning on a Slurm cluster:
 #
 #   mkdir -p logs && sbatch slurm/full_ft.sh                          # EXP=medical
-#   EXP=my_exp sbatch --nodes=4 slurm/full_ft.sh trainer.lr=1e-5      # any #SBATCH line can be overridden
+#   EXP=my_exp sbatch --nodes=4 slurm/full_ft.sh trainer.optim.lr=1e-5      # any #SBATCH line can be overridden
 #
 # One torchrun per node (srun, no ssh), c10d rendezvous on the first node. USR1 five minutes before
 # the walltime (or on a preemption notice): every rank saves at the current step, the job requeues

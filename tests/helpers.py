@@ -28,8 +28,8 @@ BIN = Path(sys.executable).parent
 QUICK = [
     "+exp=medical_qa",
     "logger=jsonl",
-    "trainer.log_every_steps=1",
-    "trainer.warmup_steps=5",
+    "trainer.cadence.log_every_steps=1",
+    "trainer.schedule.warmup_steps=5",
     "eval.sample_prompts=[]",
     "logger.dashboard=false",
 ]
@@ -45,8 +45,8 @@ STRAIGHT = QUICK + [
     "trainer.max_steps=20",
     "trainer.micro_batch_size=2",
     "trainer.grad_accum_steps=2",
-    "trainer.save_every_steps=5",
-    "trainer.eval_every_steps=10",
+    "trainer.cadence.save_every_steps=5",
+    "trainer.cadence.eval_every_steps=10",
 ]
 
 # One rank (plain `python`), micro-batch 8: the same 8 rows per step as STRAIGHT's 2 ranks x 2 x 2.

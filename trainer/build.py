@@ -7,9 +7,9 @@ Which components a stage has, and in which order the loop calls them:
 
     faults        (tests only) arms a NaN loss before a chosen step
     EWC           regularizer=ewc*: Fisher at the start; its gradient at each optimizer step
-    LogWindow     one line every trainer.log_every_steps steps
-    Evaluation    held-out sets at step 0, every trainer.eval_every_steps, and the last step
-    Checkpointer  at trainer.save_every_steps, the last step, and an early stop
+    LogWindow     one line every trainer.cadence.log_every_steps steps
+    Evaluation    held-out sets at step 0, every trainer.cadence.eval_every_steps, and the last step
+    Checkpointer  at trainer.cadence.save_every_steps, the last step, and an early stop
     Interpolation regularizer.interpolation: θ0 + α(θ − θ0) chosen after the last step
     Export        output_dir/hf after the last step
     Summary       the forgetting summary and the PNG dashboard
@@ -36,6 +36,7 @@ from trainer.checkpointing.checkpoint import Checkpointer, TrainState
 from trainer.checkpointing.export import Export
 from trainer.components import BatchSource, Component
 from trainer.config import Config
+from trainer.config import config_tree as plain_config_tree
 from trainer.data import TrainingData, prepare_data
 from trainer.engine.deepspeed_config import build_deepspeed_config
 from trainer.engine.model import build_model, count_parameters, model_config
@@ -83,13 +84,13 @@ def build(cfg: Config) -> Run:
     """Build and resume one stage of training. Collective."""
     t = cfg.trainer
     stop = preemption.install(t.max_time)  # USR1/TERM/max_time: a flag the loop checks each step
-    dist = distributed.init(t.dist_timeout_s)
+    dist = distributed.init(t.failure.dist_timeout_s)
     setup_logging(dist.rank)
     # grad_accum_steps as set, or derived: from trainer.global_batch_size, or on a resume what keeps
     # the checkpoint's global batch on this world size (read from files: seconds).
     cfg = layout.resolve_config_batch(cfg, dist.world_size)
     t = cfg.trainer
-    config_tree = redact(dataclasses.asdict(cfg))
+    config_tree = redact(plain_config_tree(cfg))
     _announce_config(config_tree, cfg.output_dir, dist)
     random.seed(t.seed)
     torch.manual_seed(t.seed)
@@ -158,14 +159,14 @@ def build(cfg: Config) -> Run:
         )
     checkpointer = Checkpointer(
         cfg.output_dir,
-        t.keep_last,
+        t.cadence.keep_last,
         dist.rank,
         dist.world_size,
-        fallback=t.resume_fallback,
+        fallback=t.resume.fallback,
         tokenizer=tokenizer,
         extras={"ewc": ewc} if ewc else None,
-        every_steps=t.save_every_steps,
-        elastic=t.elastic_resume,
+        every_steps=t.cadence.save_every_steps,
+        elastic=t.resume.elastic,
     )
     # Restores EWC's Fisher and anchor too; a checkpoint of another world size is resharded.
     state = checkpointer.resume(engine)
@@ -201,7 +202,7 @@ def build(cfg: Config) -> Run:
         engine,
         data.eval_sets,
         cfg.eval.micro_batch_size,
-        t.eval_every_steps,
+        t.cadence.eval_every_steps,
         cfg.eval.at_start,
         cfg.eval.baseline_from,
         generator,
@@ -218,7 +219,7 @@ def build(cfg: Config) -> Run:
     components: List[Component] = [
         *injected,
         *([ewc] if ewc else []),
-        LogWindow(window, perf, t.log_every_steps, t.max_steps, enabled=dist.is_main),
+        LogWindow(window, perf, t.cadence.log_every_steps, t.max_steps, enabled=dist.is_main),
         evaluation,
         checkpointer,
     ]

@@ -19,14 +19,17 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from trainer.config import Config, register_configs
+from trainer.config import TRAINER_MOVED, Config, register_configs
 
 log = logging.getLogger("trainer")
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 # Old override spelling -> new, still accepted with a warning.
-DEPRECATED_KEYS = {"stage.name": "stage.objective"}
+DEPRECATED_KEYS = {
+    "stage.name": "stage.objective",
+    **{f"trainer.{old}": f"trainer.{new}" for old, new in TRAINER_MOVED.items()},
+}
 
 # Hydra's own flags; those in _TAKES_VALUE consume the next argument.
 _NO_PREFLIGHT = ("-m", "--multirun", "-h", "--help", "--hydra-help", "-i", "--info")
@@ -62,7 +65,8 @@ def explain_key_error(full_key: str) -> str:
     schema = _schema_at(parts[:-1])
     if schema is None:
         return ""
-    valid = [f.name for f in dataclasses.fields(schema)]
+    prefix = "".join(f"{p}." for p in parts[:-1])
+    valid = [f.name for f in dataclasses.fields(schema) if prefix + f.name not in DEPRECATED_KEYS]
     where = ".".join(parts[:-1]) or "the top level"
     close = difflib.get_close_matches(parts[-1], valid, n=1)
     hint = f" Did you mean '{'.'.join(parts[:-1] + close)}'?" if close else ""

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.resources
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -368,32 +368,9 @@ class EvalConfig:
 
 
 @dataclass
-class TrainerConfig:
-    max_steps: int = 100
-    """Optimizer steps in the run."""
-    micro_batch_size: int = 4
-    """Packed rows per rank per forward."""
-    grad_accum_steps: Optional[int] = None
-    """Micro-batches per rank per optimizer step. None = derived: from global_batch_size when that is
-    set; on a resume, whatever keeps the checkpoint's global batch on this world size; else 1."""
-    global_batch_size: Optional[int] = None
-    """Rows per optimizer step over all ranks (micro_batch_size x grad_accum_steps x world size); when
-    set, grad_accum_steps is derived from it on any number of ranks. None = from grad_accum_steps."""
-    elastic_resume: bool = True
-    """Resume a checkpoint saved by another number of ranks: convert it once to DeepSpeed's universal
-    format and reshard weights, Adam's moments and EWC's state, keeping the global batch
-    (trainer/checkpointing/reshard.py). false = stop, saying how to go on."""
-    allow_new_global_batch: bool = False
-    """On a resume whose settings cannot keep the checkpoint's global batch, go on with the new one
-    (the data continues from the row where the checkpoint stopped) instead of stopping."""
+class OptimConfig:
     lr: float = 3.0e-4
     """Peak learning rate."""
-    min_lr_ratio: float = 0.1
-    """Cosine schedule floor, as a fraction of lr."""
-    lr_schedule: LRSchedule = LRSchedule.cosine
-    """cosine | constant (both after linear warmup)."""
-    warmup_steps: int = 10
-    """Linear warmup steps from 0 to lr."""
     weight_decay: float = 0.0
     """AdamW weight decay (not applied to biases and norms)."""
     adam_beta1: float = 0.9
@@ -404,23 +381,26 @@ class TrainerConfig:
     """AdamW ε added to the root of the second moment."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables."""
-    seed: int = 1234
-    """Seeds model init, data order and every RNG."""
-    precision: Precision = Precision.auto
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
-    activation_checkpointing: Checkpointing = Checkpointing.none
-    """none | full | every_n | offload (full, with saved layer inputs held in host memory)."""
-    loss_chunk_tokens: Optional[int] = None
-    """Chunked cross-entropy (trainer/objectives/chunked.py): the LM head and the loss computed this many
-    tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
-    on where the vocabulary is at least 4x the hidden size (every real LM), chunks of at most 256 MiB
-    of fp32 logits; 0 = off (full logits)."""
-    loss_kernel: LossKernel = LossKernel.auto
-    """What computes the chunked cross-entropy's chunks: auto (Liger's fused linear cross-entropy on a
-    CUDA GPU when liger-kernel is installed, the `liger` extra; torch otherwise) | torch | liger (stops
-    at start if it cannot run here)."""
-    activation_checkpointing_every_n: int = 2
-    """With every_n: checkpoint every n-th decoder layer."""
+
+
+@dataclass
+class ScheduleConfig:
+    decay: LRSchedule = LRSchedule.cosine
+    """cosine | constant, after the linear warmup."""
+    warmup_steps: int = 10
+    """Linear warmup steps from 0 to trainer.optim.lr."""
+    min_lr_ratio: float = 0.1
+    """Cosine schedule floor, as a fraction of trainer.optim.lr."""
+
+    def __post_init__(self) -> None:
+        if self.warmup_steps < 0:
+            raise ValueError(f"trainer.schedule.warmup_steps={self.warmup_steps}: must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"trainer.schedule.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+
+
+@dataclass
+class CadenceConfig:
     save_every_steps: int = 50
     """Save a checkpoint every this many steps (and at the end); 0 = only at the end."""
     keep_last: int = 2
@@ -430,25 +410,167 @@ class TrainerConfig:
     log_every_steps: int = 10
     """Write a metrics line every this many steps; each line summarises the steps since the last
     (token-weighted losses and fractions, summed counts, peak memory's max, the last lr)."""
-    dist_timeout_s: int = 600
-    """Collective timeout: a rank stuck this long in a collective fails instead of hanging."""
-    export_hf: bool = True
-    """Write the final model to output_dir/hf in Hugging Face format (safetensors)."""
-    resume_fallback: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("keep_last", "log_every_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"trainer.cadence.{key}={getattr(self, key)}: must be >= 1")
+        for key in ("save_every_steps", "eval_every_steps"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"trainer.cadence.{key}={getattr(self, key)}: must be >= 0 (0 = only at the end)")
+
+
+@dataclass
+class ResumeConfig:
+    elastic: bool = True
+    """Resume a checkpoint saved by another number of ranks: convert it once to DeepSpeed's universal
+    format and reshard weights, Adam's moments and EWC's state, keeping the global batch
+    (trainer/checkpointing/reshard.py). false = stop, saying how to go on."""
+    allow_new_global_batch: bool = False
+    """On a resume whose settings cannot keep the checkpoint's global batch, go on with the new one
+    (the data continues from the row where the checkpoint stopped) instead of stopping."""
+    fallback: bool = False
     """When the latest checkpoint is damaged (a file missing, truncated or failing its CRC), move it
     aside and resume from the previous complete one instead of stopping."""
+
+
+@dataclass
+class FailureConfig:
     on_nonfinite: OnNonFinite = OnNonFinite.stop
     """A NaN/inf loss or gradient norm: stop (naming the step and the rows) | skip (the update is
     dropped, counted in train/skipped_steps, the rows named in a warning)."""
     max_skipped_steps: int = 10
     """With on_nonfinite=skip: stop once more than this many steps of the run were skipped."""
+    dist_timeout_s: int = 600
+    """Collective timeout: a rank stuck this long in a collective fails instead of hanging."""
+
+    def __post_init__(self) -> None:
+        if self.max_skipped_steps < 0:
+            raise ValueError(f"trainer.failure.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
+        if self.dist_timeout_s < 1:
+            raise ValueError(f"trainer.failure.dist_timeout_s={self.dist_timeout_s}: must be >= 1")
+
+
+# trainer.<old key> -> trainer.<new key>: the flat names of before the grouping. Both the command line
+# (trainer/cli.py rewrites the override) and YAML files (the alias fields below, moved in
+# __post_init__) keep working, each with a deprecation message naming the new key.
+TRAINER_MOVED: Dict[str, str] = {
+    **{k: f"optim.{k}" for k in ("lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps", "grad_clip")},
+    "lr_schedule": "schedule.decay",
+    "warmup_steps": "schedule.warmup_steps",
+    "min_lr_ratio": "schedule.min_lr_ratio",
+    **{k: f"cadence.{k}" for k in ("save_every_steps", "keep_last", "eval_every_steps", "log_every_steps")},
+    "elastic_resume": "resume.elastic",
+    "allow_new_global_batch": "resume.allow_new_global_batch",
+    "resume_fallback": "resume.fallback",
+    **{k: f"failure.{k}" for k in ("on_nonfinite", "max_skipped_steps", "dist_timeout_s")},
+}
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 100
+    """Optimizer steps in the run."""
     max_time: Optional[str] = None
     """Time budget of this process, "HH:MM:SS", "D-HH:MM:SS" or with a unit ("90m", "2h"); None = no
     limit. Before a step that would end past it, save and stop (a Slurm batch job requeues itself).
     Leave room below the walltime for one checkpoint save. See trainer/checkpointing/preemption.py."""
+    micro_batch_size: int = 4
+    """Packed rows per rank per forward."""
+    grad_accum_steps: Optional[int] = None
+    """Micro-batches per rank per optimizer step. None = derived: from global_batch_size when that is
+    set; on a resume, whatever keeps the checkpoint's global batch on this world size; else 1."""
+    global_batch_size: Optional[int] = None
+    """Rows per optimizer step over all ranks (micro_batch_size x grad_accum_steps x world size); when
+    set, grad_accum_steps is derived from it on any number of ranks. None = from grad_accum_steps."""
+    seed: int = 1234
+    """Seeds model init, data order and every RNG."""
+    precision: Precision = Precision.auto
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32."""
+    activation_checkpointing: Checkpointing = Checkpointing.none
+    """none | full | every_n | offload (full, with saved layer inputs held in host memory)."""
+    activation_checkpointing_every_n: int = 2
+    """With every_n: checkpoint every n-th decoder layer."""
+    loss_chunk_tokens: Optional[int] = None
+    """Chunked cross-entropy (trainer/objectives/chunked.py): the LM head and the loss computed this many
+    tokens at a time and recomputed in backward, so the [tokens x vocab] logits never exist. None =
+    on where the vocabulary is at least 4x the hidden size (every real LM), chunks of at most 256 MiB
+    of fp32 logits; 0 = off (full logits)."""
+    loss_kernel: LossKernel = LossKernel.auto
+    """What computes the chunked cross-entropy's chunks: auto (Liger's fused linear cross-entropy on a
+    CUDA GPU when liger-kernel is installed, the `liger` extra; torch otherwise) | torch | liger (stops
+    at start if it cannot run here)."""
+    export_hf: bool = True
+    """Write the final model to output_dir/hf in Hugging Face format (safetensors)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """AdamW: peak lr, weight decay, betas, ε, gradient clipping."""
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule: linear warmup, then cosine decay to a floor, or constant."""
+    cadence: CadenceConfig = field(default_factory=CadenceConfig)
+    """How often the loop saves, evaluates and logs, and how many checkpoints it keeps."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Resuming on another number of ranks, with another batch, or past a damaged checkpoint."""
+    failure: FailureConfig = field(default_factory=FailureConfig)
+    """Non-finite losses and gradients, hung collectives."""
+
+    # Deprecated flat names (TRAINER_MOVED): null unless an old YAML file or script sets them;
+    # __post_init__ moves a set one to its group and leaves it null.
+    lr: Optional[float] = None
+    """Deprecated: trainer.optim.lr."""
+    weight_decay: Optional[float] = None
+    """Deprecated: trainer.optim.weight_decay."""
+    adam_beta1: Optional[float] = None
+    """Deprecated: trainer.optim.adam_beta1."""
+    adam_beta2: Optional[float] = None
+    """Deprecated: trainer.optim.adam_beta2."""
+    adam_eps: Optional[float] = None
+    """Deprecated: trainer.optim.adam_eps."""
+    grad_clip: Optional[float] = None
+    """Deprecated: trainer.optim.grad_clip."""
+    lr_schedule: Optional[LRSchedule] = None
+    """Deprecated: trainer.schedule.decay."""
+    warmup_steps: Optional[int] = None
+    """Deprecated: trainer.schedule.warmup_steps."""
+    min_lr_ratio: Optional[float] = None
+    """Deprecated: trainer.schedule.min_lr_ratio."""
+    save_every_steps: Optional[int] = None
+    """Deprecated: trainer.cadence.save_every_steps."""
+    keep_last: Optional[int] = None
+    """Deprecated: trainer.cadence.keep_last."""
+    eval_every_steps: Optional[int] = None
+    """Deprecated: trainer.cadence.eval_every_steps."""
+    log_every_steps: Optional[int] = None
+    """Deprecated: trainer.cadence.log_every_steps."""
+    elastic_resume: Optional[bool] = None
+    """Deprecated: trainer.resume.elastic."""
+    allow_new_global_batch: Optional[bool] = None
+    """Deprecated: trainer.resume.allow_new_global_batch."""
+    resume_fallback: Optional[bool] = None
+    """Deprecated: trainer.resume.fallback."""
+    on_nonfinite: Optional[OnNonFinite] = None
+    """Deprecated: trainer.failure.on_nonfinite."""
+    max_skipped_steps: Optional[int] = None
+    """Deprecated: trainer.failure.max_skipped_steps."""
+    dist_timeout_s: Optional[int] = None
+    """Deprecated: trainer.failure.dist_timeout_s."""
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "micro_batch_size", "keep_last", "log_every_steps"):
+        moved = set()
+        for old, new in TRAINER_MOVED.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            group, key = new.split(".")
+            message = f"trainer.{old} is deprecated: use trainer.{new} (its value {value} is moved there)"
+            warnings.warn(message, FutureWarning, stacklevel=2)
+            setattr(getattr(self, group), key, value)
+            setattr(self, old, None)
+            moved.add(group)
+        for group in sorted(moved):  # check the moved values as if they had been set in the group
+            check = getattr(getattr(self, group), "__post_init__", None)
+            if check is not None:
+                check()
+        for key in ("max_steps", "micro_batch_size", "activation_checkpointing_every_n"):
             if getattr(self, key) < 1:
                 raise ValueError(f"trainer.{key}={getattr(self, key)}: must be >= 1")
         for key in ("grad_accum_steps", "global_batch_size"):
@@ -458,10 +580,6 @@ class TrainerConfig:
             raise ValueError(
                 f"trainer.loss_chunk_tokens={self.loss_chunk_tokens}: 0 (off), a chunk size, or null (auto)"
             )
-        if self.max_skipped_steps < 0:
-            raise ValueError(f"trainer.max_skipped_steps={self.max_skipped_steps}: must be >= 0")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"trainer.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.max_time is not None:
             try:
                 parse_duration(self.max_time)
@@ -545,6 +663,15 @@ class Config:
         if self.data.overlong != Overlong.auto:
             return self.data.overlong
         return Overlong.split if objective == StageObjective.pretrain else Overlong.truncate
+
+
+def config_tree(cfg: Config) -> Dict[str, Any]:
+    """The config as plain dicts and values (output_dir/config.yaml, W&B's config, the config hash),
+    without the deprecated flat trainer names: always null once __post_init__ has moved them."""
+    tree = asdict(cfg)
+    for old in TRAINER_MOVED:
+        tree["trainer"].pop(old, None)
+    return tree
 
 
 GROUP_SCHEMAS = {

@@ -134,8 +134,8 @@ class Trainer:
                 result,
                 r.batches.rows(state.step - 1),
                 r.data.names,
-                skip=t.on_nonfinite == OnNonFinite.skip,
-                max_skipped_steps=t.max_skipped_steps,
+                skip=t.failure.on_nonfinite == OnNonFinite.skip,
+                max_skipped_steps=t.failure.max_skipped_steps,
             )
         state.tokens_seen += int(result.real_tokens)
         state.supervised_tokens_seen += int(result.supervised_tokens)

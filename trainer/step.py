@@ -114,7 +114,7 @@ def check_finite(
 ) -> None:
     """A step with a NaN/inf loss or gradient: DeepSpeed has already dropped its update (the
     weights are as before the step). Name the step and the rows, then raise or, with `skip`
-    (trainer.on_nonfinite=skip), go on within `max_skipped_steps`. Called on every rank (the loss
+    (trainer.failure.on_nonfinite=skip), go on within `max_skipped_steps`. Called on every rank (the loss
     and DeepSpeed's overflow flag are reduced over ranks), so all ranks decide alike."""
     ranks = distributed.all_gather_object((result.nonfinite_rows, step_rows))
     culprits = [
@@ -133,18 +133,20 @@ def check_finite(
         f"{result.grad_norm}): {where}. The update was skipped; the weights are those of step {step - 1}."
     )
     if skip and skipped_steps <= max_skipped_steps:
-        log.warning("%s Skipped (%d of at most trainer.max_skipped_steps=%d).", what, skipped_steps, max_skipped_steps)
+        log.warning(
+            "%s Skipped (%d of at most trainer.failure.max_skipped_steps=%d).", what, skipped_steps, max_skipped_steps
+        )
         return
     if skip:
         advice = (
-            f"{skipped_steps} steps skipped, more than trainer.max_skipped_steps={max_skipped_steps}: "
+            f"{skipped_steps} steps skipped, more than trainer.failure.max_skipped_steps={max_skipped_steps}: "
             "the run is diverging or the data is bad."
         )
     else:
-        advice = "trainer.on_nonfinite=skip would skip such steps (counted in train/skipped_steps)."
+        advice = "trainer.failure.on_nonfinite=skip would skip such steps (counted in train/skipped_steps)."
     raise RuntimeError(
         f"{what} Stopped, without saving: the last checkpoint is intact. Inspect those rows "
-        f"(data_pipeline: source name and row of the prepared cache) or lower trainer.lr; {advice}"
+        f"(data_pipeline: source name and row of the prepared cache) or lower trainer.optim.lr; {advice}"
     )
 
 

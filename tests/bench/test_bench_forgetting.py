@@ -195,9 +195,11 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     assert (given.steps, given.lr, given.alphas) == (7, 3e-5, [0.5])
     assert forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]).steps == 200  # tiny profile
     # a setting's own value of a key replaces the common one (Hydra refuses two)
-    assert forgetting.merged(["trainer.lr=1", "+eval.sets.a=p", "x=1"], ["trainer.lr=2", "eval.sets.a=q"]) == [
+    assert forgetting.merged(
+        ["trainer.optim.lr=1", "+eval.sets.a=p", "x=1"], ["trainer.optim.lr=2", "eval.sets.a=q"]
+    ) == [
         "x=1",
-        "trainer.lr=2",
+        "trainer.optim.lr=2",
         "eval.sets.a=q",
     ]
     assert len(forgetting.group_grid([0.25, 0.5, 1.0])) == 24  # 27 combinations minus the 3 uniform ones

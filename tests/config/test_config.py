@@ -117,9 +117,9 @@ def test_typo_fails_before_any_model_is_built_and_names_the_valid_keys():
 
 
 def test_wrong_type_fails_naming_the_key():
-    proc = run_cli("trainer.lr=fast")
+    proc = run_cli("trainer.optim.lr=fast")
     assert proc.returncode != 0
-    assert "trainer.lr" in proc.stderr and "fast" in proc.stderr
+    assert "trainer.optim.lr" in proc.stderr and "fast" in proc.stderr
 
 
 def test_cross_field_check_says_what_to_change():
@@ -235,3 +235,102 @@ def test_a_dpo_stage_composes_and_refuses_what_it_cannot_do():
         from trainer.cli import preflight
 
         preflight(["stage=dpo", "stage.loss=kto"])
+
+
+# ---- moved keys: the flat trainer names of before the grouping keep working ----------------------
+
+
+def test_every_moved_trainer_key_names_a_field_of_its_group_with_the_same_type():
+    import dataclasses
+    import typing
+
+    from trainer.config import TRAINER_MOVED, TrainerConfig
+
+    hints = typing.get_type_hints(TrainerConfig)
+    for old, new in TRAINER_MOVED.items():
+        group, key = new.split(".")
+        target = typing.get_type_hints(hints[group])[key]
+        assert hints[old] == typing.Optional[target], (old, hints[old], target)  # the alias: the same type, or null
+        assert (
+            dataclasses.fields(TrainerConfig)[[f.name for f in dataclasses.fields(TrainerConfig)].index(old)].default
+            is None
+        )
+
+
+def test_an_old_override_on_the_command_line_still_sets_the_new_key_and_says_so(caplog):
+    from trainer.cli import load_config
+
+    with caplog.at_level("WARNING", logger="trainer"):
+        config = load_config(
+            [
+                "trainer.lr=1e-5",
+                "trainer.warmup_steps=3",
+                "trainer.lr_schedule=constant",
+                "trainer.resume_fallback=true",
+            ]
+        )
+    t = config.trainer
+    assert (t.optim.lr, t.schedule.warmup_steps, t.schedule.decay, t.resume.fallback) == (1e-5, 3, "constant", True)
+    assert t.lr is None and t.warmup_steps is None  # moved, never read twice
+    text = caplog.text
+    assert "trainer.lr= is deprecated; use trainer.optim.lr=1e-5" in text
+    assert "trainer.lr_schedule= is deprecated; use trainer.schedule.decay=constant" in text
+    assert "trainer.resume_fallback= is deprecated; use trainer.resume.fallback=true" in text
+
+
+def test_an_old_key_in_a_users_yaml_file_still_sets_the_new_key_and_says_so(tmp_path):
+    """A user's experiment file written before the grouping (flat trainer keys) composes, its values
+    land in the groups, and each moved key is named with its new place."""
+    import shutil
+
+    from trainer.cli import load_config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "exp" / "old_style.yaml").write_text(
+        "# @package _global_\n"
+        "trainer:\n  max_steps: 7\n  lr: 2.0e-4\n  save_every_steps: 0\n  on_nonfinite: skip\n  elastic_resume: false\n"
+    )
+    with pytest.warns(FutureWarning) as warned:
+        t = load_config(["+exp=old_style"], config_dir=str(conf)).trainer
+    said = " ".join(str(w.message) for w in warned)
+    assert (t.max_steps, t.optim.lr, t.cadence.save_every_steps) == (7, 2e-4, 0)
+    assert (t.failure.on_nonfinite, t.resume.elastic) == ("skip", False)
+    for old, new in [
+        ("lr", "optim.lr"),
+        ("save_every_steps", "cadence.save_every_steps"),
+        ("elastic_resume", "resume.elastic"),
+    ]:
+        assert f"trainer.{old} is deprecated: use trainer.{new}" in said, old
+    # a moved value is checked where it lands: the group's own rule names the new key
+    (conf / "exp" / "old_bad.yaml").write_text("# @package _global_\ntrainer:\n  min_lr_ratio: 2.0\n")
+    with (
+        pytest.raises(SystemExit, match=r"trainer\.schedule\.min_lr_ratio=2\.0: must be in \[0, 1\]"),
+        pytest.warns(FutureWarning),
+    ):
+        load_config(["+exp=old_bad"], config_dir=str(conf))
+
+
+def test_a_misspelt_key_suggests_the_new_names_not_the_deprecated_ones():
+    from trainer.cli import explain_key_error
+
+    assert "Did you mean 'trainer.optim.lr'" in explain_key_error("trainer.optim.lrr")
+    hint = explain_key_error("trainer.warmup_step")
+    assert "warmup_steps" not in hint.split("Did you mean")[0] and "schedule" in hint, hint
+
+
+def test_config_yaml_and_wandb_see_the_grouped_keys_only():
+    from trainer.cli import load_config
+    from trainer.config import TRAINER_MOVED, config_tree
+
+    tree = config_tree(load_config(["trainer.lr=1e-5"]))
+    assert tree["trainer"]["optim"]["lr"] == 1e-5
+    assert not set(TRAINER_MOVED) & set(tree["trainer"]), sorted(tree["trainer"])
+
+
+def test_the_old_stage_name_override_still_selects_the_objective(caplog):
+    from trainer.cli import load_config
+
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert load_config(["stage=sft", "stage.name=instruct"]).stage.objective == "instruct"
+    assert "stage.name= is deprecated; use stage.objective=instruct" in caplog.text

@@ -56,18 +56,18 @@ def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_stil
             "model=smollm2_135m",
             "model.name_or_path=/models/smollm2",
             "output_dir=/runs/s",
-            "trainer.lr=1e-5",
+            "trainer.optim.lr=1e-5",
         ]
     )
     assert list(plan) == ["cpt", "instruct", "align"]  # pretrained: no random-init base stage
     cpt, instruct = plan["cpt"], plan["instruct"]
     assert (cpt.trainer.max_steps, instruct.trainer.max_steps) == (20, 20)
     assert cpt.data.seq_len == instruct.data.seq_len == 512 and cpt.trainer.micro_batch_size == 1
-    assert cpt.trainer.lr == instruct.trainer.lr == 1e-5  # the command line's
+    assert cpt.trainer.optim.lr == instruct.trainer.optim.lr == 1e-5  # the command line's
     assert cpt.model.name_or_path == "/models/smollm2" and instruct.model.name_or_path == "/runs/s/cpt/hf"
     assert instruct.regularizer.ewc.previous == "/runs/s/cpt" and instruct.eval.baseline_from == "/runs/s/cpt"
     lrs = {
-        n: c.trainer.lr
+        n: c.trainer.optim.lr
         for n, c in plan_for(["+exp=medical", "model=smollm2_135m", "model.name_or_path=/m", "output_dir=/r"]).items()
     }
     assert lrs == {"cpt": 5e-5, "instruct": 3e-5, "align": 5e-6}

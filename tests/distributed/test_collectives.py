@@ -84,14 +84,18 @@ def _engine(world: int, seed: int = 0):
     import deepspeed
     from transformers import LlamaConfig
 
-    from trainer.config import DeepSpeedConfig, ModelConfig, TrainerConfig
+    from trainer.config import DeepSpeedConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainerConfig
     from trainer.engine.deepspeed_config import build_deepspeed_config
     from trainer.engine.model import build_model
     from trainer.engine.optim import build_optimizer
 
     # lr warms up then decays every step, so a resume that lost the scheduler's position shows in the loss.
     trainer = TrainerConfig(
-        max_steps=8, micro_batch_size=ROWS // world, grad_accum_steps=1, lr=1e-2, warmup_steps=2, weight_decay=0.1
+        max_steps=8,
+        micro_batch_size=ROWS // world,
+        grad_accum_steps=1,
+        optim=OptimConfig(lr=1e-2, weight_decay=0.1),
+        schedule=ScheduleConfig(warmup_steps=2),
     )
     # Threshold 0: every parameter is partitioned and gathered for each forward, as in a real model
     # (the default keeps parameters under 100k elements whole on every rank: all of this model's).
@@ -294,7 +298,7 @@ def test_keep_last_prunes_verify_names_damage_and_fallback_resumes_the_previous(
         assert f"{tag / 'trainer_state.json'} is missing" in got["problems"]
         assert got["refused"] is not None and f"checkpoint {tag} is damaged" in got["refused"], rank
         assert (
-            "trainer.resume_fallback=true to resume from the previous complete checkpoint (step_00000002)"
+            "trainer.resume.fallback=true to resume from the previous complete checkpoint (step_00000002)"
             in got["refused"]
         )
         assert got["state"].step == 2, rank
@@ -304,7 +308,7 @@ def test_keep_last_prunes_verify_names_damage_and_fallback_resumes_the_previous(
     # The same checkpoint on 1 rank with elastic resume off: refused before loading, saying how to go on.
     (message,) = run_distributed(_resume_on_one_rank, 1, str(tmp_path))
     step2 = tmp_path / "checkpoints/step_00000002"
-    assert f"{step2} was saved by 2 ranks and this run has 1, and trainer.elastic_resume=false" in message
+    assert f"{step2} was saved by 2 ranks and this run has 1, and trainer.resume.elastic=false" in message
     assert f"python launch/export.py {step2} <model dir>" in message
 
 

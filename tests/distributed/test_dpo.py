@@ -27,14 +27,14 @@ DPO = [
     "regularizer.ewc.fisher_batches=2",
     "logger.dashboard=false",
     "eval.sample_prompts=[]",
-    "trainer.log_every_steps=1",
-    "trainer.warmup_steps=2",
-    "trainer.lr=5e-4",
+    "trainer.cadence.log_every_steps=1",
+    "trainer.schedule.warmup_steps=2",
+    "trainer.optim.lr=5e-4",
     "trainer.max_steps=10",
     "trainer.micro_batch_size=2",
     "trainer.grad_accum_steps=2",
-    "trainer.save_every_steps=5",
-    "trainer.eval_every_steps=5",
+    "trainer.cadence.save_every_steps=5",
+    "trainer.cadence.eval_every_steps=5",
 ]
 SCORED = re.compile(r"reference log-probs of (\S+): \d+ pairs scored once .*\(start (\w+)\)")
 REUSED = re.compile(r"reference log-probs of (\S+): reused \(\d+ rows, start (\w+)\)")
@@ -156,7 +156,7 @@ def test_one_rank_takes_the_same_first_step_and_another_start_scores_its_own_ref
             "trainer.export_hf=false",
             "~eval.sets.general",
             "regularizer=none",
-            "trainer.eval_every_steps=0",
+            "trainer.cadence.eval_every_steps=0",
             "eval.at_start=false",
         ],
     )

@@ -31,9 +31,9 @@ RUN = QUICK + [
     "regularizer.ewc.fisher_batches=2",
     "trainer.max_steps=30",
     "trainer.micro_batch_size=2",
-    "trainer.save_every_steps=10",
-    "trainer.keep_last=3",
-    "trainer.eval_every_steps=0",
+    "trainer.cadence.save_every_steps=10",
+    "trainer.cadence.keep_last=3",
+    "trainer.cadence.eval_every_steps=0",
     "trainer.export_hf=false",
 ]
 TOLERANCE = 1e-4
@@ -94,7 +94,7 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
     shutil.copytree(one, back, ignore=shutil.ignore_patterns("wandb"))
     shutil.rmtree(back / "checkpoints/step_00000030")
     (back / "checkpoints/latest").write_text("step_00000020")
-    proc = run_train(LAUNCHER, RUN + [f"output_dir={back}", "trainer.keep_last=2"])
+    proc = run_train(LAUNCHER, RUN + [f"output_dir={back}", "trainer.cadence.keep_last=2"])
     check(proc)
     assert "reshard: step_00000020 from 1 to 2 ranks in" in proc.stdout + proc.stderr
     _assert_continues(read_metrics(back), read_metrics(one), 21, 30, "1 -> 2")
@@ -112,4 +112,4 @@ def test_the_same_command_on_another_number_of_ranks_goes_on_where_the_checkpoin
         "a step, and this run asks for trainer.micro_batch_size=2 x trainer.grad_accum_steps=3 x 1 ranks = 6"
     ) in message
     assert "trainer.micro_batch_size=2 trainer.grad_accum_steps=2" in message
-    assert "trainer.allow_new_global_batch=true" in message
+    assert "trainer.resume.allow_new_global_batch=true" in message

@@ -13,8 +13,8 @@ from helpers import LAUNCHER, QUICK, check, read_metrics, run_train, series
 # ---- 2 CPU ranks, real DeepSpeed ZeRO-3 ---------------------------------------------------------
 RUN = QUICK + [
     "trainer.max_steps=6",
-    "trainer.save_every_steps=3",
-    "trainer.eval_every_steps=3",
+    "trainer.cadence.save_every_steps=3",
+    "trainer.cadence.eval_every_steps=3",
     "+eval.sets.general=${bundled:general_text_heldout.txt}",
     "trainer.export_hf=false",
 ]

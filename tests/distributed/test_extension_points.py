@@ -81,7 +81,7 @@ def _grow_a_stage(rank, world, out_dir):
             f"trainer.max_steps={STEPS}",
             "trainer.micro_batch_size=2",
             "trainer.grad_accum_steps=1",
-            "trainer.save_every_steps=0",
+            "trainer.cadence.save_every_steps=0",
             "trainer.export_hf=false",
             "eval.at_start=false",
             f"output_dir={out_dir}",

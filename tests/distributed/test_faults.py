@@ -80,7 +80,7 @@ def test_a_full_disk_stops_with_a_clear_error_and_the_previous_checkpoint_intact
 
 NAN_RUN = QUICK + [
     "trainer.max_steps=6",
-    "trainer.save_every_steps=0",
+    "trainer.cadence.save_every_steps=0",
     "trainer.export_hf=false",
     "eval.at_start=false",
 ]
@@ -98,7 +98,7 @@ def test_a_nan_loss_stops_the_run_naming_the_step_and_the_rows(tmp_path):
     )
     assert "(rank 1, micro-batch 0)" in text and "(rank 0," not in text
     assert "The update was skipped; the weights are those of step 2. Stopped, without saving" in text
-    assert "trainer.on_nonfinite=skip would skip such steps" in text
+    assert "trainer.failure.on_nonfinite=skip would skip such steps" in text
     assert sorted(series(read_metrics(out), "train/loss")) == [1, 2]  # nothing logged past the bad step
 
 
@@ -108,14 +108,17 @@ def test_skip_mode_counts_skipped_steps_and_stops_past_the_limit(tmp_path):
     out = tmp_path / "run"
     proc = run_train(
         LAUNCHER,
-        NAN_RUN + ["trainer.on_nonfinite=skip", "trainer.max_skipped_steps=1", f"output_dir={out}"],
+        NAN_RUN + ["trainer.failure.on_nonfinite=skip", "trainer.failure.max_skipped_steps=1", f"output_dir={out}"],
         env={faults.NAN_LOSS: "2:1,4:0"},
     )
     assert proc.returncode != 0
     text = _text(proc)
-    assert "non-finite loss/gradient at step 2" in text and "Skipped (1 of at most trainer.max_skipped_steps=1)" in text
+    assert (
+        "non-finite loss/gradient at step 2" in text
+        and "Skipped (1 of at most trainer.failure.max_skipped_steps=1)" in text
+    )
     assert "OVERFLOW! Skipping step" in text  # DeepSpeed's own word that the update was dropped
-    assert "2 steps skipped, more than trainer.max_skipped_steps=1" in text
+    assert "2 steps skipped, more than trainer.failure.max_skipped_steps=1" in text
     rows = read_metrics(out)
     assert series(rows, "train/skipped_steps") == {1: 0, 2: 1, 3: 1}
     loss = series(rows, "train/loss")

@@ -43,12 +43,12 @@ CPU_NODE = ["--gpus-per-node=0", "--cpus-per-task=2", "--time=20:00"]
 # helpers.QUICK.
 QUICK = [
     "logger=jsonl",
-    "trainer.log_every_steps=1",
-    "trainer.warmup_steps=5",
+    "trainer.cadence.log_every_steps=1",
+    "trainer.schedule.warmup_steps=5",
     "eval.sample_prompts=[]",
     "logger.dashboard=false",
 ]
-RUN = QUICK + ["trainer.max_steps=12", "trainer.save_every_steps=5", "trainer.eval_every_steps=5"]
+RUN = QUICK + ["trainer.max_steps=12", "trainer.cadence.save_every_steps=5", "trainer.cadence.eval_every_steps=5"]
 PY_SPY = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
 EXP = "medical_qa"  # one instruction-tuning run (+exp=medical may chain several stages)
 
@@ -427,8 +427,8 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
         *QUICK,
         "trainer.max_steps=2",
         "trainer.export_hf=false",
-        "trainer.lr=1e-3,5e-4",
-        f"output_dir={tmp_path}/lr${{trainer.lr}}",
+        "trainer.optim.lr=1e-3,5e-4",
+        f"output_dir={tmp_path}/lr${{trainer.optim.lr}}",
         f"hydra.sweep.dir={tmp_path}/sweep",
         "hydra.launcher.gpus_per_node=null",
         "hydra.launcher.tasks_per_node=1",

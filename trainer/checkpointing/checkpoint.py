@@ -18,14 +18,14 @@ What each failure leaves behind:
 - Killed mid-save: `latest` moves only after every rank has written everything and COMPLETE is on
   disk, so the rerun resumes from the previous checkpoint; it removes the directory without COMPLETE.
 - A damaged file (truncated, corrupted, deleted): resume checks the manifest (every rank hashes a
-  share of the files) and names the file; with trainer.resume_fallback=true the damaged checkpoint
+  share of the files) and names the file; with trainer.resume.fallback=true the damaged checkpoint
   is moved aside (damaged_step_*) and the previous complete one is resumed.
 - Disk full: a save that cannot fit (judged by the previous checkpoint's size) stops before writing
   anything; one that fails mid-write stops naming the error and the free space. `latest` is untouched.
 - Another world size: the checkpoint is converted once to the universal format and each rank loads
   its new slice of it (trainer/checkpointing/reshard.py); weights, Adam's moments, the schedule, the counters and
   EWC's state go on exactly, with the global batch kept. A kill during the conversion leaves only
-  universal/<tag>.tmp (and .sync), removed at the next start. With trainer.elastic_resume=false, resume stops
+  universal/<tag>.tmp (and .sync), removed at the next start. With trainer.resume.elastic=false, resume stops
   before loading and says how to go on. Nothing ever restarts from scratch when a checkpoint exists.
 """
 
@@ -65,7 +65,7 @@ class TrainState:
     supervised_tokens_seen: int = 0
     """Tokens that carried a loss, all ranks."""
     skipped_steps: int = 0
-    """Steps whose update was skipped for a non-finite loss or gradient (trainer.on_nonfinite=skip)."""
+    """Steps whose update was skipped for a non-finite loss or gradient (trainer.failure.on_nonfinite=skip)."""
     baseline: Dict[str, float] = field(default_factory=dict)
     """Eval metrics of the model at step 0, the reference for eval/forgetting and eval/domain_gain."""
     world_size: int = 0
@@ -221,9 +221,9 @@ class Checkpointer(Component):
         if saved_by != self.world and not self.elastic:
             raise CheckpointError(
                 f"{path} was saved by {saved_by} ranks and this run has {self.world}, and "
-                "trainer.elastic_resume=false: "
+                "trainer.resume.elastic=false: "
                 f"it resumes only on {saved_by} ranks (the same launcher flags or nodes x NPROC_PER_NODE). Leave "
-                "trainer.elastic_resume on to reshard it to this world size (the optimizer state goes on), or start a "
+                "trainer.resume.elastic on to reshard it to this world size (the optimizer state goes on), or start a "
                 f"new run from its weights: `python launch/export.py {path} <model dir>` makes them a Hugging Face "
                 "model, then run with model.name_or_path=<model dir> and a new output_dir (the optimizer state starts "
                 "afresh)."
@@ -310,7 +310,7 @@ class Checkpointer(Component):
             if not self.fallback:
                 raise CheckpointError(
                     f"checkpoint {self.dir / tag} is damaged: {report}. Restore the file(s), or rerun with "
-                    f"trainer.resume_fallback=true to resume from the previous complete checkpoint "
+                    f"trainer.resume.fallback=true to resume from the previous complete checkpoint "
                     f"({previous or 'there is none'})."
                 )
             log.warning("checkpoint %s is damaged (%s); falling back to %s", self.dir / tag, report, previous)

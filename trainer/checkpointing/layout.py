@@ -3,7 +3,7 @@
 A step trains B = micro_batch_size x grad_accum_steps x world_size rows. A checkpoint records the
 layout it was trained with; a resume on another world size keeps B (deriving grad_accum_steps), so
 the data position (= the step, data_pipeline/loader.py), the schedule and the gradient noise go on
-as they were, or, with trainer.allow_new_global_batch, moves the data origin so no row is skipped or
+as they were, or, with trainer.resume.allow_new_global_batch, moves the data origin so no row is skipped or
 seen twice. Pure arithmetic on files and numbers: no engine, no collective. The conversion of the
 weights themselves is reshard.py.
 """
@@ -122,8 +122,9 @@ def resolve_batch(
     raise ReshardError(
         f"the checkpoint to resume was trained with a global batch of {saved.describe()}, and {problem}. To keep "
         f"it on {world} ranks: {_keep_text(target, micro, world)}. Or accept a new global batch from this step on "
-        "with trainer.allow_new_global_batch=true: the data then goes on from the row where the checkpoint stopped, "
-        "and every later step trains on the new number of rows with the learning-rate schedule unchanged in steps."
+        "with trainer.resume.allow_new_global_batch=true: the data then goes on from the row where the checkpoint "
+        "stopped, and every later step trains on the new number of rows with the learning-rate schedule "
+        "unchanged in steps."
     )
 
 
@@ -188,10 +189,10 @@ def resolve_config_batch(cfg, world: int):
         t.global_batch_size,
         world,
         saved,
-        t.allow_new_global_batch,
-        t.elastic_resume,
+        t.resume.allow_new_global_batch,
+        t.resume.elastic,
     )
-    if saved is not None and saved.world_size != world and t.elastic_resume:
+    if saved is not None and saved.world_size != world and t.resume.elastic:
         log.info(
             "resuming a checkpoint of %s on %d ranks: micro %d x accumulation %d x %d ranks = %d rows a step",
             saved.describe(),
@@ -206,21 +207,21 @@ def resolve_config_batch(cfg, world: int):
 
 def continue_data(state, t, world: int) -> None:
     """Record this run's layout in the state (a TrainState, saved with each checkpoint); when a resume
-    accepted a new global batch (trainer.allow_new_global_batch), move the data origin to the row
+    accepted a new global batch (trainer.resume.allow_new_global_batch), move the data origin to the row
     where the checkpoint stopped, so no row is skipped or seen twice."""
     saved, batch = state.layout(), t.micro_batch_size * t.grad_accum_steps * world
     if saved is not None and saved.global_batch != batch:
-        if not t.allow_new_global_batch:  # the checkpoint resumed is not the one `latest` named (fallback)
+        if not t.resume.allow_new_global_batch:  # the checkpoint resumed is not the one `latest` named (fallback)
             raise ReshardError(
                 f"the checkpoint resumed (step {state.step}) was trained with {saved.describe()}, this run has "
                 f"{batch} rows a step; set trainer.grad_accum_steps so that they agree, or "
-                "trainer.allow_new_global_batch=true"
+                "trainer.resume.allow_new_global_batch=true"
             )
         origin_step, origin_row = state.data_origin
         row = origin_row + (state.step - origin_step) * saved.global_batch
         state.data_origin = [state.step, row]
         log.warning(
-            "global batch %d -> %d rows from step %d on (trainer.allow_new_global_batch): the data goes on from "
+            "global batch %d -> %d rows from step %d on (trainer.resume.allow_new_global_batch): the data goes on from "
             "row %d; the learning-rate schedule stays in steps, so the remaining %d steps train on %+.0f%% "
             "rows each",
             saved.global_batch,

@@ -8,7 +8,7 @@ that saved them. When the latest checkpoint was saved by W ranks and the run has
    world is the checkpoint's, so the data position (= the step, data_pipeline/loader.py), the
    schedule and the gradient noise go on as they were. grad_accum_steps left unset is derived for
    W'; a fixed one that cannot keep B stops naming the settings that would, or the override
-   (trainer.allow_new_global_batch=true) that accepts a new B from this step on.
+   (trainer.resume.allow_new_global_batch=true) that accepts a new B from this step on.
 2. The checkpoint is converted once to DeepSpeed's universal format (`ensure_universal`): one
    file per parameter and state (fp32, exp_avg, exp_avg_sq), independent of the world size,
    under checkpoints/universal/<tag>/. Every rank of the new run takes a share of the work

@@ -47,7 +47,7 @@ def build_deepspeed_config(
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
         "gradient_accumulation_steps": accum,
         "train_batch_size": trainer.micro_batch_size * accum * world_size,
-        "gradient_clipping": trainer.grad_clip,
+        "gradient_clipping": trainer.optim.grad_clip,
         "bf16": {"enabled": use_bf16(trainer, on_gpu)},
         "fp16": {"enabled": False},
         "zero_optimization": zero,
@@ -70,12 +70,12 @@ _OWNED = {
     "gradient_accumulation_steps": "trainer.grad_accum_steps (or trainer.global_batch_size)",
     "train_batch_size": "trainer.global_batch_size, or trainer.micro_batch_size x trainer.grad_accum_steps x world "
     "size",
-    "gradient_clipping": "trainer.grad_clip",
+    "gradient_clipping": "trainer.optim.grad_clip",
     "bf16.enabled": "trainer.precision",
     "fp16.enabled": "trainer.precision (fp16 is not supported; use bf16)",
     "zero_optimization.stage": "nothing: this trainer is ZeRO-3 only",
-    "optimizer": "trainer.lr / trainer.weight_decay / trainer.adam_* (the trainer builds AdamW)",
-    "scheduler": "trainer.lr_schedule / trainer.warmup_steps (the trainer builds the schedule)",
+    "optimizer": "trainer.optim.lr / trainer.optim.weight_decay / trainer.optim.adam_* (the trainer builds AdamW)",
+    "scheduler": "trainer.schedule.decay / trainer.schedule.warmup_steps (the trainer builds the schedule)",
 }
 
 

@@ -30,8 +30,9 @@ def build_optimizer(model, cfg: TrainerConfig, cpu_offload: bool):
         if p.requires_grad:
             # 1-D tensors (biases, norm scales) keep their scale; decaying them only hurts.
             (no_decay if getattr(p, "ds_shape", p.shape).__len__() < 2 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    kwargs = dict(lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -40,9 +41,9 @@ def build_optimizer(model, cfg: TrainerConfig, cpu_offload: bool):
         optimizer = torch.optim.AdamW(groups, **kwargs)
     schedule = functools.partial(
         lr_multiplier,
-        warmup_steps=cfg.warmup_steps,
+        warmup_steps=cfg.schedule.warmup_steps,
         max_steps=cfg.max_steps,
-        schedule=cfg.lr_schedule,
-        min_ratio=cfg.min_lr_ratio,
+        schedule=cfg.schedule.decay,
+        min_ratio=cfg.schedule.min_lr_ratio,
     )
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

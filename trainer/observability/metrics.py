@@ -11,7 +11,7 @@ log lines into one line that describes all of them, not just the last:
     gradient norm          the mean over the window's steps, and its max
     EWC penalty            the mean over the window's steps
 
-Why it matters: with trainer.log_every_steps=5 and replay rows in one step of five, the old
+Why it matters: with trainer.cadence.log_every_steps=5 and replay rows in one step of five, the old
 "value of the logged step" showed data/replay_token_fraction = 0.0 at every line although replay
 was a tenth of the tokens. Perf metrics (trainer/observability/perf.py) are window averages too, and peak memory
 is the max.

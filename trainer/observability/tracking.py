@@ -274,7 +274,7 @@ def _hms(seconds: Optional[float]) -> str:
 
 
 class LogWindow(Component):
-    """Every trainer.log_every_steps steps (and at the last): one line describing the steps since the
+    """Every trainer.cadence.log_every_steps steps (and at the last): one line describing the steps since the
     previous line (MetricWindow), with the counters and perf's numbers, to the tracker and the
     console; the console's progress bar moves every step. Collective: perf gathers every rank's memory."""
 

@@ -78,7 +78,7 @@ def test_resume_mid_epoch_in_a_later_epoch_continues_the_same_order(accum):
 
 
 def test_a_new_global_batch_from_an_origin_goes_on_from_the_row_where_the_old_one_stopped():
-    """A resume that accepts a new global batch (trainer.allow_new_global_batch) at step 4 of 8-row
+    """A resume that accepts a new global batch (trainer.resume.allow_new_global_batch) at step 4 of 8-row
     steps: from the origin (4, 32) the 6-row steps take rows 32-37, 38-43, ...: none skipped, none twice."""
     src = [FakeSource(0, 100)]
     old = StepLoader(src, [1.0], 4, 1, 0, 2, seed=2)  # 8 rows a step

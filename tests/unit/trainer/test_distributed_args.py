@@ -10,7 +10,7 @@ import pytest
 
 from trainer.distributed import strip_launcher_args
 
-OVERRIDES = ["+exp=medical_qa", "trainer.lr=1e-4", "output_dir=/tmp/run"]
+OVERRIDES = ["+exp=medical_qa", "trainer.optim.lr=1e-4", "output_dir=/tmp/run"]
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_past_max_steps_the_cosine_stays_at_min_ratio():
 
 
 def test_the_config_enum_selects_the_schedule():
-    """build_optimizer passes TrainerConfig.lr_schedule, an LRSchedule member, not a str: it must
+    """build_optimizer passes TrainerConfig.schedule.decay, an LRSchedule member, not a str: it must
     select the same branch (a member of a str Enum compares equal to its value)."""
     assert lr_multiplier(5, 2, 7, LRSchedule.constant, 0.1) == 1.0
     assert lr_multiplier(6, 2, 7, LRSchedule.cosine, 0.1) == pytest.approx(0.1)

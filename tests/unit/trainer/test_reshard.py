@@ -98,7 +98,7 @@ def test_a_global_batch_that_cannot_be_kept_stops_naming_the_settings_that_would
         "trainer.micro_batch_size=2 x trainer.grad_accum_steps=2 x 1 ranks = 4"
     ) in message
     assert "trainer.micro_batch_size=2 trainer.grad_accum_steps=4" in message
-    assert "trainer.allow_new_global_batch=true" in message
+    assert "trainer.resume.allow_new_global_batch=true" in message
     with pytest.raises(ReshardError, match=r"trainer.micro_batch_size=3 x 1 ranks does not divide it"):
         resolve_batch(3, None, None, 1, TWO)
     with pytest.raises(ReshardError, match=r"not possible \(8 rows are not divisible by 3 ranks\)"):
@@ -197,7 +197,11 @@ def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the
     state = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)  # 8 rows a step
     same = TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2)
     _continue_data(
-        same, SimpleNamespace(micro_batch_size=4, grad_accum_steps=2, allow_new_global_batch=False, max_steps=20), 1
+        same,
+        SimpleNamespace(
+            micro_batch_size=4, grad_accum_steps=2, resume=SimpleNamespace(allow_new_global_batch=False), max_steps=20
+        ),
+        1,
     )  # another layout, the same 8 rows: nothing moves
     assert same.data_origin == [0, 0] and same.layout() == Layout(1, 4, 2)
     with pytest.raises(
@@ -206,16 +210,29 @@ def test_accepting_a_new_global_batch_moves_the_data_origin_to_the_row_where_the
     ):
         _continue_data(
             TrainState(step=10, world_size=2, micro_batch_size=2, grad_accum_steps=2),
-            SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=False, max_steps=20),
+            SimpleNamespace(
+                micro_batch_size=2,
+                grad_accum_steps=3,
+                resume=SimpleNamespace(allow_new_global_batch=False),
+                max_steps=20,
+            ),
             1,
         )
     _continue_data(
-        state, SimpleNamespace(micro_batch_size=2, grad_accum_steps=3, allow_new_global_batch=True, max_steps=20), 1
+        state,
+        SimpleNamespace(
+            micro_batch_size=2, grad_accum_steps=3, resume=SimpleNamespace(allow_new_global_batch=True), max_steps=20
+        ),
+        1,
     )  # 6 rows a step from step 10 = row 80
     assert state.data_origin == [10, 80] and state.layout() == Layout(1, 2, 3)
     state.step = 15  # and again at step 15, after 5 steps of 6 rows
     _continue_data(
-        state, SimpleNamespace(micro_batch_size=1, grad_accum_steps=1, allow_new_global_batch=True, max_steps=20), 4
+        state,
+        SimpleNamespace(
+            micro_batch_size=1, grad_accum_steps=1, resume=SimpleNamespace(allow_new_global_batch=True), max_steps=20
+        ),
+        4,
     )
     assert state.data_origin == [15, 110]
 

@@ -143,7 +143,7 @@ def test_a_secret_in_model_arch_never_reaches_the_saved_model_config(tiny_tokeni
         ("db_password=x", "db_password=<redacted>"),
         ("+model.arch.num_key_value_heads=2", "+model.arch.num_key_value_heads=2"),
         ("+model.arch.bos_token_id=1", "+model.arch.bos_token_id=1"),
-        ("trainer.lr=1e-4", "trainer.lr=1e-4"),
+        ("trainer.optim.lr=1e-4", "trainer.optim.lr=1e-4"),
         ("+exp=medical", "+exp=medical"),
     ],
 )

@@ -143,7 +143,7 @@ def test_secret_overrides_are_redacted_from_the_arguments_wandb_records():
         "+exp=medical",
         "+model.arch.api_key=abc",
         "logger.hf_token=xyz",
-        "trainer.lr=1e-4",
+        "trainer.optim.lr=1e-4",
         "--cfg",
         "db_password=p",
     ]
@@ -151,7 +151,7 @@ def test_secret_overrides_are_redacted_from_the_arguments_wandb_records():
         "+exp=medical",
         "+model.arch.api_key=<redacted>",
         "logger.hf_token=<redacted>",
-        "trainer.lr=1e-4",
+        "trainer.optim.lr=1e-4",
         "--cfg",
         "db_password=<redacted>",
     ]
