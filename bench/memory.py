@@ -27,6 +27,11 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
                  within 10% of the SFT step's peak memory (no second model: the reference log-probs
                  are scored once before training by the same engine, trainer/objectives/reference.py)
 
+    freezing     regularizer.freeze.first_blocks=--freeze-blocks vs none with 2 ranks at --short-seq: a
+                 frozen parameter has no fp32 master copy, no Adam moments and no gradient partition
+                 (16 B a parameter in fp32, over the ranks); the drop of the per-rank peak is compared
+                 with that. The untied tiny Llama's embeddings are frozen with the blocks
+
     chunked CE   trainer.loss_chunk_tokens=0 (full logits) vs null (chunked) on 1 rank of the tiny Llama
                  (hidden 256, 4 layers) with its vocabulary padded to --ce-vocabs and rows of --ce-seqs
                  tokens, where the logits dominate a step; issue 16's target is >= 40% lower peak at
@@ -35,7 +40,7 @@ checkpoint is written) and the median `perf/step_time_s` after the first --skip-
     python bench/memory.py                 # ~100M-parameter Llama, CPU ranks (about 15 minutes on 2 cores)
     python bench/memory.py --smoke         # tiny model, 2 steps: runs 1 and 2 ranks only; the AC and EWC
                                            # runs' configs are composed (checked), not trained (CI; no claims)
-    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo, ce
+    python bench/memory.py --only ws,ewc   # a subset: ws, ac, ewc, dpo, freeze, ce
     python bench/memory.py --dry-run       # every run's config composed, nothing launched (any machine)
 """
 
@@ -64,6 +69,8 @@ MEM_ARCH = dict(
     hidden_size=768, intermediate_size=2560, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=12
 )
 STATE_BYTES = 20  # ZeRO-3, fp32: parameter 4 + fp32 master 4 + gradient 4 + Adam m, v 8
+FROZEN_SAVES = 16  # a frozen parameter keeps its 4 B and drops master, gradient and Adam's two moments
+ALL = ("ws", "ac", "ewc", "dpo", "freeze", "ce")
 
 
 @dataclass
@@ -106,6 +113,18 @@ def runs(args) -> List[Run]:
                     f"regularizer.ewc.fisher_data={args.fisher}",
                     f"regularizer.ewc.fisher_batches={args.fisher_batches}",
                 ],
+            )
+        )
+    if "freeze" in args.only:
+        if "ws" not in args.only:
+            out.append(Run("2 ranks", "ws", 2, args.short_seq))
+        out.append(
+            Run(
+                f"freeze {args.freeze_blocks} blocks",
+                "freeze",
+                2,
+                args.short_seq,
+                [f"regularizer.freeze.first_blocks={args.freeze_blocks}"],
             )
         )
     if "dpo" in args.only:
@@ -203,7 +222,16 @@ def reference(by_name: Dict[str, Dict]) -> Optional[Dict]:
     return by_name.get("AC none") or by_name.get("2 ranks")
 
 
-def summarise(results: List[Dict], params: int) -> Dict:
+def frozen_count(arch: Dict, vocab: int, blocks: int) -> int:
+    """Parameters regularizer.freeze.first_blocks=`blocks` freezes in the untied Llama `arch`: the blocks and
+    the token embeddings."""
+    h, inter = arch["hidden_size"], arch["intermediate_size"]
+    kv = h * arch["num_key_value_heads"] // arch["num_attention_heads"]
+    block = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h  # q, o, k, v, gate/up/down, two norms
+    return blocks * block + vocab * h
+
+
+def summarise(results: List[Dict], params: int, frozen: int = 0) -> Dict:
     """Ratios and differences against the references, from the measured runs (pure arithmetic).
 
     World size: the per-rank peak drop from 1 to 2 ranks against half of the ZeRO-3 model states,
@@ -237,6 +265,13 @@ def summarise(results: List[Dict], params: int) -> Dict:
         summary["ewc_own_time_s"] = ewc["unphased_s"] - none["unphased_s"]
         summary["ewc_own_time_share"] = summary["ewc_own_time_s"] / none["step_time_s"]
         summary["ewc_cost_target_met"] = summary["ewc_own_time_share"] <= TARGET_EWC_COST
+    fr = next((r for r in results if r["group"] == "freeze"), None)
+    if fr and two:
+        summary["freeze_mem_ratio"] = fr["peak_mem_gb"] / two["peak_mem_gb"]
+        summary["freeze_drop_gb"] = two["peak_mem_gb"] - fr["peak_mem_gb"]
+        summary["freeze_expected_drop_gb"] = FROZEN_SAVES * frozen / 2 / 2**30
+        summary["freeze_time_ratio"] = fr["step_time_s"] / two["step_time_s"]
+        summary["freeze_frozen_params"] = frozen
     sft, dpo = by_name.get("SFT on the pair documents"), by_name.get("DPO")
     if sft and dpo:
         summary["dpo_mem_ratio"] = dpo["peak_mem_gb"] / sft["peak_mem_gb"]
@@ -283,7 +318,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
-    p.add_argument("--only", default="ws,ac,ewc,dpo,ce", help="comma-separated subset of ws, ac, ewc, dpo, ce")
+    p.add_argument("--only", default=",".join(ALL), help=f"comma-separated subset of {', '.join(ALL)}")
+    p.add_argument("--freeze-blocks", type=int, default=6, help="blocks the freezing run freezes (of 12)")
     p.add_argument("--ce-vocabs", default="49152,128256", help="vocabulary sizes of the chunked-CE runs")
     p.add_argument("--ce-seqs", default="2048,8192", help="row lengths of the chunked-CE runs")
     p.add_argument("--seq-len", type=int, default=1024, help="row length of the AC and EWC runs")
@@ -308,14 +344,15 @@ def parse_args(argv=None):
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     args.only = [s for s in args.only.split(",") if s]
-    if not set(args.only) <= {"ws", "ac", "ewc", "dpo", "ce"}:
-        p.error("--only: a subset of ws, ac, ewc, dpo, ce")
+    if not set(args.only) <= set(ALL):
+        p.error(f"--only: a subset of {', '.join(ALL)}")
     args.ce_vocabs = [int(v) for v in args.ce_vocabs.split(",") if v]
     args.ce_seqs = [int(v) for v in args.ce_seqs.split(",") if v]
     args.arch = dict(MEM_ARCH)
     if args.smoke:
         args.arch, args.seq_len, args.short_seq, args.steps, args.skip_steps, args.samples = {}, 128, 128, 2, 0, 40
         args.fisher_batches = 1
+        args.freeze_blocks = 1
         args.ce_vocabs, args.ce_seqs = args.ce_vocabs[:1], args.ce_seqs[:1]
     return args
 
@@ -373,7 +410,7 @@ def main(argv=None) -> Dict:
             flush=True,
         )
 
-    summary = summarise(results, params)
+    summary = summarise(results, params, frozen_count(arch, len(tokenizer), args.freeze_blocks))
     by_name = {r["name"]: r for r in results}
     none = reference(by_name)
 
@@ -382,6 +419,8 @@ def main(argv=None) -> Dict:
             return by_name.get(r["name"].replace("CE chunked", "CE full logits"))
         if r["group"] == "dpo":
             return by_name.get("SFT on the pair documents")
+        if r["group"] == "freeze":
+            return by_name.get("2 ranks")
         return by_name.get("1 rank") if r["group"] == "ws" else none
 
     print()
@@ -405,6 +444,14 @@ def main(argv=None) -> Dict:
             f"whole step time {100 * (summary['ewc_time_ratio'] - 1):+.1f}% (machine noise included); memory "
             f"{summary['ewc_extra_gb']:+.3f} GB (Fisher + anchor: {summary['ewc_expected_extra_gb']:.3f} GiB per "
             "rank expected)"
+        )
+    if "freeze_mem_ratio" in summary:
+        print(
+            f"freezing {args.freeze_blocks} blocks + embeddings "
+            f"({summary['freeze_frozen_params'] / 1e6:.1f}M parameters): "
+            f"per-rank peak x{summary['freeze_mem_ratio']:.3f}, down {summary['freeze_drop_gb']:.3f} GB; "
+            f"{FROZEN_SAVES} B x frozen / 2 ranks = {summary['freeze_expected_drop_gb']:.3f} GiB expected; step time "
+            f"x{summary['freeze_time_ratio']:.3f}"
         )
     if "dpo_mem_ratio" in summary:
         print(

@@ -43,7 +43,7 @@ from trainer.engine.model import build_model, count_parameters, model_config
 from trainer.engine.optim import build_optimizer
 from trainer.engine.tokenizer import load_tokenizer
 from trainer.evaluate import Evaluation
-from trainer.forgetting import interpolation
+from trainer.forgetting import freezing, interpolation
 from trainer.forgetting.ewc import EWC
 from trainer.objectives import Objective, build_objective, reference
 from trainer.observability.generation import Generator
@@ -113,6 +113,8 @@ def build(cfg: Config) -> Run:
 
     import_muon_uncompiled()  # 2.2 s a rank of torch.compile for an optimizer never used
     model = build_model(cfg.model, hf_config, t, ds_config, tokenizer)
+    if cfg.regularizer.freeze.enabled:  # before the optimizer: it holds state for trainable tensors only
+        freezing.freeze(model, cfg.regularizer.freeze.first_blocks, cfg.regularizer.freeze.embeddings)
     optimizer, scheduler = build_optimizer(model, t, cpu_offload=cfg.deepspeed.offload_optimizer != OffloadDevice.none)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     bf16 = ds_config["bf16"]["enabled"]

@@ -269,9 +269,15 @@ class InterpolationConfig:
     """At the end of the stage, score θ0 + α·(θ − θ0) on the eval sets for each α in [0, 1] (θ0: the
     stage's start, model.name_or_path; θ: the trained weights), write output_dir/interpolation.json
     and export the chosen α (trainer/forgetting/interpolation.py). Empty (and no `alpha`) = off: the export is θ."""
+    beta: Optional[float] = None
+    """LiNeS (Wang et al., ICLR 2025): each α < 1 of `alphas` is applied as λ(ℓ) = α + β·ℓ/(L−1) for
+    block ℓ of L (the embeddings α; the final norm and an untied head α + β), so the first blocks stay
+    near θ0 and the top keeps α + β of the update. α + β must stay in [0, 1]. None = the same α for
+    every parameter."""
     alpha: Any = None
-    """Export this α instead of choosing one: a number, or one per depth group,
-    `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1).
+    """Export this α instead of choosing one: a number; one per depth group,
+    `regularizer.interpolation.alpha={bottom:0.5,middle:0.75,top:1}` (a group left out keeps 1); or
+    LiNeS's `{alpha:0.25,beta:0.75}` (β left out = 1 − α).
     Typed Any because OmegaConf's schemas take no union of a number and a mapping; it is checked
     before the data and the model are built (trainer/forgetting/interpolation.py: `check`), with a
     message naming this key, the value and the valid groups."""
@@ -285,6 +291,25 @@ class InterpolationConfig:
 
 
 @dataclass
+class FreezeConfig:
+    first_blocks: int = 0
+    """Freeze transformer blocks 0..first_blocks-1 for the stage (trainer/forgetting/freezing.py): they
+    keep the stage's start, get no gradient and hold no optimizer state (12 bytes a parameter less
+    under ZeRO-3). In an untied model the token embeddings below them are frozen too. 0 = off."""
+    embeddings: Optional[bool] = None
+    """Freeze the token embeddings: None = with first_blocks > 0, when the LM head is untied (in a tied
+    model the embedding is also the LM head, so it stays trainable); true/false = as said."""
+
+    def __post_init__(self) -> None:
+        if self.first_blocks < 0:
+            raise ValueError(f"regularizer.freeze.first_blocks={self.first_blocks}: must be >= 0 (0 = off)")
+
+    @property
+    def enabled(self) -> bool:
+        return self.first_blocks > 0 or bool(self.embeddings)
+
+
+@dataclass
 class RegularizerConfig:
     name: RegularizerName = RegularizerName.none
     """none | replay | ewc | ewc_replay (the `regularizer=` group)."""
@@ -294,6 +319,8 @@ class RegularizerConfig:
     """Elastic weight consolidation: a Fisher-weighted pull towards the stage's start (ewc, ewc_replay)."""
     interpolation: InterpolationConfig = field(default_factory=InterpolationConfig)
     """Weight interpolation with the stage's start after training (with any of the above)."""
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
+    """The first blocks kept at the stage's start for the whole stage (with any of the above)."""
 
     @property
     def uses_replay(self) -> bool:
@@ -324,6 +351,19 @@ class RegularizerConfig:
                 f"regularizer.interpolation.alphas={list(i.alphas)}: {bad} outside [0, 1] "
                 "(0 = the stage's start, 1 = the trained weights)"
             )
+        if i.beta is not None:
+            if not i.alphas:
+                raise ValueError(
+                    f"regularizer.interpolation.beta={i.beta} shapes the swept alphas, and none are set: add "
+                    "regularizer.interpolation.alphas=[...], or export a fixed LiNeS scaling with "
+                    "regularizer.interpolation.alpha={alpha:0.25,beta:0.75}"
+                )
+            bad = [a for a in i.alphas if a < 1 and not 0 <= a + i.beta <= 1]
+            if bad:
+                raise ValueError(
+                    f"regularizer.interpolation.beta={i.beta}: with alphas {bad} the top block's λ = α + β leaves "
+                    "[0, 1]; lower beta or those alphas"
+                )
         if not 0 < i.keep_gain <= 1:
             raise ValueError(f"regularizer.interpolation.keep_gain={i.keep_gain}: must be in (0, 1]")
 

@@ -84,7 +84,7 @@ def test_throughput_smoke(tmp_path):
 @pytest.mark.distributed
 @pytest.mark.timeout(420)
 def test_memory_smoke(tmp_path):
-    """1 and 2 ranks trained; the AC, EWC and DPO runs' overrides composed through the typed config."""
+    """1 and 2 ranks trained; the AC, EWC, DPO, freezing and CE runs' overrides composed through the typed config."""
     out = tmp_path / "memory.json"
     proc = _bench("bench/memory.py", "--smoke", "--out", str(tmp_path / "work"), "--json", str(out), timeout=400)
     for text in ("1 rank", "2 ranks", "1 -> 2 ranks", "config composed, not run"):
@@ -95,6 +95,7 @@ def test_memory_smoke(tmp_path):
         "AC full",
         "AC every_n (n=2)",
         "EWC",
+        "freeze 1 blocks",
         "SFT on the pair documents",
         "DPO",
         "CE full logits V=49152 T=2048",
@@ -153,7 +154,9 @@ def test_the_gpu_profiles_are_checked_without_a_gpu(tmp_path):
     assert report["peak_flops"]["NVIDIA H200"] == 989e12 and report["flops_per_token"] > 6 * 900e6
     proc = _bench("bench/memory.py", "--dry-run", "--out", str(tmp_path / "mem"), timeout=300)
     report = json.loads((tmp_path / "mem" / "memory.json").read_text())
-    assert not report["results"] and len(report["composed_only"]) == 2 + 3 + 1 + 2 + 8, proc.stdout  # ws ac ewc dpo ce
+    assert not report["results"] and len(report["composed_only"]) == 2 + 3 + 1 + 1 + 2 + 8, (
+        proc.stdout
+    )  # ws ac ewc freeze dpo ce
 
 
 # ---- the benchmarks' arithmetic, on literal numbers ---------------------------------------------------
@@ -217,3 +220,24 @@ def test_throughput_loss_at_equal_supervised_tokens():
     assert throughput.loss_at(steps, 300) == 2.0
     # half the budget as the tail: steps 3 and 4, weighted equally
     assert throughput.loss_at(steps, 400, tail=0.5) == 1.5
+
+
+def test_the_freezing_run_expects_16_bytes_a_frozen_parameter_and_counts_them_like_the_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    memory = _bench_module("memory")
+    arch = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=100, tie_word_embeddings=False, **arch))
+    below = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("model.layers.0.", "model.layers.1.")))
+    assert memory.frozen_count(arch, 100, 2) == below + 100 * 32  # two blocks and the embeddings
+    run = dict(group="ws", ranks=2, unphased_s=0.1)
+    s = memory.summarise(
+        [
+            dict(run, name="2 ranks", peak_mem_gb=3.0, step_time_s=2.0),
+            dict(run, name="freeze 6 blocks", group="freeze", peak_mem_gb=2.5, step_time_s=1.8),
+        ],
+        params=1,
+        frozen=50_000_000,
+    )
+    assert s["freeze_drop_gb"] == 0.5 and abs(s["freeze_time_ratio"] - 0.9) < 1e-12
+    assert abs(s["freeze_expected_drop_gb"] - 16 * 5e7 / 2 / 2**30) < 1e-12  # 0.373 GiB a rank

@@ -139,11 +139,11 @@ SAME = (
 )
 
 
-def assert_same_steps(rows, ref_rows, first: int = 1) -> None:
+def assert_same_steps(rows, ref_rows, first: int = 1, last: int = 20) -> None:
     """A resumed run's metrics equal the straight run's, bit for bit on CPU, with no gap or duplicate
     step (2 ranks, micro 2 x accumulation 2, packed rows, past the first epoch)."""
     steps = [r["step"] for r in rows if "train/loss" in r]
-    assert steps == list(range(first, 21)), "metrics.jsonl has a gap or a duplicate step"
+    assert steps == list(range(first, last + 1)), "metrics.jsonl has a gap or a duplicate step"
     for key in SAME:
         ours, ref = series(rows, key), {s: v for s, v in series(ref_rows, key).items() if s >= first}
         assert ours == ref, f"{key} after resume differs from the straight run"
@@ -309,3 +309,68 @@ def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_o
         expected = torch.lerp(theta0[name].float(), theta[name].float(), chosen)
         assert torch.allclose(value.float(), expected, atol=1e-6), name
     assert chosen in (0.5, 1.0) and not torch.equal(exported["model.norm.weight"], theta0["model.norm.weight"])
+
+
+def test_frozen_first_blocks_keep_the_start_resume_exactly_and_lines_shapes_the_export(straight_run, tmp_path):
+    """regularizer.freeze.first_blocks=1 on 2 ZeRO-3 ranks from the reference run's export (an untied
+    model): block 0 and the embeddings hold no optimizer state and are exported as the start had them,
+    block 1 trains; a run stopped at step 2 and resumed to 4 (frozen weights rebuilt from the start, not
+    read from the checkpoint) matches the straight run step for step. The straight run exports LiNeS's
+    (α, β) = (0, 1): λ(ℓ) = ℓ/(L−1), so the top block is the trained one and block 0 the start."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    start = straight_run[0] / "hf"
+    common = QUICK + [
+        f"model.name_or_path={start}",
+        "trainer.micro_batch_size=2",
+        "trainer.grad_accum_steps=1",
+        "trainer.schedule.warmup_steps=1",
+        "trainer.schedule.decay=constant",  # the same lr per step whatever max_steps is (the split run)
+        "trainer.optim.lr=1e-3",
+        "trainer.cadence.save_every_steps=2",
+        "trainer.cadence.eval_every_steps=0",
+        "regularizer.freeze.first_blocks=1",
+    ]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    proc = run_train(
+        LAUNCHER,
+        common + ["trainer.max_steps=4", "regularizer.interpolation.alpha={alpha:0,beta:1}", f"output_dir={straight}"],
+    )
+    check(proc)
+    assert "regularizer.freeze: blocks 0-0 and the token embeddings frozen" in proc.stdout + proc.stderr
+    for steps in (2, 4):
+        check(run_train(LAUNCHER, common + [f"trainer.max_steps={steps}", f"output_dir={split}"]))
+    assert_same_steps(read_metrics(split), read_metrics(straight), last=4)  # steps 1-2, then 3-4 resumed
+    # a resume that would freeze other parameters stops, saying why and how to go on
+    other = run_train(
+        LAUNCHER, common + ["trainer.max_steps=6", "regularizer.freeze.first_blocks=2", f"output_dir={split}"]
+    )
+    assert other.returncode != 0
+    assert "was trained with 10 tensors (model.embed_tokens.weight ... model.layers.0." in other.stdout + other.stderr
+    assert "Set regularizer.freeze as the run that saved it had it" in other.stdout + other.stderr
+
+    theta0 = load_file(str(start / "model.safetensors"))
+    theta = get_fp32_state_dict_from_zero_checkpoint(str(straight / "checkpoints"), tag="step_00000004")
+    resumed = get_fp32_state_dict_from_zero_checkpoint(str(split / "checkpoints"), tag="step_00000004")
+    exported = load_file(str(straight / "hf" / "model.safetensors"))
+    layers = int(json.loads((start / "config.json").read_text())["num_hidden_layers"])
+    top = f"model.layers.{layers - 1}.mlp.up_proj.weight"
+    for name in theta0:
+        assert torch.equal(theta[name], resumed[name]), name  # the resume is exact, frozen or not
+        frozen = name.startswith("model.layers.0.") or name == "model.embed_tokens.weight"
+        assert torch.equal(theta[name].to(theta0[name].dtype), theta0[name]) == frozen, name
+    assert torch.equal(exported["model.layers.0.mlp.up_proj.weight"], theta0["model.layers.0.mlp.up_proj.weight"])
+    assert torch.allclose(exported[top].float(), theta[top].float(), atol=1e-6)  # λ(L-1) = 1
+    # Adam's state: the trainable parameters only (both ranks' partitions together)
+    states = [
+        torch.load(p, weights_only=False)
+        for p in sorted((straight / "checkpoints" / "step_00000004").glob("*optim_states.pt"))
+    ]
+    held = sum(g.numel() for s in states for g in s["optimizer_state_dict"]["fp32_flat_groups"])
+    trainable = sum(
+        v.numel()
+        for n, v in theta0.items()
+        if not (n.startswith("model.layers.0.") or n == "model.embed_tokens.weight")
+    )
+    assert held == trainable, (held, trainable)

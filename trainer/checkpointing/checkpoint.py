@@ -75,11 +75,30 @@ class TrainState:
     data_origin: List[int] = field(default_factory=lambda: [0, 0])
     """[step, row]: the row of the data stream that step `step` starts at; the stream position of
     step s is row + (s - step) x global batch. Moves only when a resume accepts a new global batch."""
+    frozen: List[str] = field(default_factory=list)
+    """The parameters trained frozen (regularizer.freeze); a resume must freeze the same ones."""
 
     def layout(self) -> Optional["reshard.Layout"]:
         return (
             reshard.Layout(self.world_size, self.micro_batch_size, self.grad_accum_steps) if self.world_size else None
         )
+
+
+def frozen_parameters(engine) -> List[str]:
+    """Names of the engine's parameters that do not train (regularizer.freeze)."""
+    return [n for n, p in engine.module.named_parameters() if not p.requires_grad]
+
+
+def _frozen_mismatch(path: Path, saved: List[str], now: List[str]) -> str:
+    def tensors(names: List[str]) -> str:
+        return f"{len(names)} tensors" + (f" ({names[0]} ... {names[-1]})" if names else "")
+
+    return (
+        f"{path} was trained with {tensors(saved)} frozen and this run freezes {tensors(now)}: a resume keeps what "
+        "the run froze (DeepSpeed holds optimizer state only for the trained ones). Set regularizer.freeze as the "
+        f"run that saved it had it, or start a new stage from its weights: `python launch/export.py {path} "
+        "<model dir>`, then model.name_or_path=<model dir>, the new regularizer.freeze and a new output_dir."
+    )
 
 
 class Checkpointer(Component):
@@ -148,6 +167,7 @@ class Checkpointer(Component):
             for name, obj in self.extras.items():
                 torch.save(obj.state_dict(), self.dir / tag / f"{name}_rank{self.rank}.pt")
             if self.rank == 0:
+                state.frozen = frozen_parameters(engine)
                 (self.dir / tag / "trainer_state.json").write_text(json.dumps(asdict(state)))
                 engine.module.config.save_pretrained(self.dir / tag / "model")
                 if self.tokenizer is not None:
@@ -228,6 +248,9 @@ class Checkpointer(Component):
                 "model, then run with model.name_or_path=<model dir> and a new output_dir (the optimizer state starts "
                 "afresh)."
             )
+        now = frozen_parameters(engine) if engine is not None else state.frozen
+        if now != state.frozen:
+            raise CheckpointError(_frozen_mismatch(path, state.frozen, now))
         for name in self.extras:
             missing = [f"{name}_rank{r}.pt" for r in range(saved_by) if not (path / f"{name}_rank{r}.pt").is_file()]
             if missing:

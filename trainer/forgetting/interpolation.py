@@ -6,11 +6,17 @@ al., "Mitigating the Alignment Tax of RLHF", EMNLP 2024: plain interpolation gav
 forgetting Pareto front of the methods they compared). No extra training: a sweep of α costs one
 evaluation per α.
 
-α may differ by depth (their heterogeneous model averaging): every parameter belongs to one of three
-groups, `bottom` (token embeddings and the first third of the transformer blocks), `middle` and
-`top` (the last third, the final norm and an untied LM head); a tied LM head is the embedding and
-follows `bottom`. An α is written `0.5` (every group) or `bottom=0.25,middle=0.5,top=1` (each group;
-a group left out takes 1, i.e. keeps its fine-tuned weights).
+α may differ by depth, in two ways:
+- by group (their heterogeneous model averaging): every parameter belongs to one of three groups,
+  `bottom` (token embeddings and the first third of the transformer blocks), `middle` and `top` (the
+  last third, the final norm and an untied LM head); a tied LM head is the embedding and follows
+  `bottom`. Written `bottom=0.25,middle=0.5,top=1` (a group left out takes 1, i.e. keeps its
+  fine-tuned weights).
+- linearly (LiNeS, Wang et al., ICLR 2025): block ℓ of L takes λ(ℓ) = α + β·ℓ/(L−1), so shallow
+  blocks, which hold general features, stay near θ0 and the top takes α + β of the update; the
+  embeddings (and a tied head) take α, the final norm and an untied head α + β. Written
+  `alpha=0.25,beta=0.75`; β left out is 1 − α (the top keeps the whole update).
+A plain `0.5` is every parameter's α.
 
 In a run (`regularizer.interpolation`, see `sweep`): after the last step, each α is applied to the
 ZeRO-3 engine and the eval sets are scored; the chosen α is what the stage exports. Offline: bench/
@@ -25,6 +31,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Union
 
@@ -38,12 +45,38 @@ GROUPS = ("bottom", "middle", "top")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 _TOP = ("norm.weight", "lm_head.weight")  # after the last block
 
-Alpha = Union[float, Dict[str, float]]
+
+@dataclass(frozen=True)
+class Lines:
+    """LiNeS's depth-linear scaling: λ(ℓ) = alpha + beta·ℓ/(L−1) for block ℓ of L."""
+
+    alpha: float
+    beta: float
+
+    def at(self, depth: float) -> float:
+        """λ at a relative depth in [0, 1] (0: the first block and the embeddings, 1: the top)."""
+        return self.alpha + self.beta * depth
+
+
+Alpha = Union[float, Dict[str, float], Lines]
+LINES_KEYS = ("alpha", "beta")
+
+
+def lines(alpha: float, beta: Optional[float] = None, where: str = "interpolation") -> Lines:
+    """LiNeS's (α, β), β = 1 − α when not given; λ must stay in [0, 1] at both ends."""
+    beta = 1.0 - alpha if beta is None else beta
+    if not (0 <= alpha <= 1 and 0 <= alpha + beta <= 1):
+        raise ValueError(
+            f"{where}: alpha={alpha:g}, beta={beta:g} gives λ from {alpha:g} (first block) to {alpha + beta:g} "
+            "(top); both must be in [0, 1] (0 = the stage's start, 1 = the trained weights)"
+        )
+    return Lines(float(alpha), float(beta))
 
 
 def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
-    """`0.5` -> 0.5; `bottom=0.25,top=1` -> {bottom: 0.25, middle: 1.0, top: 1.0}. A bad spec raises
-    ValueError naming the part that is wrong."""
+    """`0.5` -> 0.5; `bottom=0.25,top=1` -> {bottom: 0.25, middle: 1.0, top: 1.0};
+    `alpha=0.25,beta=0.5` -> Lines(0.25, 0.5). A bad spec raises ValueError naming the part that is
+    wrong."""
     if isinstance(spec, (int, float)):
         return float(spec)
     if isinstance(spec, Mapping):
@@ -55,8 +88,9 @@ def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
                 return float(text)
             except ValueError:
                 raise ValueError(
-                    f"interpolation alpha {spec!r}: expected a number (0.5) or group=number pairs "
-                    f"(bottom=0.25,middle=0.5,top=1) with groups {', '.join(GROUPS)}"
+                    f"interpolation alpha {spec!r}: expected a number (0.5), group=number pairs "
+                    f"(bottom=0.25,middle=0.5,top=1) with groups {', '.join(GROUPS)}, or LiNeS's "
+                    "alpha=0.25,beta=0.75"
                 ) from None
         items = {}
         for part in text.split(","):
@@ -65,10 +99,13 @@ def parse_alpha(spec: Union[str, float, Mapping[str, float]]) -> Alpha:
                 items[key.strip()] = float(value)
             except ValueError:
                 raise ValueError(f"interpolation alpha {spec!r}: {part!r} is not group=number") from None
+    if items and set(items) <= set(LINES_KEYS) and "alpha" in items:
+        return lines(items["alpha"], items.get("beta"), where=f"interpolation alpha {spec!r}")
     unknown = sorted(set(items) - set(GROUPS))
     if unknown:
         raise ValueError(
-            f"interpolation alpha {spec!r}: unknown group(s) {unknown}; the groups are {', '.join(GROUPS)}"
+            f"interpolation alpha {spec!r}: unknown group(s) {unknown}; the groups are {', '.join(GROUPS)} "
+            "(or LiNeS's alpha=A,beta=B)"
         )
     return {g: float(items.get(g, 1.0)) for g in GROUPS}
 
@@ -77,7 +114,16 @@ def alpha_label(alpha: Alpha) -> str:
     """The spec parse_alpha reads back: `0.5` or `bottom=0.25,middle=0.5,top=1`."""
     if isinstance(alpha, dict):
         return ",".join(f"{g}={alpha[g]:g}" for g in GROUPS)
+    if isinstance(alpha, Lines):
+        return f"alpha={alpha.alpha:g},beta={alpha.beta:g}"
     return f"{alpha:g}"
+
+
+def block_of(name: str) -> Optional[int]:
+    """The transformer block index of parameter `name` (`model.layers.7.mlp...` -> 7); None outside
+    the blocks (embeddings, final norm, LM head)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 def group_of(name: str, num_layers: int) -> str:
@@ -92,8 +138,26 @@ def group_of(name: str, num_layers: int) -> str:
     return "bottom"  # embeddings and anything before the first block
 
 
+def depth_of(name: str, num_layers: int) -> float:
+    """Relative depth in [0, 1] of parameter `name`: block ℓ of L is ℓ/(L−1); the embeddings (and a
+    tied head, which is the embedding) 0; the final norm and an untied head 1."""
+    m = _LAYER.search(name)
+    if m:
+        return int(m.group(1)) / max(num_layers - 1, 1)
+    return 1.0 if any(name == t or name.endswith("." + t) for t in _TOP) else 0.0
+
+
 def alpha_of(alpha: Alpha, name: str, num_layers: int) -> float:
+    if isinstance(alpha, Lines):
+        return alpha.at(depth_of(name, num_layers))
     return alpha[group_of(name, num_layers)] if isinstance(alpha, dict) else alpha
+
+
+def rule(alpha: Alpha) -> Dict:
+    """What interpolation.json says was applied."""
+    if isinstance(alpha, Lines):
+        return {"rule": "theta0 + lambda(l) * (theta - theta0), lambda(l) = alpha + beta * l / (L - 1)"}
+    return {"rule": "theta0 + alpha * (theta - theta0)", "groups": GROUPS if isinstance(alpha, dict) else None}
 
 
 def interpolate(
@@ -154,8 +218,7 @@ def write_interpolated(start_dir: str, end_dir: str, alpha: Alpha, out_dir: str)
                 "alpha": alpha_label(alpha),
                 "start": str(start.resolve()),
                 "end": str(end.resolve()),
-                "rule": "theta0 + alpha * (theta - theta0)",
-                "groups": GROUPS,
+                **rule(alpha),
             },
             indent=2,
         )
@@ -235,10 +298,17 @@ def choose(rows: List[Dict], keep_gain: float) -> Dict:
     return min(ok, key=lambda r: r["alpha"])
 
 
+def swept(alpha: float, beta: Optional[float]) -> Alpha:
+    """What a swept α applies: α itself, or with regularizer.interpolation.beta LiNeS's (α, β). α = 1
+    is always the trained weights (the row the others are measured against)."""
+    return alpha if beta is None or alpha == 1.0 else lines(alpha, beta, "regularizer.interpolation")
+
+
 def sweep(engine, cfg, baseline: Dict[str, float], score: Callable[[], Dict[str, float]], rank: int) -> Dict:
     """The end of a stage with regularizer.interpolation: score every α on the eval sets (plus α = 1),
     choose one (or take regularizer.interpolation.alpha) and leave the engine's weights at it for the
-    export. Returns {"alpha", "rows", ...} as written to output_dir/interpolation.json. Collective."""
+    export. With regularizer.interpolation.beta, each α < 1 is LiNeS's (α, β). Returns {"alpha",
+    "rows", ...} as written to output_dir/interpolation.json. Collective."""
     from trainer.evaluate import forgetting_metrics
 
     i = cfg.regularizer.interpolation
@@ -246,13 +316,17 @@ def sweep(engine, cfg, baseline: Dict[str, float], score: Callable[[], Dict[str,
     rows: List[Dict] = []
     if i.alpha is None:
         for a in sorted(set(i.alphas) | {1.0}):
-            apply(engine, start, a, rank)
+            apply(engine, start, swept(a, i.beta), rank)
             scores = score()
             scores.update(forgetting_metrics(scores, baseline))
             rows.append({"alpha": a, **scores})
-            log.info("interpolation α=%g: %s", a, {k: round(v, 4) for k, v in scores.items() if "ppl" not in k})
+            log.info(
+                "interpolation %s: %s",
+                alpha_label(swept(a, i.beta)),
+                {k: round(v, 4) for k, v in scores.items() if "ppl" not in k},
+            )
         chosen = choose(rows, i.keep_gain)
-        alpha: Alpha = chosen["alpha"]
+        alpha: Alpha = swept(chosen["alpha"], i.beta)
         how = (
             f"the smallest α keeping >= {i.keep_gain:g} of the domain gain at α=1 "
             f"({chosen['eval/domain_gain']:.4f} of "
@@ -261,13 +335,13 @@ def sweep(engine, cfg, baseline: Dict[str, float], score: Callable[[], Dict[str,
     else:
         alpha, how = parse_alpha(i.alpha), "regularizer.interpolation.alpha"
     apply(engine, start, alpha, rank)
-    log.info("interpolation: exporting α=%s (%s)", alpha_label(alpha), how)
+    log.info("interpolation: exporting %s (%s)", alpha_label(alpha), how)
     return {
         "alpha": alpha_label(alpha),
+        "beta": i.beta if i.alpha is None else None,
         "chosen_by": how,
         "start": start,
-        "rule": "theta0 + alpha * (theta - theta0)",
-        "groups": GROUPS if isinstance(alpha, dict) else None,
+        **rule(alpha),
         "rows": rows,
     }
 
@@ -317,6 +391,8 @@ class Interpolation(Component):
         metrics = {f"interpolation/{r['alpha']:g}/{k}": v for r in result["rows"] for k, v in r.items() if k != "alpha"}
         if all(c in "0123456789." for c in result["alpha"]):
             metrics["interpolation/alpha"] = float(result["alpha"])
+        elif result["alpha"].startswith("alpha="):  # LiNeS: its α (β is fixed by the config)
+            metrics["interpolation/alpha"] = parse_alpha(result["alpha"]).alpha
         tracker.log(state.step, metrics)
         if self.rank == 0:
             (Path(self.cfg.output_dir) / "interpolation.json").write_text(json.dumps(result, indent=2))
@@ -330,7 +406,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("start", help="the stage's starting model (its model.name_or_path)")
     p.add_argument("end", help="the stage's export (OUTPUT_DIR/hf)")
     p.add_argument("out", help="new directory for the interpolated model")
-    p.add_argument("--alpha", required=True, help="0.5, or per depth group: bottom=0.25,middle=0.5,top=1")
+    p.add_argument(
+        "--alpha",
+        required=True,
+        help="0.5; per depth group: bottom=0.25,middle=0.5,top=1; or LiNeS: alpha=0.25,beta=0.75",
+    )
     args = p.parse_args(argv)
     try:
         alpha = parse_alpha(args.alpha)

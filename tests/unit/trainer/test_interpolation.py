@@ -1,4 +1,4 @@
-"""Weight interpolation with the stage's start (trainer/forgetting/interpolation.py): α specs and depth groups,
+"""Weight interpolation with the stage's start (trainer/forgetting/interpolation.py): α specs, depth groups and LiNeS,
 the interpolation itself, the offline command, the choice of α, and the config's checks. The
 in-run sweep under ZeRO-3 is tested in tests/distributed/test_training.py."""
 
@@ -15,12 +15,15 @@ from helpers import ROOT
 from trainer.cli import load_config
 from trainer.forgetting.interpolation import (
     GROUPS,
+    Lines,
     alpha_label,
+    alpha_of,
     check,
     choose,
     group_of,
     interpolate,
     parse_alpha,
+    swept,
     write_interpolated,
 )
 
@@ -187,3 +190,61 @@ def test_config_checks_name_key_and_value():
     assert not load_config(base).regularizer.interpolation.enabled
     grouped = load_config(base + ["regularizer.interpolation.alpha={bottom:0.5,top:0.75}"]).regularizer.interpolation
     assert parse_alpha(grouped.alpha) == {"bottom": 0.5, "middle": 1.0, "top": 0.75}
+
+
+# ---- LiNeS: λ(ℓ) = α + β·ℓ/(L−1) ------------------------------------------------------------------
+
+
+def test_lines_specs_parse_print_back_and_refuse_a_lambda_outside_0_1():
+    spec = parse_alpha("alpha=0.25,beta=0.5")
+    assert spec == Lines(0.25, 0.5) and parse_alpha(alpha_label(spec)) == spec
+    assert parse_alpha({"alpha": 0.2}) == Lines(0.2, 0.8)  # β left out: the top keeps the whole update
+    with pytest.raises(ValueError, match=r"alpha=0.5, beta=0.75 gives λ from 0.5 \(first block\) to 1.25"):
+        parse_alpha("alpha=0.5,beta=0.75")
+    with pytest.raises(ValueError, match="unknown group"):
+        parse_alpha("beta=0.5")  # β alone is no spec
+
+
+def test_lines_scales_each_block_by_its_depth():
+    """A 5-block model under (α, β) = (0.2, 0.8): block ℓ moves 0.2 + 0.2ℓ of its update; the embeddings
+    take α, the final norm α + β. A tied head is the embedding's tensor and follows it."""
+    torch.manual_seed(0)
+    names = ["model.embed_tokens.weight", *[f"model.layers.{i}.mlp.w" for i in range(5)], "model.norm.weight"]
+    start = {n: torch.randn(3, 2) for n in names}
+    end = {n: torch.randn(3, 2) for n in names}
+    mixed = interpolate(start, end, Lines(0.2, 0.8), num_layers=5)
+    expected = {"model.embed_tokens.weight": 0.2, "model.norm.weight": 1.0}
+    expected.update({f"model.layers.{i}.mlp.w": 0.2 + 0.2 * i for i in range(5)})
+    for name, lam in expected.items():
+        assert torch.allclose(mixed[name], start[name] + lam * (end[name] - start[name]), atol=1e-6), name
+    assert alpha_of(Lines(0.2, 0.8), "lm_head.weight", 5) == 1.0  # an untied head is the top
+    assert alpha_of(Lines(0.3, 0.0), "model.layers.4.w", 5) == 0.3  # β = 0: a uniform α
+
+
+def test_a_lines_sweep_applies_beta_to_each_alpha_below_one():
+    assert swept(0.25, 0.5) == Lines(0.25, 0.5) and swept(1.0, 0.5) == 1.0 and swept(0.25, None) == 0.25
+    base = ["+exp=medical_qa", "output_dir=/tmp/x"]
+    cfg = load_config(base + ["regularizer.interpolation.alphas=[0,0.25]", "regularizer.interpolation.beta=0.75"])
+    assert cfg.regularizer.interpolation.beta == 0.75
+    with pytest.raises(SystemExit, match=r"beta=0.75: with alphas \[0.5\] the top block's λ = α \+ β leaves"):
+        load_config(base + ["regularizer.interpolation.alphas=[0.25,0.5]", "regularizer.interpolation.beta=0.75"])
+    with pytest.raises(SystemExit, match=r"beta=0.5 shapes the swept alphas, and none are set"):
+        load_config(base + ["regularizer.interpolation.beta=0.5"])
+    fixed = load_config(base + ["regularizer.interpolation.alpha={alpha:0.25,beta:0.5}", "model.name_or_path=/m"])
+    check(fixed, baseline_expected=True)
+    assert parse_alpha(fixed.regularizer.interpolation.alpha) == Lines(0.25, 0.5)
+
+
+def test_the_offline_command_writes_a_lines_interpolation(tmp_path):
+    from safetensors.torch import load_file
+
+    a, b = _hf_dir(tmp_path / "start", 0), _hf_dir(tmp_path / "end", 1)
+    out = write_interpolated(str(a), str(b), parse_alpha("alpha=0,beta=1"), str(tmp_path / "out"))
+    w0, w1, mixed = (load_file(str(d / "model.safetensors")) for d in (a, b, out))
+    name = "model.layers.{}.mlp.up_proj.weight"
+    assert torch.equal(mixed[name.format(0)], w0[name.format(0)])  # λ(0) = 0
+    assert torch.allclose(mixed[name.format(1)], (w0[name.format(1)] + w1[name.format(1)]) / 2, atol=1e-6)
+    assert torch.allclose(mixed[name.format(2)], w1[name.format(2)], atol=1e-6)  # λ(L-1) = 1
+    assert torch.equal(mixed["model.embed_tokens.weight"], w0["model.embed_tokens.weight"])  # tied: α = 0
+    info = json.loads((out / "interpolation.json").read_text())
+    assert info["alpha"] == "alpha=0,beta=1" and "lambda(l) = alpha + beta * l / (L - 1)" in info["rule"]
