@@ -43,7 +43,7 @@ from trainer.engine.model import build_model, count_parameters, model_config
 from trainer.engine.optim import build_optimizer
 from trainer.engine.tokenizer import load_tokenizer
 from trainer.evaluate import Evaluation
-from trainer.forgetting import freezing, interpolation
+from trainer.forgetting import distill, freezing, interpolation
 from trainer.forgetting.ewc import EWC
 from trainer.objectives import Objective, build_objective, reference
 from trainer.observability.generation import Generator
@@ -101,7 +101,10 @@ def build(cfg: Config) -> Run:
     # Everything that can be checked without data or weights fails here, in seconds.
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
     interpolation.check(cfg, baseline_expected=cfg.eval.at_start)
-    ds_config = build_deepspeed_config(cfg.deepspeed, t, dist.world_size, dist.on_gpu)
+    distilling = cfg.regularizer.distill.enabled
+    ds_config = build_deepspeed_config(
+        cfg.deepspeed, t, dist.world_size, dist.on_gpu, extra_micro_batches=int(distilling)
+    )
     # Prepared once per cache (the node's first process prepares, the others wait on the filesystem).
     data = prepare_data(cfg, tokenizer, preparer=dist.local_rank == 0, progress=dist.is_main)
     pad = None if cfg.data.packing else cfg.data.pad_to_multiple_of  # unpacked rows: to the longest
@@ -122,13 +125,28 @@ def build(cfg: Config) -> Run:
     # What the stage minimises; a preference loss's reference log-probs are computed by the starting
     # weights now, once, before a resume replaces them.
     objective = build_objective(cfg.stage)
+    start = reference.start_key(cfg.model, t.seed, "bf16" if bf16 else "fp32", tokenizer)
     if objective.needs_reference:
-        key = reference.start_key(cfg.model, t.seed, "bf16" if bf16 else "fp32", tokenizer)
         named = {**dict(zip(data.names, data.sources)), **{f"eval/{n}": s for n, s in data.eval_sets.items()}}
         reference.attach(
             engine,
             named,
-            key,
+            start,
+            cfg.eval.micro_batch_size,
+            dist.rank,
+            dist.world_size,
+            engine.device,
+            writer=dist.local_rank == 0,
+        )
+
+    # regularizer.distill's teacher is the stage's start too: its top-k, computed now, once.
+    teacher = None
+    if distilling:
+        teacher = distill.attach(
+            engine,
+            data.distill,
+            start,
+            cfg.regularizer.distill.top_k,
             cfg.eval.micro_batch_size,
             dist.rank,
             dist.world_size,
@@ -193,6 +211,11 @@ def build(cfg: Config) -> Run:
         pad_to_multiple_of=pad,
         origin=tuple(state.data_origin),
     )
+    if distilling:
+        d = cfg.regularizer.distill
+        batches = distill.DistillSource(
+            batches, data.distill, teacher, d.rows, d.weight, dist.rank, dist.world_size, t.seed
+        )
     generator = Generator(
         cfg.eval.sample_prompts,
         cfg.eval.sample_max_new_tokens,

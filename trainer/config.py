@@ -291,6 +291,39 @@ class InterpolationConfig:
 
 
 @dataclass
+class DistillConfig:
+    weight: float = 0.0
+    """λ of the added term λ·KL_k(teacher ‖ model), averaged over the distillation tokens of the step
+    across ranks (trainer/forgetting/distill.py). The teacher is the stage's start; its top-k
+    next-token distributions are computed once before the first step and stored with the prepared
+    data. 0 = off."""
+    data: Optional[str] = None
+    """The sequences distilled on (what must not be forgotten, e.g. the base's own chat answers or
+    general text): a file, directory or saved dataset. None = regularizer.replay.path, prepared as
+    replay prepares it."""
+    objective: Optional[StageObjective] = None
+    """Which tokens of `data` carry the KL: pretrain (every token) | sft/instruct (the answers). None =
+    the stage's own (regularizer.replay.objective when `data` is the replay data)."""
+    rows: int = 1
+    """Distillation rows per rank per optimizer step: one extra micro-batch beside the stage's own,
+    whose rows and tokens stay as they are (replay, by contrast, takes its share of them)."""
+    top_k: int = 32
+    """Teacher tokens stored per position; the rest of its mass is one residual class (the KL's
+    bias is stated in trainer/objectives/distill.py). Storage: rows x seq_len x top_k x 12 bytes."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.weight > 0
+
+    def __post_init__(self) -> None:
+        if self.weight < 0 or self.rows < 1 or self.top_k < 1:
+            raise ValueError(
+                f"regularizer.distill: weight >= 0, rows >= 1 and top_k >= 1 are required (weight={self.weight}, "
+                f"rows={self.rows}, top_k={self.top_k})"
+            )
+
+
+@dataclass
 class FreezeConfig:
     first_blocks: int = 0
     """Freeze transformer blocks 0..first_blocks-1 for the stage (trainer/forgetting/freezing.py): they
@@ -321,6 +354,8 @@ class RegularizerConfig:
     """Weight interpolation with the stage's start after training (with any of the above)."""
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     """The first blocks kept at the stage's start for the whole stage (with any of the above)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """A KL term toward the stage's start on chosen sequences, beside the stage's loss (with any of the above)."""
 
     @property
     def uses_replay(self) -> bool:
@@ -344,6 +379,11 @@ class RegularizerConfig:
                 )
             if self.ewc.lam < 0 or self.ewc.fisher_batches < 1 or not 0 <= self.ewc.gamma <= 1:
                 raise ValueError("regularizer.ewc: lam >= 0, fisher_batches >= 1 and gamma in [0, 1] are required")
+        if self.distill.enabled and not (self.distill.data or self.replay.path):
+            raise ValueError(
+                f"regularizer.distill.weight={self.distill.weight} needs sequences to distill on: set "
+                "regularizer.distill.data=<general data or the base's own answers> (or regularizer.replay.path)"
+            )
         i = self.interpolation
         bad = [a for a in i.alphas if not 0 <= a <= 1]
         if bad:
@@ -688,6 +728,12 @@ class Config:
                     "stage (its rows would need a token loss beside the pair loss, two normalisations in "
                     "one step). Use regularizer=ewc with regularizer.ewc.fisher_data=<general data>, or "
                     "regularizer=none; the stage's β already keeps it near its start."
+                )
+            if self.stage.objective == StageObjective.dpo and self.regularizer.distill.enabled:
+                raise ValueError(
+                    "regularizer.distill with stage=dpo: a preference stage's loss is a mean over pairs and the "
+                    "KL term a mean over tokens; distill in the stages before it, or keep the policy near its "
+                    "start with the stage's β (and regularizer=ewc)"
                 )
             if not self.data.packing and self.stage.objective == StageObjective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")

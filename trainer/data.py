@@ -25,6 +25,8 @@ class TrainingData:
     eval_sets: Dict[str, Prepared]
     fisher: Optional[Prepared] = None
     """EWC's reference data, when EWC is on."""
+    distill: Optional[Prepared] = None
+    """The sequences regularizer.distill distils on, when it is on."""
 
 
 def cache_dir(cfg: Config) -> str:
@@ -78,6 +80,18 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
             options(cfg, "auto", token) if own else options(cfg, reg.replay.format, reg.replay.objective or token),
             **kw,
         )
+    distill = None
+    if reg.distill.enabled:
+        own = reg.distill.data is not None  # else the replay data, prepared as replay prepares it
+        replay_objective = reg.distill.objective or reg.replay.objective or token
+        distill = prepare(
+            reg.distill.data if own else reg.replay.path,
+            tokenizer,
+            options(cfg, "auto", reg.distill.objective or token)
+            if own
+            else options(cfg, reg.replay.format, replay_objective),
+            **kw,
+        )
     for (name, path, _, weight, _), src in zip(specs, sources):
         log.info(
             "source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s",
@@ -88,7 +102,7 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
             src.stats["packing_efficiency"],
             _counts(src.stats),
         )
-    return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher)
+    return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher, distill)
 
 
 def _eval_objective(cfg: Config, path: str):

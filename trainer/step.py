@@ -32,33 +32,46 @@ def train_step(
     """One optimizer step over this rank's micro-batches. The loss is the mean over every unit of
     the step on all ranks: supervised tokens (TokenLoss) or preference pairs (PreferenceLoss).
     `components`: their before_optimizer_step runs at the accumulation boundary, before DeepSpeed
-    clips and steps. `phase(name)` times a part of the step (PerfMeter.phase). `check_grads`:
+    clips and steps. A micro-batch that carries `teacher_ids` (trainer/forgetting/distill.py) adds
+    distill_weight x the mean KL to its teacher over the step's distillation tokens on all ranks,
+    logged as reg/distill_penalty. `phase(name)` times a part of the step (PerfMeter.phase). `check_grads`:
     fail if a trainable parameter got no gradient (the run's first step)."""
     device = engine.device
+    # A distillation micro-batch (regularizer.distill, trainer/forgetting/distill.py) carries its
+    # teacher: it is scored by the KL to it, normalised over the step's distillation tokens.
+    own = [b for b in micro_batches if "teacher_ids" not in b]
     counts = torch.tensor(
         [
-            [objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel()]
-            for b in micro_batches
-        ],
+            [objective.count(b), supervised_tokens(b["labels"]), int(b["real_tokens"]), b["labels"].numel(), 0]
+            for b in own
+        ]
+        + [[0, 0, 0, 0, supervised_tokens(b["labels"])] for b in micro_batches if "teacher_ids" in b],
         dtype=torch.float64,
     ).sum(0)
     distributed.all_reduce_sum(counts)
     scale = backward_scale(int(counts[0]), distributed.world_size())
+    distill_scale = backward_scale(int(counts[4]), distributed.world_size())
     lr = engine.get_lr()[0]
     # Only components with a boundary hook take part (the same on every rank: the reduction's size).
     regularizers = [c for c in components if type(c).before_optimizer_step is not Component.before_optimizer_step]
-    names = [c.name for c in regularizers]
+    names = [c.name for c in regularizers] + (["distill"] if len(own) < len(micro_batches) else [])
     # Per source, columns [loss sum, loss units, real tokens]; then each component's penalty; then
     # the objective's metric sums (a preference stage's rewards and log-probs): one reduction.
     sums = torch.zeros(len(source_names), 3, dtype=torch.float64)
-    penalties = torch.zeros(len(regularizers), dtype=torch.float64)
+    penalties = torch.zeros(len(names), dtype=torch.float64)
     stat_sums = torch.zeros(len(objective.stats), dtype=torch.float64)
-    reported = [False] * len(regularizers)
+    reported = [False] * len(regularizers) + [True] * (len(names) - len(regularizers))
     nonfinite_rows = []
     for m, batch in enumerate(micro_batches):
+        distilling = "teacher_ids" in batch
         with phase("forward_backward"):
-            rows, row_stats = objective.rows(head.score(engine, batch, device, objective.uniform), batch)
-            engine.backward(rows.sum() * scale, scale_wrt_gas=False)
+            if distilling:
+                weight = float(batch["distill_weight"])
+                rows = head.distill_kl(engine, batch, device).sum(1)
+                engine.backward(rows.sum() * weight * distill_scale, scale_wrt_gas=False)
+            else:
+                rows, row_stats = objective.rows(head.score(engine, batch, device, objective.uniform), batch)
+                engine.backward(rows.sum() * scale, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             if check_grads:
                 check_every_parameter_has_a_gradient(engine)
@@ -69,14 +82,17 @@ def train_step(
         with phase("optimizer"):
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
         row_sums = rows.detach().double().cpu()  # the step's one device -> host copy of the losses
-        if row_stats is not None:
-            stat_sums += row_stats.detach().double().sum(0).cpu()
         bad = ~torch.isfinite(row_sums)
         if bad.any():
             nonfinite_rows += [
-                (source_names[int(batch["source"][i])], int(batch["row"][i]), m)
+                ("distill" if distilling else source_names[int(batch["source"][i])], int(batch["row"][i]), m)
                 for i in bad.nonzero().flatten().tolist()
             ]
+        if distilling:  # this rank's part of λ x the mean KL over the step's distillation tokens
+            penalties[-1] += float(row_sums.sum()) * weight / max(float(counts[4]), 1.0)
+            continue
+        if row_stats is not None:
+            stat_sums += row_stats.detach().double().sum(0).cpu()
         source = batch["source"]
         sums[:, 0].index_add_(0, source, row_sums)
         sums[:, 1].index_add_(0, source, objective.row_units(batch))

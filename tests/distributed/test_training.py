@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -311,12 +312,17 @@ def test_interpolation_with_the_start_scores_each_alpha_and_exports_the_chosen_o
     assert chosen in (0.5, 1.0) and not torch.equal(exported["model.norm.weight"], theta0["model.norm.weight"])
 
 
-def test_frozen_first_blocks_keep_the_start_resume_exactly_and_lines_shapes_the_export(straight_run, tmp_path):
-    """regularizer.freeze.first_blocks=1 on 2 ZeRO-3 ranks from the reference run's export (an untied
-    model): block 0 and the embeddings hold no optimizer state and are exported as the start had them,
-    block 1 trains; a run stopped at step 2 and resumed to 4 (frozen weights rebuilt from the start, not
-    read from the checkpoint) matches the straight run step for step. The straight run exports LiNeS's
-    (α, β) = (0, 1): λ(ℓ) = ℓ/(L−1), so the top block is the trained one and block 0 the start."""
+def test_freezing_distillation_and_lines_on_zero3_resume_exactly_and_match_direct_computations(straight_run, tmp_path):
+    """The forgetting controls that act during and after a stage, together on 2 ZeRO-3 ranks from the
+    reference run's export (an untied model), 4 steps straight and 2 + 2 resumed:
+    - regularizer.freeze.first_blocks=1: block 0 and the embeddings hold no optimizer state and keep
+      the start (frozen weights are checked on resume: another freeze stops with a message);
+    - regularizer.distill (λ 0.5, 2 rows a rank of general text): the teacher's stored top-k equal the
+      start's full-logits top-k; reg/distill_penalty is 0 at step 1 (the model is its teacher) and at
+      step 3 equals λ x the KL_k computed from full logits with the step-2 weights on the same rows;
+    - the resumed run matches the straight one step for step, penalty included;
+    - the straight run exports LiNeS's (α, β) = (0, 1): λ(ℓ) = ℓ/(L−1), block 0 the start, the top the
+      trained weights."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file
 
@@ -331,6 +337,10 @@ def test_frozen_first_blocks_keep_the_start_resume_exactly_and_lines_shapes_the_
         "trainer.cadence.save_every_steps=2",
         "trainer.cadence.eval_every_steps=0",
         "regularizer.freeze.first_blocks=1",
+        "regularizer.distill.weight=0.5",
+        "regularizer.distill.data=${bundled:general_text.txt}",
+        "regularizer.distill.objective=pretrain",
+        "regularizer.distill.rows=2",
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     proc = run_train(
@@ -342,6 +352,9 @@ def test_frozen_first_blocks_keep_the_start_resume_exactly_and_lines_shapes_the_
     for steps in (2, 4):
         check(run_train(LAUNCHER, common + [f"trainer.max_steps={steps}", f"output_dir={split}"]))
     assert_same_steps(read_metrics(split), read_metrics(straight), last=4)  # steps 1-2, then 3-4 resumed
+    penalty = series(read_metrics(straight), "reg/distill_penalty")
+    assert series(read_metrics(split), "reg/distill_penalty") == penalty
+    _check_distillation(proc.stdout + proc.stderr, start, straight, penalty, weight=0.5)
     # a resume that would freeze other parameters stops, saying why and how to go on
     other = run_train(
         LAUNCHER, common + ["trainer.max_steps=6", "regularizer.freeze.first_blocks=2", f"output_dir={split}"]
@@ -374,3 +387,50 @@ def test_frozen_first_blocks_keep_the_start_resume_exactly_and_lines_shapes_the_
         if not (n.startswith("model.layers.0.") or n == "model.embed_tokens.weight")
     )
     assert held == trainable, (held, trainable)
+
+
+def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, weight: float) -> None:
+    """The stored teacher against the start's full logits; the logged penalty of step 3 against the
+    KL_k from full logits with the weights of the checkpoint of step 2, on the rows of step 3."""
+    import re
+    from types import SimpleNamespace
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline.prepare import Prepared
+    from trainer.forgetting.distill import DistillSource
+
+    where = Path(re.search(r"top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
+    src = Prepared(where.parent.parent)
+    ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
+
+    def forward(idx):
+        rows = src.rows(idx)
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.from_numpy(rows["input_ids"]),
+                position_ids=torch.from_numpy(rows["position_ids"]),
+                use_cache=False,  # no cache: the position ids then keep packed documents apart
+            ).logits[:, :-1]
+        return torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:] != -100)
+
+    logp_all, mask = forward(list(range(4)))
+    top = torch.topk(logp_all, 32, dim=-1)
+    stored_ids, stored = torch.from_numpy(ids[:4]).long(), torch.from_numpy(logq[:4]).double()
+    assert torch.allclose(stored[mask], top.values[mask], atol=1e-5)  # the k largest log-probs, in order
+    assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)  # of these tokens
+    assert abs(penalty[1]) < 1e-6, penalty  # step 1: the model is its teacher
+
+    model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000002"))
+    total, tokens = 0.0, 0
+    for rank in range(2):
+        idx = DistillSource(SimpleNamespace(rows_per_step=0), src, (ids, logq), 2, weight, rank, 2, 1234).indices(2)
+        logp_all, mask = forward(idx)
+        q_ids, q = torch.from_numpy(ids[idx]).long(), torch.from_numpy(logq[idx]).double().exp()
+        p_k = logp_all.gather(-1, q_ids).exp()
+        q_r, p_r = (1 - q.sum(-1)).clamp_min(0), 1 - p_k.sum(-1)
+        kl = (q * (q.log() - p_k.log())).sum(-1) + torch.where(q_r > 0, q_r * (q_r.log() - p_r.log()), 0.0)
+        total, tokens = total + float(kl[mask].sum()), tokens + int(mask.sum())
+    assert penalty[3] == pytest.approx(weight * total / tokens, rel=1e-5, abs=1e-9), (penalty, weight * total / tokens)

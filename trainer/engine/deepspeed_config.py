@@ -19,11 +19,12 @@ def use_bf16(trainer: TrainerConfig, on_gpu: bool) -> bool:
 
 
 def build_deepspeed_config(
-    ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool
+    ds: DeepSpeedConfig, trainer: TrainerConfig, world_size: int, on_gpu: bool, extra_micro_batches: int = 0
 ) -> Dict[str, Any]:
     """ZeRO-3 config for `deepspeed.initialize` and `deepspeed.zero.Init`. trainer.grad_accum_steps
     is normally settled by the trainer first (trainer/checkpointing/reshard.py); unset, it is derived here as for a
-    fresh run."""
+    fresh run. `extra_micro_batches`: micro-batches a step adds to the stage's own (regularizer.distill's
+    one), so that DeepSpeed's accumulation boundary falls on the step's last backward."""
     from trainer.checkpointing.reshard import resolve_batch
 
     accum = resolve_batch(
@@ -45,8 +46,8 @@ def build_deepspeed_config(
         zero["offload_param"] = {"device": str(ds.offload_param), "pin_memory": on_gpu}
     config: Dict[str, Any] = {
         "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": trainer.micro_batch_size * accum * world_size,
+        "gradient_accumulation_steps": accum + extra_micro_batches,
+        "train_batch_size": trainer.micro_batch_size * (accum + extra_micro_batches) * world_size,
         "gradient_clipping": trainer.optim.grad_clip,
         "bf16": {"enabled": use_bf16(trainer, on_gpu)},
         "fp16": {"enabled": False},

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from data_pipeline.packing import IGNORE
 from trainer.objectives.chunked import auto_chunk, liger_problem, token_nll
+from trainer.objectives.distill import sparse_kl, sparse_kl_from_logits, topk_logprobs
 from trainer.objectives.token import token_nll_from_logits
 
 log = logging.getLogger("trainer")
@@ -93,9 +94,20 @@ def install(model, chunk: Optional[int], loss_kernel: str = "torch") -> None:
 
 
 def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-    if self._loss_request is None:
+    request = self._loss_request
+    if request is None:
         return F.linear(hidden, self.weight)
-    targets, uniform = self._loss_request
+    if request[0] == "topk":  # a teacher's top k: [batch, seq, 2k], the ids (exact in fp32) then the log-probs
+        _, mask, k = request
+        where = mask.reshape(-1).nonzero().squeeze(1)
+        ids, logp = topk_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), self.weight, k)
+        out = torch.zeros(mask.numel(), 2 * k, dtype=torch.float32, device=hidden.device)
+        out[where] = torch.cat([ids.float(), logp], dim=1)
+        return out.view(*mask.shape, 2 * k)
+    if request[0] == "kl":
+        _, ids, logq, mask = request
+        return sparse_kl(hidden, self.weight, ids, logq, mask, self._loss_chunk or None, gather=_gathered)
+    _, targets, uniform = request
     tokens = int((targets != IGNORE).sum())
     chunk = self._loss_chunk or auto_chunk(tokens, self.weight.shape[0])
     return token_nll(
@@ -126,7 +138,7 @@ def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform:
     head = engine.module.get_output_embeddings()
     if not hasattr(head, "_loss_request"):
         return token_nll_from_logits(engine(**inputs).logits, labels)
-    head._loss_request = (F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device), uniform)
+    head._loss_request = ("nll", F.pad(labels[:, 1:], (0, 1), value=IGNORE).to(device), uniform)
     try:
         nll = engine(**inputs).logits
     finally:
@@ -138,3 +150,46 @@ def score(engine, batch: Dict[str, torch.Tensor], device: torch.device, uniform:
             "trainer.loss_chunk_tokens=0"
         )
     return nll[:, :-1]
+
+
+def _inputs(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict:
+    return dict(input_ids=batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device), use_cache=False)
+
+
+def _armed(engine, request, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    head = engine.module.get_output_embeddings()
+    head._loss_request = request
+    try:
+        return engine(**_inputs(batch, device)).logits
+    finally:
+        head._loss_request = None
+
+
+@torch.no_grad()
+def teacher_topk(engine, batch: Dict[str, torch.Tensor], device: torch.device, k: int):
+    """The model's top-k next-token ids [batch, seq - 1, k] (int64) and log-probs (fp32) at every
+    supervised position of `batch` (zeros elsewhere): what a distillation teacher stores
+    (trainer/forgetting/distill.py). Chunked through the head when installed."""
+    mask = batch["labels"][:, 1:] != IGNORE
+    if not hasattr(engine.module.get_output_embeddings(), "_loss_request"):
+        logits = engine(**_inputs(batch, device)).logits[:, :-1].float()
+        top = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
+        keep = mask.to(device)[..., None]
+        return torch.where(keep, top.indices, 0), torch.where(keep, top.values, 0.0)
+    packed = _armed(engine, ("topk", F.pad(mask, (0, 1), value=False).to(device), k), batch, device)[:, :-1]
+    return packed[..., :k].round().long(), packed[..., k:].contiguous()
+
+
+def distill_kl(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """KL_k(teacher ‖ model) [batch, seq - 1] at every supervised position of `batch`, the teacher given
+    by batch["teacher_ids"] / batch["teacher_logp"] [batch, seq - 1, k] (trainer/objectives/distill.py);
+    0 elsewhere. Chunked through the head when installed, never the full logits twice."""
+    mask = (batch["labels"][:, 1:] != IGNORE).to(device)
+    ids, logq = batch["teacher_ids"].to(device), batch["teacher_logp"].to(device).float()
+    if not hasattr(engine.module.get_output_embeddings(), "_loss_request"):
+        return sparse_kl_from_logits(engine(**_inputs(batch, device)).logits[:, :-1], ids, logq, mask)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.cat([t, torch.full_like(t[:, :1], value)], dim=1)
+
+    return _armed(engine, ("kl", pad(ids, 0), pad(logq, 0.0), pad(mask, False)), batch, device)[:, :-1]

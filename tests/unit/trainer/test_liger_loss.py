@@ -93,7 +93,7 @@ def test_liger_through_a_hugging_face_head_equals_the_torch_kernel():
         loss_head.install(model, 4, kernel)
         head = model.get_output_embeddings()
         assert head._loss_kernel == kernel
-        head._loss_request = (F.pad(labels[:, 1:], (0, 1), value=IGNORE), True)
+        head._loss_request = ("nll", F.pad(labels[:, 1:], (0, 1), value=IGNORE), True)
         nll = model(input_ids=ids, use_cache=False).logits
         head._loss_request = None
         (nll.sum() / (labels[:, 1:] != IGNORE).sum()).backward()
