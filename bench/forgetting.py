@@ -136,11 +136,13 @@ class Setting:
     method: Optional[str] = None
     """The frontier it belongs to, when not its regularizer's (e.g. plain fine-tuning at other warmups)."""
     knob: Optional[str] = None
+    family: Optional[str] = None
+    """What --only selects it by (default: its regularizer): distill, freeze and lines run beside `none`."""
 
     @property
     def dirname(self) -> str:
         """The run's directory name: no spaces, and no `=` (Hydra would read output_dir=a=b as a parse error)."""
-        return self.name.replace(" ", "_").replace("λ=", "lam").replace("=", "")
+        return self.name.replace(" ", "_").replace("λ=", "lam").replace("β=", "beta").replace("=", "")
 
 
 def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
@@ -217,7 +219,40 @@ def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
                 f"{args.ewc_replay_lam:g} {args.chat_ewc_replay_ratio:g}",
             )
         )
-    return [s for s in out if s.regularizer == "none" or s.regularizer in args.only]  # none is the reference
+    for w in args.distill_weights:  # KL to the start on the replay data (tiny: general text) or the rehearsal
+        own = [f"regularizer.distill.data={rehearsal}", "regularizer.distill.objective=instruct"] if rehearsal else []
+        out.append(
+            Setting(
+                f"distill λ={w:g}",
+                "none",
+                [f"regularizer.distill.weight={w}", f"regularizer.distill.rows={args.distill_rows}", *own],
+                "distill (KL to the start)" + (" on own chat answers" if rehearsal else ""),
+                f"{w:g}",
+                "distill",
+            )
+        )
+    for k in args.freeze_blocks:
+        out.append(
+            Setting(
+                f"freeze {k}", "none", [f"regularizer.freeze.first_blocks={k}"], "freeze first blocks", str(k), "freeze"
+            )
+        )
+    for b in args.lines_betas if not rehearsal else []:  # the trainer's own sweep, each α as LiNeS's (α, β)
+        alphas = sorted({0.0, *(a for a in args.alphas if a + b <= 1)})
+        out.append(
+            Setting(
+                f"none LiNeS β={b:g}",
+                "none",
+                [
+                    f"regularizer.interpolation.beta={b}",
+                    f"regularizer.interpolation.alphas=[{','.join(f'{a:g}' for a in alphas)}]",
+                    "trainer.export_hf=true",
+                ],
+                family="lines",
+            )
+        )
+    # none is the reference, always run
+    return [s for s in out if (s.family or s.regularizer) == "none" or (s.family or s.regularizer) in args.only]
 
 
 def train(args, overrides: Sequence[str], log_file: Path) -> float:
@@ -895,6 +930,10 @@ PROFILES = {
         warmups=[],
         fisher_labels=["data"],
         chat_replay_ratios=[],
+        distill_weights=[1.0],
+        distill_rows=2,
+        freeze_blocks=[1],
+        lines_betas=[0.5],
     ),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
     # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
@@ -916,6 +955,10 @@ PROFILES = {
         warmups=[],
         fisher_labels=["data"],
         chat_replay_ratios=[],
+        distill_weights=[1.0],
+        distill_rows=1,
+        freeze_blocks=[6],
+        lines_betas=[],
     ),
     "smoke": dict(
         steps=3,
@@ -929,6 +972,7 @@ PROFILES = {
         replay_ratios=[0.25],
         alphas=[0.5],
         fisher_labels=["sampled"],
+        distill_rows=1,
     ),
     "real_smoke": dict(
         steps=2,
@@ -946,6 +990,7 @@ PROFILES = {
         chat_ewc_replay_ratio=0.25,
         alphas=[0.5],
         group_alphas=[0.5, 1.0],
+        freeze_blocks=[],
         lr=1e-3,
         probe_tokens=200,
         answer_tokens=8,
@@ -1027,9 +1072,18 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument(
         "--only",
         type=lambda s: s.split(","),
-        default=["replay", "ewc", "ewc_replay"],
-        help="regularizers to run besides none (the reference, always run), e.g. --only ewc",
+        default=["replay", "ewc", "ewc_replay", "distill", "freeze", "lines"],
+        help="what to run besides none (the reference, always run): replay, ewc, ewc_replay, distill, freeze, "
+        "lines; e.g. --only ewc",
     )
+    p.add_argument("--distill-weights", type=_floats, help="regularizer.distill.weight values (λ of the KL term)")
+    p.add_argument("--distill-rows", type=int, help="distillation rows per step (regularizer.distill.rows)")
+    p.add_argument(
+        "--freeze-blocks",
+        type=lambda t: [int(x) for x in t.split(",") if x.strip()],
+        help="regularizer.freeze.first_blocks values",
+    )
+    p.add_argument("--lines-betas", type=_floats, help="tiny: plain fine-tuning swept with LiNeS's β (each α + β <= 1)")
     p.add_argument("--skip-steps", type=int, help="first steps left out of the step-time median")
     p.add_argument(
         "--launcher",

@@ -20,7 +20,15 @@ import corpora  # noqa: E402
 import forgetting  # noqa: E402
 
 # The smoke's EWC runs on the Fisher of sampled labels (the data-label one is the tiny profile's default).
-SETTINGS = ["none", "replay 0.25", "ewc λ=1 sampled", "ewc_replay λ=1 0.05 sampled"]
+SETTINGS = [
+    "none",
+    "replay 0.25",
+    "ewc λ=1 sampled",
+    "ewc_replay λ=1 0.05 sampled",
+    "distill λ=1",
+    "freeze 1",
+    "none LiNeS β=0.5",
+]
 RUN = ["none", "ewc_replay λ=1 0.05 sampled"]
 
 
@@ -172,7 +180,15 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "ewc λ=0.01",
         "ewc λ=0.1",
         "ewc_replay λ=0.01 0.25",
+        "distill λ=1",
+        "freeze 6",
     ]
+    chat = forgetting.settings(real, rehearsal="/r.jsonl")
+    distill = next(x for x in chat if x.family == "distill")
+    assert "regularizer.distill.data=/r.jsonl" in distill.overrides and distill.method.endswith("own chat answers")
+    tiny = forgetting.settings(forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]))
+    lines = next(x for x in tiny if x.family == "lines")  # tiny: α 0, 0.25, 0.5 (α + β <= 1) as LiNeS (α, 0.5)
+    assert "regularizer.interpolation.alphas=[0,0.25,0.5]" in lines.overrides
     assert [s.dirname for s in forgetting.settings(real)][1:3] == ["none_lr2.5e-05", "replay_0.1"]
     given = forgetting.parse_args(
         [
@@ -240,6 +256,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "ewc λ=0.1",
         "ewc λ=0.1 sampled",
         "ewc_replay chat λ=0.1 0.1",
+        "distill λ=1",
+        "freeze 6",
     ]
     # the chats are the Fisher's data too: fisher_data unset, so the replay's path and objective
     assert (
@@ -253,6 +271,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         ("ewc", "0.1"),
         ("ewc sampled", "0.1"),
         ("ewc_replay chat", "0.1 0.1"),
+        ("distill (KL to the start) on own chat answers", "1"),
+        ("freeze first blocks", "6"),
     ]
     assert runs[2].overrides == [
         "regularizer.replay.path=r.jsonl",
@@ -261,7 +281,7 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "regularizer.replay.ratio=0.25",
     ]
     assert "regularizer.ewc.fisher_labels=sampled" in runs[4].overrides
-    assert [s.name for s in forgetting.settings(study)][2:] == ["ewc λ=0.1", "ewc λ=0.1 sampled"]  # no rehearsal file
+    assert [s.name for s in forgetting.settings(study)][2:4] == ["ewc λ=0.1", "ewc λ=0.1 sampled"]  # no rehearsal file
 
 
 def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():
