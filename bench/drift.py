@@ -6,7 +6,12 @@ closer to the base" except the domain loss:
   domain    mean token loss on held-out domain text (what the fine-tune should improve)
   chat      mean token loss of the base model's own greedy answers to general chat prompts,
             generated once before any tuning: the base scores low on them, and they rise as the
-            tuned model stops answering the way the base did (chat behaviour, not facts)
+            tuned model stops answering the way the base did (chat behaviour, not facts). A model
+            made sharper, or more like its own greedy self, lowers it without keeping what the base
+            could do, so it is reported beside:
+  chat_sampled  the same on the base's answers *sampled* at temperature 1 from its whole
+            distribution (one per prompt, seeded): the tuned model's loss minus the base's is a
+            Monte Carlo estimate of KL(base || tuned) on chat, per answer token, without bias
   kl        mean KL(base || tuned) of the next-token distribution over the general text, label-free;
             the base's side is computed once and kept as its top-k probabilities plus the mass of
             the rest (one "other" bucket), which makes this a lower bound of the full-vocabulary KL
@@ -63,6 +68,7 @@ class Probe:
     domain: List[List[int]]
     chat: List[Tuple[List[int], List[int]]]  # (input ids, labels: the answer's tokens, IGNORE elsewhere)
     answers: List[Dict[str, str]]
+    chat_sampled: List[Tuple[List[int], List[int]]]  # the same for the base's sampled answers (T = 1)
     topk_index: torch.Tensor  # [positions of `general`, k] the base's k likeliest next tokens
     topk_logp: torch.Tensor  # [positions, k] their log-probabilities under the base
 
@@ -71,6 +77,7 @@ class Probe:
             "general": sum(len(d) - 1 for d in self.general),
             "domain": sum(len(d) - 1 for d in self.domain),
             "chat": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in self.chat),
+            "chat_sampled": sum(sum(1 for x in lab[1:] if x != IGNORE) for _, lab in self.chat_sampled),
         }
 
 
@@ -153,10 +160,12 @@ def build_probe(
     top_k: int = 64,
     batch_size: int = 8,
     prompts: Sequence[str] = CHAT_PROMPTS,
+    sample_seed: int = 0,
 ) -> Probe:
     """The probe of `model_dir` (the base): general/domain documents (about text_tokens each), the
     base's greedy answers to `prompts` (at most answer_tokens, ending at its end-of-turn token when
-    it stops by itself) and its top-k next-token log-probs on the general documents. Cached at `cache`."""
+    it stops by itself), one answer to each sampled at temperature 1 (seeded by sample_seed), and its
+    top-k next-token log-probs on the general documents. Cached at `cache`."""
     if cache.is_file():
         return Probe(**torch.load(cache, weights_only=True))
     from transformers import AutoTokenizer
@@ -175,6 +184,11 @@ def build_probe(
         answers.append({"prompt": a.prompt, "answer": a.text})
     order = sorted(range(len(chat)), key=lambda i: len(chat[i][0]))
     chat, answers = [chat[i] for i in order], [answers[i] for i in order]
+    sampled = [
+        (a.prompt_ids + a.answer_ids, [IGNORE] * len(a.prompt_ids) + a.answer_ids)
+        for a in rehearsal.answers(model, tok, prompts, answer_tokens, temperature=1.0, seed=sample_seed)
+    ]
+    sampled.sort(key=lambda s: len(s[0]))
 
     index, logp = [], []
     for lp, _ in _forward(model, _text_samples(g), pad, batch_size):
@@ -182,7 +196,13 @@ def build_probe(
         index.append(top.indices.to(torch.int32))
         logp.append(top.values)
     probe = Probe(
-        general=g, domain=d, chat=chat, answers=answers, topk_index=torch.cat(index), topk_logp=torch.cat(logp)
+        general=g,
+        domain=d,
+        chat=chat,
+        answers=answers,
+        chat_sampled=sampled,
+        topk_index=torch.cat(index),
+        topk_logp=torch.cat(logp),
     )
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")
@@ -206,7 +226,8 @@ def kl_topk(base_index: torch.Tensor, base_logp: torch.Tensor, logq: torch.Tenso
 
 @torch.no_grad()
 def score(model, probe: Probe, pad: int, batch_size: int = 8) -> Dict[str, float]:
-    """general / domain / chat mean token loss and the mean top-k KL from the base on the general text."""
+    """general / domain / chat / chat_sampled mean token loss and the mean top-k KL from the base on the
+    general text."""
     out: Dict[str, float] = {}
     pos, kl_sum, nll_sum, n = 0, 0.0, 0.0, 0
     for lp, target in _forward(model, _text_samples(probe.general), pad, batch_size):
@@ -219,7 +240,11 @@ def score(model, probe: Probe, pad: int, batch_size: int = 8) -> Dict[str, float
             f"probe: {pos} general positions scored but the base's top-k has {probe.topk_index.shape[0]}"
         )
     out["general"], out["kl"] = nll_sum / n, kl_sum / n
-    for name, samples in (("domain", _text_samples(probe.domain)), ("chat", probe.chat)):
+    for name, samples in (
+        ("domain", _text_samples(probe.domain)),
+        ("chat", probe.chat),
+        ("chat_sampled", probe.chat_sampled),
+    ):
         total, count = 0.0, 0
         for lp, target in _forward(model, samples, pad, batch_size):
             total += float(-lp.gather(1, target[:, None]).sum())

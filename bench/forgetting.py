@@ -502,7 +502,10 @@ def table(results: List[Dict]) -> str:
 
 # ---- the real-model profile (--model) -------------------------------------------------------------
 
-MEASURES = ("general", "chat")  # the forgetting measures the target is judged on (kl: reported beside)
+# The forgetting measures the target is judged on (kl: reported beside). chat_sampled's rise over the
+# base is an unbiased estimate of KL(base || tuned) on chat (bench/drift.py): a model that only got
+# sharper, or more like its greedy self, lowers `chat` but not it.
+MEASURES = ("general", "chat", "chat_sampled")
 # What the real profile leaves out against the tiny one, said at its start (the 60-minute budget).
 REAL_LEAVES_OUT = [
     "pretraining a base (the pretrained model is the base)",
@@ -569,6 +572,27 @@ def build_rehearsal(
     }
     meta.write_text(json.dumps(info, indent=1))
     return info
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def check_disjoint(records: Sequence[Dict], probe_prompts: Sequence[str], heldout_docs: Sequence[str]) -> Dict:
+    """Nothing the rehearsal trains on is probed: no probe prompt occurs in a rehearsal prompt and no
+    held-out general document (the general and KL probes) in one (case and spacing ignored). Raises
+    naming the first overlap; returns the counts checked."""
+    users = [_norm(m["content"]) for r in records for m in r["messages"] if m["role"] == "user"]
+    for probe in probe_prompts:
+        hit = next((u for u in users if _norm(probe) in u), None)
+        if hit is not None:
+            raise SystemExit(f"rehearsal prompt {hit[:80]!r} contains the probe prompt {probe!r}")
+    held = {_norm(d) for d in heldout_docs if len(_norm(d)) >= 20}
+    for u in users:
+        hit = next((d for d in held if d in u), None)
+        if hit is not None:
+            raise SystemExit(f"rehearsal prompt {u[:80]!r} contains the held-out document {hit[:80]!r}")
+    return {"rehearsal_prompts": len(users), "probe_prompts": len(probe_prompts), "heldout_docs": len(held)}
 
 
 def resolve_model(spec: str) -> Path:
@@ -655,19 +679,21 @@ def relate(points: List[Dict], base: Dict[str, float], reference: Dict[str, floa
 
 def real_table(points: List[Dict], base: Dict[str, float]) -> str:
     head = (
-        "| setting | α | general loss | chat loss | KL from base | domain loss | removed: general / chat / KL "
-        "| removed (judged) | gain kept | target |"
+        "| setting | α | general loss | chat loss (greedy) | chat loss (sampled) | KL from base | domain loss "
+        "| removed: general / chat greedy / chat sampled / KL | removed (judged) | gain kept | target |"
     )
     lines = [
         head,
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|:-:|",
-        f"| base (start) | 0 | {base['general']:.3f} | {base['chat']:.3f} | 0 | {base['domain']:.3f} | – | – | – | – |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
+        f"| base (start) | 0 | {base['general']:.3f} | {base['chat']:.3f} | {base['chat_sampled']:.3f} | 0 "
+        f"| {base['domain']:.3f} | – | – | – | – |",
     ]
     for p in points:
         sc, r = p["scores"], p["removed_by"]
         lines.append(
-            f"| {p['setting']} | {p['alpha']} | {sc['general']:.3f} | {sc['chat']:.3f} | {sc['kl']:.4f} "
-            f"| {sc['domain']:.3f} | {_pct(r['general'])} / {_pct(r['chat'])} / {_pct(r['kl'])} "
+            f"| {p['setting']} | {p['alpha']} | {sc['general']:.3f} | {sc['chat']:.3f} | {sc['chat_sampled']:.3f} "
+            f"| {sc['kl']:.4f} | {sc['domain']:.3f} "
+            f"| {_pct(r['general'])} / {_pct(r['chat'])} / {_pct(r['chat_sampled'])} / {_pct(r['kl'])} "
             f"| {_pct(p['removed'])} | {_pct(p['kept'])} | {'yes' if p['meets_target'] else 'no'} |"
         )
     return "\n".join(lines)
@@ -715,6 +741,7 @@ def real_main(args) -> Dict:
         "answer_tokens": args.answer_tokens,
         "top_k": args.top_k,
         "prompts": args.prompts,
+        "sampled_answers": args.seed,  # the sampled chat answers' seed (a probe without them is not reused)
     }
     cache = out / "probe" / f"probe-{drift.key(model_dir, held['general'], held['domain'], probe_settings)}.pt"
     t0 = time.perf_counter()
@@ -728,6 +755,7 @@ def real_main(args) -> Dict:
         answer_tokens=args.answer_tokens,
         top_k=args.top_k,
         prompts=prompts,
+        sample_seed=args.seed,
     )
     print(
         f"probe: {probe.tokens()} scored tokens, {len(probe.answers)} base answers ({cache}, "
@@ -736,8 +764,10 @@ def real_main(args) -> Dict:
     )
 
     rehearsal, info = None, None
-    if (args.chat_replay_ratios and "replay" in args.only) or (
-        args.chat_ewc_replay_ratio and "ewc_replay" in args.only
+    if (
+        (args.chat_replay_ratios and "replay" in args.only)
+        or (args.chat_ewc_replay_ratio and "ewc_replay" in args.only)
+        or (args.distill_weights and "distill" in args.only)
     ):
         train_sha = hashlib.sha256(Path(data["general"]["train"]).read_bytes()).hexdigest()  # content, not path
         rkey = hashlib.sha256(
@@ -767,6 +797,17 @@ def real_main(args) -> Dict:
                 f"--rehearsal-tokens={args.rehearsal_tokens}; raise it"
             )
         rehearsal = Path(info["path"])
+        info["disjoint_from_probe"] = check_disjoint(
+            [json.loads(line) for line in rehearsal.read_text(encoding="utf-8").splitlines()],
+            prompts,
+            read_documents(held["general"]),
+        )
+        print(
+            f"rehearsal prompts vs the probe: {info['disjoint_from_probe']['rehearsal_prompts']} rehearsal prompts, "
+            f"{info['disjoint_from_probe']['probe_prompts']} probe prompts, "
+            f"{info['disjoint_from_probe']['heldout_docs']} held-out documents: disjoint",
+            flush=True,
+        )
         print(
             f"rehearsal (chat replay): the base's answers to {info['answers']} of {info['prompts']} prompts on general "
             f"train documents ({info['answer_tokens']} answer tokens; {info['dropped_cut_off']} dropped, cut off at "

@@ -285,19 +285,42 @@ def test_profiles_fill_what_the_command_line_leaves_out():
 
 
 def test_relate_judges_only_the_measures_that_plain_fine_tuning_forgot():
-    base = {"general": 4.0, "chat": 0.6, "kl": 0.0, "domain": 4.0}
-    none = forgetting.drift_point("none", "plain", "", "1", {"general": 3.9, "chat": 0.8, "kl": 0.2, "domain": 3.0})
+    base = {"general": 4.0, "chat": 0.6, "chat_sampled": 2.0, "kl": 0.0, "domain": 4.0}
+    none = forgetting.drift_point(
+        "none", "plain", "", "1", {"general": 3.9, "chat": 0.8, "chat_sampled": 2.4, "kl": 0.2, "domain": 3.0}
+    )
     half = forgetting.drift_point(
-        "none", "interp", "α 0.5", "0.5", {"general": 3.8, "chat": 0.61, "kl": 0.05, "domain": 3.05}
+        "none",
+        "interp",
+        "α 0.5",
+        "0.5",
+        {"general": 3.8, "chat": 0.61, "chat_sampled": 2.1, "kl": 0.05, "domain": 3.05},
     )
     forgetting.relate([none, half], base, none["scores"])
     assert none["removed"] is None or none["removed"] == pytest.approx(0.0)
     assert half["removed_by"]["general"] is None  # general text got better under plain fine-tuning: not judged
-    assert half["removed_by"]["chat"] == pytest.approx(0.95) and half["removed"] == pytest.approx(0.95)
+    assert half["removed_by"]["chat"] == pytest.approx(0.95) and half["removed_by"]["chat_sampled"] == pytest.approx(
+        0.75
+    )
+    assert half["removed"] == pytest.approx(0.75)  # the smallest share over the judged measures: sampled chat
     assert half["removed_by"]["kl"] == pytest.approx(0.75)
-    assert half["kept"] == pytest.approx(0.95) and half["meets_target"]
+    assert half["kept"] == pytest.approx(0.95) and not half["meets_target"]
     table = forgetting.real_table([none, half], base)
-    assert "| none | 0.5 | 3.800 | 0.610 | 0.0500 | 3.050 | – / 95% / 75% | 95% | 95% | yes |" in table
+    assert "| none | 0.5 | 3.800 | 0.610 | 2.100 | 0.0500 | 3.050 | – / 95% / 75% / 75% | 75% | 95% | no |" in table
+
+
+def test_rehearsal_is_checked_disjoint_from_what_the_probe_scores():
+    def rec(prompt):
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a"}]}
+
+    probe = ["Why is the sky blue?", "How do I boil an egg?"]
+    held = ["A held-out document about the tides of the moon."]
+    ok = forgetting.check_disjoint([rec("Give this text a short title.\n\nSome train document.")], probe, held)
+    assert ok == {"rehearsal_prompts": 1, "probe_prompts": 2, "heldout_docs": 1}
+    with pytest.raises(SystemExit, match="contains the probe prompt 'Why is the sky blue"):
+        forgetting.check_disjoint([rec("Explain this:  why is the SKY blue?")], probe, held)
+    with pytest.raises(SystemExit, match="contains the held-out document"):
+        forgetting.check_disjoint([rec("Title: a held-out document about the tides of the moon.")], probe, held)
 
 
 def test_pareto_frontier_and_best_trade_off(tmp_path):

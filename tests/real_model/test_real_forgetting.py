@@ -33,7 +33,7 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
             str(reduced_dir),
             "--smoke",
             "--only",
-            "replay,ewc_replay",
+            "replay,ewc_replay,distill",
             "--keep-runs",
             "--out",
             str(tmp_path),
@@ -48,7 +48,11 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     assert report["profile"] == "real" and (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
     answers = report["probe"]["answers"]
     assert len(answers) == 3 and all(a["answer"].strip() for a in answers), answers  # the base's own words
-    assert "target:" in proc.stdout and "| setting | α | general loss | chat loss | KL from base" in proc.stdout
+    assert "target:" in proc.stdout
+    assert "| setting | α | general loss | chat loss (greedy) | chat loss (sampled) | KL from base" in proc.stdout
+    # the base's answers sampled at temperature 1 are scored too; the rehearsal was checked disjoint from the probe
+    assert report["probe"]["tokens"]["chat_sampled"] > 0 and report["base"]["chat_sampled"] > 0
+    assert report["rehearsal"]["disjoint_from_probe"]["probe_prompts"] == 3
 
     points = {(p["setting"], p["alpha"]): p for p in report["points"]}
     groups = [p for p in report["points"] if p["method"] == "interpolation per group: none"]
@@ -65,6 +69,10 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     log = (tmp_path / "logs" / "ewc_replay_chat_lam1_0.25_sampled.log").read_text()
     assert "EWC: Fisher from 1 reference batches (sampled labels)" in log
     assert ("ewc_replay chat λ=1 0.25 sampled", "1") in points
+    # distillation toward the start on the same chats: the teacher's top-k computed once, the penalty logged
+    log = (tmp_path / "logs" / "distill_lam1.log").read_text()
+    assert "regularizer.distill: the teacher's top-32 of" in log and report["rehearsal"]["path"] in log
+    assert ("distill λ=1", "1") in points
     assert len(groups) == 6  # {0.5, 1}^3 minus the two uniform corners
     ref = points[("none", "1")]
     assert ref["removed_by"]["kl"] == pytest.approx(0.0) and ref["kept"] in (None, pytest.approx(1.0))

@@ -92,7 +92,8 @@ def answers(
     seed: int = 0,
 ) -> Iterator[Answer]:
     """The model's answer to each prompt, rendered through the tokenizer's chat template as training
-    renders a user turn (greedy with temperature 0, else sampled; seeded)."""
+    renders a user turn (greedy with temperature 0, else sampled from the whole distribution at that
+    temperature; seeded)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(
             "the tokenizer has no chat template: rehearsal answers are chat turns; use a chat model "
@@ -107,7 +108,13 @@ def answers(
     try:
         for prompt in prompts:
             ids = _chat_ids(tokenizer, prompt, system_prompt)
-            sample = dict(do_sample=True, temperature=temperature) if temperature > 0 else dict(do_sample=False)
+            # sampled: from the model's own distribution at `temperature`, not cut to a top-k or top-p
+            # (a generation_config may set either; the sampled answers then estimate KL without bias)
+            sample = (
+                dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+                if temperature > 0
+                else dict(do_sample=False)
+            )
             out = model.generate(
                 input_ids=torch.tensor([ids], device=device),
                 attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),

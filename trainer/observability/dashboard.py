@@ -2,7 +2,7 @@
 `wandb sync`). The trainer draws output_dir/dashboard.png at the end of every run; `launch/plot.py
 OUTPUT_DIR` draws it for any run, finished or not.
 
-Panels, 3 x 3 in reading order (PANELS): training loss (per source, EWC penalty), eval loss per
+Panels, 3 x 3 in reading order (PANELS): training loss (per source, the regularisers' penalties), eval loss per
 set, Δ eval loss (each set's eval loss minus its first value: a general set's rise is forgetting, a
 domain set's fall is gain; and eval/forgetting; see delta_labels), learning rate,
 gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown; a
@@ -107,7 +107,7 @@ def figure(rows: List[Dict], title: str = ""):
         return drawn
 
     draw("loss", ["train/loss"] + keys_like(rows, r"train/.+/loss"))
-    draw("loss", ["reg/ewc_penalty"], linestyle="--")
+    draw("loss", keys_like(rows, r"reg/.+_penalty"), linestyle="--")  # EWC, distillation
     draw("eval loss", keys_like(rows, r"eval/[^/]+/loss"))
     delta_title, delta_label = delta_labels(rows)
     draw("Δ eval loss", keys_like(rows, r"eval/[^/]+/loss"), label=delta_label.get, offset_first=True)
