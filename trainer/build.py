@@ -115,6 +115,10 @@ def build(cfg: Config) -> Run:
     from trainer.distributed.ops import import_muon_uncompiled
 
     import_muon_uncompiled()  # 2.2 s a rank of torch.compile for an optimizer never used
+    precision = "bf16" if ds_config["bf16"]["enabled"] else "fp32"
+    teacher = None
+    if distilling and cfg.regularizer.distill.teacher:  # another model: its own pass, freed before the student
+        teacher = distill.attach_other_teacher(cfg, tokenizer, hf_config, ds_config, data.distill, precision, dist)
     model = build_model(cfg.model, hf_config, t, ds_config, tokenizer)
     if cfg.regularizer.freeze.enabled:  # before the optimizer: it holds state for trainable tensors only
         freezing.freeze(model, cfg.regularizer.freeze.first_blocks, cfg.regularizer.freeze.embeddings)
@@ -125,7 +129,7 @@ def build(cfg: Config) -> Run:
     # What the stage minimises; a preference loss's reference log-probs are computed by the starting
     # weights now, once, before a resume replaces them.
     objective = build_objective(cfg.stage)
-    start = reference.start_key(cfg.model, t.seed, "bf16" if bf16 else "fp32", tokenizer)
+    start = reference.start_key(cfg.model, t.seed, precision, tokenizer)
     if objective.needs_reference:
         named = {**dict(zip(data.names, data.sources)), **{f"eval/{n}": s for n, s in data.eval_sets.items()}}
         reference.attach(
@@ -139,9 +143,8 @@ def build(cfg: Config) -> Run:
             writer=dist.local_rank == 0,
         )
 
-    # regularizer.distill's teacher is the stage's start too: its top-k, computed now, once.
-    teacher = None
-    if distilling:
+    # regularizer.distill's teacher is by default the stage's start too: its top-k, computed now, once.
+    if distilling and teacher is None:
         teacher = distill.attach(
             engine,
             data.distill,

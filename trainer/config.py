@@ -294,9 +294,9 @@ class InterpolationConfig:
 class DistillConfig:
     weight: float = 0.0
     """λ of the added term λ·KL_k(teacher ‖ model), averaged over the distillation tokens of the step
-    across ranks (trainer/forgetting/distill.py). The teacher is the stage's start; its top-k
-    next-token distributions are computed once before the first step and stored with the prepared
-    data. 0 = off."""
+    across ranks (trainer/forgetting/distill.py). The teacher (`teacher`: the stage's start by
+    default) has its top-k next-token distributions computed once before the first step and stored
+    with the prepared data. 0 = off."""
     data: Optional[str] = None
     """The sequences distilled on (what must not be forgotten, e.g. the base's own chat answers or
     general text): a file, directory or saved dataset. None = regularizer.replay.path, prepared as
@@ -309,7 +309,12 @@ class DistillConfig:
     whose rows and tokens stay as they are (replay, by contrast, takes its share of them)."""
     top_k: int = 32
     """Teacher tokens stored per position; the rest of its mass is one residual class (the KL's
-    bias is stated in trainer/objectives/distill.py). Storage: rows x seq_len x top_k x 12 bytes."""
+    bias is stated in trainer/objectives/distill.py). Storage: rows x seq_len x top_k x 8 bytes."""
+    teacher: Optional[str] = None
+    """None = the stage's start. A Hugging Face model directory = that model, e.g. a larger one of the
+    same family (plain knowledge distillation): its top-k are computed in a pass of their own before
+    the student is built, and it is freed before training. Its vocabulary must be the student's
+    (token for token), or the run stops before any model is built."""
 
     @property
     def enabled(self) -> bool:

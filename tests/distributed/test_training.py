@@ -389,22 +389,66 @@ def test_freezing_distillation_and_lines_on_zero3_resume_exactly_and_match_direc
     assert held == trainable, (held, trainable)
 
 
-def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, weight: float) -> None:
-    """The stored teacher against the start's full logits; the logged penalty of step 3 against the
-    KL_k from full logits with the weights of the checkpoint of step 2, on the rows of step 3."""
-    import re
-    from types import SimpleNamespace
+def test_distillation_from_another_teacher_builds_it_alone_first(straight_run, tmp_path):
+    """regularizer.distill.teacher=<the reference run's export> for a random-init student (one rank):
+    the teacher gets an engine of its own before the student is built; its stored top-k are its
+    full-logits top-k."""
+    teacher = straight_run[0] / "hf"
+    proc = run_train(
+        "python",
+        ONE_RANK
+        + [
+            "regularizer.distill.weight=1",
+            "regularizer.distill.data=${bundled:general_text_heldout.txt}",  # not the other test's: computed here
+            "regularizer.distill.objective=pretrain",
+            f"regularizer.distill.teacher={teacher}",
+            f"output_dir={tmp_path / 'kd'}",
+        ],
+        nproc=1,
+    )
+    check(proc)
+    text = proc.stdout + proc.stderr
+    assert text.index(f"building the teacher {teacher}") < text.index("parameters | world 1")
+    _check_teacher_arrays(text, teacher)
+    assert all(v > 0 for v in series(read_metrics(tmp_path / "kd"), "reg/distill_penalty").values())
 
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+def _check_teacher_arrays(log_text: str, teacher: Path):
+    """The stored top-k (named by the run's log) against `teacher`'s full logits on the first rows."""
+    import re
+
     from transformers import AutoModelForCausalLM
 
     from data_pipeline.prepare import Prepared
-    from trainer.forgetting.distill import DistillSource
 
     where = Path(re.search(r"top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
     src = Prepared(where.parent.parent)
     ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
-    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    rows = src.rows(list(range(4)))
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(rows["input_ids"]),
+            position_ids=torch.from_numpy(rows["position_ids"]),
+            use_cache=False,  # no cache: the position ids then keep packed documents apart
+        ).logits[:, :-1]
+    logp_all, mask = torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:] != -100)
+    stored_ids, stored = torch.from_numpy(ids[:4]).long(), torch.from_numpy(logq[:4]).double()
+    assert torch.allclose(stored[mask], torch.topk(logp_all, 32, dim=-1).values[mask], atol=1e-5)  # the k largest
+    assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)  # of these tokens
+    return where, src, ids, logq, model
+
+
+def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, weight: float) -> None:
+    """The stored teacher against the start's full logits; the logged penalty of step 3 against the
+    KL_k from full logits with the weights of the checkpoint of step 2, on the rows of step 3."""
+    from types import SimpleNamespace
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from trainer.forgetting.distill import DistillSource
+
+    where, src, ids, logq, model = _check_teacher_arrays(log_text, start)
 
     def forward(idx):
         rows = src.rows(idx)
@@ -412,15 +456,10 @@ def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, we
             logits = model(
                 input_ids=torch.from_numpy(rows["input_ids"]),
                 position_ids=torch.from_numpy(rows["position_ids"]),
-                use_cache=False,  # no cache: the position ids then keep packed documents apart
+                use_cache=False,
             ).logits[:, :-1]
         return torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:] != -100)
 
-    logp_all, mask = forward(list(range(4)))
-    top = torch.topk(logp_all, 32, dim=-1)
-    stored_ids, stored = torch.from_numpy(ids[:4]).long(), torch.from_numpy(logq[:4]).double()
-    assert torch.allclose(stored[mask], top.values[mask], atol=1e-5)  # the k largest log-probs, in order
-    assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)  # of these tokens
     assert abs(penalty[1]) < 1e-6, penalty  # step 1: the model is its teacher
 
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000002"))

@@ -9,9 +9,12 @@ the residual mass, trainer/objectives/distill.py), not one sampled or greedy tok
 the forward KL to the base (Shenfeld et al. 2025), and KL to the base on its own samples beat replay
 in Bansal & Sanghavi 2025.
 
-The teacher is the stage's start. Its top-k distributions are computed once, before the first step,
-by the engine just built (before a resume replaces its weights), rows spread over the ranks as in an
-evaluation, and stored with the prepared distill data under a key of the starting weights:
+The teacher is the stage's start, or a model directory (`regularizer.distill.teacher`, e.g. a larger
+model of the same family: plain knowledge distillation). Its top-k distributions are computed once,
+before the first step, rows spread over the ranks as in an evaluation: for the stage's start by the
+engine just built (before a resume replaces its weights); for another teacher by a ZeRO-3 engine of
+its own, built, used and freed before the student is built (never two models in memory). They are
+stored with the prepared distill data under a key of the teacher's weights:
 
     <prepared source>/distill/<start key>-top<k>/{ids.npy int32, logp.npy float32}   [rows, seq - 1, k]
 
@@ -22,6 +25,7 @@ exactly the rows and teacher targets the straight run would have used.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -62,7 +66,7 @@ def attach(
     distributed.all_reduce_sum(missing)
     if not missing.item():
         ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
-        log.info("regularizer.distill: the teacher's top-%d of %d rows reused (start %s)", k, len(ids), key)
+        log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", k, len(ids), key)
         return ids, logp
     started = time.time()
     ids, logp = _score(engine, src, k, micro_batch_size, rank, world_size, device)
@@ -75,7 +79,7 @@ def attach(
         shutil.rmtree(where, ignore_errors=True)
         os.replace(tmp, where)  # atomic: a reader sees both arrays or none
     log.info(
-        "regularizer.distill: the teacher's top-%d of %d rows computed once in %.1f s (start %s, %.1f MB) -> %s",
+        "regularizer.distill: the teacher's top-%d of %d rows computed once in %.1f s (teacher %s, %.1f MB) -> %s",
         k,
         len(ids),
         time.time() - started,
@@ -109,6 +113,78 @@ def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, worl
     distributed.all_reduce_sum(ids)
     distributed.all_reduce_sum(logp)
     return ids.numpy(), logp.numpy()
+
+
+def check_teacher(teacher_dir: str, tokenizer, hf_config) -> None:
+    """Another teacher must predict over the student's vocabulary, token for token: the same
+    vocabulary size and the same token -> id map. Raises, naming what differs and what to do."""
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    key = "regularizer.distill.teacher"
+    if not (Path(teacher_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"{key}={teacher_dir!r} is not a local Hugging Face model directory (no config.json)")
+    theirs = AutoConfig.from_pretrained(teacher_dir).vocab_size
+    if theirs != hf_config.vocab_size:
+        raise ValueError(
+            f"{key}={teacher_dir!r} predicts over {theirs} tokens and the model trained here over "
+            f"{hf_config.vocab_size}: distillation needs one vocabulary; use a teacher of the same family "
+            "(the same tokenizer), or regularizer.distill.teacher=null (the stage's start)"
+        )
+    vocab = AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    ours = tokenizer.get_vocab()
+    if vocab != ours:
+        differ = sorted(set(vocab.items()) ^ set(ours.items()))[:3]
+        raise ValueError(
+            f"{key}={teacher_dir!r}: its tokenizer maps tokens to other ids than the model trained here "
+            f"(e.g. {differ}); distillation compares next-token distributions id by id: use a teacher with "
+            "the same tokenizer"
+        )
+
+
+def attach_other_teacher(cfg, tokenizer, hf_config, ds_config, src: Prepared, precision: str, dist) -> Tuple:
+    """The top-k of regularizer.distill.teacher on `src`, computed (or reused) before the student is
+    built: a ZeRO-3 engine of the teacher alone, freed afterwards. Collective."""
+    import dataclasses
+
+    import deepspeed
+
+    from trainer.engine.model import build_model, model_config
+    from trainer.objectives import reference
+
+    d = cfg.regularizer.distill
+    check_teacher(d.teacher, tokenizer, hf_config)
+    teacher_cfg = dataclasses.replace(cfg.model, name_or_path=d.teacher, tokenizer_path=None, stage_overrides={})
+    key = reference.start_key(teacher_cfg, cfg.trainer.seed, precision, tokenizer)
+    where = teacher_dir(src, key, d.top_k)
+    missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
+    distributed.all_reduce_sum(missing)
+    if not missing.item():  # computed by an earlier start: no teacher to build
+        ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
+        log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", d.top_k, len(ids), key)
+        return ids, logp
+    log.info("regularizer.distill: building the teacher %s for its top-%d (freed before training)", d.teacher, d.top_k)
+    teacher_hf = model_config(teacher_cfg, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
+    model = build_model(teacher_cfg, teacher_hf, cfg.trainer, ds_config, tokenizer)
+    model.requires_grad_(False)
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    try:
+        return attach(
+            engine,
+            src,
+            key,
+            d.top_k,
+            cfg.eval.micro_batch_size,
+            dist.rank,
+            dist.world_size,
+            engine.device,
+            writer=dist.local_rank == 0,
+        )
+    finally:
+        engine.destroy()
+        del engine, model
+        gc.collect()
 
 
 class DistillSource:

@@ -59,3 +59,35 @@ def test_the_rows_cover_every_row_once_an_epoch_split_over_ranks_and_replay_exac
     batch = ranks[1].batch(3)
     assert batch["teacher_ids"].shape == (2, 5, 3) and batch["teacher_ids"].dtype == torch.int64
     assert float(batch["distill_weight"]) == 0.5 and batch["row"].tolist() == ranks[1].indices(3)
+
+
+def _word_tokenizer(order):
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(WordLevel({w: i for i, w in enumerate(order)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_another_teacher_must_share_the_vocabulary_token_for_token(tmp_path):
+    from transformers import LlamaConfig
+
+    from trainer.forgetting.distill import check_teacher
+
+    ours, config = _word_tokenizer(["a", "b", "[UNK]"]), LlamaConfig(vocab_size=3)
+
+    def teacher(name, order, vocab):
+        LlamaConfig(vocab_size=vocab).save_pretrained(tmp_path / name)
+        _word_tokenizer(order).save_pretrained(tmp_path / name)
+        return str(tmp_path / name)
+
+    check_teacher(teacher("same", ["a", "b", "[UNK]"], 3), ours, config)  # a teacher of the same family
+    with pytest.raises(ValueError, match=r"predicts over 5 tokens and the model trained here over 3"):
+        check_teacher(teacher("bigger", ["a", "b", "[UNK]"], 5), ours, config)
+    with pytest.raises(ValueError, match=r"maps tokens to other ids .*\('a', 0\)"):
+        check_teacher(teacher("shuffled", ["b", "a", "[UNK]"], 3), ours, config)
+    with pytest.raises(FileNotFoundError, match="regularizer.distill.teacher='/nowhere' is not a local"):
+        check_teacher("/nowhere", ours, config)
