@@ -85,11 +85,13 @@ def heartbeat(path: Path, every_s: float) -> Iterator[None]:
     every `every_s` seconds, so processes that wait on this one (`HeartbeatWatch`) can tell a long
     call that cannot report progress (a library's conversion) from a dead process."""
     stop = threading.Event()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
     def beat() -> None:
         while not stop.is_set():
             with contextlib.suppress(OSError):  # a full or flaky disk must not kill the work it watches
-                path.write_text(str(time.time()))
+                tmp.write_text(str(time.time()))
+                os.replace(tmp, path)  # atomic: a reader sees the previous beat or this one, never half of one
             stop.wait(every_s)
 
     thread = threading.Thread(target=beat, name=f"heartbeat {path.name}", daemon=True)
@@ -103,7 +105,7 @@ def heartbeat(path: Path, every_s: float) -> Iterator[None]:
 
 def last_beat(path: Path) -> Optional[float]:
     """The wall-clock time a `heartbeat` last wrote into `path`, or None when it has written none
-    (no file yet, or caught between truncating and writing it)."""
+    (no file yet, or an unreadable one)."""
     try:
         return float(path.read_text())
     except (OSError, ValueError):
