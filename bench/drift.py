@@ -214,14 +214,11 @@ def build_probe(
 def kl_topk(base_index: torch.Tensor, base_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """KL(p || q) per position with p known only on its top-k (`base_index`, `base_logp`) and the rest
     of both distributions merged into one bucket: sum_i p_i (log p_i - log q_i) + p_rest (log p_rest -
-    log q_rest). `logq`: [n, vocab] log-probs of the tuned model. A lower bound of the full KL."""
-    lq = logq.gather(1, base_index.long())
-    p = base_logp.exp()
-    head = (p * (base_logp - lq)).sum(-1)
-    p_rest = (1 - p.sum(-1)).clamp(min=0)
-    q_rest = (1 - lq.exp().sum(-1)).clamp(min=1e-30)
-    tail = torch.where(p_rest > 0, p_rest * (p_rest.clamp(min=1e-30).log() - q_rest.log()), torch.zeros_like(p_rest))
-    return head + tail
+    log q_rest). `logq`: [n, vocab] log-probs of the tuned model. A lower bound of the full KL: the
+    trainer's own KL_k (trainer/objectives/distill.py, what regularizer.distill minimises)."""
+    from trainer.objectives.distill import topk_kl
+
+    return topk_kl(logq, base_index, base_logp)
 
 
 @torch.no_grad()

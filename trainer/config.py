@@ -332,8 +332,8 @@ class DistillConfig:
 class FreezeConfig:
     first_blocks: int = 0
     """Freeze transformer blocks 0..first_blocks-1 for the stage (trainer/forgetting/freezing.py): they
-    keep the stage's start, get no gradient and hold no optimizer state (12 bytes a parameter less
-    under ZeRO-3). In an untied model the token embeddings below them are frozen too. 0 = off."""
+    keep the stage's start, get no gradient and hold no optimizer state (16 bytes a parameter less
+    under ZeRO-3, over the ranks). In an untied model the token embeddings below them are frozen too. 0 = off."""
     embeddings: Optional[bool] = None
     """Freeze the token embeddings: None = with first_blocks > 0, when the LM head is untied (in a tied
     model the embedding is also the LM head, so it stays trainable); true/false = as said."""

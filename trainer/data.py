@@ -82,16 +82,12 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
         )
     distill = None
     if reg.distill.enabled:
-        own = reg.distill.data is not None  # else the replay data, prepared as replay prepares it
-        replay_objective = reg.distill.objective or reg.replay.objective or token
-        distill = prepare(
-            reg.distill.data if own else reg.replay.path,
-            tokenizer,
-            options(cfg, "auto", reg.distill.objective or token)
-            if own
-            else options(cfg, reg.replay.format, replay_objective),
-            **kw,
-        )
+        if reg.distill.data is not None:
+            path, opts = reg.distill.data, options(cfg, "auto", reg.distill.objective or token)
+        else:  # the replay data, prepared as replay prepares it
+            objective = reg.distill.objective or reg.replay.objective or token
+            path, opts = reg.replay.path, options(cfg, reg.replay.format, objective)
+        distill = prepare(path, tokenizer, opts, **kw)
     for (name, path, _, weight, _), src in zip(specs, sources):
         log.info(
             "source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s",

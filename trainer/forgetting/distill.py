@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -45,6 +45,17 @@ log = logging.getLogger("trainer")
 
 def teacher_dir(src: Prepared, key: str, k: int) -> Path:
     return src.directory / "distill" / f"{key}-top{k}"
+
+
+def _stored(where: Path, key: str, k: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+    """The stored top-k (memory-mapped) when every rank sees them, else None. Collective."""
+    missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
+    distributed.all_reduce_sum(missing)
+    if missing.item():
+        return None
+    ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
+    log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", k, len(ids), key)
+    return ids, logp
 
 
 def attach(
@@ -62,12 +73,9 @@ def attach(
     else computed now by all ranks with the engine's current weights and written by the `writer`s
     (one process per node). Collective."""
     where = teacher_dir(src, key, k)
-    missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
-    distributed.all_reduce_sum(missing)
-    if not missing.item():
-        ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
-        log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", k, len(ids), key)
-        return ids, logp
+    stored = _stored(where, key, k)
+    if stored is not None:
+        return stored
     started = time.time()
     ids, logp = _score(engine, src, k, micro_batch_size, rank, world_size, device)
     if writer:
@@ -118,8 +126,6 @@ def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, worl
 def check_teacher(teacher_dir: str, tokenizer, hf_config) -> None:
     """Another teacher must predict over the student's vocabulary, token for token: the same
     vocabulary size and the same token -> id map. Raises, naming what differs and what to do."""
-    from pathlib import Path
-
     from transformers import AutoConfig, AutoTokenizer
 
     key = "regularizer.distill.teacher"
@@ -157,13 +163,9 @@ def attach_other_teacher(cfg, tokenizer, hf_config, ds_config, src: Prepared, pr
     check_teacher(d.teacher, tokenizer, hf_config)
     teacher_cfg = dataclasses.replace(cfg.model, name_or_path=d.teacher, tokenizer_path=None, stage_overrides={})
     key = reference.start_key(teacher_cfg, cfg.trainer.seed, precision, tokenizer)
-    where = teacher_dir(src, key, d.top_k)
-    missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
-    distributed.all_reduce_sum(missing)
-    if not missing.item():  # computed by an earlier start: no teacher to build
-        ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
-        log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", d.top_k, len(ids), key)
-        return ids, logp
+    stored = _stored(teacher_dir(src, key, d.top_k), key, d.top_k)
+    if stored is not None:  # computed by an earlier start: no teacher to build
+        return stored
     log.info("regularizer.distill: building the teacher %s for its top-%d (freed before training)", d.teacher, d.top_k)
     teacher_hf = model_config(teacher_cfg, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
     model = build_model(teacher_cfg, teacher_hf, cfg.trainer, ds_config, tokenizer)

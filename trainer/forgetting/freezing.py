@@ -3,8 +3,9 @@
 The first transformer blocks hold the most general features; fine-tuning moves them least usefully
 and forgets through them (Zheng et al., ICLR 2025, "spurious forgetting": with the bottom blocks of
 Llama-3-8B frozen, general scores held while the task gain stayed). A frozen parameter keeps θ0 for
-the whole stage, gets no gradient, and holds no optimizer state: under ZeRO-3 the fp32 master copy and
-Adam's two moments (12 bytes a parameter, partitioned over ranks) exist only for the trainable ones.
+the whole stage, gets no gradient, and holds no optimizer state: under ZeRO-3 the fp32 master copy,
+Adam's two moments and the gradient partition (16 bytes a parameter, partitioned over ranks) exist
+only for the trainable ones.
 
 What is frozen with `first_blocks=k`: blocks 0..k-1, and the token embeddings when the model's LM
 head is untied (they sit below block 0). In a tied model the embedding is also the LM head, the top

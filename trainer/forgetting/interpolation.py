@@ -126,14 +126,17 @@ def block_of(name: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
+def _is_top(name: str) -> bool:
+    return any(name == t or name.endswith("." + t) for t in _TOP)
+
+
 def group_of(name: str, num_layers: int) -> str:
     """The depth group of parameter `name` in a model of `num_layers` transformer blocks (HF names:
     `model.layers.7.mlp...`, `model.embed_tokens.weight`, `model.norm.weight`, `lm_head.weight`)."""
-    m = _LAYER.search(name)
-    if m:
-        i = int(m.group(1))
-        return GROUPS[min(3 * i // max(num_layers, 1), 2)]
-    if any(name == t or name.endswith("." + t) for t in _TOP):
+    block = block_of(name)
+    if block is not None:
+        return GROUPS[min(3 * block // max(num_layers, 1), 2)]
+    if _is_top(name):
         return "top"
     return "bottom"  # embeddings and anything before the first block
 
@@ -141,10 +144,10 @@ def group_of(name: str, num_layers: int) -> str:
 def depth_of(name: str, num_layers: int) -> float:
     """Relative depth in [0, 1] of parameter `name`: block ℓ of L is ℓ/(L−1); the embeddings (and a
     tied head, which is the embedding) 0; the final norm and an untied head 1."""
-    m = _LAYER.search(name)
-    if m:
-        return int(m.group(1)) / max(num_layers - 1, 1)
-    return 1.0 if any(name == t or name.endswith("." + t) for t in _TOP) else 0.0
+    block = block_of(name)
+    if block is not None:
+        return block / max(num_layers - 1, 1)
+    return 1.0 if _is_top(name) else 0.0
 
 
 def alpha_of(alpha: Alpha, name: str, num_layers: int) -> float:

@@ -128,17 +128,24 @@ def sparse_kl(
     return out.view(mask.shape)
 
 
-def sparse_kl_from_logits(logits: torch.Tensor, ids: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor):
-    """The same KL_k from full logits [batch, seq, V] (models whose head is not chunked; the tests'
-    reference): plain autograd through log_softmax."""
-    logp_all = torch.log_softmax(logits.float(), dim=-1)
-    logp = logp_all.gather(-1, ids.to(logits.device))
+def topk_kl(logp_all: torch.Tensor, ids: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL_k(teacher ‖ student) per position from the student's full log-probs [..., V] and the teacher's
+    top-k ids and log-probs [..., k]: the reference computation on full logits (models whose head is
+    not chunked, bench/drift.py's KL from the base, the tests), plain autograd."""
+    logp = logp_all.gather(-1, ids.long().to(logp_all.device))
+    logq = logq.to(logp_all.device).float()
     p_r = (1.0 - logp.exp().sum(-1)).clamp_min(0.0)
-    q = logq.to(logits.device).float().exp()
+    q = logq.exp()
     q_r = (1.0 - q.sum(-1)).clamp_min(0.0)
-    top = (q * (logq.to(logits.device).float() - logp)).sum(-1)
+    top = (q * (logq - logp)).sum(-1)
     rest = torch.where(q_r > 0, q_r * (torch.log(q_r.clamp_min(1e-38)) - torch.log(p_r.clamp_min(1e-38))), 0.0)
-    return torch.where(mask.to(logits.device), top + rest, torch.zeros_like(top))
+    return top + rest
+
+
+def sparse_kl_from_logits(logits: torch.Tensor, ids: torch.Tensor, logq: torch.Tensor, mask: torch.Tensor):
+    """sparse_kl from full logits [batch, seq, V] (0 where `mask` is false)."""
+    kl = topk_kl(torch.log_softmax(logits.float(), dim=-1), ids, logq)
+    return torch.where(mask.to(logits.device), kl, torch.zeros_like(kl))
 
 
 @torch.no_grad()
