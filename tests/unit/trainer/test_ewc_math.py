@@ -33,7 +33,8 @@ def test_the_fused_step_math_equals_the_reference_functions():
     value, grad = ewc_math.penalty_and_grad(theta, anchor, fisher, lam)
     assert grad.dtype == torch.float32 and torch.equal(grad, (lam * fisher) * (theta - anchor))
     reference = float(ewc_math.penalty(theta, anchor, fisher, lam))
-    assert abs(float(value) - reference) <= 1e-5 * reference
+    # a float32 sum of 1M terms: 1.1e-5 relative on one thread, less on two (the split changes the order)
+    assert abs(float(value) - reference) <= 1e-4 * reference
 
 
 def test_fisher_is_the_mean_squared_gradient_and_sharding_changes_nothing():
