@@ -9,6 +9,7 @@ Which components a stage has, and in which order the loop calls them:
     EWC           regularizer=ewc*: Fisher at the start; its gradient at each optimizer step
     LogWindow     one line every trainer.cadence.log_every_steps steps
     Evaluation    held-out sets at step 0, every trainer.cadence.eval_every_steps, and the last step
+    Harness       eval.harness's lm-eval tasks at step 0, every eval.harness.every_steps, the last step
     Checkpointer  at trainer.cadence.save_every_steps, the last step, and an early stop
     Interpolation regularizer.interpolation: θ0 + α(θ − θ0) chosen after the last step
     Export        output_dir/hf after the last step
@@ -101,6 +102,15 @@ def build(cfg: Config) -> Run:
     # Everything that can be checked without data or weights fails here, in seconds.
     hf_config = model_config(cfg.model, tokenizer, cfg.data.seq_len, packed=cfg.data.packing)
     interpolation.check(cfg, baseline_expected=cfg.eval.at_start)
+    tasks = None
+    if cfg.eval.harness.enabled:  # lm-eval is imported only when asked for (seconds of imports)
+        from trainer import harness
+
+        tasks = harness.task_manager(
+            cfg.eval.harness.include_path, [*cfg.eval.harness.tasks, *cfg.eval.harness.chat_tasks]
+        )
+        harness.check_tasks(cfg.eval.harness.tasks, tasks)
+        harness.check_tasks(cfg.eval.harness.chat_tasks, tasks, chat=True, tokenizer=tokenizer)
     distilling = cfg.regularizer.distill.enabled
     ds_config = build_deepspeed_config(
         cfg.deepspeed, t, dist.world_size, dist.on_gpu, extra_micro_batches=int(distilling)
@@ -251,11 +261,18 @@ def build(cfg: Config) -> Run:
         evaluation,
         checkpointer,
     ]
+    if tasks is not None:
+        h = cfg.eval.harness
+        lm = harness.EngineLM(
+            engine, tokenizer, engine.device, h.max_length, cfg.eval.micro_batch_size, h.gen_batch_size
+        )
+        components.insert(-1, harness.HarnessEvaluation(lm, h, tasks, cfg.output_dir, cfg.eval.at_start, dist.is_main))
+    interp = None
     if t.export_hf:
-        interp = None
         if cfg.regularizer.interpolation.enabled:
             interp = interpolation.Interpolation(engine, cfg, evaluation.scores, dist.rank)
             components.append(interp)
+    if t.export_hf:
         components.append(Export(engine, tokenizer, cfg.output_dir, dist.rank, interpolation=interp))
     components.append(Summary(cfg.output_dir, cfg.logger.dashboard, enabled=dist.is_main))
     log.info(

@@ -435,6 +435,52 @@ class LoggerConfig:
 
 
 @dataclass
+class HarnessConfig:
+    tasks: List[str] = field(default_factory=list)
+    """lm-eval-harness tasks run on plain prompts (trainer/harness.py), logged as
+    eval/harness/<task>/<metric>: the bundled ones (trainer/harness_tasks/: fullft_general, fullft_computing,
+    fullft_medical), lm-eval's own by name, or a user's from include_path. Empty = off."""
+    chat_tasks: List[str] = field(default_factory=list)
+    """Tasks run through the tokenizer's chat template (lm_eval --apply_chat_template), e.g. the bundled
+    instruction-following probe fullft_ifeval."""
+    include_path: List[str] = field(default_factory=list)
+    """Directories of the user's own lm-eval task YAML files (lm_eval --include_path); trainer/harness_tasks/
+    is always on it."""
+    every_steps: int = 0
+    """Also run the tasks every N steps; 0 = only at the stage's start (with eval.at_start) and end."""
+    limit: Optional[int] = None
+    """At most this many items per task (lm_eval --limit); None = all."""
+    num_fewshot: Optional[int] = None
+    """Few-shot examples per item (lm_eval --num_fewshot); None = each task's own setting."""
+    max_length: int = 2048
+    """Tokens per scoring row: loglikelihood requests are packed into rows this long, a longer request
+    is cut from the left (counted in the log), and prompt plus generation must fit in it."""
+    gen_batch_size: int = 16
+    """Prompts per rank per generate call (generate_until tasks)."""
+    bootstrap_iters: int = 1000
+    """lm-eval's bootstrap resamples for the standard errors of non-mean metrics (0 = none)."""
+    seed: int = 1234
+    """lm-eval's seeds (few-shot sampling, sampled generation): fixed, so evaluations compare."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tasks or self.chat_tasks)
+
+    def __post_init__(self) -> None:
+        if (
+            self.every_steps < 0
+            or self.max_length < 2
+            or self.gen_batch_size < 1
+            or (self.limit is not None and self.limit < 1)
+        ):
+            raise ValueError(
+                f"eval.harness: every_steps >= 0, max_length >= 2, gen_batch_size >= 1 and limit >= 1 (or null) "
+                f"are required (every_steps={self.every_steps}, max_length={self.max_length}, "
+                f"gen_batch_size={self.gen_batch_size}, limit={self.limit})"
+            )
+
+
+@dataclass
 class EvalConfig:
     sets: Dict[str, str] = field(default_factory=dict)
     """Held-out sets, name -> path (`+eval.sets.general=PATH`); each is reported as eval/<name>/loss."""
@@ -450,6 +496,8 @@ class EvalConfig:
     output_dir/samples.jsonl and a W&B table; empty = no samples. Every rank generates (ZeRO-3)."""
     sample_max_new_tokens: int = 32
     """New tokens per sample; generation costs one collective forward per token."""
+    harness: HarnessConfig = field(default_factory=HarnessConfig)
+    """Task-level evaluation with lm-eval-harness (trainer/harness.py)."""
 
 
 @dataclass

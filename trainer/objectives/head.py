@@ -104,6 +104,9 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(mask.numel(), 2 * k, dtype=torch.float32, device=hidden.device)
         out[where] = torch.cat([ids.float(), logp], dim=1)
         return out.view(*mask.shape, 2 * k)
+    if request[0] == "loglik":  # [batch, seq, 2]: log p(target) and whether the target is the argmax
+        _, targets = request
+        return target_logprobs(hidden, self.weight, targets, self._loss_chunk or None)
     if request[0] == "kl":
         _, ids, logq, mask = request
         return sparse_kl(hidden, self.weight, ids, logq, mask, self._loss_chunk or None, gather=_gathered)
@@ -113,6 +116,26 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     return token_nll(
         hidden, self.weight, targets, max(chunk, 1), gather=_gathered, uniform=uniform, kernel=self._loss_kernel
     )
+
+
+def target_logprobs(
+    hidden: torch.Tensor, weight: Optional[torch.Tensor], targets: torch.Tensor, chunk: Optional[int] = None
+) -> torch.Tensor:
+    """[*targets.shape, 2]: log softmax(hidden @ weight^T) at each target and 1.0 where the target is
+    the argmax (greedy), both 0 where the target is IGNORE; fp32, one chunk of logits at a time.
+    weight None: `hidden` are the logits already."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    where = (targets.reshape(-1) != IGNORE).nonzero().squeeze(1)
+    out = torch.zeros(targets.numel(), 2, dtype=torch.float32, device=hidden.device)
+    chunk = chunk or auto_chunk(len(where), flat.shape[-1] if weight is None else weight.shape[0])
+    for s in range(0, len(where), chunk):
+        at = where[s : s + chunk]
+        z = flat.index_select(0, at)
+        z = (z if weight is None else F.linear(z, weight)).float()
+        tgt = targets.reshape(-1)[at].unsqueeze(1)
+        logp = z.gather(1, tgt) - torch.logsumexp(z, dim=-1, keepdim=True)
+        out[at] = torch.cat([logp, (z.argmax(-1, keepdim=True) == tgt).float()], dim=1)
+    return out.view(*targets.shape, 2)
 
 
 def _gathered(weight: torch.nn.Parameter):
@@ -178,6 +201,19 @@ def teacher_topk(engine, batch: Dict[str, torch.Tensor], device: torch.device, k
         return torch.where(keep, top.indices, 0), torch.where(keep, top.values, 0.0)
     packed = _armed(engine, ("topk", F.pad(mask, (0, 1), value=False).to(device), k), batch, device)[:, :-1]
     return packed[..., :k].round().long(), packed[..., k:].contiguous()
+
+
+@torch.no_grad()
+def continuation_logprobs(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    """[batch, seq - 1, 2]: the log-probability of each supervised next token of `batch` and whether
+    it is the model's greedy choice (0 elsewhere): what lm-eval's loglikelihood requests ask
+    (trainer/harness.py). Chunked through the head when installed, else from the full logits."""
+    targets = batch["labels"][:, 1:].to(device)
+    if not hasattr(engine.module.get_output_embeddings(), "_loss_request"):
+        logits = engine(**_inputs(batch, device)).logits[:, :-1]
+        return target_logprobs(logits.reshape(-1, logits.shape[-1]), None, targets.reshape(-1)).view(*targets.shape, 2)
+    padded = F.pad(targets, (0, 1), value=IGNORE)
+    return _armed(engine, ("loglik", padded), batch, device)[:, :-1]
 
 
 def distill_kl(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:

@@ -6,7 +6,8 @@ Panels, 3 x 3 in reading order (PANELS): training loss (per source, the regulari
 set, Δ eval loss (each set's eval loss minus its first value: a general set's rise is forgetting, a
 domain set's fall is gain; and eval/forgetting; see delta_labels), learning rate,
 gradient norm, throughput (and MFU), peak memory per rank, packing, step-time breakdown; a
-preference stage adds a row (PREFERENCE_PANELS): rewards, reward accuracy, log-probs. A panel
+preference stage adds a row (PREFERENCE_PANELS): rewards, reward accuracy, log-probs; a run with
+eval.harness one more (HARNESS_PANELS): the lm-eval task scores and their change since the start. A panel
 with nothing to show says "no data".
 """
 
@@ -29,6 +30,9 @@ PANELS = (
 )
 PREFERENCE_PANELS = ("rewards", "reward accuracy", "log-probs")
 """A fourth row for preference stages (stage=dpo): TRL's rewards/*, logps/*, train and eval/<set>/."""
+HARNESS_PANELS = ("task scores (lm-eval)", "Δ task scores since the first eval")
+"""A row when eval.harness ran: eval/harness/<task>/<metric> (standard errors left out), and each
+one's change since its first value (the stage's start)."""
 COLUMNS = 3
 Series = Tuple[List[int], List[float]]
 
@@ -88,10 +92,15 @@ def figure(rows: List[Dict], title: str = ""):
     import matplotlib.pyplot as plt
 
     names = PANELS + (PREFERENCE_PANELS if keys_like(rows, r"(eval/[^/]+/)?rewards/.+") else ())
+    tasks = [k for k in keys_like(rows, r"eval/harness/.+") if not k.endswith("_stderr")]
+    names += HARNESS_PANELS if tasks else ()
+    height = -(-len(names) // COLUMNS)
     fig, axes = plt.subplots(
-        len(names) // COLUMNS, COLUMNS, figsize=(15, 11 * len(names) / len(PANELS)), constrained_layout=True
+        height, COLUMNS, figsize=(15, 11 * height * COLUMNS / len(PANELS)), constrained_layout=True
     )
     panels = dict(zip(names, axes.flat))
+    for ax in list(axes.flat)[len(names) :]:  # a row's unused places
+        ax.axis("off")
 
     def draw(panel: str, keys: List[str], label=lambda k: k, offset_first: bool = False, ax=None, **style) -> int:
         ax = ax or panels[panel]
@@ -125,6 +134,10 @@ def figure(rows: List[Dict], title: str = ""):
         draw("rewards", keys_like(rows, r"(eval/[^/]+/)?rewards/(chosen|rejected|margins)"))
         draw("reward accuracy", keys_like(rows, r"(eval/[^/]+/)?rewards/accuracies"))
         draw("log-probs", keys_like(rows, r"(eval/[^/]+/)?logps/(chosen|rejected)"))
+
+    if tasks:
+        draw(HARNESS_PANELS[0], tasks, label=lambda k: k.removeprefix("eval/harness/"))
+        draw(HARNESS_PANELS[1], tasks, label=lambda k: k.removeprefix("eval/harness/"), offset_first=True)
 
     for name, ax in panels.items():
         ax.set_title(delta_title if name == "Δ eval loss" else name)
