@@ -708,6 +708,54 @@ def group_grid(values: Sequence[float]) -> List[Dict[str, float]]:
     return [dict(zip(GROUPS, combo)) for combo in itertools.product(values, repeat=len(GROUPS)) if len(set(combo)) > 1]
 
 
+def task_scores(model, tokenizer, args) -> Dict[str, float]:
+    """lm-eval's numbers for a model in memory (lm-eval's own HF model class: what `lm_eval --model hf`
+    reports), on the bundled tasks (trainer/harness_tasks/): --tasks on plain prompts, --chat-tasks through the
+    chat template; at most --task-limit items a task. Keys: <task>/<metric>."""
+    if not (args.tasks or args.chat_tasks):
+        return {}
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    from trainer.harness import metrics_of, task_manager
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=8, max_length=1024)
+    out: Dict[str, float] = {}
+    for tasks, chat in ((args.tasks, False), (args.chat_tasks, True)):
+        if tasks:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=list(tasks), limit=args.task_limit, apply_chat_template=chat,
+                task_manager=task_manager([], tasks), bootstrap_iters=0, log_samples=False,
+            )  # fmt: skip
+            out.update({k.removeprefix("eval/harness/"): v for k, v in metrics_of(results).items()})
+    return {k: v for k, v in out.items() if not k.endswith("_stderr")}
+
+
+TASK_COLUMNS = (
+    ("general task", "fullft_general/acc_norm", -1),
+    ("domain task", "fullft_computing/acc_norm", 1),
+    ("instruction following", "fullft_ifeval/prompt_level_acc", -1),
+)
+"""The task-level columns of the real profile: (title, metric, +1 = a gain measure, -1 = a forgetting one)."""
+
+
+def task_table(rows: List[Dict], base: Dict[str, float]) -> str:
+    """Task scores of the base and of each fine-tune at α=1, with the change from the base."""
+    head = "| setting | " + " | ".join(t for t, _, _ in TASK_COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(TASK_COLUMNS)]
+    for name, scores in [("base", base)] + [(r["setting"], r["tasks"]) for r in rows]:
+        cells = []
+        for _, key, _ in TASK_COLUMNS:
+            if key not in scores:
+                cells.append("–")
+            elif name == "base":
+                cells.append(f"{scores[key]:.3f}")
+            else:
+                cells.append(f"{scores[key]:.3f} ({scores[key] - base[key]:+.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def real_main(args) -> Dict:
     """Fine-tune the real model once per setting; score each export and its interpolations with the
     start on the probe (bench/drift.py); report against plain fine-tuning and draw the frontiers."""
@@ -821,6 +869,17 @@ def real_main(args) -> Dict:
     start = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = drift.score(model, probe, pad)
     print(f"base: {json.dumps({k: round(v, 4) for k, v in base.items()})}", flush=True)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    t0 = time.perf_counter()
+    base_tasks = task_scores(model, tokenizer, args)
+    if base_tasks:
+        print(
+            f"base tasks ({time.perf_counter() - t0:.0f} s): "
+            + json.dumps({k: round(v, 4) for k, v in base_tasks.items()}),
+            flush=True,
+        )
 
     def score_at(tuned: Dict[str, torch.Tensor], alpha) -> Dict[str, float]:
         missing, unexpected = model.load_state_dict(interpolate(start, tuned, alpha, num_layers), strict=False)
@@ -838,6 +897,7 @@ def real_main(args) -> Dict:
         tuned = load_file(str(run_dir / "hf" / "model.safetensors"))
         method, knob = method_of(s)
         mine = [drift_point(s.name, method, knob, "1", score_at(tuned, 1.0))]
+        tasks = task_scores(model, tokenizer, args)  # the export at α=1, loaded by score_at
         for a in sorted(args.alphas, reverse=True):
             mine.append(drift_point(s.name, f"interpolation: {s.name}", f"α {a:g}", f"{a:g}", score_at(tuned, a)))
         if s.name == "none" and args.group_alphas:
@@ -862,6 +922,7 @@ def real_main(args) -> Dict:
                 "wall_s": round(wall, 1),
                 "score_wall_s": round(time.perf_counter() - t0, 1),
                 "final_train_loss": losses.get(max(losses)),
+                "tasks": tasks,
                 "step_time_s": statistics.median(step_time.values()) if step_time else None,
                 "replay_token_fraction": statistics.mean(series(rows, "data/replay_token_fraction").values())
                 if series(rows, "data/replay_token_fraction")
@@ -902,6 +963,12 @@ def real_main(args) -> Dict:
     if grouped:
         print("\nper-group interpolation of `none` (bottom / middle / top α): its Pareto frontier")
         print(real_table(grouped, base))
+    if base_tasks:
+        print(
+            f"\ntask-level (lm-eval, bundled tasks, at most {args.task_limit or 'all'} items a task), "
+            "each export at α=1"
+        )
+        print(task_table(runs, base_tasks))
     meeting = [p for p in points[1:] if p["meets_target"]]
     print(
         f"target: >= {TARGET_REMOVED:.0%} of the forgetting removed (on every measure where plain fine-tuning forgot) "
@@ -929,6 +996,7 @@ def real_main(args) -> Dict:
         "data": data,
         "probe": {"cache": str(cache), "tokens": probe.tokens(), "answers": probe.answers},
         "base": base,
+        "base_tasks": base_tasks,
         "rehearsal": info if rehearsal else None,
         "runs": runs,
         "points": points,
@@ -1039,6 +1107,7 @@ PROFILES = {
         rehearsal_prompts=4,
         rehearsal_tokens=16,
         rehearsal_keep_cut_off=True,
+        task_limit=4,
     ),
 }
 
@@ -1117,6 +1186,19 @@ def parse_args(argv: Optional[List[str]] = None):
         help="what to run besides none (the reference, always run): replay, ewc, ewc_replay, distill, freeze, "
         "lines; e.g. --only ewc",
     )
+    p.add_argument(
+        "--tasks",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["fullft_general", "fullft_computing"],
+        help="real: lm-eval tasks scored on plain prompts for the base and each export at α=1 ('' = none)",
+    )
+    p.add_argument(
+        "--chat-tasks",
+        type=lambda t: [x for x in t.split(",") if x],
+        default=["fullft_ifeval"],
+        help="real: lm-eval tasks scored through the chat template ('' = none)",
+    )
+    p.add_argument("--task-limit", type=int, help="real: at most this many items a task (default: all)")
     p.add_argument("--distill-weights", type=_floats, help="regularizer.distill.weight values (λ of the KL term)")
     p.add_argument("--distill-rows", type=int, help="distillation rows per step (regularizer.distill.rows)")
     p.add_argument(
