@@ -457,6 +457,9 @@ class HarnessConfig:
     is cut from the left (counted in the log), and prompt plus generation must fit in it."""
     gen_batch_size: int = 16
     """Prompts per rank per generate call (generate_until tasks)."""
+    gen_kwargs: Optional[str] = None
+    """Generation settings over every generation task's own (lm_eval --gen_kwargs), quoted on the
+    command line: eval.harness.gen_kwargs='max_gen_toks=64,temperature=0'."""
     bootstrap_iters: int = 1000
     """lm-eval's bootstrap resamples for the standard errors of non-mean metrics (0 = none)."""
     seed: int = 1234
@@ -467,6 +470,13 @@ class HarnessConfig:
         return bool(self.tasks or self.chat_tasks)
 
     def __post_init__(self) -> None:
+        both = sorted(set(self.tasks) & set(self.chat_tasks))
+        if both:
+            raise ValueError(
+                f"eval.harness: {both} listed in both tasks and chat_tasks; their metrics share one name "
+                "(eval/harness/<task>/<metric>): list each task once (copy its YAML under another task name "
+                "into eval.harness.include_path to run it both ways)"
+            )
         if (
             self.every_steps < 0
             or self.max_length < 2

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
+from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
 from lm_eval.tasks import TaskManager
 
 from data_pipeline.packing import IGNORE, best_fit_decreasing, pack_rows
@@ -119,7 +120,7 @@ class EngineLM(TemplateLM):
             n = min(len(continuation), len(ids) - 1)
             samples.append((ids, [IGNORE] * (len(ids) - n) + ids[-n:]))
             spans.append(n)
-        width = max([len(ids) for ids, _ in samples] + [1])
+        width = self.max_length + 1  # a request's tokens: its input and the last token it predicts
         bins = best_fit_decreasing([len(ids) for ids, _ in samples], width)
         batches = [bins[i : i + self.rows] for i in range(0, len(bins), self.rows)]
         mine: Dict[int, Tuple[float, bool]] = {}
@@ -136,7 +137,7 @@ class EngineLM(TemplateLM):
                 ),
                 "position_ids": torch.from_numpy(positions[:, :keep]),
             }
-            scored = head.continuation_logprobs(self.engine, batch, self.engine.device).cpu()
+            scored = self._scored(batch)
             self.forwards += 1
             if at >= len(batches):
                 continue
@@ -149,6 +150,16 @@ class EngineLM(TemplateLM):
                     start = end
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         return [merged[i] for i in range(len(requests))]
+
+    def _scored(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The model in eval mode (no dropout), as lm-eval's HF model scores; training mode after."""
+        was_training = self.engine.module.training
+        self.engine.eval()
+        try:
+            return head.continuation_logprobs(self.engine, batch, self.engine.device).cpu()
+        finally:
+            if was_training:
+                self.engine.train()
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         """Perplexity tasks: each text in disjoint windows of max_length tokens (as HFLM), summed."""
@@ -170,43 +181,51 @@ class EngineLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> List[str]:
-        """Completions of each (context, generation kwargs), cut at the first `until` string."""
+        """Completions of each (context, generation kwargs), as HFLM makes them: the kwargs normalised
+        by lm-eval, generation stopped at the task's `until` strings or the end-of-sequence token and
+        the text cut at the first of them."""
         groups: Dict[str, List[int]] = defaultdict(list)
         for i, req in enumerate(requests):
             groups[json.dumps(req.args[1], sort_keys=True, default=str)].append(i)
+        eos = self.tokenizer.decode([self.eot_token_id], skip_special_tokens=False)
         mine: Dict[int, str] = {}
         for key, members in groups.items():
-            kwargs = dict(json.loads(key))
-            until = kwargs.pop("until", None) or []
-            until = [until] if isinstance(until, str) else list(until)
-            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            kwargs = normalize_gen_kwargs(json.loads(key), self.max_gen_toks)
+            until = handle_stop_sequences(kwargs.pop("until", None), eos=eos)
+            max_new = int(kwargs.pop("max_gen_toks"))
+            if max_new >= self.max_length:
+                raise ValueError(
+                    f"lm-eval task asks for {max_new} new tokens (max_gen_toks) but eval.harness.max_length is "
+                    f"{self.max_length}: prompt and generation must fit; raise eval.harness.max_length or lower "
+                    f"max_gen_toks (eval.harness.gen_kwargs)"
+                )
             prompts = {i: self.tok_encode(requests[i].args[0])[-(self.max_length - max_new) :] for i in members}
             order = sorted(members, key=lambda i: -len(prompts[i]))
             batches = [order[s : s + self.gen_batch_size] for s in range(0, len(order), self.gen_batch_size)]
             for first in range(0, len(batches), self.dist_world):
                 at = first + self.dist_rank
                 chunk = batches[at] if at < len(batches) else order[:1]
-                texts = self._generate([prompts[i] for i in chunk], max_new, kwargs)
+                texts = self._generate([prompts[i] for i in chunk], max_new, until, kwargs)
                 if at < len(batches):
                     for i, text in zip(chunk, texts):
-                        for stop in until:
-                            text = text.split(stop)[0]
-                        mine[i] = text
+                        mine[i] = postprocess_generated_text(text, until, None)
         merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
         return [merged[i] for i in range(len(requests))]
 
-    def _generate(self, prompts: Sequence[List[int]], max_new: int, kwargs: Dict) -> List[str]:
+    def _generate(self, prompts: Sequence[List[int]], max_new: int, until: List[str], kwargs: Dict) -> List[str]:
         tok, model = self.tokenizer, self.engine.module
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         width = max(len(p) for p in prompts)
         # Left padding: every prompt ends at the same column, where generation starts.
         input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.engine.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.engine.device)
-        sample = bool(kwargs.get("do_sample")) or float(kwargs.get("temperature", 0.0) or 0.0) > 0
-        sampling = {"do_sample": True, "temperature": float(kwargs.get("temperature", 1.0))} if sample else {}
-        for name in ("top_p", "top_k"):
-            if sample and name in kwargs:
-                sampling[name] = kwargs[name]
+        kwargs = dict(kwargs)
+        sample = bool(kwargs.pop("do_sample", False))
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        if sample and temperature > 0:
+            kwargs["temperature"] = temperature
+        elif not sample:  # greedy: sampling knobs would only draw warnings
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("top_p", "top_k", "min_p")}
         was_training, cache = model.training, model.config.use_cache
         model.eval()
         try:
@@ -218,20 +237,25 @@ class EngineLM(TemplateLM):
                 use_cache=True,
                 synced_gpus=True,  # every rank steps until all are done: ZeRO-3's forwards are collective
                 pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-                **{k: v for k, v in sampling.items() if k != "do_sample"},
+                stop_strings=[u for u in until if u] or None,
+                tokenizer=tok,
+                **kwargs,
             )
         finally:
             model.config.use_cache = cache  # generation only: training stays cache-free
             if was_training:
                 model.train()
         self.forwards += 1
+        ends = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
         texts = []
         for row in out[:, width:].tolist():
-            if tok.eos_token_id in row:
-                row = row[: row.index(tok.eos_token_id)]
-            texts.append(tok.decode(row, skip_special_tokens=True))
+            cut = next((n for n, t in enumerate(row) if t in ends), len(row))
+            texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         return texts
+
+
+def _as_list(value) -> List[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
 
 
 def task_manager(include_path: Sequence[str], names: Sequence[str] = ()) -> TaskManager:
@@ -349,6 +373,7 @@ class HarnessEvaluation(Component):
                     apply_chat_template=chat,
                     task_manager=self.manager,
                     bootstrap_iters=self.cfg.bootstrap_iters,
+                    gen_kwargs=self.cfg.gen_kwargs,
                     log_samples=True,
                     random_seed=self.cfg.seed,
                     numpy_random_seed=self.cfg.seed,

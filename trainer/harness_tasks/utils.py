@@ -51,7 +51,7 @@ def _words(text: str) -> list:
 
 def _json(text: str) -> bool:
     body = text.strip()
-    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.S)
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, flags=re.S | re.I)
     try:
         json.loads(fenced.group(1) if fenced else body)
     except ValueError:
@@ -62,10 +62,10 @@ def _json(text: str) -> bool:
 def check(kind: str, response: str, **kw) -> bool:
     """Whether `response` meets one constraint (kind and its arguments, as in fullft_ifeval.jsonl)."""
     text = response.strip()
-    if kind == "lowercase":
-        return bool(text) and text == text.lower()
+    if kind == "lowercase":  # as IFEval: some cased letters, none of them capitals
+        return text.islower()
     if kind == "uppercase":
-        return bool(text) and text == text.upper()
+        return text.isupper()
     if kind == "length_words":
         n = len(_words(text))
         return n < kw["num"] if kw["relation"] == "less than" else n >= kw["num"]
@@ -73,14 +73,14 @@ def check(kind: str, response: str, **kw) -> bool:
         return all(re.search(rf"\b{re.escape(w)}\b", text, flags=re.I) for w in kw["words"])
     if kind == "forbidden_words":
         return bool(text) and not any(re.search(rf"\b{re.escape(w)}\b", text, flags=re.I) for w in kw["words"])
-    if kind == "bullets":
+    if kind == "bullets":  # markdown bullets: "* " or "- " at a line's start
         return len(re.findall(r"^\s*[*-] ", text, flags=re.M)) == kw["num"]
     if kind == "json":
         return _json(text)
     if kind == "no_comma":
         return bool(text) and "," not in text
-    if kind == "ends_with":
-        return text.endswith(kw["phrase"])
+    if kind == "ends_with":  # as IFEval: case-insensitive
+        return text.lower().endswith(kw["phrase"].lower())
     raise ValueError(
         f"fullft_ifeval: unknown check {kind!r}; known: lowercase, uppercase, length_words, "
         "keywords, forbidden_words, bullets, json, no_comma, ends_with"

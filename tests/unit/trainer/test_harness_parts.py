@@ -23,6 +23,7 @@ spec.loader.exec_module(utils)
     "kind, kwargs, good, bad",
     [
         ("lowercase", {}, "all small here.", "Not all small."),
+        ("lowercase", {}, "all small 2.", "123."),  # as IFEval: no letters is not lowercase
         ("uppercase", {}, "ALL CAPS HERE.", "ALL CAPS here."),
         ("length_words", {"relation": "less than", "num": 4}, "one two three", "one two three four"),
         ("length_words", {"relation": "at least", "num": 3}, "one two three", "one two"),
@@ -31,7 +32,8 @@ spec.loader.exec_module(utils)
         ("bullets", {"num": 2}, "* a\n* b", "* a\n* b\n* c"),
         ("json", {}, '```json\n{"answer": "x"}\n```', '{"answer": x}'),
         ("no_comma", {}, "No commas here.", "Yes, one."),
-        ("ends_with", {"phrase": "Bye now."}, "Hello. Bye now.", "Bye now. Hello."),
+        ("ends_with", {"phrase": "Bye now."}, "Hello. bye NOW.", "Bye now. Hello."),
+        ("json", {}, '```JSON\n{"a": 1}\n```', "```json\n{a: 1}\n```"),
     ],
 )
 def test_instruction_checks(kind, kwargs, good, bad):
@@ -105,6 +107,8 @@ def test_config_rules():
     assert not HarnessConfig().enabled and HarnessConfig(chat_tasks=["fullft_ifeval"]).enabled
     with pytest.raises(ValueError, match="eval.harness: .*limit=0"):
         HarnessConfig(limit=0)
+    with pytest.raises(ValueError, match=r"\['fullft_ifeval'\] listed in both tasks and chat_tasks"):
+        HarnessConfig(tasks=["fullft_ifeval"], chat_tasks=["fullft_ifeval"])
 
 
 @pytest.mark.parametrize("chunk", [None, 3])
