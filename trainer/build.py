@@ -266,7 +266,12 @@ def build(cfg: Config) -> Run:
         lm = harness.EngineLM(
             engine, tokenizer, engine.device, h.max_length, cfg.eval.micro_batch_size, h.gen_batch_size
         )
-        components.insert(-1, harness.HarnessEvaluation(lm, h, tasks, cfg.output_dir, cfg.eval.at_start, dist.is_main))
+        components.insert(
+            -1,
+            harness.HarnessEvaluation(
+                lm, h, tasks, cfg.output_dir, cfg.eval.at_start if h.at_start is None else h.at_start, dist.is_main
+            ),
+        )
     interp = None
     if t.export_hf:
         if cfg.regularizer.interpolation.enabled:

@@ -447,7 +447,10 @@ class HarnessConfig:
     """Directories of the user's own lm-eval task YAML files (lm_eval --include_path); trainer/harness_tasks/
     is always on it."""
     every_steps: int = 0
-    """Also run the tasks every N steps; 0 = only at the stage's start (with eval.at_start) and end."""
+    """Also run the tasks every N steps; 0 = only at the stage's start and end."""
+    at_start: Optional[bool] = None
+    """Run the tasks at step 0; None = as eval.at_start. A recipe's later stages set false: their start
+    is the previous stage's end, already scored."""
     limit: Optional[int] = None
     """At most this many items per task (lm_eval --limit); None = all."""
     num_fewshot: Optional[int] = None
