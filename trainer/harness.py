@@ -46,6 +46,7 @@ from data_pipeline.packing import IGNORE, best_fit_decreasing, pack_rows
 from trainer import distributed
 from trainer.components import Component
 from trainer.objectives import head
+from trainer.observability.generation import generate_left_padded
 
 log = logging.getLogger("trainer")
 
@@ -213,12 +214,7 @@ class EngineLM(TemplateLM):
         return [merged[i] for i in range(len(requests))]
 
     def _generate(self, prompts: Sequence[List[int]], max_new: int, until: List[str], kwargs: Dict) -> List[str]:
-        tok, model = self.tokenizer, self.engine.module
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        width = max(len(p) for p in prompts)
-        # Left padding: every prompt ends at the same column, where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=self.engine.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.engine.device)
+        tok = self.tokenizer
         kwargs = dict(kwargs)
         sample = bool(kwargs.pop("do_sample", False))
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
@@ -226,29 +222,14 @@ class EngineLM(TemplateLM):
             kwargs["temperature"] = temperature
         elif not sample:  # greedy: sampling knobs would only draw warnings
             kwargs = {k: v for k, v in kwargs.items() if k not in ("top_p", "top_k", "min_p")}
-        was_training, cache = model.training, model.config.use_cache
-        model.eval()
-        try:
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=max_new,
-                do_sample=sample,
-                use_cache=True,
-                synced_gpus=True,  # every rank steps until all are done: ZeRO-3's forwards are collective
-                pad_token_id=pad,
-                stop_strings=[u for u in until if u] or None,
-                tokenizer=tok,
-                **kwargs,
-            )
-        finally:
-            model.config.use_cache = cache  # generation only: training stays cache-free
-            if was_training:
-                model.train()
+        rows = generate_left_padded(
+            self.engine, list(prompts), tok, max_new,
+            do_sample=sample, stop_strings=[u for u in until if u] or None, tokenizer=tok, **kwargs,
+        )  # fmt: skip
         self.forwards += 1
-        ends = {tok.eos_token_id} | set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+        ends = {tok.eos_token_id} | set(_as_list(getattr(self.engine.module.generation_config, "eos_token_id", None)))
         texts = []
-        for row in out[:, width:].tolist():
+        for row in rows:
             cut = next((n for n, t in enumerate(row) if t in ends), len(row))
             texts.append(tok.decode(row[:cut], skip_special_tokens=True))
         return texts

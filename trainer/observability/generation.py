@@ -42,36 +42,45 @@ class Generator:
         """[{prompt, completion}] for every prompt; every rank must call this at the same point."""
         if not self.prompts:
             return []
-        model = engine.module
         tok = self.tokenizer
-        ids = [self.render(p) for p in self.prompts]
-        width = max(len(i) for i in ids)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        # Left padding: every prompt ends at the same column, where generation starts.
-        input_ids = torch.tensor([[pad] * (width - len(i)) + i for i in ids], device=engine.device)
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i in ids], device=engine.device)
-        was_training, cache = model.training, model.config.use_cache
-        model.eval()
-        try:
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=self.max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                synced_gpus=True,
-                pad_token_id=pad,
-                eos_token_id=tok.eos_token_id,
-            )
-        finally:
-            model.config.use_cache = cache  # generation only: training stays cache-free
-            if was_training:
-                model.train()
-        new = out[:, width:].tolist()
+        new = generate_left_padded(
+            engine, [self.render(p) for p in self.prompts], tok, self.max_new_tokens,
+            do_sample=False, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
         return [
             {"prompt": p, "completion": tok.decode(_until_eos(n, tok.eos_token_id), skip_special_tokens=True)}
             for p, n in zip(self.prompts, new)
         ]
+
+
+@torch.no_grad()
+def generate_left_padded(engine, prompts: List[List[int]], tok, max_new_tokens: int, **kwargs) -> List[List[int]]:
+    """The new token ids of each prompt, generated as one left-padded batch (every prompt ends where
+    generation starts) with the KV cache on for this call only and the model in eval mode, back in its
+    mode after. Collective under ZeRO-3: `synced_gpus` keeps a finished rank stepping until all are
+    done. kwargs go to `model.generate` (the Generator here, lm-eval's requests in trainer/harness.py)."""
+    model = engine.module
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=engine.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=engine.device)
+    was_training, cache = model.training, model.config.use_cache
+    model.eval()
+    try:
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            use_cache=True,
+            synced_gpus=True,
+            pad_token_id=pad,
+            **kwargs,
+        )
+    finally:
+        model.config.use_cache = cache  # generation only: training stays cache-free
+        if was_training:
+            model.train()
+    return out[:, width:].tolist()
 
 
 def _until_eos(ids: List[int], eos: Optional[int]) -> List[int]:
