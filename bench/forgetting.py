@@ -231,6 +231,35 @@ def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:
                 "distill",
             )
         )
+    for tau in args.mft_taus:  # corrective targets on the domain tokens: the start's distribution, y raised to τ
+        out.append(
+            Setting(
+                f"mft τ={tau:g}",
+                "none",
+                [f"regularizer.mft.tau={tau}"],
+                "mft (corrective targets)",
+                f"{tau:g}",
+                "mft",
+            )
+        )
+    if args.mft_taus and args.distill_weights:  # both: corrective targets and the KL on general/own answers
+        tau, w = args.mft_taus[0], args.distill_weights[0]
+        own = [f"regularizer.distill.data={rehearsal}", "regularizer.distill.objective=instruct"] if rehearsal else []
+        out.append(
+            Setting(
+                f"mft τ={tau:g} + distill λ={w:g}",
+                "none",
+                [
+                    f"regularizer.mft.tau={tau}",
+                    f"regularizer.distill.weight={w}",
+                    f"regularizer.distill.rows={args.distill_rows}",
+                    *own,
+                ],
+                "mft + distill",
+                f"{tau:g} {w:g}",
+                "combined",
+            )
+        )
     for k in args.freeze_blocks:
         out.append(
             Setting(
@@ -267,7 +296,7 @@ def common(args, data: Dict) -> List[str]:
         f"data.seq_len={args.seq_len}",
         f"trainer.micro_batch_size={args.micro_batch}",
         "trainer.grad_accum_steps=1",
-        f"trainer.seed={args.seed}",
+        f"trainer.seed={args.train_seed}",
         "trainer.cadence.save_every_steps=0",
         "trainer.cadence.log_every_steps=1",
         f"+eval.sets.general={data['general']['heldout']}",
@@ -514,7 +543,7 @@ REAL_LEAVES_OUT = [
     "the trainer's in-run evals and step-time columns (the probe scores each export; one rank shares 2 cores "
     "with nothing, but a 20-step median says little)",
     "per-group α for any fine-tune but plain fine-tuning (--group-alphas)",
-    "more seeds: one seed per setting",
+    "more seeds: one training seed per setting (--train-seed reruns with another)",
 ]
 
 
@@ -620,7 +649,7 @@ def real_overrides(args, data: Dict, model_dir: Path, setting: Setting, out: Pat
             f"data.seq_len={args.seq_len}",
             f"trainer.micro_batch_size={args.micro_batch}",
             "trainer.grad_accum_steps=1",
-            f"trainer.seed={args.seed}",
+            f"trainer.seed={args.train_seed}",
             "trainer.cadence.save_every_steps=0",
             "trainer.cadence.log_every_steps=1",
             f"data.path={data['domain']['train']}",
@@ -815,7 +844,7 @@ def real_main(args) -> Dict:
     if (
         (args.chat_replay_ratios and "replay" in args.only)
         or (args.chat_ewc_replay_ratio and "ewc_replay" in args.only)
-        or (args.distill_weights and "distill" in args.only)
+        or (args.distill_weights and ("distill" in args.only or "combined" in args.only))
     ):
         train_sha = hashlib.sha256(Path(data["general"]["train"]).read_bytes()).hexdigest()  # content, not path
         rkey = hashlib.sha256(
@@ -1043,6 +1072,7 @@ PROFILES = {
         distill_rows=2,
         freeze_blocks=[1],
         lines_betas=[0.5],
+        mft_taus=[0.5],
     ),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe;
     # 8 fine-tunes of 20 steps plus their interpolations fit in ~45 minutes.
@@ -1068,6 +1098,7 @@ PROFILES = {
         distill_rows=1,
         freeze_blocks=[6],
         lines_betas=[],
+        mft_taus=[0.5, 0.25],
     ),
     "smoke": dict(
         steps=3,
@@ -1182,9 +1213,9 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument(
         "--only",
         type=lambda s: s.split(","),
-        default=["replay", "ewc", "ewc_replay", "distill", "freeze", "lines"],
+        default=["replay", "ewc", "ewc_replay", "distill", "freeze", "lines", "mft"],
         help="what to run besides none (the reference, always run): replay, ewc, ewc_replay, distill, freeze, "
-        "lines; e.g. --only ewc",
+        "lines, mft, combined (mft + distill); e.g. --only ewc",
     )
     p.add_argument(
         "--tasks",
@@ -1201,6 +1232,7 @@ def parse_args(argv: Optional[List[str]] = None):
     p.add_argument("--task-limit", type=int, help="real: at most this many items a task (default: all)")
     p.add_argument("--distill-weights", type=_floats, help="regularizer.distill.weight values (λ of the KL term)")
     p.add_argument("--distill-rows", type=int, help="distillation rows per step (regularizer.distill.rows)")
+    p.add_argument("--mft-taus", type=_floats, help="regularizer.mft.tau values (corrective targets, τ of the label)")
     p.add_argument(
         "--freeze-blocks",
         type=lambda t: [int(x) for x in t.split(",") if x.strip()],
@@ -1215,7 +1247,13 @@ def parse_args(argv: Optional[List[str]] = None):
         help="python: one rank; deepspeed: --nproc ZeRO-3 ranks",
     )
     p.add_argument("--nproc", type=int, default=2, help="ranks with --launcher deepspeed")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seed", type=int, default=1234, help="data split, probe, rehearsal and (by default) training")
+    p.add_argument(
+        "--train-seed",
+        type=int,
+        help="trainer.seed of the fine-tunes only (their data order): another seed on the same data, probe and "
+        "rehearsal (default: --seed)",
+    )
     p.add_argument("--smoke", action="store_true", help="bundled sample data, a few steps (seconds to a minute)")
     args = p.parse_args(argv)
     given = {k for k, v in vars(args).items() if v is not None and v != p.get_default(k)}
@@ -1231,6 +1269,8 @@ def parse_args(argv: Optional[List[str]] = None):
         p.error("--general and --domain are required (or --smoke)")
     if args.ewc_replay_lam is None:
         args.ewc_replay_lam = min(args.lams)
+    if args.train_seed is None:
+        args.train_seed = args.seed
     return args
 
 

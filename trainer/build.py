@@ -44,7 +44,7 @@ from trainer.engine.model import build_model, count_parameters, model_config
 from trainer.engine.optim import build_optimizer
 from trainer.engine.tokenizer import load_tokenizer
 from trainer.evaluate import Evaluation
-from trainer.forgetting import distill, freezing, interpolation
+from trainer.forgetting import distill, freezing, interpolation, mft
 from trainer.forgetting.ewc import EWC
 from trainer.objectives import Objective, build_objective, reference
 from trainer.observability.generation import Generator
@@ -167,6 +167,24 @@ def build(cfg: Config) -> Run:
             writer=dist.local_rank == 0,
         )
 
+    # regularizer.mft's targets: the stage's start's top-k on every training row, computed now, once.
+    teachers = None
+    if cfg.regularizer.mft.enabled:
+        m = cfg.regularizer.mft
+        teachers = mft.attach(
+            engine,
+            data.sources,
+            data.names,
+            start,
+            m.top_k,
+            m.tau,
+            cfg.eval.micro_batch_size,
+            dist.rank,
+            dist.world_size,
+            engine.device,
+            writer=dist.local_rank == 0,
+        )
+
     e = cfg.regularizer.ewc
     ewc = None
     if cfg.regularizer.uses_ewc:
@@ -224,6 +242,8 @@ def build(cfg: Config) -> Run:
         pad_to_multiple_of=pad,
         origin=tuple(state.data_origin),
     )
+    if teachers is not None:
+        batches = mft.CorrectedTargets(batches, teachers, cfg.regularizer.mft.tau)
     if distilling:
         d = cfg.regularizer.distill
         batches = distill.DistillSource(

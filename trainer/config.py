@@ -329,6 +329,34 @@ class DistillConfig:
 
 
 @dataclass
+class MFTConfig:
+    tau: Optional[float] = None
+    """Corrective self-distillation on the stage's own tokens (MFT, trainer/forgetting/mft.py): each
+    training token's target is the stage's start's next-token distribution with the correct token
+    raised to probability τ where the start gives it less (the rest rescaled), instead of the one-hot
+    label. τ = 1 is plain fine-tuning; lower keeps the start's distribution wherever it already
+    ranks the data's token highly enough. None = off."""
+    top_k: int = 32
+    """The start's tokens stored per training position (the correct token always among them); the
+    rest of its mass is one residual class. Storage: training rows x seq_len x top_k x 8 bytes."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.tau is not None
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and not 0 < self.tau <= 1:
+            raise ValueError(
+                f"regularizer.mft.tau={self.tau}: the correct token's least target probability, in (0, 1] "
+                "(1 = plain fine-tuning; e.g. 0.5), or null (off)"
+            )
+        if self.top_k < 2:
+            raise ValueError(
+                f"regularizer.mft.top_k={self.top_k}: must be >= 2 (the correct token and the start's best)"
+            )
+
+
+@dataclass
 class FreezeConfig:
     first_blocks: int = 0
     """Freeze transformer blocks 0..first_blocks-1 for the stage (trainer/forgetting/freezing.py): they
@@ -361,6 +389,8 @@ class RegularizerConfig:
     """The first blocks kept at the stage's start for the whole stage (with any of the above)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """A KL term toward the stage's start on chosen sequences, beside the stage's loss (with any of the above)."""
+    mft: MFTConfig = field(default_factory=MFTConfig)
+    """Corrective targets on the stage's own tokens: the start's distribution, the correct token raised to τ."""
 
     @property
     def uses_replay(self) -> bool:
@@ -800,6 +830,12 @@ class Config:
                     "regularizer.distill with stage=dpo: a preference stage's loss is a mean over pairs and the "
                     "KL term a mean over tokens; distill in the stages before it, or keep the policy near its "
                     "start with the stage's β (and regularizer=ewc)"
+                )
+            if self.stage.objective == StageObjective.dpo and self.regularizer.mft.enabled:
+                raise ValueError(
+                    f"regularizer.mft.tau={self.regularizer.mft.tau} with stage=dpo: corrective targets replace "
+                    "a token loss's one-hot labels, and a preference stage has none; use it in the "
+                    "pretrain/sft/instruct stages (regularizer.mft.tau=null here)"
                 )
             if not self.data.packing and self.stage.objective == StageObjective.pretrain:
                 raise ValueError("data.packing=false applies to sft/instruct; pretraining always chunks documents")

@@ -34,7 +34,9 @@ def train_step(
     `components`: their before_optimizer_step runs at the accumulation boundary, before DeepSpeed
     clips and steps. A micro-batch that carries `teacher_ids` (trainer/forgetting/distill.py) adds
     distill_weight x the mean KL to its teacher over the step's distillation tokens on all ranks,
-    logged as reg/distill_penalty. `phase(name)` times a part of the step (PerfMeter.phase). `check_grads`:
+    logged as reg/distill_penalty. A stage micro-batch that carries `target_ids`
+    (trainer/forgetting/mft.py) is scored by the KL to those targets instead of its labels' cross-entropy.
+    `phase(name)` times a part of the step (PerfMeter.phase). `check_grads`:
     fail if a trainable parameter got no gradient (the run's first step)."""
     device = engine.device
     # A distillation micro-batch (regularizer.distill, trainer/forgetting/distill.py) carries its
@@ -69,8 +71,13 @@ def train_step(
                 weight = float(batch["distill_weight"])
                 rows = head.distill_kl(engine, batch, device).sum(1)
                 engine.backward(rows.sum() * weight * distill_scale, scale_wrt_gas=False)
-            else:
-                rows, row_stats = objective.rows(head.score(engine, batch, device, objective.uniform), batch)
+            else:  # corrective targets (regularizer.mft): the KL to them replaces the cross-entropy
+                per_token = (
+                    head.distill_kl(engine, batch, device, prefix="target")
+                    if "target_ids" in batch
+                    else head.score(engine, batch, device, objective.uniform)
+                )
+                rows, row_stats = objective.rows(per_token, batch)
                 engine.backward(rows.sum() * scale, scale_wrt_gas=False)
         if engine.is_gradient_accumulation_boundary():
             if check_grads:

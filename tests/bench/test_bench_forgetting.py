@@ -26,6 +26,7 @@ SETTINGS = [
     "ewc λ=1 sampled",
     "ewc_replay λ=1 0.05 sampled",
     "distill λ=1",
+    "mft τ=0.5",
     "freeze 1",
     "none LiNeS β=0.5",
 ]
@@ -181,11 +182,24 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "ewc λ=0.1",
         "ewc_replay λ=0.01 0.25",
         "distill λ=1",
+        "mft τ=0.5",
+        "mft τ=0.25",
         "freeze 6",
     ]
     chat = forgetting.settings(real, rehearsal="/r.jsonl")
     distill = next(x for x in chat if x.family == "distill")
     assert "regularizer.distill.data=/r.jsonl" in distill.overrides and distill.method.endswith("own chat answers")
+    both = forgetting.parse_args(
+        ["--model", "m", "--general", "g", "--domain", "d", "--out", "x", "--only", "combined", "--train-seed", "7"]
+    )
+    combined = next(x for x in forgetting.settings(both, rehearsal="/r.jsonl") if x.family == "combined")
+    assert combined.name == "mft τ=0.5 + distill λ=1" and combined.family == "combined"
+    assert {"regularizer.mft.tau=0.5", "regularizer.distill.weight=1.0", "regularizer.distill.data=/r.jsonl"} <= set(
+        combined.overrides
+    )
+    data = {"general": {"train": "g.txt"}, "domain": {"train": "d.txt"}}
+    assert "trainer.seed=7" in forgetting.real_overrides(both, data, Path("m"), combined, Path("o"))
+    assert (both.seed, real.train_seed) == (1234, 1234)
     tiny = forgetting.settings(forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]))
     lines = next(x for x in tiny if x.family == "lines")  # tiny: α 0, 0.25, 0.5 (α + β <= 1) as LiNeS (α, 0.5)
     assert "regularizer.interpolation.alphas=[0,0.25,0.5]" in lines.overrides
@@ -257,6 +271,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "ewc λ=0.1 sampled",
         "ewc_replay chat λ=0.1 0.1",
         "distill λ=1",
+        "mft τ=0.5",
+        "mft τ=0.25",
         "freeze 6",
     ]
     # the chats are the Fisher's data too: fisher_data unset, so the replay's path and objective
@@ -272,6 +288,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         ("ewc sampled", "0.1"),
         ("ewc_replay chat", "0.1 0.1"),
         ("distill (KL to the start) on own chat answers", "1"),
+        ("mft (corrective targets)", "0.5"),
+        ("mft (corrective targets)", "0.25"),
         ("freeze first blocks", "6"),
     ]
     assert runs[2].overrides == [

@@ -320,6 +320,8 @@ def test_freezing_distillation_and_lines_on_zero3_resume_exactly_and_match_direc
     - regularizer.distill (λ 0.5, 2 rows a rank of general text): the teacher's stored top-k equal the
       start's full-logits top-k; reg/distill_penalty is 0 at step 1 (the model is its teacher) and at
       step 3 equals λ x the KL_k computed from full logits with the step-2 weights on the same rows;
+    - regularizer.mft (τ 0.5): the stored top-k of the training rows hold each label; the loss of
+      step 1 equals the KL from the corrected target, built from the start's full logits, to the start;
     - the resumed run matches the straight one step for step, penalty included;
     - the straight run exports LiNeS's (α, β) = (0, 1): λ(ℓ) = ℓ/(L−1), block 0 the start, the top the
       trained weights."""
@@ -341,6 +343,7 @@ def test_freezing_distillation_and_lines_on_zero3_resume_exactly_and_match_direc
         "regularizer.distill.data=${bundled:general_text.txt}",
         "regularizer.distill.objective=pretrain",
         "regularizer.distill.rows=2",
+        "regularizer.mft.tau=0.5",
     ]
     straight, split = tmp_path / "straight", tmp_path / "split"
     proc = run_train(
@@ -355,6 +358,7 @@ def test_freezing_distillation_and_lines_on_zero3_resume_exactly_and_match_direc
     penalty = series(read_metrics(straight), "reg/distill_penalty")
     assert series(read_metrics(split), "reg/distill_penalty") == penalty
     _check_distillation(proc.stdout + proc.stderr, start, straight, penalty, weight=0.5)
+    _check_corrective_targets(proc.stdout + proc.stderr, start, series(read_metrics(straight), "train/loss")[1], 0.5)
     # a resume that would freeze other parameters stops, saying why and how to go on
     other = run_train(
         LAUNCHER, common + ["trainer.max_steps=6", "regularizer.freeze.first_blocks=2", f"output_dir={split}"]
@@ -421,7 +425,7 @@ def _check_teacher_arrays(log_text: str, teacher: Path):
 
     from data_pipeline.prepare import Prepared
 
-    where = Path(re.search(r"top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
+    where = Path(re.search(r"regularizer.distill: .*top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
     src = Prepared(where.parent.parent)
     ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
@@ -473,3 +477,47 @@ def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, we
         kl = (q * (q.log() - p_k.log())).sum(-1) + torch.where(q_r > 0, q_r * (q_r.log() - p_r.log()), 0.0)
         total, tokens = total + float(kl[mask].sum()), tokens + int(mask.sum())
     assert penalty[3] == pytest.approx(weight * total / tokens, rel=1e-5, abs=1e-9), (penalty, weight * total / tokens)
+
+
+def _check_corrective_targets(log_text: str, start: Path, loss_step_1: float, tau: float) -> None:
+    """regularizer.mft's stored top-k of the training rows against the start's full logits (each label
+    among them, the others the start's best), and step 1's loss against the KL, coarsened to the
+    stored classes, from the corrected target to the start, built directly from full logits."""
+    import re
+
+    from transformers import AutoModelForCausalLM
+
+    from data_pipeline.loader import StepLoader
+    from data_pipeline.prepare import Prepared
+
+    where = Path(re.search(r"regularizer.mft: .*top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
+    src = Prepared(where.parent.parent)
+    ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
+    total, tokens = 0.0, 0
+    for rank in range(2):
+        idx = [row for _, row in StepLoader([src], [1.0], 2, 1, rank, 2, 1234).rows(0)[0]]
+        rows = src.rows(idx)
+        with torch.no_grad():
+            logits = model(
+                input_ids=torch.from_numpy(rows["input_ids"]),
+                position_ids=torch.from_numpy(rows["position_ids"]),
+                use_cache=False,
+            ).logits[:, :-1]
+        logp_all = torch.log_softmax(logits.double(), -1)
+        labels = torch.from_numpy(rows["labels"][:, 1:]).long()
+        mask = labels != -100
+        stored_ids, stored = torch.from_numpy(ids[idx]).long(), torch.from_numpy(logq[idx]).double()
+        assert bool((stored_ids == labels[..., None]).any(-1)[mask].all())  # the label is always stored
+        assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)
+        best = torch.topk(logp_all, 31, dim=-1).values
+        assert torch.allclose(torch.sort(stored, -1, descending=True).values[..., :31][mask], best[mask], atol=1e-5)
+        q = logp_all.exp()
+        q_y = q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        target = torch.where((q_y < tau)[..., None], q * ((1 - tau) / (1 - q_y))[..., None], q)
+        target.scatter_(-1, labels.clamp_min(0)[..., None], torch.maximum(q_y, torch.full_like(q_y, tau))[..., None])
+        t_k, p_k = target.gather(-1, stored_ids), q.gather(-1, stored_ids)
+        t_r, p_r = (1 - t_k.sum(-1)).clamp_min(0), 1 - p_k.sum(-1)
+        kl = (t_k * (t_k.log() - p_k.log())).sum(-1) + torch.where(t_r > 0, t_r * (t_r.log() - p_r.log()), 0.0)
+        total, tokens = total + float(kl[mask].sum()), tokens + int(mask.sum())
+    assert loss_step_1 == pytest.approx(total / tokens, rel=1e-5), (loss_step_1, total / tokens)

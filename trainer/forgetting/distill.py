@@ -43,18 +43,18 @@ from trainer.objectives import head
 log = logging.getLogger("trainer")
 
 
-def teacher_dir(src: Prepared, key: str, k: int) -> Path:
-    return src.directory / "distill" / f"{key}-top{k}"
+def teacher_dir(src: Prepared, key: str, k: int, kind: str = "distill") -> Path:
+    return src.directory / kind / f"{key}-top{k}"
 
 
-def _stored(where: Path, key: str, k: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _stored(where: Path, key: str, k: int, kind: str = "distill") -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The stored top-k (memory-mapped) when every rank sees them, else None. Collective."""
     missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
     distributed.all_reduce_sum(missing)
     if missing.item():
         return None
     ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
-    log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", k, len(ids), key)
+    log.info("regularizer.%s: the teacher's top-%d of %d rows reused (teacher %s)", kind, k, len(ids), key)
     return ids, logp
 
 
@@ -68,16 +68,18 @@ def attach(
     world_size: int,
     device: torch.device,
     writer: bool,
+    kind: str = "distill",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k ids and log-probs for every row of `src`: read when every rank has them,
     else computed now by all ranks with the engine's current weights and written by the `writer`s
-    (one process per node). Collective."""
-    where = teacher_dir(src, key, k)
-    stored = _stored(where, key, k)
+    (one process per node). Collective. kind "mft": each position's label is among the k
+    (trainer/forgetting/mft.py), stored apart from distill's."""
+    where = teacher_dir(src, key, k, kind)
+    stored = _stored(where, key, k, kind)
     if stored is not None:
         return stored
     started = time.time()
-    ids, logp = _score(engine, src, k, micro_batch_size, rank, world_size, device)
+    ids, logp = _score(engine, src, k, micro_batch_size, rank, world_size, device, with_labels=kind == "mft")
     if writer:
         tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -87,7 +89,8 @@ def attach(
         shutil.rmtree(where, ignore_errors=True)
         os.replace(tmp, where)  # atomic: a reader sees both arrays or none
     log.info(
-        "regularizer.distill: the teacher's top-%d of %d rows computed once in %.1f s (teacher %s, %.1f MB) -> %s",
+        "regularizer.%s: the teacher's top-%d of %d rows computed once in %.1f s (teacher %s, %.1f MB) -> %s",
+        kind,
         k,
         len(ids),
         time.time() - started,
@@ -99,7 +102,7 @@ def attach(
 
 
 @torch.no_grad()
-def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, world_size: int, device):
+def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, world_size: int, device, with_labels: bool):
     """Every row's top-k under the engine's current weights. Every rank runs the same number of
     forwards (ZeRO-3 gathers parameters collectively): its rows, or a repeat of row 0 whose result is
     dropped; the ranks' parts are summed (each row is written by one rank)."""
@@ -113,7 +116,7 @@ def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, worl
         first = r * per_round + rank * micro_batch_size
         idx = [i for i in range(first, first + micro_batch_size) if i < n]
         rows = {key: torch.from_numpy(v) for key, v in src.rows(idx or [0]).items()}
-        top_ids, top_logp = head.teacher_topk(engine, rows, device, k)
+        top_ids, top_logp = head.teacher_topk(engine, rows, device, k, with_labels)
         if idx:
             ids[idx], logp[idx] = top_ids.int().cpu(), top_logp.float().cpu()
     if was_training:

@@ -150,17 +150,57 @@ def sparse_kl_from_logits(logits: torch.Tensor, ids: torch.Tensor, logq: torch.T
 
 @torch.no_grad()
 def topk_logprobs(
-    hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: Optional[int] = None
+    hidden: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    k: int,
+    chunk: Optional[int] = None,
+    targets: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The teacher's side: the top-k token ids (int64) and log-probs (fp32) of softmax(hidden @ weight^T)
-    for hidden [n, H], one chunk of logits at a time."""
+    for hidden [n, H], one chunk of logits at a time (weight None: `hidden` are the logits). With
+    `targets` [n], each row's target token is always among the k: where the top k miss it, it takes
+    the k-th slot (corrective targets need the target's own probability, trainer/forgetting/mft.py)."""
     n = hidden.shape[0]
-    chunk = chunk or auto_chunk(n, weight.shape[0])
+    chunk = chunk or auto_chunk(n, hidden.shape[1] if weight is None else weight.shape[0])
     ids = torch.zeros(n, k, dtype=torch.int64, device=hidden.device)
     logp = torch.zeros(n, k, dtype=torch.float32, device=hidden.device)
     for s in range(0, n, chunk):
-        z = F.linear(hidden[s : s + chunk], weight).float()
+        z = hidden[s : s + chunk] if weight is None else F.linear(hidden[s : s + chunk], weight)
+        z = z.float()
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
         top = torch.topk(z, k, dim=-1)
-        ids[s : s + chunk] = top.indices
-        logp[s : s + chunk] = top.values - torch.logsumexp(z, dim=-1, keepdim=True)
+        c_ids, c_logp = top.indices, top.values - lse
+        if targets is not None:
+            t = targets[s : s + chunk].to(z.device).long()[:, None]
+            missing = ~(c_ids == t).any(1)
+            c_ids[missing, -1] = t[missing, 0]
+            c_logp[missing, -1] = (z.gather(1, t) - lse)[missing, 0]
+        ids[s : s + chunk], logp[s : s + chunk] = c_ids, c_logp
     return ids, logp
+
+
+LOG_ZERO = -1e4
+"""A log-probability whose exp is 0 in fp32 and whose product with 0 is 0 (log 0 = −inf is not):
+a target class given no mass."""
+
+
+def corrected_targets(ids: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor, tau: float) -> torch.Tensor:
+    """MFT's corrective target (Belcak et al. 2025) in the top-k + residual form: the teacher's
+    log-probs `logq` [..., k] over `ids` [..., k] with the target token (`targets` [...], always one
+    of the ids where it is not IGNORE: topk_logprobs(targets=...)) raised to probability τ where the
+    teacher gives it less, and every other class (the residual too) scaled by (1 − τ)/(1 − q_y): the
+    smallest change of the teacher's distribution, in that direction, that gives the target at least τ.
+    Where the teacher already gives it τ or more the target is the teacher's distribution; τ = 1 is
+    the one-hot label (plain fine-tuning). Positions whose target is IGNORE keep `logq`. fp32."""
+    t = targets.to(ids.device).long()
+    slot = ids.long() == t[..., None]
+    found = slot.any(-1)
+    logq64 = logq.double()
+    q_y = torch.where(slot, logq64, torch.zeros_like(logq64)).sum(-1).exp()
+    raise_ = found & (q_y < tau)
+    factor = torch.where(raise_, (1.0 - tau) / (1.0 - q_y).clamp_min(1e-30), torch.ones_like(q_y))
+    others = torch.where(
+        factor[..., None] > 0, logq64 + factor.clamp_min(1e-300).log()[..., None], torch.full_like(logq64, LOG_ZERO)
+    )
+    raised = torch.where(raise_[..., None], torch.where(slot, float(torch.log(torch.tensor(tau))), others), logq64)
+    return raised.float()

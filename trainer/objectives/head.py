@@ -98,9 +98,12 @@ def _head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
     if request is None:
         return F.linear(hidden, self.weight)
     if request[0] == "topk":  # a teacher's top k: [batch, seq, 2k], the ids (exact in fp32) then the log-probs
-        _, mask, k = request
+        _, mask, k, targets = request
         where = mask.reshape(-1).nonzero().squeeze(1)
-        ids, logp = topk_logprobs(hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), self.weight, k)
+        picked = None if targets is None else targets.reshape(-1).index_select(0, where)
+        ids, logp = topk_logprobs(
+            hidden.reshape(-1, hidden.shape[-1]).index_select(0, where), self.weight, k, targets=picked
+        )
         out = torch.zeros(mask.numel(), 2 * k, dtype=torch.float32, device=hidden.device)
         out[where] = torch.cat([ids.float(), logp], dim=1)
         return out.view(*mask.shape, 2 * k)
@@ -189,17 +192,24 @@ def _armed(engine, request, batch: Dict[str, torch.Tensor], device: torch.device
 
 
 @torch.no_grad()
-def teacher_topk(engine, batch: Dict[str, torch.Tensor], device: torch.device, k: int):
+def teacher_topk(engine, batch: Dict[str, torch.Tensor], device: torch.device, k: int, with_labels: bool = False):
     """The model's top-k next-token ids [batch, seq - 1, k] (int64) and log-probs (fp32) at every
     supervised position of `batch` (zeros elsewhere): what a distillation teacher stores
-    (trainer/forgetting/distill.py). Chunked through the head when installed."""
-    mask = batch["labels"][:, 1:] != IGNORE
+    (trainer/forgetting/distill.py). with_labels: the label is always among the k (it takes the k-th
+    slot where it is not; trainer/forgetting/mft.py). Chunked through the head when installed."""
+    labels = batch["labels"][:, 1:]
+    mask = labels != IGNORE
     if not hasattr(engine.module.get_output_embeddings(), "_loss_request"):
-        logits = engine(**_inputs(batch, device)).logits[:, :-1].float()
-        top = torch.topk(torch.log_softmax(logits, -1), k, dim=-1)
+        logits = engine(**_inputs(batch, device)).logits[:, :-1]
+        flat = logits.reshape(-1, logits.shape[-1])
+        targets = labels.reshape(-1).clamp_min(0).to(device) if with_labels else None
+        ids, logp = topk_logprobs(flat, None, k, targets=targets)
         keep = mask.to(device)[..., None]
-        return torch.where(keep, top.indices, 0), torch.where(keep, top.values, 0.0)
-    packed = _armed(engine, ("topk", F.pad(mask, (0, 1), value=False).to(device), k), batch, device)[:, :-1]
+        ids, logp = ids.view(*labels.shape, k), logp.view(*labels.shape, k)
+        return torch.where(keep, ids, 0), torch.where(keep, logp, 0.0)
+    targets = F.pad(labels, (0, 1), value=IGNORE).to(device) if with_labels else None
+    request = ("topk", F.pad(mask, (0, 1), value=False).to(device), k, targets)
+    packed = _armed(engine, request, batch, device)[:, :-1]
     return packed[..., :k].round().long(), packed[..., k:].contiguous()
 
 
@@ -216,12 +226,13 @@ def continuation_logprobs(engine, batch: Dict[str, torch.Tensor], device: torch.
     return _armed(engine, ("loglik", padded), batch, device)[:, :-1]
 
 
-def distill_kl(engine, batch: Dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+def distill_kl(engine, batch: Dict[str, torch.Tensor], device: torch.device, prefix: str = "teacher") -> torch.Tensor:
     """KL_k(teacher ‖ model) [batch, seq - 1] at every supervised position of `batch`, the teacher given
-    by batch["teacher_ids"] / batch["teacher_logp"] [batch, seq - 1, k] (trainer/objectives/distill.py);
-    0 elsewhere. Chunked through the head when installed, never the full logits twice."""
+    by batch["teacher_ids"] / batch["teacher_logp"] [batch, seq - 1, k] (trainer/objectives/distill.py;
+    prefix "target": a stage batch's corrective targets, trainer/forgetting/mft.py); 0 elsewhere.
+    Chunked through the head when installed, never the full logits twice."""
     mask = (batch["labels"][:, 1:] != IGNORE).to(device)
-    ids, logq = batch["teacher_ids"].to(device), batch["teacher_logp"].to(device).float()
+    ids, logq = batch[f"{prefix}_ids"].to(device), batch[f"{prefix}_logp"].to(device).float()
     if not hasattr(engine.module.get_output_embeddings(), "_loss_request"):
         return sparse_kl_from_logits(engine(**_inputs(batch, device)).logits[:, :-1], ids, logq, mask)
 
