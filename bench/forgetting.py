@@ -141,8 +141,10 @@ class Setting:
 
     @property
     def dirname(self) -> str:
-        """The run's directory name: no spaces, and no `=` (Hydra would read output_dir=a=b as a parse error)."""
-        return self.name.replace(" ", "_").replace("λ=", "lam").replace("β=", "beta").replace("=", "")
+        """The run's directory name: ASCII, no spaces, no `=` and no `+` (Hydra's override grammar rejects
+        them in output_dir=...)."""
+        name = self.name.replace(" ", "_").replace("λ=", "lam").replace("β=", "beta").replace("τ=", "tau")
+        return name.replace("=", "").replace("+", "and")
 
 
 def settings(args, rehearsal: Optional[Path] = None) -> List[Setting]:

@@ -194,6 +194,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     )
     combined = next(x for x in forgetting.settings(both, rehearsal="/r.jsonl") if x.family == "combined")
     assert combined.name == "mft τ=0.5 + distill λ=1" and combined.family == "combined"
+    assert forgetting.settings(both)[-1].dirname == "mft_tau0.5_and_distill_lam1"
+    assert all(s.dirname.isascii() for s in forgetting.settings(real))
     assert {"regularizer.mft.tau=0.5", "regularizer.distill.weight=1.0", "regularizer.distill.data=/r.jsonl"} <= set(
         combined.overrides
     )
