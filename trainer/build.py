@@ -171,10 +171,12 @@ def build(cfg: Config) -> Run:
     teachers = None
     if cfg.regularizer.mft.enabled:
         m = cfg.regularizer.mft
+        positions = t.max_steps * t.micro_batch_size * t.grad_accum_steps * dist.world_size
         teachers = mft.attach(
             engine,
             data.sources,
             data.names,
+            mft.rows_needed(data.sources, data.weights, t.seed, positions),
             start,
             m.top_k,
             m.tau,
@@ -243,7 +245,7 @@ def build(cfg: Config) -> Run:
         origin=tuple(state.data_origin),
     )
     if teachers is not None:
-        batches = mft.CorrectedTargets(batches, teachers, cfg.regularizer.mft.tau)
+        batches = mft.CorrectedTargets(batches, teachers, cfg.regularizer.mft.tau, data.names)
     if distilling:
         d = cfg.regularizer.distill
         batches = distill.DistillSource(

@@ -490,9 +490,12 @@ def _check_corrective_targets(log_text: str, start: Path, loss_step_1: float, ta
     from data_pipeline.loader import StepLoader
     from data_pipeline.prepare import Prepared
 
-    where = Path(re.search(r"regularizer.mft: .*top-32 of \d+ rows computed once .* -> (\S+)", log_text).group(1))
+    pattern = r"regularizer.mft: the start's top-32 of (\d+) rows of source main computed once .* -> (\S+)"
+    found = re.search(pattern, log_text)
+    where = Path(found.group(2))
     src = Prepared(where.parent.parent)
-    ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
+    stored_rows, ids, logq = np.load(where / "rows.npy"), np.load(where / "ids.npy"), np.load(where / "logp.npy")
+    assert len(stored_rows) == int(found.group(1)) == 16  # 4 steps x 4 rows: the rows the steps visit, not all 55
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32).eval()
     total, tokens = 0.0, 0
     for rank in range(2):
@@ -507,7 +510,9 @@ def _check_corrective_targets(log_text: str, start: Path, loss_step_1: float, ta
         logp_all = torch.log_softmax(logits.double(), -1)
         labels = torch.from_numpy(rows["labels"][:, 1:]).long()
         mask = labels != -100
-        stored_ids, stored = torch.from_numpy(ids[idx]).long(), torch.from_numpy(logq[idx]).double()
+        slots = np.searchsorted(stored_rows, idx)
+        assert (stored_rows[slots] == idx).all()
+        stored_ids, stored = torch.from_numpy(ids[slots]).long(), torch.from_numpy(logq[slots]).double()
         assert bool((stored_ids == labels[..., None]).any(-1)[mask].all())  # the label is always stored
         assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)
         best = torch.topk(logp_all, 31, dim=-1).values

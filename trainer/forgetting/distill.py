@@ -43,19 +43,30 @@ from trainer.objectives import head
 log = logging.getLogger("trainer")
 
 
-def teacher_dir(src: Prepared, key: str, k: int, kind: str = "distill") -> Path:
-    return src.directory / kind / f"{key}-top{k}"
+def teacher_dir(src: Prepared, key: str, k: int) -> Path:
+    return src.directory / "distill" / f"{key}-top{k}"
 
 
-def _stored(where: Path, key: str, k: int, kind: str = "distill") -> Optional[Tuple[np.ndarray, np.ndarray]]:
+def _stored(where: Path, key: str, k: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
     """The stored top-k (memory-mapped) when every rank sees them, else None. Collective."""
     missing = torch.tensor([0.0 if (where / "logp.npy").exists() else 1.0], dtype=torch.float64)
     distributed.all_reduce_sum(missing)
     if missing.item():
         return None
     ids, logp = np.load(where / "ids.npy", mmap_mode="r"), np.load(where / "logp.npy", mmap_mode="r")
-    log.info("regularizer.%s: the teacher's top-%d of %d rows reused (teacher %s)", kind, k, len(ids), key)
+    log.info("regularizer.distill: the teacher's top-%d of %d rows reused (teacher %s)", k, len(ids), key)
     return ids, logp
+
+
+def write_arrays(where: Path, arrays: Dict[str, np.ndarray]) -> None:
+    """Write `arrays` as <name>.npy into the directory `where`, atomically: a reader sees all or none."""
+    tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, value in arrays.items():
+        np.save(tmp / f"{name}.npy", value)
+    shutil.rmtree(where, ignore_errors=True)
+    os.replace(tmp, where)
 
 
 def attach(
@@ -68,29 +79,20 @@ def attach(
     world_size: int,
     device: torch.device,
     writer: bool,
-    kind: str = "distill",
 ) -> Tuple[np.ndarray, np.ndarray]:
     """The teacher's top-k ids and log-probs for every row of `src`: read when every rank has them,
     else computed now by all ranks with the engine's current weights and written by the `writer`s
-    (one process per node). Collective. kind "mft": each position's label is among the k
-    (trainer/forgetting/mft.py), stored apart from distill's."""
-    where = teacher_dir(src, key, k, kind)
-    stored = _stored(where, key, k, kind)
+    (one process per node). Collective."""
+    where = teacher_dir(src, key, k)
+    stored = _stored(where, key, k)
     if stored is not None:
         return stored
     started = time.time()
-    ids, logp = _score(engine, src, k, micro_batch_size, rank, world_size, device, with_labels=kind == "mft")
+    ids, logp = score_rows(engine, src, k, micro_batch_size, rank, world_size, device)
     if writer:
-        tmp = where.with_name(f".{where.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        np.save(tmp / "ids.npy", ids)
-        np.save(tmp / "logp.npy", logp)
-        shutil.rmtree(where, ignore_errors=True)
-        os.replace(tmp, where)  # atomic: a reader sees both arrays or none
+        write_arrays(where, {"ids": ids, "logp": logp})
     log.info(
-        "regularizer.%s: the teacher's top-%d of %d rows computed once in %.1f s (teacher %s, %.1f MB) -> %s",
-        kind,
+        "regularizer.distill: the teacher's top-%d of %d rows computed once in %.1f s (teacher %s, %.1f MB) -> %s",
         k,
         len(ids),
         time.time() - started,
@@ -102,11 +104,23 @@ def attach(
 
 
 @torch.no_grad()
-def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, world_size: int, device, with_labels: bool):
-    """Every row's top-k under the engine's current weights. Every rank runs the same number of
-    forwards (ZeRO-3 gathers parameters collectively): its rows, or a repeat of row 0 whose result is
-    dropped; the ranks' parts are summed (each row is written by one rank)."""
-    n, width = len(src), src.input_ids.shape[1] - 1
+def score_rows(
+    engine,
+    src: Prepared,
+    k: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device,
+    with_labels: bool = False,
+    which: Optional[Sequence[int]] = None,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """The top-k of rows `which` of `src` (default: every row) under the engine's current weights,
+    [len(which), seq - 1, k]; with_labels: each position's label among them. Every rank runs the same
+    number of forwards (ZeRO-3 gathers parameters collectively): its rows, or a repeat of the first
+    whose result is dropped; the ranks' parts are summed (each row is written by one rank). Collective."""
+    which = list(range(len(src))) if which is None else [int(i) for i in which]
+    n, width = len(which), src.input_ids.shape[1] - 1
     ids = torch.zeros(n, width, k, dtype=torch.int32)
     logp = torch.zeros(n, width, k, dtype=torch.float32)
     per_round = micro_batch_size * world_size
@@ -115,7 +129,7 @@ def _score(engine, src: Prepared, k: int, micro_batch_size: int, rank: int, worl
     for r in range(-(-n // per_round)):
         first = r * per_round + rank * micro_batch_size
         idx = [i for i in range(first, first + micro_batch_size) if i < n]
-        rows = {key: torch.from_numpy(v) for key, v in src.rows(idx or [0]).items()}
+        rows = {key: torch.from_numpy(v) for key, v in src.rows([which[i] for i in idx] or which[:1]).items()}
         top_ids, top_logp = head.teacher_topk(engine, rows, device, k, with_labels)
         if idx:
             ids[idx], logp[idx] = top_ids.int().cpu(), top_logp.float().cpu()

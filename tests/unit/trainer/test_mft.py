@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.cli import load_config
-from trainer.forgetting.mft import CorrectedTargets
+from trainer.forgetting.mft import CorrectedTargets, rows_needed
 from trainer.objectives.distill import corrected_targets, sparse_kl, topk_logprobs
 
 IGNORE = -100
@@ -112,33 +112,49 @@ class _Inner:
 
     rows_per_step = 2
 
-    def __init__(self, labels: torch.Tensor) -> None:
-        self.labels = labels
+    def __init__(self, labels: torch.Tensor, rows) -> None:
+        self.labels, self.rows_of = labels, rows
 
     def micro_batches(self, step):
-        return [{"labels": self.labels.clone(), "source": torch.tensor([1, 0]), "row": torch.tensor([step, 2])}]
+        return [{"labels": self.labels.clone(), "source": torch.tensor([1, 0]), "row": torch.tensor(self.rows_of)}]
 
     def rows(self, step):
-        return [[(1, step), (0, 2)]]
+        return [[(1, self.rows_of[0]), (0, self.rows_of[1])]]
 
 
 def test_each_micro_batch_gets_the_targets_of_its_own_rows_and_sources():
     g = np.random.default_rng(0)
     teachers = []
-    for _ in range(2):  # 4 rows of width 7, top 3
-        logq = np.log(np.full((4, 7, 3), 0.2, dtype=np.float32))
-        teachers.append((g.integers(0, 30, (4, 7, 3)).astype(np.int32), logq))
+    for stored in ([3, 5, 9], [2, 7]):  # the rows stored per source; 4 positions of width 7, top 3
+        ids = g.integers(0, 30, (len(stored), 7, 3)).astype(np.int32)
+        teachers.append((np.asarray(stored), ids, np.log(np.full((len(stored), 7, 3), 0.2, dtype=np.float32))))
     labels = torch.full((2, 5), IGNORE)
-    labels[0, 1:] = torch.from_numpy(teachers[1][0][1, :4, 0])  # row 1 of source 1: the label is slot 0
-    labels[1, 1:] = torch.from_numpy(teachers[0][0][2, :4, 2])
-    source = CorrectedTargets(_Inner(labels), teachers, tau=0.5)
-    (batch,) = source.micro_batches(1)
-    assert torch.equal(batch["target_ids"][0], torch.from_numpy(teachers[1][0][1, :4]).long())
-    assert torch.equal(batch["target_ids"][1], torch.from_numpy(teachers[0][0][2, :4]).long())
+    labels[0, 1:] = torch.from_numpy(teachers[1][1][1, :4, 0])  # row 7 of source 1 (slot 1): the label is slot 0
+    labels[1, 1:] = torch.from_numpy(teachers[0][1][2, :4, 2])  # row 9 of source 0 (slot 2)
+    source = CorrectedTargets(_Inner(labels, [7, 9]), teachers, tau=0.5, names=["main", "replay"])
+    (batch,) = source.micro_batches(0)
+    assert torch.equal(batch["target_ids"][0], torch.from_numpy(teachers[1][1][1, :4]).long())
+    assert torch.equal(batch["target_ids"][1], torch.from_numpy(teachers[0][1][2, :4]).long())
     q = batch["target_logp"].exp()
     assert torch.allclose(q[0, :, 0], torch.full((4,), 0.5)) and torch.allclose(q[1, :, 2], torch.full((4,), 0.5))
     assert torch.allclose(q[0, :, 1], torch.full((4,), 0.2 * 0.5 / 0.8))  # (1 − τ)/(1 − q_y)
-    assert source.rows(1) == [[(1, 1), (0, 2)]] and source.rows_per_step == 2
+    assert source.rows(0) == [[(1, 7), (0, 9)]] and source.rows_per_step == 2
+    # a row the start's pass did not cover (a resume laid the stream out otherwise) stops, naming it
+    missing = CorrectedTargets(_Inner(labels, [7, 4]), teachers, tau=0.5, names=["main", "replay"])
+    with pytest.raises(RuntimeError, match="row 4 of source main has no stored target: .* the 3 rows its steps"):
+        missing.micro_batches(0)
+
+
+def test_the_rows_needed_are_those_the_steps_visit():
+    class Src:
+        def __init__(self, n):
+            self.filled = np.full(n, 10)
+
+    one = rows_needed([Src(50)], [1.0], 1234, 8)
+    assert len(one) == 1 and len(one[0]) == 8 and set(one[0]) <= set(range(50))
+    assert len(rows_needed([Src(5)], [1.0], 1234, 12)[0]) == 5  # past an epoch: every row, once
+    two = rows_needed([Src(40), Src(40)], [0.75, 0.25], 1234, 16)
+    assert (len(two[0]), len(two[1])) == (12, 4)
 
 
 def test_the_config_refuses_what_cannot_work():
