@@ -33,7 +33,7 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
             str(reduced_dir),
             "--smoke",
             "--only",
-            "replay,ewc_replay,distill",
+            "replay,ewc_replay,combined",
             "--keep-runs",
             "--out",
             str(tmp_path),
@@ -69,10 +69,12 @@ def test_real_profile_scores_each_fine_tune_and_its_interpolations(reduced_dir, 
     log = (tmp_path / "logs" / "ewc_replay_chat_lam1_0.25_sampled.log").read_text()
     assert "EWC: Fisher from 1 reference batches (sampled labels)" in log
     assert ("ewc_replay chat λ=1 0.25 sampled", "1") in points
-    # distillation toward the start on the same chats: the teacher's top-k computed once, the penalty logged
-    log = (tmp_path / "logs" / "distill_lam1.log").read_text()
+    # corrective targets on the domain rows with distillation toward the start on the same chats: the
+    # start's top-k of both computed once before the first step
+    log = (tmp_path / "logs" / "mft_tau0.5_and_distill_lam1.log").read_text()
     assert "regularizer.distill: the teacher's top-32 of" in log and report["rehearsal"]["path"] in log
-    assert ("distill λ=1", "1") in points
+    assert "regularizer.mft: the start's top-32 of 2 rows of source main computed once" in log
+    assert ("mft τ=0.5 + distill λ=1", "1") in points
     assert len(groups) == 6  # {0.5, 1}^3 minus the two uniform corners
     ref = points[("none", "1")]
     assert ref["removed_by"]["kl"] == pytest.approx(0.0) and ref["kept"] in (None, pytest.approx(1.0))
