@@ -171,20 +171,20 @@ def test_fortune_files_become_one_document_per_entry(tmp_path):
 
 def test_profiles_fill_what_the_command_line_leaves_out():
     real = forgetting.parse_args(["--model", "smollm2_135m", "--general", "g", "--domain", "d", "--out", "x"])
-    assert (real.steps, real.lr, real.micro_batch, real.alphas) == (20, 1e-4, 1, [0.75, 0.5, 0.25])
-    assert [s.name for s in forgetting.settings(real)] == [
+    assert (real.steps, real.lr, real.micro_batch, real.alphas, real.task_limit) == (20, 1e-4, 1, [0.75], 100)
+    # the default: the contenders beside plain tuning (chat replay needs the rehearsal file)
+    assert [s.name for s in forgetting.settings(real, rehearsal="/r.jsonl")] == [
         "none",
-        "none lr=2.5e-05",
-        "replay 0.1",
-        "replay 0.25",
-        "replay 0.5",
-        "ewc λ=0.01",
-        "ewc λ=0.1",
-        "ewc_replay λ=0.01 0.25",
+        "replay chat 0.25",
         "distill λ=1",
         "mft τ=0.5",
-        "mft τ=0.25",
-        "freeze 6",
+        "mft τ=0.5 + distill λ=1",
+    ]
+    assert [s.dirname for s in forgetting.settings(real, rehearsal="/r.jsonl")][1:] == [
+        "replay_chat_0.25",
+        "distill_lam1",
+        "mft_tau0.5",
+        "mft_tau0.5_and_distill_lam1",
     ]
     chat = forgetting.settings(real, rehearsal="/r.jsonl")
     distill = next(x for x in chat if x.family == "distill")
@@ -205,7 +205,6 @@ def test_profiles_fill_what_the_command_line_leaves_out():
     tiny = forgetting.settings(forgetting.parse_args(["--out", "x", "--general", "g", "--domain", "d"]))
     lines = next(x for x in tiny if x.family == "lines")  # tiny: α 0, 0.25, 0.5 (α + β <= 1) as LiNeS (α, 0.5)
     assert "regularizer.interpolation.alphas=[0,0.25,0.5]" in lines.overrides
-    assert [s.dirname for s in forgetting.settings(real)][1:3] == ["none_lr2.5e-05", "replay_0.1"]
     given = forgetting.parse_args(
         [
             "--model",
@@ -262,6 +261,8 @@ def test_profiles_fill_what_the_command_line_leaves_out():
             "0",
             "--chat-ewc-replay-ratio",
             "0.1",
+            "--only",
+            "replay,ewc,ewc_replay,distill,mft,freeze",
         ]
     )
     runs = forgetting.settings(study, Path("r.jsonl"))
@@ -274,7 +275,6 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "ewc_replay chat λ=0.1 0.1",
         "distill λ=1",
         "mft τ=0.5",
-        "mft τ=0.25",
         "freeze 6",
     ]
     # the chats are the Fisher's data too: fisher_data unset, so the replay's path and objective
@@ -291,7 +291,6 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         ("ewc_replay chat", "0.1 0.1"),
         ("distill (KL to the start) on own chat answers", "1"),
         ("mft (corrective targets)", "0.5"),
-        ("mft (corrective targets)", "0.25"),
         ("freeze first blocks", "6"),
     ]
     assert runs[2].overrides == [
