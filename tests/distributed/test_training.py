@@ -417,6 +417,25 @@ def test_distillation_from_another_teacher_builds_it_alone_first(straight_run, t
     assert all(v > 0 for v in series(read_metrics(tmp_path / "kd"), "reg/distill_penalty").values())
 
 
+def _full_logprobs(model, src, idx):
+    """`model`'s next-token log-probs [rows, seq - 1, V] (fp64, from full logits) on rows `idx` of the
+    prepared source `src`, and their labels [rows, seq - 1]."""
+    rows = src.rows(idx)
+    with torch.no_grad():
+        logits = model(
+            input_ids=torch.from_numpy(rows["input_ids"]),
+            position_ids=torch.from_numpy(rows["position_ids"]),
+            use_cache=False,  # no cache: the position ids then keep packed documents apart
+        ).logits[:, :-1]
+    return torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:]).long()
+
+
+def _coarse_kl(q_k: torch.Tensor, p_k: torch.Tensor) -> torch.Tensor:
+    """KL between two distributions given over the same k classes, each with its rest as one more class."""
+    q_r, p_r = (1 - q_k.sum(-1)).clamp_min(0), 1 - p_k.sum(-1)
+    return (q_k * (q_k.log() - p_k.log())).sum(-1) + torch.where(q_r > 0, q_r * (q_r.log() - p_r.log()), 0.0)
+
+
 def _check_teacher_arrays(log_text: str, teacher: Path):
     """The stored top-k (named by the run's log) against `teacher`'s full logits on the first rows."""
     import re
@@ -429,14 +448,8 @@ def _check_teacher_arrays(log_text: str, teacher: Path):
     src = Prepared(where.parent.parent)
     ids, logq = np.load(where / "ids.npy"), np.load(where / "logp.npy")
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
-    rows = src.rows(list(range(4)))
-    with torch.no_grad():
-        logits = model(
-            input_ids=torch.from_numpy(rows["input_ids"]),
-            position_ids=torch.from_numpy(rows["position_ids"]),
-            use_cache=False,  # no cache: the position ids then keep packed documents apart
-        ).logits[:, :-1]
-    logp_all, mask = torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:] != -100)
+    logp_all, labels = _full_logprobs(model, src, list(range(4)))
+    mask = labels != -100
     stored_ids, stored = torch.from_numpy(ids[:4]).long(), torch.from_numpy(logq[:4]).double()
     assert torch.allclose(stored[mask], torch.topk(logp_all, 32, dim=-1).values[mask], atol=1e-5)  # the k largest
     assert torch.allclose(logp_all.gather(-1, stored_ids)[mask], stored[mask], atol=1e-5)  # of these tokens
@@ -453,28 +466,16 @@ def _check_distillation(log_text: str, start: Path, out: Path, penalty: dict, we
     from trainer.forgetting.distill import DistillSource
 
     where, src, ids, logq, model = _check_teacher_arrays(log_text, start)
-
-    def forward(idx):
-        rows = src.rows(idx)
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.from_numpy(rows["input_ids"]),
-                position_ids=torch.from_numpy(rows["position_ids"]),
-                use_cache=False,
-            ).logits[:, :-1]
-        return torch.log_softmax(logits.double(), -1), torch.from_numpy(rows["labels"][:, 1:] != -100)
-
     assert abs(penalty[1]) < 1e-6, penalty  # step 1: the model is its teacher
 
     model.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(out / "checkpoints"), tag="step_00000002"))
     total, tokens = 0.0, 0
     for rank in range(2):
         idx = DistillSource(SimpleNamespace(rows_per_step=0), src, (ids, logq), 2, weight, rank, 2, 1234).indices(2)
-        logp_all, mask = forward(idx)
+        logp_all, labels = _full_logprobs(model, src, idx)
+        mask = labels != -100
         q_ids, q = torch.from_numpy(ids[idx]).long(), torch.from_numpy(logq[idx]).double().exp()
-        p_k = logp_all.gather(-1, q_ids).exp()
-        q_r, p_r = (1 - q.sum(-1)).clamp_min(0), 1 - p_k.sum(-1)
-        kl = (q * (q.log() - p_k.log())).sum(-1) + torch.where(q_r > 0, q_r * (q_r.log() - p_r.log()), 0.0)
+        kl = _coarse_kl(q, logp_all.gather(-1, q_ids).exp())
         total, tokens = total + float(kl[mask].sum()), tokens + int(mask.sum())
     assert penalty[3] == pytest.approx(weight * total / tokens, rel=1e-5, abs=1e-9), (penalty, weight * total / tokens)
 
@@ -500,15 +501,7 @@ def _check_corrective_targets(log_text: str, start: Path, loss_step_1: float, ta
     total, tokens = 0.0, 0
     for rank in range(2):
         idx = [row for _, row in StepLoader([src], [1.0], 2, 1, rank, 2, 1234).rows(0)[0]]
-        rows = src.rows(idx)
-        with torch.no_grad():
-            logits = model(
-                input_ids=torch.from_numpy(rows["input_ids"]),
-                position_ids=torch.from_numpy(rows["position_ids"]),
-                use_cache=False,
-            ).logits[:, :-1]
-        logp_all = torch.log_softmax(logits.double(), -1)
-        labels = torch.from_numpy(rows["labels"][:, 1:]).long()
+        logp_all, labels = _full_logprobs(model, src, idx)
         mask = labels != -100
         slots = np.searchsorted(stored_rows, idx)
         assert (stored_rows[slots] == idx).all()
@@ -521,8 +514,6 @@ def _check_corrective_targets(log_text: str, start: Path, loss_step_1: float, ta
         q_y = q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
         target = torch.where((q_y < tau)[..., None], q * ((1 - tau) / (1 - q_y))[..., None], q)
         target.scatter_(-1, labels.clamp_min(0)[..., None], torch.maximum(q_y, torch.full_like(q_y, tau))[..., None])
-        t_k, p_k = target.gather(-1, stored_ids), q.gather(-1, stored_ids)
-        t_r, p_r = (1 - t_k.sum(-1)).clamp_min(0), 1 - p_k.sum(-1)
-        kl = (t_k * (t_k.log() - p_k.log())).sum(-1) + torch.where(t_r > 0, t_r * (t_r.log() - p_r.log()), 0.0)
+        kl = _coarse_kl(target.gather(-1, stored_ids), q.gather(-1, stored_ids))
         total, tokens = total + float(kl[mask].sum()), tokens + int(mask.sum())
     assert loss_step_1 == pytest.approx(total / tokens, rel=1e-5), (loss_step_1, total / tokens)

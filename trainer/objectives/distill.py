@@ -25,6 +25,7 @@ dense. `topk_logprobs` makes the teacher's side the same way, without gradients.
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -202,5 +203,5 @@ def corrected_targets(ids: torch.Tensor, logq: torch.Tensor, targets: torch.Tens
     others = torch.where(
         factor[..., None] > 0, logq64 + factor.clamp_min(1e-300).log()[..., None], torch.full_like(logq64, LOG_ZERO)
     )
-    raised = torch.where(raise_[..., None], torch.where(slot, float(torch.log(torch.tensor(tau))), others), logq64)
+    raised = torch.where(raise_[..., None], torch.where(slot, math.log(tau), others), logq64)
     return raised.float()
