@@ -38,13 +38,13 @@ from trainer.checkpointing.export import Export
 from trainer.components import BatchSource, Component
 from trainer.config import Config
 from trainer.config import config_tree as plain_config_tree
-from trainer.data import TrainingData, prepare_data
+from trainer.data import TrainingData, cache_dir, prepare_data, prepare_own_answers
 from trainer.engine.deepspeed_config import build_deepspeed_config
 from trainer.engine.model import build_model, count_parameters, model_config
 from trainer.engine.optim import build_optimizer
 from trainer.engine.tokenizer import load_tokenizer
 from trainer.evaluate import Evaluation
-from trainer.forgetting import distill, freezing, interpolation, mft
+from trainer.forgetting import distill, freezing, interpolation, mft, rehearsal
 from trainer.forgetting.ewc import EWC
 from trainer.objectives import Objective, build_objective, reference
 from trainer.observability.generation import Generator
@@ -112,6 +112,17 @@ def build(cfg: Config) -> Run:
         harness.check_tasks(cfg.eval.harness.tasks, tasks)
         harness.check_tasks(cfg.eval.harness.chat_tasks, tasks, chat=True, tokenizer=tokenizer)
     distilling = cfg.regularizer.distill.enabled
+    if distilling and cfg.regularizer.distill.prompts:  # checked before any data or weights are read
+        try:
+            rehearsal.read_prompts(Path(cfg.regularizer.distill.prompts))
+        except (FileNotFoundError, ValueError) as e:
+            raise type(e)(f"regularizer.distill.prompts: {e}") from None
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"regularizer.distill.prompts={cfg.regularizer.distill.prompts}: the start answers them as chat "
+                f"turns, and the tokenizer of model.name_or_path={cfg.model.name_or_path} has no chat template; "
+                "set model.chat_template, or distill on a file (regularizer.distill.data)"
+            )
     ds_config = build_deepspeed_config(
         cfg.deepspeed, t, dist.world_size, dist.on_gpu, extra_micro_batches=int(distilling)
     )
@@ -153,7 +164,24 @@ def build(cfg: Config) -> Run:
             writer=dist.local_rank == 0,
         )
 
-    # regularizer.distill's teacher is by default the stage's start too: its top-k, computed now, once.
+    # regularizer.distill's teacher is by default the stage's start too: its top-k, computed now, once,
+    # on its own answers to regularizer.distill.prompts when those are the distill data.
+    if distilling and cfg.regularizer.distill.prompts:
+        d = cfg.regularizer.distill
+        answers = rehearsal.own_answers(
+            engine,
+            tokenizer,
+            d.prompts,
+            start,
+            cache_dir(cfg),
+            d.answer_tokens,
+            d.keep_cut_off,
+            d.answer_batch_size,
+            dist.rank,
+            dist.world_size,
+            dist.local_rank,
+        )
+        data.distill = prepare_own_answers(cfg, tokenizer, str(answers), dist.local_rank == 0, dist.is_main)
     if distilling and teacher is None:
         teacher = distill.attach(
             engine,

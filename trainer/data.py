@@ -81,7 +81,7 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
             **kw,
         )
     distill = None
-    if reg.distill.enabled:
+    if reg.distill.enabled and reg.distill.prompts is None:  # own answers: prepared once generated (build.py)
         if reg.distill.data is not None:
             path, opts = reg.distill.data, options(cfg, "auto", reg.distill.objective or token)
         else:  # the replay data, prepared as replay prepares it
@@ -99,6 +99,14 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
             _counts(src.stats),
         )
     return TrainingData([s[0] for s in specs], sources, [s[3] for s in specs], eval_sets, fisher, distill)
+
+
+def prepare_own_answers(cfg: Config, tokenizer, path: str, preparer: bool, progress: bool) -> Prepared:
+    """regularizer.distill.prompts' answers (a messages JSONL the engine wrote) prepared as distill data:
+    the KL on the answers (objective instruct) unless regularizer.distill.objective says otherwise."""
+    objective = cfg.regularizer.distill.objective or StageObjective.instruct
+    kw = dict(cache_dir=cache_dir(cfg), preparer=preparer, timeout_s=cfg.data.prepare_timeout_s, progress=progress)
+    return prepare(path, tokenizer, options(cfg, "auto", objective), **kw)
 
 
 def _eval_objective(cfg: Config, path: str):

@@ -307,6 +307,31 @@ SETTINGS = ["general practice", "the emergency department", "the medical admissi
             "an out-of-hours service", "the community nursing team"]
 
 
+# General chat prompts (general_prompts.txt): what a chat model is asked every day, on topics of their
+# own (none of the general text's, the medical data's or the bundled lm-eval tasks'), for the model's
+# own answers to be distilled on while it is fine-tuned (regularizer.distill.prompts). No format
+# constraints: the instruction-following task (fullft_ifeval) probes those.
+PROMPT_TOPICS = [
+    "how glaciers form", "why leaves change colour in autumn", "how a compass works", "the rules of football",
+    "how to start a vegetable garden", "what an atom is made of", "how a refrigerator keeps food cold",
+    "the difference between weather and climate", "how to write a good email", "why we have seasons",
+    "how a camera takes a picture", "the causes of earthquakes", "how to plan a weekly budget",
+    "what makes a good friend", "how airplanes stay in the air", "the life cycle of a butterfly",
+    "how to prepare for a job interview", "what electricity is", "how to learn to swim", "the invention of paper",
+    "why the ocean is salty", "how vaccines were first discovered", "what a desert is", "how to make a cup of tea",
+    "the history of the Olympic Games", "how a bridge carries weight", "what an election is",
+    "how to take care of a houseplant", "why cats purr", "how a map shows height", "what inflation means",
+    "how to read a timetable", "the first steps of a new hobby", "how sound travels", "what a museum does",
+    "how a lighthouse helps ships", "why some animals hibernate", "how to organise a small party",
+    "what a volcano island is", "how to keep a conversation going",
+]
+PROMPT_TASKS = [  # short answers: one cut off by regularizer.distill.answer_tokens is dropped
+    "Explain {t} in a few sentences.",
+    "In a short paragraph, tell me the most important things to know about {t}.",
+    "I am a beginner. Briefly, can you help me understand {t}?",
+]
+
+
 def cap(s: str) -> str:
     return s[0].upper() + s[1:]
 
@@ -412,6 +437,10 @@ def main() -> None:
     grng.shuffle(gen_docs)
     (HERE / "general_text.txt").write_text("\n\n".join(gen_docs[:-12]) + "\n")
     (HERE / "general_text_heldout.txt").write_text("\n\n".join(gen_docs[-12:]) + "\n")
+    # General prompts: every topic asked by a task in turn (no randomness: the file is stable as edited).
+    prompts = [PROMPT_TASKS[i % len(PROMPT_TASKS)].format(t=t) for i, t in enumerate(PROMPT_TOPICS)]
+    prompts += [PROMPT_TASKS[(i + 1) % len(PROMPT_TASKS)].format(t=t) for i, t in enumerate(PROMPT_TOPICS)]
+    (HERE / "general_prompts.txt").write_text("\n".join(prompts) + "\n")
     # QA: each (condition, aspect) pair asked in several phrasings; one pair per condition held out.
     train, heldout = [], []
     for c in conditions:

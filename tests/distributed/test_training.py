@@ -417,6 +417,46 @@ def test_distillation_from_another_teacher_builds_it_alone_first(straight_run, t
     assert all(v > 0 for v in series(read_metrics(tmp_path / "kd"), "reg/distill_penalty").values())
 
 
+def test_distillation_on_the_starts_own_answers_made_by_the_zero3_ranks(straight_run, tmp_path):
+    """regularizer.distill.prompts from the reference run's export, 2 ZeRO-3 ranks: the ranks answer
+    their share of the prompts in batches and gather them; the answers equal the export's own greedy
+    answers made one prompt at a time in one process (launch/rehearse.py's way); the KL is on them;
+    a second run from the same start reuses the stored answers."""
+    import re
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.forgetting import rehearsal
+
+    start = straight_run[0] / "hf"
+    prompts = ["What is a river?", "Name a colour.", "Say hello.", "How do bees make honey?", "Why is the sea blue?"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    common = QUICK + [
+        f"model.name_or_path={start}",
+        "trainer.micro_batch_size=2",
+        "trainer.export_hf=false",
+        "regularizer.distill.weight=1",
+        f"regularizer.distill.prompts={tmp_path / 'prompts.txt'}",
+        "regularizer.distill.answer_tokens=8",
+        "regularizer.distill.keep_cut_off=true",  # the tiny model seldom ends its turn within 8 tokens
+        "regularizer.distill.answer_batch_size=2",  # 3 batches: rank 0 answers two, rank 1 one and a stand-in
+        f"data.cache_dir={tmp_path / 'cache'}",
+    ]
+    proc = run_train(LAUNCHER, common + ["trainer.max_steps=2", f"output_dir={tmp_path / 'a'}"])
+    check(proc)
+    found = re.search(r"own answers to 5 prompts generated in .* -> (\S+)", proc.stdout + proc.stderr)
+    assert found, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in Path(found.group(1)).read_text(encoding="utf-8").splitlines()]
+    tok = AutoTokenizer.from_pretrained(start)
+    model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+    assert records == [rehearsal.record(a) for a in rehearsal.answers(model, tok, prompts, 8)]
+    assert all(v > 0 for k, v in series(read_metrics(tmp_path / "a"), "reg/distill_penalty").items() if k > 1)
+
+    proc = run_train(LAUNCHER, common + ["trainer.max_steps=1", f"output_dir={tmp_path / 'b'}"])
+    check(proc)
+    assert f"own answers to 5 prompts, stored -> {found.group(1)}" in proc.stdout + proc.stderr
+
+
 def _full_logprobs(model, src, idx):
     """`model`'s next-token log-probs [rows, seq - 1, V] (fp64, from full logits) on rows `idx` of the
     prepared source `src`, and their labels [rows, seq - 1]."""

@@ -10,18 +10,30 @@ answers are generated one prompt at a time, greedy by default (no padding inside
 answer is the model's alone), and an answer cut off by max_new_tokens is dropped and counted: training
 on it would teach the model to end its turn mid-sentence.
 
-This runs one process on one device (fine for models that fit one; for larger ones, write the same
-JSONL with your inference server: one {"messages": [user, assistant]} record a line).
+Two ways to make it:
+- inside a stage, by the training engine itself (`regularizer.distill.prompts`): `own_answers` has every
+  ZeRO-3 rank generate its share of the prompts at the stage's start, before the first step, and the
+  answers become the stage's distillation data. Cached by the start's weights and the prompts, so a
+  rerun or a resume reuses them; any model the trainer can train can answer, 70B included;
+- before a stage, by `launch/rehearse.py`: one process on one device, `answers` below, for a JSONL to
+  replay or distil on (or write the same JSONL with your inference server: one
+  {"messages": [user, assistant]} record a line).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
+
+log = logging.getLogger("trainer")
 
 
 @dataclass
@@ -139,3 +151,116 @@ def record(answer: Answer, system_prompt: Optional[str] = None) -> dict:
         "messages": messages
         + [{"role": "user", "content": answer.prompt}, {"role": "assistant", "content": answer.text}]
     }
+
+
+@torch.no_grad()
+def answers_on_engine(
+    engine,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    system_prompt: Optional[str] = None,
+) -> List[Answer]:
+    """The engine's greedy answer to every prompt, in prompt order, on every rank. Collective: the
+    prompts are sorted by length into left-padded batches of `batch_size`, the batches dealt to the
+    ranks in turn, every rank runs the same number of `generate` calls (a rank with no batch left
+    answers the first prompt again and drops it; `synced_gpus` keeps a finished rank stepping until all
+    are done) and the answers are gathered."""
+    from trainer import distributed
+    from trainer.observability.generation import generate_left_padded
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("the tokenizer has no chat template: own answers are chat turns; use a chat model")
+    ids = [_chat_ids(tokenizer, p, system_prompt) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    ends = {tokenizer.eos_token_id} | set(_as_list(getattr(engine.module.generation_config, "eos_token_id", None)))
+    mine: Dict[int, Answer] = {}
+    for first in range(0, len(batches), world_size):
+        at = first + rank
+        chunk = batches[at] if at < len(batches) else order[:1]
+        rows = generate_left_padded(
+            engine, [ids[i] for i in chunk], tokenizer, max_new_tokens, do_sample=False,
+            eos_token_id=sorted(ends - {None}),
+        )  # fmt: skip
+        if at >= len(batches):
+            continue
+        for i, row in zip(chunk, rows):
+            cut = next((n for n, t in enumerate(row) if t in ends), None)
+            out = row if cut is None else row[: cut + 1]  # the end-of-turn token is part of the answer
+            text = tokenizer.decode(out, skip_special_tokens=True).strip()
+            mine[i] = Answer(prompts[i], ids[i], list(out), text, cut is not None)
+    merged = {k: v for part in distributed.all_gather_object(mine) for k, v in part.items()}
+    return [merged[i] for i in range(len(prompts))]
+
+
+def _as_list(value) -> List[int]:
+    return [] if value is None else [value] if isinstance(value, int) else list(value)
+
+
+def own_answers(
+    engine,
+    tokenizer,
+    prompts_path: str,
+    start_key: str,
+    cache_dir: str,
+    max_new_tokens: int,
+    keep_cut_off: bool,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    system_prompt: Optional[str] = None,
+) -> Path:
+    """The stage's start's answers to the prompts in `prompts_path` as a messages JSONL, generated now
+    by the engine (`answers_on_engine`) unless already stored under `cache_dir`, keyed by the start's
+    weights (`start_key`), the prompts and the generation settings. Answers cut off at max_new_tokens
+    are dropped and counted unless `keep_cut_off`. Collective; every node's first process writes the
+    file where it does not see it (a shared filesystem gets it once)."""
+    from trainer import distributed
+
+    prompts = read_prompts(Path(prompts_path))
+    if not prompts:
+        raise ValueError(f"regularizer.distill.prompts={prompts_path}: no prompts in it")
+    settings = {"prompts": prompts, "max_new_tokens": max_new_tokens, "keep_cut_off": keep_cut_off,
+                "system_prompt": system_prompt}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(cache_dir) / "own_answers" / f"{start_key}-{digest}.jsonl"
+    if distributed.all_gather_object(out.is_file()) == [True] * world_size:
+        log.info("regularizer.distill: the start's own answers to %d prompts, stored -> %s", len(prompts), out)
+        return out
+    started = time.time()
+    got = answers_on_engine(engine, tokenizer, prompts, max_new_tokens, rank, world_size, batch_size, system_prompt)
+    kept = [a for a in got if a.text and (a.finished or keep_cut_off)]
+    if not kept:
+        raise RuntimeError(
+            f"regularizer.distill.prompts={prompts_path}: none of the start's {len(got)} answers ended within "
+            f"regularizer.distill.answer_tokens={max_new_tokens} tokens; raise it, or set "
+            "regularizer.distill.keep_cut_off=true (the answers would then be distilled as cut off)"
+        )
+    text = "".join(json.dumps(record(a, system_prompt), ensure_ascii=False) + "\n" for a in kept)
+    for turn in (rank == 0, local_rank == 0):  # rank 0 first; then any node that does not see its file
+        if turn and not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out)
+        if world_size > 1:
+            distributed.barrier()
+    cut = sum(not a.finished for a in got)
+    log.info(
+        "regularizer.distill: the start's own answers to %d prompts generated in %.1f s: %d kept, %d cut off at "
+        "%d tokens (%s), %d empty -> %s",
+        len(got),
+        time.time() - started,
+        len(kept),
+        cut,
+        max_new_tokens,
+        "kept" if keep_cut_off else "dropped",
+        sum(not a.text for a in got),
+        out,
+    )
+    return out

@@ -29,6 +29,19 @@ def test_the_config_says_what_is_missing_and_what_cannot_combine():
         load_config(["stage=dpo", "data=medical_prefs", "output_dir=/tmp/x"] + on + ["regularizer.distill.data=/g"])
 
 
+def test_own_answers_config_excludes_a_file_and_another_teacher():
+    on = ["regularizer.distill.weight=1", "regularizer.distill.prompts=/p.txt"]
+    cfg = load_config(BASE + on)
+    d = cfg.regularizer.distill
+    assert d.enabled and d.prompts == "/p.txt" and d.answer_tokens == 256 and not d.keep_cut_off
+    with pytest.raises(SystemExit, match=r"prompts=/p.txt and data=/g.txt are both set"):
+        load_config(BASE + on + ["regularizer.distill.data=/g.txt"])
+    with pytest.raises(SystemExit, match=r"prompts with teacher=/t: .*launch/rehearse.py --model <teacher>"):
+        load_config(BASE + on + ["regularizer.distill.teacher=/t"])
+    with pytest.raises(SystemExit, match=r"answer_tokens >= 1 and answer_batch_size >= 1 .*answer_tokens=0"):
+        load_config(BASE + on + ["regularizer.distill.answer_tokens=0"])
+
+
 class _Rows:
     """A prepared source's interface, 10 rows of 6 tokens."""
 
