@@ -546,6 +546,7 @@ REAL_LEAVES_OUT = [
     "with nothing, but a 20-step median says little)",
     "per-group α for any fine-tune but plain fine-tuning (--group-alphas)",
     "more seeds: one training seed per setting (--train-seed reruns with another)",
+    "corrective targets and distillation together (--only combined: dominated in BENCHMARKS.md, ~12 min more)",
 ]
 
 
@@ -1079,9 +1080,9 @@ PROFILES = {
     ),
     # SmolLM2-135M on 2 CPU cores, one rank: ~8 s a 512-token step, ~20 s to score a model on the probe,
     # ~4 min on the lm-eval tasks at 100 items. The default: the contenders of the earlier sweeps (chat
-    # replay, distillation and corrective targets on their own and together) beside plain tuning, each at
-    # α 1 and 0.75, in under an hour; EWC, raw-text replay, a lower LR, freezing and the per-group α grid
-    # by asking (--only, --lams, --replay-ratios, --lower-lrs, --group-alphas).
+    # replay, distillation and corrective targets) beside plain tuning, each at α 1 and 0.75, in under an
+    # hour; the two together, EWC, raw-text replay, a lower LR, freezing and the per-group α grid by
+    # asking (--only, --lams, --replay-ratios, --lower-lrs, --group-alphas).
     "real": dict(
         steps=20,
         lr=1e-4,
@@ -1106,7 +1107,7 @@ PROFILES = {
         lines_betas=[],
         mft_taus=[0.5],
         task_limit=100,
-        only=["replay", "distill", "mft", "combined"],
+        only=["replay", "distill", "mft"],
     ),
     "smoke": dict(
         steps=3,

@@ -178,13 +178,11 @@ def test_profiles_fill_what_the_command_line_leaves_out():
         "replay chat 0.25",
         "distill λ=1",
         "mft τ=0.5",
-        "mft τ=0.5 + distill λ=1",
     ]
     assert [s.dirname for s in forgetting.settings(real, rehearsal="/r.jsonl")][1:] == [
         "replay_chat_0.25",
         "distill_lam1",
         "mft_tau0.5",
-        "mft_tau0.5_and_distill_lam1",
     ]
     chat = forgetting.settings(real, rehearsal="/r.jsonl")
     distill = next(x for x in chat if x.family == "distill")

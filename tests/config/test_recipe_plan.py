@@ -65,7 +65,12 @@ def test_a_model_brings_its_own_numbers_for_each_stage_and_the_command_line_stil
     assert cpt.data.seq_len == instruct.data.seq_len == 512 and cpt.trainer.micro_batch_size == 1
     assert cpt.trainer.optim.lr == instruct.trainer.optim.lr == 1e-5  # the command line's
     assert cpt.model.name_or_path == "/models/smollm2" and instruct.model.name_or_path == "/runs/s/cpt/hf"
-    assert instruct.regularizer.ewc.previous == "/runs/s/cpt" and instruct.eval.baseline_from == "/runs/s/cpt"
+    # cpt: distillation on the start's own answers to the bundled prompts (the best measured setting on
+    # this model), no replay or EWC; instruct: replay + EWC, its Fisher its own (cpt has none to carry)
+    d = cpt.regularizer.distill
+    assert cpt.regularizer.name == "none" and d.weight == 1 and d.prompts.endswith("bundled/general_prompts.txt")
+    assert instruct.regularizer.name == "ewc_replay" and not instruct.regularizer.distill.enabled
+    assert instruct.regularizer.ewc.previous is None and instruct.eval.baseline_from == "/runs/s/cpt"
     lrs = {
         n: c.trainer.optim.lr
         for n, c in plan_for(["+exp=medical", "model=smollm2_135m", "model.name_or_path=/m", "output_dir=/r"]).items()
