@@ -449,7 +449,9 @@ def test_distillation_on_the_starts_own_answers_made_by_the_zero3_ranks(straight
     records = [json.loads(line) for line in Path(found.group(1)).read_text(encoding="utf-8").splitlines()]
     tok = AutoTokenizer.from_pretrained(start)
     model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
-    assert records == [rehearsal.record(a) for a in rehearsal.answers(model, tok, prompts, 8)]
+    alone = list(rehearsal.answers(model, tok, prompts, 8))
+    assert records == [rehearsal.record(a) for a in alone if a.text]  # an empty answer is dropped
+    assert len(records) >= 3
     assert all(v > 0 for k, v in series(read_metrics(tmp_path / "a"), "reg/distill_penalty").items() if k > 1)
 
     proc = run_train(LAUNCHER, common + ["trainer.max_steps=1", f"output_dir={tmp_path / 'b'}"])
