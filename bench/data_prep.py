@@ -15,6 +15,11 @@ model's tokenizer and chat template (stage=sft, packed rows of --seq-len), and r
               scratch files, clean or written back, that the kernel can drop); and the peak RSS
               (ru_maxrss, both together)
 
+With --workers 1,2 (the default) each size is prepared once per worker count (data.prepare_workers),
+each in a fresh process, side by side: tokens/s, the scaling efficiency (tokens/s with N workers over
+N x tokens/s with one), each worker's peak RSS (the pool's processes, sampled from /proc/<pid>/status
+like the parent's) and a hash of the prepared arrays, which must be the same for every count.
+
 Flat memory means RssAnon grows with the corpus only by the per-sample bookkeeping (the lengths
 list while tokenizing, the packing's bins): ~100 bytes a sample, not by the token count.
 
@@ -26,6 +31,7 @@ list while tokenizing, the packing's bins): ~100 bytes a sample, not by the toke
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import resource
 import shutil
@@ -42,9 +48,9 @@ import harness  # noqa: E402
 from harness import ROOT  # noqa: E402
 
 
-def _status_kib() -> Dict[str, int]:
+def _status_kib(path: str = "/proc/self/status") -> Dict[str, int]:
     out = {}
-    with open("/proc/self/status") as f:
+    with open(path) as f:
         for line in f:
             if line.startswith(("VmRSS:", "RssAnon:", "RssFile:", "RssShmem:")):
                 key, value = line.split(":")
@@ -52,11 +58,26 @@ def _status_kib() -> Dict[str, int]:
     return out
 
 
+def _children_rss_kib() -> Dict[int, int]:
+    """VmRSS of each live child process (the preparation's worker pool)."""
+    import multiprocessing
+
+    out = {}
+    for c in multiprocessing.active_children():
+        try:
+            out[c.pid] = _status_kib(f"/proc/{c.pid}/status").get("VmRSS", 0)
+        except OSError:  # exited between the listing and the read
+            pass
+    return out
+
+
 class MemorySampler:
-    """Peak of each /proc/self/status field, sampled every `interval` seconds in a thread."""
+    """Peak of each /proc/self/status field, and of each child's VmRSS, sampled every `interval`
+    seconds in a thread."""
 
     def __init__(self, interval: float = 0.02) -> None:
         self.interval, self.peak = interval, _status_kib()
+        self.children: Dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -64,6 +85,8 @@ class MemorySampler:
         while not self._stop.wait(self.interval):
             for k, v in _status_kib().items():
                 self.peak[k] = max(self.peak.get(k, 0), v)
+            for pid, v in _children_rss_kib().items():
+                self.children[pid] = max(self.children.get(pid, 0), v)
 
     def __enter__(self) -> "MemorySampler":
         self._thread.start()
@@ -94,14 +117,22 @@ def child(args) -> None:
         return wrapper
 
     prep._tokenize_to_disk = timed(prep._tokenize_to_disk, "tokenize_s")
+    if args.force_pool:  # the smoke's corpora are below the size at which a pool starts
+        prep.POOL_MIN_BYTES = 0
     options = prep.PrepareOptions(objective="sft", seq_len=args.seq_len, fmt="alpaca")
     before = _status_kib()
     start = time.perf_counter()
     with MemorySampler() as mem:
-        prepared = prep.prepare(args.path, tokenizer, options, args.cache)
+        prepared = prep.prepare(args.path, tokenizer, options, args.cache, workers=args.workers)
     seconds = time.perf_counter() - start
     stats = prepared.stats
+    digest = hashlib.sha256()
+    for name in ("input_ids.npy", "supervised.npy", "position_ids.npy", "filled.npy"):
+        digest.update((prepared.directory / name).read_bytes())
     result = {
+        "workers": args.workers,
+        "arrays_sha256": digest.hexdigest(),
+        "worker_peak_rss_mib": max(mem.children.values(), default=0) / 1024,
         "records": stats["records"],
         "samples": stats["samples"],
         "rows": stats["rows"],
@@ -128,16 +159,19 @@ def child(args) -> None:
 
 def table(results: List[Dict]) -> str:
     lines = [
-        "| records | tokens | rows (efficiency) | prepare (s) | tokenize / pack+write (s) | tokens/s | records/s "
-        "| RssAnon growth (MiB) | RssFile growth (MiB) | peak RSS (MiB) | output (MiB) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| records | workers | tokens | rows (efficiency) | prepare (s) | tokenize / pack+write (s) | tokens/s "
+        "| scaling | RssAnon growth (MiB) | RssFile growth (MiB) | peak RSS (MiB) | a worker's peak RSS (MiB) "
+        "| output (MiB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
+        worker = f"{r['worker_peak_rss_mib']:.0f}" if r["worker_peak_rss_mib"] else "(in process)"
         lines.append(
-            f"| {r['records']:,} | {r['real_tokens']:,} | {r['rows']:,} ({100 * r['packing_efficiency']:.2f}%) "
-            f"| {r['seconds']:.1f} | {r['tokenize_s']:.1f} / {r['pack_write_s']:.1f} | {r['tokens_per_s']:,.0f} "
-            f"| {r['records_per_s']:,.0f} | {r['anon_growth_mib']:.1f} | {r['file_growth_mib']:.1f} "
-            f"| {r['ru_maxrss_mib']:.0f} | {r['output_mib']:.0f} |"
+            f"| {r['records']:,} | {r['workers']} | {r['real_tokens']:,} | {r['rows']:,} "
+            f"({100 * r['packing_efficiency']:.2f}%) | {r['seconds']:.1f} | {r['tokenize_s']:.1f} / "
+            f"{r['pack_write_s']:.1f} | {r['tokens_per_s']:,.0f} | {r.get('scaling', 1.0):.2f} "
+            f"| {r['anon_growth_mib']:.1f} | {r['file_growth_mib']:.1f} | {r['ru_maxrss_mib']:.0f} | {worker} "
+            f"| {r['output_mib']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -147,6 +181,7 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
     )
     p.add_argument("--sizes", default="50000,200000", help="corpus sizes in records, comma-separated")
+    p.add_argument("--workers", default="1,2", help="worker counts (data.prepare_workers), comma-separated")
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--smoke", action="store_true", help="1,000 and 4,000 records (CI; no claims)")
@@ -158,7 +193,12 @@ def parse_args(argv=None):
     p.add_argument("--path", help=argparse.SUPPRESS)
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--force-pool", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        args.workers = int(args.workers)
+        return args
+    args.workers = [int(w) for w in args.workers.split(",")]
     args.sizes = [1000, 4000] if args.smoke else [int(s) for s in args.sizes.split(",")]
     return args
 
@@ -181,44 +221,44 @@ def main(argv=None) -> Dict:
     for n in args.sizes:
         corpus = out / f"alpaca_{n}.jsonl"
         harness.write_alpaca(corpus, pool, n, args.seed)
-        cache = out / f"cache_{n}"
-        shutil.rmtree(cache, ignore_errors=True)
-        result_file = out / f"result_{n}.json"
-        load = harness.load_average()
-        proc = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--child",
-                "--path",
-                str(corpus),
-                "--cache",
-                str(cache),
-                "--result",
-                str(result_file),
-                "--seq-len",
-                str(args.seq_len),
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-        )
-        if proc.returncode != 0:
-            raise SystemExit(f"preparing {corpus} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        r = {**json.loads(result_file.read_text()), "load_avg_before": load}
-        results.append(r)
-        print(
-            f"  {n:,} records: {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s, RssAnon "
-            f"+{r['anon_growth_mib']:.1f} MiB, "
-            f"RssFile +{r['file_growth_mib']:.1f} MiB, peak RSS {r['ru_maxrss_mib']:.0f} MiB (load {load[0]})",
-            flush=True,
-        )
-        if not args.keep:
+        one = None
+        for w in args.workers:
+            cache = out / f"cache_{n}_w{w}"
             shutil.rmtree(cache, ignore_errors=True)
+            result_file = out / f"result_{n}_w{w}.json"
+            load = harness.load_average()
+            cmd = [sys.executable, __file__, "--child", "--path", str(corpus), "--cache", str(cache)]
+            cmd += ["--result", str(result_file), "--seq-len", str(args.seq_len), "--workers", str(w)]
+            proc = subprocess.run(
+                cmd + (["--force-pool"] if args.smoke else []), cwd=ROOT, capture_output=True, text=True
+            )
+            if proc.returncode != 0:
+                raise SystemExit(f"preparing {corpus} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            r = {**json.loads(result_file.read_text()), "load_avg_before": load}
+            one = one or r
+            r["scaling"] = r["tokens_per_s"] / (r["workers"] * one["tokens_per_s"])
+            if r["arrays_sha256"] != one["arrays_sha256"]:
+                raise SystemExit(
+                    f"{n:,} records: the arrays prepared by {w} workers differ from {one['workers']} worker's "
+                    f"({r['arrays_sha256'][:12]} vs {one['arrays_sha256'][:12]}): the output must not depend on "
+                    "the split"
+                )
+            results.append(r)
+            print(
+                f"  {n:,} records, {w} worker(s): {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s "
+                f"(scaling {r['scaling']:.2f}), RssAnon +{r['anon_growth_mib']:.1f} MiB, RssFile "
+                f"+{r['file_growth_mib']:.1f} MiB, peak RSS {r['ru_maxrss_mib']:.0f} MiB, a worker's peak RSS "
+                f"{r['worker_peak_rss_mib']:.0f} MiB, arrays {r['arrays_sha256'][:12]} (load {load[0]})",
+                flush=True,
+            )
+            if not args.keep:
+                shutil.rmtree(cache, ignore_errors=True)
+        if not args.keep:
             corpus.unlink()
     summary = {}
-    if len(results) >= 2:
-        small, big = results[0], results[-1]
+    single = [r for r in results if r["workers"] == args.workers[0]]
+    if len(single) >= 2:
+        small, big = single[0], single[-1]
         extra = big["samples"] - small["samples"]
         summary = {
             "anon_growth_small_mib": small["anon_growth_mib"],
@@ -231,12 +271,12 @@ def main(argv=None) -> Dict:
     print()
     print(
         f"Data preparation: synthetic alpaca (answers lognormal, median 250 tokens), stage sft, packed rows of "
-        f"{args.seq_len}, tiny tokenizer + chat template, one fresh process per size"
+        f"{args.seq_len}, tiny tokenizer + chat template, one fresh process per size and worker count"
     )
     print(table(results))
     if summary:
         print(
-            f"{results[-1]['records']:,} vs {results[0]['records']:,} records ({summary['token_ratio']:.1f}x the "
+            f"{single[-1]['records']:,} vs {single[0]['records']:,} records ({summary['token_ratio']:.1f}x the "
             "tokens): "
             f"anonymous memory +{summary['anon_growth_small_mib']:.1f} -> +{summary['anon_growth_big_mib']:.1f} MiB "
             f"({summary['anon_bytes_per_extra_sample']:.0f} bytes per extra sample); file-backed pages "

@@ -189,9 +189,11 @@ def prepare(
     preparer: bool = True,
     timeout_s: float = 7200.0,
     progress: bool = False,
+    workers: int = 1,
 ) -> Prepared:
     """The prepared rows for `path`, from the cache when it matches. With preparer=False (ranks
-    other than the node's first) only wait for another process to finish preparing."""
+    other than the node's first) only wait for another process to finish preparing. `workers`:
+    processes that tokenize (0: usable_cores()); the rows do not depend on it."""
     key, identity = cache_key(path, tokenizer, options)
     target = Path(cache_dir) / key
     if (target / "manifest.json").exists():
@@ -200,7 +202,7 @@ def prepare(
     if preparer and filesync.take_lock(lock):
         try:
             if not (target / "manifest.json").exists():
-                _prepare_into(target, path, tokenizer, options, identity, progress)
+                _prepare_into(target, path, tokenizer, options, identity, progress, workers or usable_cores())
         finally:
             filesync.release_lock(lock)
         return Prepared(target)
@@ -239,7 +241,9 @@ def _wait_for(target: Path, lock: Path, path: str, timeout_s: float) -> Prepared
 # ---- the pipeline -------------------------------------------------------------------------------
 
 
-def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, identity: Dict, progress: bool) -> None:
+def _prepare_into(
+    target: Path, path: str, tokenizer, options: PrepareOptions, identity: Dict, progress: bool, workers: int = 1
+) -> None:
     started = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
@@ -253,7 +257,7 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
             lengths = np.asarray([2 * len(p) + len(c) + len(r) for p, c, r in pairs], dtype=np.int64)
             extra["pairs"] = len(pairs)
         else:
-            lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress)
+            lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress, workers)
             tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
             mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
             if options.objective == StageObjective.pretrain:
@@ -301,32 +305,117 @@ def _prepare_into(target: Path, path: str, tokenizer, options: PrepareOptions, i
     )
 
 
-def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path, progress: bool):
+def _encode_record(record, tokenizer, options: PrepareOptions):
+    """(ids, labels) of one record, or the DataError that makes it malformed (returned, not raised:
+    a worker hands it back to the writer, which applies data.on_error in record order)."""
+    try:
+        example = normalise(record, options.fmt)
+        if example.messages is not None:
+            check_chat_template(tokenizer, record.where)
+            if options.system_prompt and example.messages[0]["role"] != "system":
+                example.messages.insert(0, {"role": "system", "content": options.system_prompt})
+        return encode(tokenizer, example, options.objective)
+    except DataError as ex:
+        return ex
+
+
+def _encoded(path: str, tokenizer, options: PrepareOptions, workers: int, bar):
+    """(ids, labels) or a DataError for every record of `path`, in record order, tokenized by
+    `workers` processes (1: this one). The order, not the worker count, decides the output, so the
+    prepared rows are byte-identical for any count. The reader stays at most 4 chunks a worker
+    ahead of the writer: memory is bounded whatever the corpus size."""
+    records = read_records(path, options.split)
+    if workers > 1 and _input_bytes(path) < POOL_MIN_BYTES:
+        workers = 1  # a pool's start (each worker imports transformers: seconds) would cost more than it saves
+    if workers <= 1:
+        for record in records:
+            bar.update(1)
+            yield _encode_record(record, tokenizer, options)
+        return
+    import multiprocessing
+    import pickle
+    from collections import deque
+
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, gloo, tokenizers)
+    with ctx.Pool(workers, initializer=_worker_init, initargs=(pickle.dumps((tokenizer, options)),)) as pool:
+        pending: deque = deque()
+
+        def chunks():
+            chunk: List = []
+            for record in records:
+                chunk.append(record)
+                if len(chunk) == _CHUNK_RECORDS:
+                    yield chunk
+                    chunk = []
+            if chunk:
+                yield chunk
+
+        for chunk in chunks():
+            pending.append((len(chunk), pool.apply_async(_worker_encode, (chunk,))))
+            while len(pending) >= 4 * workers:
+                n, done = pending.popleft()
+                bar.update(n)
+                yield from done.get()
+        while pending:
+            n, done = pending.popleft()
+            bar.update(n)
+            yield from done.get()
+
+
+_CHUNK_RECORDS = 64
+POOL_MIN_BYTES = 8 << 20
+"""Sources smaller than this are tokenized in the preparing process whatever `workers` says."""
+
+
+def _input_bytes(path: str) -> int:
+    files = list_files(path)
+    return sum(q.stat().st_size for f in files for q in ([f] if f.is_file() else f.rglob("*")) if q.is_file())
+
+
+_worker_state: Dict = {}
+
+
+def _worker_init(payload: bytes) -> None:
+    # One thread per worker: the workers are the parallelism (the tokenizer's own Rust threads and
+    # torch's would oversubscribe the cores). Set before the tokenizer is unpickled (imported).
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import pickle
+
+    _worker_state["tokenizer"], _worker_state["options"] = pickle.loads(payload)
+
+
+def _worker_encode(chunk):
+    tokenizer, options = _worker_state["tokenizer"], _worker_state["options"]
+    return [_encode_record(record, tokenizer, options) for record in chunk]
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a Slurm allocation's), else all."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path, progress: bool, workers: int = 1):
     """Append every usable sample's tokens and supervision mask to flat files; return the lengths
     and the counts of what was skipped, truncated or dropped (nothing is lost silently)."""
     counts: Counter = Counter()
     lengths: List[int] = []
     buf_ids: List[int] = []
     buf_mask: List[int] = []
-    chat_checked = False
     seq_len = options.seq_len
     bar = _progress_bar(path, progress)
+    started, tokens_done = time.time(), 0
     with open(work / "tokens.u32", "wb") as f_ids, open(work / "mask.u8", "wb") as f_mask:
-        for record in read_records(path, options.split):
+        for encoded in _encoded(path, tokenizer, options, workers, bar):
             counts["records"] += 1
-            bar.update(1)
-            try:
-                example = normalise(record, options.fmt)
-                if example.messages is not None:
-                    if not chat_checked:
-                        check_chat_template(tokenizer, record.where)
-                        chat_checked = True
-                    if options.system_prompt and example.messages[0]["role"] != "system":
-                        example.messages.insert(0, {"role": "system", "content": options.system_prompt})
-                ids, labels = encode(tokenizer, example, options.objective)
-            except DataError as ex:
-                _skip_malformed(ex, options.on_error, counts)
+            if isinstance(encoded, DataError):
+                _skip_malformed(encoded, options.on_error, counts)
                 continue
+            ids, labels = encoded
             if len(ids) > seq_len and options.overlong != Overlong.split:
                 if options.overlong == Overlong.drop:
                     counts["dropped_overlong"] += 1
@@ -345,6 +434,8 @@ def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path,
             if len(buf_ids) >= _FLUSH_TOKENS:
                 f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
                 f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
+                tokens_done += len(buf_ids)
+                bar.set_postfix_str(f"{tokens_done / max(time.time() - started, 1e-9):,.0f} tokens/s", refresh=False)
                 buf_ids.clear()
                 buf_mask.clear()
         f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())

@@ -153,8 +153,16 @@ class DataConfig:
     ~/.cache/fullft/data."""
     prepare_timeout_s: float = 7200.0
     """How long ranks wait for another process to finish preparing the data."""
+    prepare_workers: int = 0
+    """Processes that tokenize a source while it is prepared (0: every core this process may use;
+    sources under 8 MiB are tokenized in the preparing process). The prepared rows are the same for
+    any count."""
 
     def __post_init__(self) -> None:
+        if self.prepare_workers < 0:
+            raise ValueError(
+                f"data.prepare_workers={self.prepare_workers}: must be >= 0 (0: every core this process may use)"
+            )
         if self.pad_to_multiple_of < 1:
             raise ValueError(f"data.pad_to_multiple_of={self.pad_to_multiple_of}: must be at least 1")
         if self.seq_len < 16:

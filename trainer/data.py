@@ -62,7 +62,9 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
         specs = [(n, p, f, w / total * (1 - reg.replay.ratio), o) for n, p, f, w, o in specs]
         specs.append(("replay", reg.replay.path, reg.replay.format, reg.replay.ratio, reg.replay.objective))
     where = cache_dir(cfg)
-    kw = dict(cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress)
+    kw = dict(
+        cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress, workers=d.prepare_workers
+    )
     sources = [prepare(path, tokenizer, options(cfg, fmt, objective), **kw) for _, path, fmt, _, objective in specs]
     # In a dpo stage, eval sets of pairs are scored as pairs; the others (general text, held-out
     # answers) by their token loss, as the stage's token_objective prepares them.
@@ -105,7 +107,14 @@ def prepare_own_answers(cfg: Config, tokenizer, path: str, preparer: bool, progr
     """regularizer.distill.prompts' answers (a messages JSONL the engine wrote) prepared as distill data:
     the KL on the answers (objective instruct) unless regularizer.distill.objective says otherwise."""
     objective = cfg.regularizer.distill.objective or StageObjective.instruct
-    kw = dict(cache_dir=cache_dir(cfg), preparer=preparer, timeout_s=cfg.data.prepare_timeout_s, progress=progress)
+    d = cfg.data
+    kw = dict(
+        cache_dir=cache_dir(cfg),
+        preparer=preparer,
+        timeout_s=d.prepare_timeout_s,
+        progress=progress,
+        workers=d.prepare_workers,
+    )
     return prepare(path, tokenizer, options(cfg, "auto", objective), **kw)
 
 

@@ -24,10 +24,14 @@ def _bench(*args: str, timeout: int) -> subprocess.CompletedProcess:
 def test_data_prep_smoke(tmp_path):
     out = tmp_path / "data_prep.json"
     proc = _bench("bench/data_prep.py", "--smoke", "--json", str(out), timeout=200)
-    assert "| records | tokens |" in proc.stdout and "anonymous memory" in proc.stdout, proc.stdout
+    assert "| records | workers | tokens |" in proc.stdout and "anonymous memory" in proc.stdout, proc.stdout
     report = json.loads(out.read_text())
-    assert [r["records"] for r in report["results"]] == [1000, 4000]
-    for r in report["results"]:
+    results = report["results"]
+    assert [(r["records"], r["workers"]) for r in results] == [(1000, 1), (1000, 2), (4000, 1), (4000, 2)]
+    # the pool really ran (the smoke forces it on these small files) and made the same arrays
+    assert [r["worker_peak_rss_mib"] > 0 for r in results] == [False, True, False, True]
+    assert results[0]["arrays_sha256"] == results[1]["arrays_sha256"] != results[2]["arrays_sha256"]
+    for r in results:
         assert r["samples"] > 0 and r["real_tokens"] > 0 and r["tokens_per_s"] > 0
         assert 0.9 < r["packing_efficiency"] <= 1.0
         assert r["mib_peak"]["RssAnon"] >= r["mib_before"]["RssAnon"]
