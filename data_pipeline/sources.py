@@ -3,7 +3,9 @@
     .jsonl             one JSON object per line
     .json              a JSON list of objects
     .txt / .md         documents separated by blank lines (continued pretraining)
-    .parquet           rows of a parquet file (pyarrow, batch by batch)
+    .jsonl.gz .jsonl.zst .txt.gz .txt.zst .md.gz .md.zst
+                       the same, decompressed as they are read (gzip; zstandard)
+    .parquet           rows of a parquet file (pyarrow, one row group's batch at a time)
     .csv / .tsv        through `datasets.load_dataset(..., streaming=True)`
     directory          every supported file in it, sorted; or a dataset saved with `save_to_disk`
 
@@ -21,7 +23,65 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".parquet", ".csv", ".tsv")
+COMPRESSED = (".gz", ".zst")
+"""Streams these wrap: .jsonl, .txt and .md files compressed whole (gzip, zstandard)."""
+_STREAMED = (".jsonl", ".txt", ".md")
 _BOM = b"\xef\xbb\xbf"
+
+
+def kind(file: Path) -> str:
+    """What a file holds: its suffix, or for a compressed one the suffix under it (a.jsonl.gz: .jsonl);
+    "" for what cannot be read (a.json.gz: read .json whole, so it is not offered compressed)."""
+    if file.suffix in COMPRESSED:
+        inner = Path(file.stem).suffix
+        return inner if inner in _STREAMED else ""
+    return file.suffix if file.suffix in SUFFIXES else ""
+
+
+def _open_bytes(file: Path):
+    """The file's bytes as a binary stream, decompressed on the fly (bounded memory)."""
+    if file.suffix == ".gz":
+        import gzip
+
+        return gzip.open(file, "rb")
+    if file.suffix == ".zst":
+        return _ZstdLines(file)
+    return open(file, "rb")
+
+
+class _ZstdLines:
+    """The lines of a zstandard file, decompressed a chunk at a time; a stream that ends inside a frame
+    raises EOFError (the library's own reader would end quietly on a cut-short file)."""
+
+    def __init__(self, file: Path) -> None:
+        try:
+            import zstandard
+        except ImportError:
+            raise DataError(f"{file}: reading .zst needs the zstandard package: pip install zstandard") from None
+        self.file, self.zstandard = file, zstandard
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def __iter__(self) -> Iterator[bytes]:
+        rest = b""
+        with open(self.file, "rb") as f:
+            stream = self.zstandard.ZstdDecompressor().decompressobj()
+            while chunk := f.read(1 << 20):
+                while chunk:  # a file may hold several frames, one after another
+                    if stream.eof:
+                        stream = self.zstandard.ZstdDecompressor().decompressobj()
+                    rest += stream.decompress(chunk)
+                    chunk = stream.unused_data if stream.eof else b""
+                *lines, rest = rest.split(b"\n")
+                yield from (line + b"\n" for line in lines)
+            if not stream.eof:
+                raise EOFError("the file ends inside a zstandard frame")
+        if rest:
+            yield rest
 
 
 @dataclass(frozen=True)
@@ -47,14 +107,15 @@ def list_files(path: str) -> List[Path]:
     if is_saved_dataset(p):
         return [p]
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and kind(f))
         if not files:
             raise DataError(f"{path}: directory has no {'/'.join(SUFFIXES)} files and is not a saved dataset")
         return files
-    if p.suffix not in SUFFIXES:
+    if not kind(p):
         raise DataError(
-            f"{path}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}, "
-            "or a directory saved with datasets' save_to_disk"
+            f"{path}: unsupported file type {''.join(p.suffixes[-2:])!r}; use one of {', '.join(SUFFIXES)} "
+            f"(.jsonl, .txt and .md also as {' or '.join(COMPRESSED)}), or a directory saved with datasets' "
+            "save_to_disk"
         )
     if p.stat().st_size == 0:
         raise DataError(f"{path}: file is empty")
@@ -66,9 +127,9 @@ def read_records(path: str, split: str = "train") -> Iterator[Record]:
     for file in list_files(path):
         if file.is_dir():
             yield from _read_saved_dataset(file, split)
-        elif file.suffix in (".txt", ".md"):
+        elif kind(file) in (".txt", ".md"):
             yield from _read_text(file)
-        elif file.suffix == ".jsonl":
+        elif kind(file) == ".jsonl":
             yield from _read_jsonl(file)
         elif file.suffix == ".json":
             yield from _read_json(file)
@@ -80,9 +141,21 @@ def read_records(path: str, split: str = "train") -> Iterator[Record]:
 
 def _lines(file: Path) -> Iterator[tuple]:
     """(line number, text or None, error or None, ends in a newline) for each line: bytes are decoded
-    one line at a time so a bad byte is reported with its line; a UTF-8 BOM and CRLF are accepted."""
-    with open(file, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
+    one line at a time so a bad byte is reported with its line; a UTF-8 BOM and CRLF are accepted.
+    A damaged or truncated compressed stream stops with the last line read."""
+    lineno = 0
+    with _open_bytes(file) as f:
+        lines = enumerate(f, 1)
+        while True:
+            try:
+                lineno, raw = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, OSError) + _zstd_errors() as ex:
+                raise DataError(
+                    f"{file}:{lineno + 1}: the compressed stream is damaged or cut short after line {lineno} ({ex}); "
+                    "recompress the file, or remove it from the source"
+                ) from None
             if lineno == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             try:
@@ -99,6 +172,15 @@ def _lines(file: Path) -> Iterator[tuple]:
                 )
                 continue
             yield lineno, text.rstrip("\r\n"), None, raw.endswith(b"\n")
+
+
+def _zstd_errors() -> tuple:
+    try:
+        import zstandard
+
+        return (zstandard.ZstdError,)
+    except ImportError:
+        return ()
 
 
 def _read_text(file: Path) -> Iterator[Record]:
