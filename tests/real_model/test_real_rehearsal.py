@@ -136,3 +136,29 @@ def test_a_pretraining_stage_replays_chat_learning_only_the_answers(reduced_dir,
     main = data.sources[0]  # the stage's own text: every real token learned
     first = main.rows([0])
     assert int((first["labels"] != -100).sum()) >= int(main.filled[0]) - 1
+
+
+def test_the_stages_batched_answers_are_the_models_own_one_at_a_time(reduced_dir):
+    """regularizer.distill.prompts' generation (trainer/forgetting/rehearsal.py: prompts of different
+    lengths left-padded into one batch, the end of turn <|im_end|> from the generation config) gives
+    the real model's own greedy answers, as launch/rehearse.py makes them one prompt at a time."""
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from trainer.distributed.launcher import free_port
+    from trainer.forgetting import rehearsal
+
+    tok = AutoTokenizer.from_pretrained(str(reduced_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(reduced_dir), dtype=torch.float32).eval()
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        engine = SimpleNamespace(module=model, device=torch.device("cpu"))
+        batched = rehearsal.answers_on_engine(engine, tok, PROMPTS, 8, 0, 1, batch_size=3)
+    finally:
+        dist.destroy_process_group()
+    alone = list(rehearsal.answers(model, tok, PROMPTS, 8))
+    assert [a.answer_ids for a in batched] == [a.answer_ids for a in alone]
+    assert [(a.prompt, a.text, a.finished) for a in batched] == [(a.prompt, a.text, a.finished) for a in alone]
