@@ -6,8 +6,9 @@ For each corpus size (seeded synthetic alpaca records with lognormal answer leng
 tokens: bench/harness.py), a fresh process prepares the corpus into an empty cache with the tiny
 model's tokenizer and chat template (stage=sft, packed rows of --seq-len), and reports:
 
-  time        wall time of prepare(), split into tokenizing (read, normalise, chat template,
-              tokenize, label mask, append to disk) and packing + writing the rows
+  time        wall time of prepare(), split into tokenizing (cut into units, read, normalise, chat
+              template, tokenize, label mask, append to each unit's files; the worker pool's start
+              included) and merging the units + packing + writing the rows
   tokens/s    real tokens (and records) per second of the whole prepare()
   memory      sampled from /proc/self/status every 20 ms during prepare(), relative to the
               process just before it (tokenizer loaded): anonymous memory (RssAnon: what the process
@@ -116,9 +117,10 @@ def child(args) -> None:
 
         return wrapper
 
-    prep._tokenize_to_disk = timed(prep._tokenize_to_disk, "tokenize_s")
-    if args.force_pool:  # the smoke's corpora are below the size at which a pool starts
+    prep.tokenize_units = timed(prep.tokenize_units, "tokenize_s")
+    if args.force_pool:  # the smoke's corpora are below the size at which a pool starts, and one unit each
         prep.POOL_MIN_BYTES = 0
+        prep.unit_bytes_for = lambda total: max(total // 16, 1)
     options = prep.PrepareOptions(objective="sft", seq_len=args.seq_len, fmt="alpaca")
     before = _status_kib()
     start = time.perf_counter()
@@ -159,7 +161,7 @@ def child(args) -> None:
 
 def table(results: List[Dict]) -> str:
     lines = [
-        "| records | workers | tokens | rows (efficiency) | prepare (s) | tokenize / pack+write (s) | tokens/s "
+        "| records | workers | tokens | rows (efficiency) | prepare (s) | tokenize / merge+pack+write (s) | tokens/s "
         "| scaling | RssAnon growth (MiB) | RssFile growth (MiB) | peak RSS (MiB) | a worker's peak RSS (MiB) "
         "| output (MiB) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -42,7 +42,7 @@ from data_pipeline import filesync, preference
 from data_pipeline.choices import DataFormat, OnError, Overlong, StageObjective, parse
 from data_pipeline.formats import normalise
 from data_pipeline.packing import IGNORE, best_fit_decreasing
-from data_pipeline.sources import DataError, list_files, read_records
+from data_pipeline.sources import DataError, Unit, list_files, plan_units, read_records, read_unit
 from data_pipeline.tokenization import check_chat_template, encode
 
 log = logging.getLogger("data_pipeline")
@@ -209,6 +209,33 @@ def prepare(
     return _wait_for(target, lock, path, timeout_s)
 
 
+def prepare_shard(
+    path: str,
+    tokenizer,
+    options: PrepareOptions,
+    cache_dir: str,
+    shard: int,
+    shards: int,
+    workers: int = 0,
+    progress: bool = False,
+) -> str:
+    """Task `shard` of `shards` (a Slurm array task, launch/prepare_data.py --shard): tokenize the
+    source's units whose index is `shard` modulo `shards` into its units directory, without the lock
+    and without packing; a later prepare() (the merge) finds them finished and packs. Preference
+    pairs are tokenized by the merge alone. Returns what it did, for the log."""
+    key, _ = cache_key(path, tokenizer, options)
+    target = Path(cache_dir) / key
+    if (target / "manifest.json").exists():
+        return f"{path}: already prepared -> {target}"
+    if options.objective == StageObjective.dpo:
+        return f"{path}: preference pairs, tokenized by the merge"
+    where = units_dir(target)
+    mine = lambda i: i % shards == shard  # noqa: E731
+    units = tokenize_units(path, tokenizer, options, where, workers, mine=mine, progress=progress)
+    left = len(missing_units(where, len(units)))
+    return f"{path}: units {shard}::{shards} of {len(units)} tokenized -> {where} ({left} left for other tasks)"
+
+
 def _wait_for(target: Path, lock: Path, path: str, timeout_s: float) -> Prepared:
     """Until the process that holds `lock` has renamed the prepared `target` into place."""
     polls_without_lock = 0
@@ -257,7 +284,9 @@ def _prepare_into(
             lengths = np.asarray([2 * len(p) + len(c) + len(r) for p, c, r in pairs], dtype=np.int64)
             extra["pairs"] = len(pairs)
         else:
-            lengths, counts = _tokenize_to_disk(path, tokenizer, options, work, progress, workers)
+            where = units_dir(target)
+            units = tokenize_units(path, tokenizer, options, where, workers, progress=progress)
+            lengths, counts = _merge_units(path, where, len(units), work)
             tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
             mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
             if options.objective == StageObjective.pretrain:
@@ -290,6 +319,8 @@ def _prepare_into(
         if target.exists():  # a leftover without a manifest (it is only ever renamed in whole)
             shutil.rmtree(target)
         os.replace(work, target)  # atomic: readers see a complete directory or none
+        if options.objective != StageObjective.dpo:
+            shutil.rmtree(units_dir(target), ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -305,64 +336,76 @@ def _prepare_into(
     )
 
 
-def _encode_record(record, tokenizer, options: PrepareOptions):
-    """(ids, labels) of one record, or the DataError that makes it malformed (returned, not raised:
-    a worker hands it back to the writer, which applies data.on_error in record order)."""
-    try:
-        example = normalise(record, options.fmt)
-        if example.messages is not None:
-            check_chat_template(tokenizer, record.where)
-            if options.system_prompt and example.messages[0]["role"] != "system":
-                example.messages.insert(0, {"role": "system", "content": options.system_prompt})
-        return encode(tokenizer, example, options.objective)
-    except DataError as ex:
-        return ex
+def units_dir(target: Path) -> Path:
+    """Where the units of a preparation into `target` keep their tokenized shards until the merge."""
+    return target.with_name(target.name + ".units")
 
 
-def _encoded(path: str, tokenizer, options: PrepareOptions, workers: int, bar):
-    """(ids, labels) or a DataError for every record of `path`, in record order, tokenized by
-    `workers` processes (1: this one). The order, not the worker count, decides the output, so the
-    prepared rows are byte-identical for any count. The reader stays at most 4 chunks a worker
-    ahead of the writer: memory is bounded whatever the corpus size."""
-    records = read_records(path, options.split)
-    if workers > 1 and _input_bytes(path) < POOL_MIN_BYTES:
+def unit_bytes_for(total: int) -> int:
+    """About 64 units a source (load balance for up to ~32 workers), each 1-256 MiB. It depends on the
+    source's size only: every worker count and every array task plans the same units."""
+    return int(min(max(total // 64, 1 << 20), 256 << 20))
+
+
+def plan(path: str, where: Path) -> List[Unit]:
+    """The source's units: stored in `where`/plan.json by the first process to plan them, read back by
+    every later one (a resume, the other array tasks, the merge)."""
+    stored = where / "plan.json"
+    if stored.is_file():
+        return [Unit(**u) for u in json.loads(stored.read_text())]
+    units = plan_units(path, unit_bytes_for(_input_bytes(path)))
+    where.mkdir(parents=True, exist_ok=True)
+    tmp = where / f".plan.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps([asdict(u) for u in units]))
+    os.replace(tmp, stored)
+    return [Unit(**u) for u in json.loads(stored.read_text())]
+
+
+def _unit_size(unit: Unit) -> int:
+    p = Path(unit.file)
+    end = unit.end if unit.end >= 0 else (p.stat().st_size if p.is_file() else 0)
+    return max(end - unit.start, 0)
+
+
+def tokenize_units(
+    path: str, tokenizer, options: PrepareOptions, where: Path, workers: int, mine=None, progress: bool = False
+) -> List[Unit]:
+    """Tokenize the units of `path` (those `mine(index)` picks; all by default) that have no finished
+    shard in `where` yet, each into `where`/<index>/ (tokens, mask, lengths, counts; renamed into place
+    whole, so a killed preparation resumes from the finished ones), on `workers` processes (1: this
+    one; 0: every usable core; a source under POOL_MIN_BYTES always in this one). Returns the plan."""
+    units = plan(path, where)
+    todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not (where / f"{i:06d}" / "done").is_file()]
+    workers = workers or usable_cores()
+    if sum(_unit_size(units[i]) for i in todo) < POOL_MIN_BYTES:
         workers = 1  # a pool's start (each worker imports transformers: seconds) would cost more than it saves
-    if workers <= 1:
-        for record in records:
-            bar.update(1)
-            yield _encode_record(record, tokenizer, options)
-        return
-    import multiprocessing
-    import pickle
-    from collections import deque
+    workers = min(workers, len(todo)) or 1
+    bar = _progress_bar(path, progress, total=sum(_unit_size(units[i]) for i in todo))
+    started, tokens = time.time(), 0
+    jobs = [(i, units[i], where) for i in todo]
+    if workers == 1:
+        results = (_tokenize_unit(job, tokenizer, options) for job in jobs)
+        pool = None
+    else:
+        import multiprocessing
+        import pickle
 
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, gloo, tokenizers)
-    with ctx.Pool(workers, initializer=_worker_init, initargs=(pickle.dumps((tokenizer, options)),)) as pool:
-        pending: deque = deque()
-
-        def chunks():
-            chunk: List = []
-            for record in records:
-                chunk.append(record)
-                if len(chunk) == _CHUNK_RECORDS:
-                    yield chunk
-                    chunk = []
-            if chunk:
-                yield chunk
-
-        for chunk in chunks():
-            pending.append((len(chunk), pool.apply_async(_worker_encode, (chunk,))))
-            while len(pending) >= 4 * workers:
-                n, done = pending.popleft()
-                bar.update(n)
-                yield from done.get()
-        while pending:
-            n, done = pending.popleft()
-            bar.update(n)
-            yield from done.get()
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, gloo, tokenizers)
+        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(pickle.dumps((tokenizer, options)),))
+        results = pool.imap(_worker_unit, jobs)  # in unit order: the first failing unit's error is raised
+    try:
+        for i, made in zip(todo, results):
+            tokens += made
+            bar.update(_unit_size(units[i]))
+            bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-9):,.0f} tokens/s", refresh=False)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        bar.close()
+    return units
 
 
-_CHUNK_RECORDS = 64
 POOL_MIN_BYTES = 8 << 20
 """Sources smaller than this are tokenized in the preparing process whatever `workers` says."""
 
@@ -386,9 +429,8 @@ def _worker_init(payload: bytes) -> None:
     _worker_state["tokenizer"], _worker_state["options"] = pickle.loads(payload)
 
 
-def _worker_encode(chunk):
-    tokenizer, options = _worker_state["tokenizer"], _worker_state["options"]
-    return [_encode_record(record, tokenizer, options) for record in chunk]
+def _worker_unit(job) -> int:
+    return _tokenize_unit(job, _worker_state["tokenizer"], _worker_state["options"])
 
 
 def usable_cores() -> int:
@@ -399,53 +441,112 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-def _tokenize_to_disk(path: str, tokenizer, options: PrepareOptions, work: Path, progress: bool, workers: int = 1):
-    """Append every usable sample's tokens and supervision mask to flat files; return the lengths
-    and the counts of what was skipped, truncated or dropped (nothing is lost silently)."""
+def _encode_record(record, tokenizer, options: PrepareOptions):
+    """(ids, labels) of one record, or the DataError that makes it malformed."""
+    try:
+        example = normalise(record, options.fmt)
+        if example.messages is not None:
+            check_chat_template(tokenizer, record.where)
+            if options.system_prompt and example.messages[0]["role"] != "system":
+                example.messages.insert(0, {"role": "system", "content": options.system_prompt})
+        return encode(tokenizer, example, options.objective)
+    except DataError as ex:
+        return ex
+
+
+def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
+    """Append every usable sample's tokens and supervision mask of one unit to its shard's flat files,
+    with the lengths and the counts of what was skipped, truncated or dropped (nothing is lost
+    silently); returns the tokens written."""
+    index, unit, where = job
+    shard = where / f"{index:06d}"
+    work = where / f".{index:06d}.{os.getpid()}.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     counts: Counter = Counter()
     lengths: List[int] = []
     buf_ids: List[int] = []
     buf_mask: List[int] = []
     seq_len = options.seq_len
-    bar = _progress_bar(path, progress)
-    started, tokens_done = time.time(), 0
-    with open(work / "tokens.u32", "wb") as f_ids, open(work / "mask.u8", "wb") as f_mask:
-        for encoded in _encoded(path, tokenizer, options, workers, bar):
-            counts["records"] += 1
-            if isinstance(encoded, DataError):
-                _skip_malformed(encoded, options.on_error, counts)
-                continue
-            ids, labels = encoded
-            if len(ids) > seq_len and options.overlong != Overlong.split:
-                if options.overlong == Overlong.drop:
-                    counts["dropped_overlong"] += 1
+    try:
+        with open(work / "tokens.u32", "wb") as f_ids, open(work / "mask.u8", "wb") as f_mask:
+            for record in read_unit(unit, options.split):
+                counts["records"] += 1
+                encoded = _encode_record(record, tokenizer, options)
+                if isinstance(encoded, DataError):
+                    _skip_malformed(encoded, options.on_error, counts)
                     continue
-                ids, labels = ids[:seq_len], labels[:seq_len]
-                counts["truncated_overlong"] += 1
-            elif len(ids) > seq_len:
-                counts["split_overlong"] += 1
-            if all(t == IGNORE for t in labels[1:]):
-                # Nothing left to learn (e.g. truncation cut the whole answer): never reaches the loss.
-                counts["dropped_no_supervised_tokens"] += 1
-                continue
-            lengths.append(len(ids))
-            buf_ids.extend(ids)
-            buf_mask.extend(t != IGNORE for t in labels)
-            if len(buf_ids) >= _FLUSH_TOKENS:
-                f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
-                f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
-                tokens_done += len(buf_ids)
-                bar.set_postfix_str(f"{tokens_done / max(time.time() - started, 1e-9):,.0f} tokens/s", refresh=False)
-                buf_ids.clear()
-                buf_mask.clear()
-        f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
-        f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
-    bar.close()
+                ids, labels = encoded
+                if len(ids) > seq_len and options.overlong != Overlong.split:
+                    if options.overlong == Overlong.drop:
+                        counts["dropped_overlong"] += 1
+                        continue
+                    ids, labels = ids[:seq_len], labels[:seq_len]
+                    counts["truncated_overlong"] += 1
+                elif len(ids) > seq_len:
+                    counts["split_overlong"] += 1
+                if all(t == IGNORE for t in labels[1:]):
+                    # Nothing left to learn (e.g. truncation cut the whole answer): never reaches the loss.
+                    counts["dropped_no_supervised_tokens"] += 1
+                    continue
+                lengths.append(len(ids))
+                buf_ids.extend(ids)
+                buf_mask.extend(t != IGNORE for t in labels)
+                if len(buf_ids) >= _FLUSH_TOKENS:
+                    f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
+                    f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
+                    buf_ids.clear()
+                    buf_mask.clear()
+            f_ids.write(np.asarray(buf_ids, dtype=np.uint32).tobytes())
+            f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
+        np.save(work / "lengths.npy", np.asarray(lengths, dtype=np.int64))
+        (work / "counts.json").write_text(json.dumps({**counts, "unit": asdict(unit)}))
+        (work / "done").write_text("")
+        shutil.rmtree(shard, ignore_errors=True)  # a leftover without `done` (renamed only whole)
+        try:
+            os.replace(work, shard)
+        except OSError:  # another process (a requeued task's twin) put the same unit there first
+            if not (shard / "done").is_file():
+                raise
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return int(sum(lengths))
+
+
+def missing_units(where: Path, n: int) -> List[int]:
+    return [i for i in range(n) if not (where / f"{i:06d}" / "done").is_file()]
+
+
+def _merge_units(path: str, where: Path, n: int, work: Path):
+    """The units' shards concatenated in unit order into `work`'s flat files: the same bytes as one
+    process reading the source from start to end. Returns the lengths and the summed counts."""
+    missing = missing_units(where, n)
+    if missing:
+        raise DataError(
+            f"{path}: {len(missing)} of its {n} units are not tokenized yet (units {missing[:10]}"
+            f"{' ...' if len(missing) > 10 else ''} in {where}); prepare them first (python launch/prepare_data.py "
+            "<same overrides>, or rerun the array tasks that own them)"
+        )
+    counts: Counter = Counter()
+    lengths = []
+    with open(work / "tokens.u32", "wb") as f_ids, open(work / "mask.u8", "wb") as f_mask:
+        for i in range(n):
+            shard = where / f"{i:06d}"
+            for name, out in (("tokens.u32", f_ids), ("mask.u8", f_mask)):
+                with open(shard / name, "rb") as f:
+                    shutil.copyfileobj(f, out, 16 << 20)
+            lengths.append(np.load(shard / "lengths.npy"))
+            unit_counts = json.loads((shard / "counts.json").read_text())
+            unit_counts.pop("unit", None)
+            counts.update(unit_counts)
     if counts["skipped_malformed"] > 10:
         log.warning("%s: %d malformed records skipped in all (first 10 shown)", path, counts["skipped_malformed"])
-    if not lengths:
+    lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if not len(lengths):
         raise DataError(f"{path}: no usable samples out of {counts['records']} records ({dict(counts)})")
-    return np.asarray(lengths, dtype=np.int64), counts
+    return lengths, counts
 
 
 def _tokenize_pairs(path: str, tokenizer, options: PrepareOptions, progress: bool):
@@ -493,10 +594,16 @@ def _skip_malformed(ex: DataError, on_error: OnError, counts: Counter) -> None:
         log.warning("skipping %s", ex)
 
 
-def _progress_bar(path: str, enabled: bool):
+def _progress_bar(path: str, enabled: bool, total: Optional[int] = None):
+    """Records (preference pairs), or with a `total`: bytes of the source, with an ETA."""
     from tqdm.auto import tqdm
 
-    return tqdm(desc=f"tokenizing {Path(path).name}", unit=" records", disable=not enabled, mininterval=1.0)
+    if total is None:
+        return tqdm(desc=f"tokenizing {Path(path).name}", unit=" records", disable=not enabled, mininterval=1.0)
+    return tqdm(
+        desc=f"tokenizing {Path(path).name}", total=total, unit="B", unit_scale=True, disable=not enabled,
+        mininterval=1.0,
+    )  # fmt: skip
 
 
 def _open_rows(work: Path, rows: int, seq_len: int):

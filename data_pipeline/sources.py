@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional
 
 SUFFIXES = (".jsonl", ".json", ".txt", ".md", ".parquet", ".csv", ".tsv")
 COMPRESSED = (".gz", ".zst")
@@ -122,30 +122,113 @@ def list_files(path: str) -> List[Path]:
     return [p]
 
 
+@dataclass(frozen=True)
+class Unit:
+    """A piece of a source that one worker (or one Slurm array task) reads on its own: a whole file, or
+    the lines of a plain .jsonl/.txt/.md file that start in bytes [start, end). Read one after another
+    in plan order, the units give exactly the records of read_records()."""
+
+    file: str
+    start: int = 0
+    end: int = -1
+    """-1: the whole file."""
+    first_line: int = 1
+    """The line number of the line at `start` (records keep their file:line)."""
+
+
+def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
+    """The source cut into units of about `unit_bytes`: plain .jsonl files at line starts, plain .txt /
+    .md files at blank lines (a document never spans two units); every other file is one unit. The
+    cut points depend only on the files and `unit_bytes`, never on how many workers read them."""
+    units: List[Unit] = []
+    for file in list_files(path):
+        size = file.stat().st_size if file.is_file() else 0
+        if file.suffix not in _STREAMED or size <= unit_bytes:
+            units.append(Unit(str(file)))
+            continue
+        sep = b"\n" if file.suffix == ".jsonl" else b"\n\n"
+        cuts = [0]
+        with open(file, "rb") as f:
+            while cuts[-1] + unit_bytes < size:
+                f.seek(cuts[-1] + unit_bytes)
+                at = _find(f, sep)
+                if at < 0:
+                    break
+                cuts.append(at + 1)  # the byte after a newline: a line start (a blank line for text)
+        lines = _count_newlines(file, cuts)
+        for i, start in enumerate(cuts):
+            units.append(Unit(str(file), start, cuts[i + 1] if i + 1 < len(cuts) else -1, lines[i] + 1))
+    return units
+
+
+def _find(f, sep: bytes) -> int:
+    """The offset of the next `sep` from the file's position, or -1."""
+    pos, tail = f.tell(), b""
+    while block := f.read(1 << 20):
+        hit = (tail + block).find(sep)
+        if hit >= 0:
+            return pos - len(tail) + hit
+        pos += len(block)
+        tail = block[-(len(sep) - 1) :] if len(sep) > 1 else b""
+    return -1
+
+
+def _count_newlines(file: Path, offsets: List[int]) -> List[int]:
+    """The newlines before each of the ascending `offsets` (one pass over the file)."""
+    out, seen, pos = [], 0, 0
+    with open(file, "rb") as f:
+        for target in offsets:
+            while pos < target:
+                block = f.read(min(1 << 20, target - pos))
+                seen += block.count(b"\n")
+                pos += len(block)
+            out.append(seen)
+    return out
+
+
+def read_unit(unit: Unit, split: str = "train") -> Iterator[Record]:
+    """The records of one unit (plan_units)."""
+    file = Path(unit.file)
+    if unit.start == 0 and unit.end < 0:
+        yield from _read_file(file, split)
+    elif kind(file) == ".jsonl":
+        yield from _read_jsonl(file, unit)
+    else:
+        yield from _read_text(file, unit)
+
+
 def read_records(path: str, split: str = "train") -> Iterator[Record]:
     """Yield every record of a file, directory or saved dataset, in a stable order."""
     for file in list_files(path):
-        if file.is_dir():
-            yield from _read_saved_dataset(file, split)
-        elif kind(file) in (".txt", ".md"):
-            yield from _read_text(file)
-        elif kind(file) == ".jsonl":
-            yield from _read_jsonl(file)
-        elif file.suffix == ".json":
-            yield from _read_json(file)
-        elif file.suffix == ".parquet":
-            yield from _read_parquet(file)
-        else:
-            yield from _read_with_datasets(file)
+        yield from _read_file(file, split)
 
 
-def _lines(file: Path) -> Iterator[tuple]:
-    """(line number, text or None, error or None, ends in a newline) for each line: bytes are decoded
-    one line at a time so a bad byte is reported with its line; a UTF-8 BOM and CRLF are accepted.
-    A damaged or truncated compressed stream stops with the last line read."""
-    lineno = 0
+def _read_file(file: Path, split: str) -> Iterator[Record]:
+    if file.is_dir():
+        yield from _read_saved_dataset(file, split)
+    elif kind(file) in (".txt", ".md"):
+        yield from _read_text(file)
+    elif kind(file) == ".jsonl":
+        yield from _read_jsonl(file)
+    elif file.suffix == ".json":
+        yield from _read_json(file)
+    elif file.suffix == ".parquet":
+        yield from _read_parquet(file)
+    else:
+        yield from _read_with_datasets(file)
+
+
+def _lines(file: Path, unit: Optional[Unit] = None) -> Iterator[tuple]:
+    """(line number, text or None, error or None, ends in a newline) for each line (of `unit`: those
+    starting in its byte range): bytes are decoded one line at a time so a bad byte is reported with
+    its line; a UTF-8 BOM and CRLF are accepted. A damaged or truncated compressed stream stops with
+    the last line read."""
+    start, end, first = (unit.start, unit.end, unit.first_line) if unit else (0, -1, 1)
+    lineno = first - 1
     with _open_bytes(file) as f:
-        lines = enumerate(f, 1)
+        if start:
+            f.seek(start)
+        lines = enumerate(_until(f, start, end), first)
         while True:
             try:
                 lineno, raw = next(lines)
@@ -156,7 +239,7 @@ def _lines(file: Path) -> Iterator[tuple]:
                     f"{file}:{lineno + 1}: the compressed stream is damaged or cut short after line {lineno} ({ex}); "
                     "recompress the file, or remove it from the source"
                 ) from None
-            if lineno == 1 and raw.startswith(_BOM):
+            if lineno == 1 and start == 0 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             try:
                 text = raw.decode("utf-8")
@@ -174,6 +257,19 @@ def _lines(file: Path) -> Iterator[tuple]:
             yield lineno, text.rstrip("\r\n"), None, raw.endswith(b"\n")
 
 
+def _until(f, start: int, end: int) -> Iterator[bytes]:
+    """The lines of `f` from `start` that start before `end` (-1: all)."""
+    if end < 0:
+        yield from f
+        return
+    pos = start
+    for raw in f:
+        if pos >= end:
+            return
+        yield raw
+        pos += len(raw)
+
+
 def _zstd_errors() -> tuple:
     try:
         import zstandard
@@ -183,10 +279,10 @@ def _zstd_errors() -> tuple:
         return ()
 
 
-def _read_text(file: Path) -> Iterator[Record]:
+def _read_text(file: Path, unit: Optional[Unit] = None) -> Iterator[Record]:
     doc: List[str] = []
     start = 1
-    for lineno, line, error, _ in _lines(file):
+    for lineno, line, error, _ in _lines(file, unit):
         if error:
             yield Record({"__error__": error}, f"{file}:{lineno}")
             continue
@@ -201,8 +297,8 @@ def _read_text(file: Path) -> Iterator[Record]:
         yield Record({"text": "\n".join(doc)}, f"{file}:{start}")
 
 
-def _read_jsonl(file: Path) -> Iterator[Record]:
-    for lineno, line, error, complete in _lines(file):
+def _read_jsonl(file: Path, unit: Optional[Unit] = None) -> Iterator[Record]:
+    for lineno, line, error, complete in _lines(file, unit):
         where = f"{file}:{lineno}"
         if error:
             yield Record({"__error__": error}, where)

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from data_pipeline.choices import StageObjective
 from data_pipeline.preference import is_preference_source
-from data_pipeline.prepare import Prepared, PrepareOptions, prepare
+from data_pipeline.prepare import Prepared, PrepareOptions, prepare_shard
+from data_pipeline.prepare import prepare as prepare_source
 from trainer.config import Config
 from trainer.paths import cache_root
 
@@ -49,9 +50,13 @@ def options(cfg: Config, fmt: str, objective: Optional[str] = None) -> PrepareOp
     )
 
 
-def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False) -> TrainingData:
+def prepare_data(
+    cfg: Config, tokenizer, preparer: bool, progress: bool = False, shard: Optional[Tuple[int, int]] = None
+) -> Optional[TrainingData]:
     """Every source and eval set, from the cache or prepared now. Only processes with preparer=True
-    prepare; the others wait for them on the filesystem."""
+    prepare; the others wait for them on the filesystem. shard=(i, n): only tokenize array task i's
+    share of every source's units (launch/prepare_data.py --shard), returning None; a later call
+    without it packs them."""
     d = cfg.data
     specs = [(d.name, d.path, d.format, d.weight, None)]
     specs += [(name, s.path, s.format, s.weight, None) for name, s in d.sources.items()]
@@ -65,6 +70,13 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
     kw = dict(
         cache_dir=where, preparer=preparer, timeout_s=d.prepare_timeout_s, progress=progress, workers=d.prepare_workers
     )
+
+    def prepare(path: str, tokenizer, opts: PrepareOptions, **kw) -> Optional[Prepared]:
+        if shard is None:
+            return prepare_source(path, tokenizer, opts, **kw)
+        log.info(prepare_shard(path, tokenizer, opts, where, *shard, workers=d.prepare_workers, progress=progress))
+        return None
+
     sources = [prepare(path, tokenizer, options(cfg, fmt, objective), **kw) for _, path, fmt, _, objective in specs]
     # In a dpo stage, eval sets of pairs are scored as pairs; the others (general text, held-out
     # answers) by their token loss, as the stage's token_objective prepares them.
@@ -90,6 +102,8 @@ def prepare_data(cfg: Config, tokenizer, preparer: bool, progress: bool = False)
             objective = reg.distill.objective or reg.replay.objective or token
             path, opts = reg.replay.path, options(cfg, reg.replay.format, objective)
         distill = prepare(path, tokenizer, opts, **kw)
+    if shard is not None:
+        return None
     for (name, path, _, weight, _), src in zip(specs, sources):
         log.info(
             "source %s (weight %g): %s -> %d rows, packing efficiency %.4f, %s",
@@ -115,7 +129,7 @@ def prepare_own_answers(cfg: Config, tokenizer, path: str, preparer: bool, progr
         progress=progress,
         workers=d.prepare_workers,
     )
-    return prepare(path, tokenizer, options(cfg, "auto", objective), **kw)
+    return prepare_source(path, tokenizer, options(cfg, "auto", objective), **kw)
 
 
 def _eval_objective(cfg: Config, path: str):

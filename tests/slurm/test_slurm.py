@@ -444,3 +444,48 @@ def test_hydra_sweep_runs_one_slurm_job_per_point(cluster, tmp_path):
         # Each point trained with its own peak lr: linear warmup over 5 steps gives peak/5, 2 peak/5.
         assert series(rows, "train/lr") == pytest.approx({1: float(lr) / 5, 2: 2 * float(lr) / 5}), rows
     assert logs.count("rank 0/1 config hash") == 2, logs
+
+
+def test_a_corpus_prepared_by_an_array_on_two_nodes_equals_one_process(two_nodes, tmp_path):
+    """`bash slurm/prepare.sh`: an array of 2 tokenizing tasks (launch/prepare_data.py --shard) and a
+    merge after them (afterok) prepare a 3-unit corpus into the rows one process prepares, byte for byte."""
+    import json as _json
+
+    corpus = tmp_path / "notes.jsonl"
+    lines = (ROOT / "data_pipeline" / "bundled" / "medical_notes.txt").read_text().split("\n\n")
+    with open(corpus, "w") as f:
+        for i in range(3000):  # ~2.6 MB: units of 1 MiB, 3 of them
+            f.write(_json.dumps({"text": f"{i}: {lines[i % len(lines)]}"}) + "\n")
+    overrides = ["stage=pretrain", f"data.path={corpus}", "data.prepare_workers=1"]
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    proc = subprocess.run(
+        ["bash", "slurm/prepare.sh", *overrides, f"data.cache_dir={tmp_path / 'shared'}"],
+        cwd=ROOT,
+        env={**two_nodes, "TASKS": "2", "SBATCH_FLAGS": f"--cpus-per-task=1 --time=10:00 --output={logs}/%x-%A_%a.out"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    array, merge = re.search(r"array (\d+) \(2 tokenizing tasks\), merge (\d+)", proc.stdout).groups()
+    info = wait_for_end(two_nodes, merge, logs / "none")
+    text = "\n".join(p.read_text() for p in sorted(logs.iterdir()))
+    assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{text[-6000:]}"
+    assert "tokenizing task 0 of 2" in text and "tokenizing task 1 of 2" in text and "merging the tokenized" in text
+    assert "units 0::2 of 3 tokenized" in text and "units 1::2 of 3 tokenized" in text
+    # The same preparation in one process, here.
+    local = subprocess.run(
+        [sys.executable, "launch/prepare_data.py", "+exp=medical_qa", *overrides, f"data.cache_dir={tmp_path / 'one'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    keys = sorted(p.name for p in (tmp_path / "one").iterdir() if (p / "manifest.json").exists())
+    assert keys == sorted(p.name for p in (tmp_path / "shared").iterdir() if (p / "manifest.json").exists())
+    assert not list((tmp_path / "shared").glob("*.units"))  # the merge removed the units
+    for key in keys:  # the corpus and the eval sets
+        for name in ("input_ids.npy", "supervised.npy", "position_ids.npy", "filled.npy"):
+            assert (tmp_path / "shared" / key / name).read_bytes() == (tmp_path / "one" / key / name).read_bytes()

@@ -1,7 +1,8 @@
-"""Data preparation on several worker processes (data.prepare_workers, data_pipeline/prepare.py): the
-prepared arrays and manifest stats are byte-identical for 1, 2 and 3 workers, malformed records are
-skipped and counted the same way or stop the run naming file:line, and small sources skip the pool.
-The workers are real spawned processes (the pool is forced on for these small files)."""
+"""Data preparation in units on several worker processes (data.prepare_workers, data_pipeline/prepare.py):
+the prepared arrays and manifest stats are byte-identical for 1, 2 and 3 workers and any cut into
+units, malformed records are skipped and counted the same way or stop the run naming file:line, a
+killed preparation resumes from its finished units, and small sources skip the pool. The workers are
+real spawned processes (the pool and small units are forced on for these small files)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ def mixed(tmp_path):
 @pytest.mark.parametrize("stage", ["instruct", "pretrain"])
 def test_any_worker_count_prepares_the_same_bytes(tmp_path, tiny_tokenizer, mixed, monkeypatch, stage):
     monkeypatch.setattr(prep, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)  # ~30 units of these small files
     opts = PrepareOptions(objective=stage, seq_len=128, on_error="skip")
     made = {w: prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / f"w{w}"), workers=w) for w in (1, 2, 3)}
     one = made[1]
@@ -51,6 +53,7 @@ def test_any_worker_count_prepares_the_same_bytes(tmp_path, tiny_tokenizer, mixe
 
 def test_a_malformed_record_on_a_worker_stops_the_run_naming_its_line(tmp_path, tiny_tokenizer, mixed, monkeypatch):
     monkeypatch.setattr(prep, "POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)
     with pytest.raises(DataError, match=r"(?s)mixed.jsonl:101: .*set data.on_error=skip"):
         prepare(str(mixed), tiny_tokenizer, PrepareOptions(objective="sft", seq_len=128), str(tmp_path), workers=2)
     assert not list(tmp_path.glob("*/manifest.json"))  # nothing half-written is left to be mistaken for done
@@ -61,6 +64,7 @@ def test_a_small_source_is_tokenized_in_process(tmp_path, tiny_tokenizer, monkey
         raise AssertionError("a pool was started for a small source")
 
     monkeypatch.setattr("multiprocessing.context.SpawnContext.Pool", no_pool)
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)  # several units, yet under POOL_MIN_BYTES
     p = prepare(
         str(bundled_path("medical_qa.jsonl")), tiny_tokenizer, PrepareOptions("sft", 128), str(tmp_path), workers=4
     )
@@ -74,3 +78,59 @@ def test_workers_default_to_the_usable_cores_and_negative_is_refused():
     assert load_config(["output_dir=/tmp/x"]).data.prepare_workers == 0
     with pytest.raises(SystemExit, match=r"data.prepare_workers=-1: must be >= 0"):
         load_config(["output_dir=/tmp/x", "data.prepare_workers=-1"])
+
+
+def test_a_killed_preparation_resumes_from_its_finished_units(tmp_path, tiny_tokenizer, mixed, monkeypatch):
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)
+    opts = PrepareOptions(objective="instruct", seq_len=128, on_error="skip")
+    whole = prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / "whole"), workers=1)
+    # A first run dies in unit 5: units 0-4 are kept, the half-written one is not.
+    real = prep._tokenize_unit
+
+    def dies_at_5(job, *a):
+        if job[0] == 5:
+            raise KeyboardInterrupt
+        return real(job, *a)
+
+    monkeypatch.setattr(prep, "_tokenize_unit", dies_at_5)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / "c"), workers=1)
+    units = next((tmp_path / "c").glob("*.units"))
+    assert sorted(p.name for p in units.iterdir() if p.is_dir()) == [f"{i:06d}" for i in range(5)]
+    # The rerun tokenizes the rest only, and ends where one straight run does.
+    seen = []
+    monkeypatch.setattr(prep, "_tokenize_unit", lambda job, *a: seen.append(job[0]) or real(job, *a))
+    again = prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / "c"), workers=1)
+    assert seen[0] == 5 and 4 not in seen and not units.exists()
+    for name in ARRAYS:
+        assert (again.directory / name).read_bytes() == (whole.directory / name).read_bytes(), name
+    assert again.stats == whole.stats
+
+
+def test_array_tasks_tokenize_their_units_and_the_merge_packs_the_same_bytes(
+    tmp_path, tiny_tokenizer, mixed, monkeypatch
+):
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)
+    opts = PrepareOptions(objective="sft", seq_len=128, on_error="skip")
+    whole = prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / "whole"), workers=1)
+    cache = str(tmp_path / "shared")
+    tokenized = []
+    real = prep._tokenize_unit
+    monkeypatch.setattr(prep, "_tokenize_unit", lambda job, *a: tokenized.append(job[0]) or real(job, *a))
+    said = [prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, i, 3, workers=1) for i in (2, 0)]
+    n = len(prep.plan(str(mixed), next(Path(cache).glob("*.units"))))
+    assert n > 10 and sorted(tokenized) == [i for i in range(n) if i % 3 != 1]
+    assert f"units 2::3 of {n} tokenized" in said[0] and "left for other tasks" in said[1]
+    # A task rerun (requeued) keeps what it finished; task 1 does its own share only.
+    tokenized.clear()
+    prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 0, 3, workers=1)
+    prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 1, 3, workers=1)
+    assert tokenized == [i for i in range(n) if i % 3 == 1]
+    # The merge tokenizes nothing and packs the rows one process packs.
+    tokenized.clear()
+    merged = prepare(str(mixed), tiny_tokenizer, opts, cache, workers=1)
+    assert tokenized == [] and merged.directory.name == whole.directory.name
+    for name in ARRAYS:
+        assert (merged.directory / name).read_bytes() == (whole.directory / name).read_bytes(), name
+    assert merged.stats == whole.stats
+    assert "already prepared" in prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 0, 3)
