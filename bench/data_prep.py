@@ -121,7 +121,11 @@ def child(args) -> None:
     if args.force_pool:  # the smoke's corpora are below the size at which a pool starts, and one unit each
         prep.POOL_MIN_BYTES = 0
         prep.unit_bytes_for = lambda total: max(total // 16, 1)
-    options = prep.PrepareOptions(objective="sft", seq_len=args.seq_len, fmt="alpaca")
+    options = (
+        prep.PrepareOptions(objective="pretrain", seq_len=args.seq_len)  # --text: a real corpus, every token
+        if args.pretrain
+        else prep.PrepareOptions(objective="sft", seq_len=args.seq_len, fmt="alpaca")
+    )
     before = _status_kib()
     start = time.perf_counter()
     with MemorySampler() as mem:
@@ -196,6 +200,11 @@ def parse_args(argv=None):
     p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--force-pool", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--pretrain", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--text", help="a real text corpus (documents separated by blank lines, e.g. bench/corpora.py's gcide.txt) "
+        "prepared for continued pretraining instead of the synthetic sizes",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.child:
         args.workers = int(args.workers)
@@ -213,16 +222,17 @@ def main(argv=None) -> Dict:
     out = Path(args.out or tempfile.mkdtemp(prefix="fullft-dataprep-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stamp = harness.stamp()
-    pool = harness.SentencePool(harness.tiny_tokenizer())
+    pool = None if args.text else harness.SentencePool(harness.tiny_tokenizer())
     print(
         f"data preparation: sizes {args.sizes}, seq_len {args.seq_len}, in {out}; load average "
         f"{stamp['load_avg_start']}",
         flush=True,
     )
     results = []
-    for n in args.sizes:
-        corpus = out / f"alpaca_{n}.jsonl"
-        harness.write_alpaca(corpus, pool, n, args.seed)
+    for n in [0] if args.text else args.sizes:
+        corpus = Path(args.text).resolve() if args.text else out / f"alpaca_{n}.jsonl"
+        if not args.text:
+            harness.write_alpaca(corpus, pool, n, args.seed)
         one = None
         for w in args.workers:
             cache = out / f"cache_{n}_w{w}"
@@ -231,9 +241,8 @@ def main(argv=None) -> Dict:
             load = harness.load_average()
             cmd = [sys.executable, __file__, "--child", "--path", str(corpus), "--cache", str(cache)]
             cmd += ["--result", str(result_file), "--seq-len", str(args.seq_len), "--workers", str(w)]
-            proc = subprocess.run(
-                cmd + (["--force-pool"] if args.smoke else []), cwd=ROOT, capture_output=True, text=True
-            )
+            cmd += (["--force-pool"] if args.smoke else []) + (["--pretrain"] if args.text else [])
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise SystemExit(f"preparing {corpus} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             r = {**json.loads(result_file.read_text()), "load_avg_before": load}
@@ -247,7 +256,7 @@ def main(argv=None) -> Dict:
                 )
             results.append(r)
             print(
-                f"  {n:,} records, {w} worker(s): {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s "
+                f"  {r['records']:,} records, {w} worker(s): {r['seconds']:.1f} s, {r['tokens_per_s']:,.0f} tokens/s "
                 f"(scaling {r['scaling']:.2f}), RssAnon +{r['anon_growth_mib']:.1f} MiB, RssFile "
                 f"+{r['file_growth_mib']:.1f} MiB, peak RSS {r['ru_maxrss_mib']:.0f} MiB, a worker's peak RSS "
                 f"{r['worker_peak_rss_mib']:.0f} MiB, arrays {r['arrays_sha256'][:12]} (load {load[0]})",
@@ -255,7 +264,7 @@ def main(argv=None) -> Dict:
             )
             if not args.keep:
                 shutil.rmtree(cache, ignore_errors=True)
-        if not args.keep:
+        if not args.keep and not args.text:
             corpus.unlink()
     summary = {}
     single = [r for r in results if r["workers"] == args.workers[0]]
@@ -271,10 +280,12 @@ def main(argv=None) -> Dict:
             "tokens_per_s_ratio": big["tokens_per_s"] / small["tokens_per_s"],
         }
     print()
-    print(
-        f"Data preparation: synthetic alpaca (answers lognormal, median 250 tokens), stage sft, packed rows of "
-        f"{args.seq_len}, tiny tokenizer + chat template, one fresh process per size and worker count"
+    what = (
+        f"{args.text} (stage pretrain, documents chunked into rows of {args.seq_len})"
+        if args.text
+        else f"synthetic alpaca (answers lognormal, median 250 tokens), stage sft, packed rows of {args.seq_len}"
     )
+    print(f"Data preparation: {what}, tiny tokenizer, one fresh process per size and worker count")
     print(table(results))
     if summary:
         print(

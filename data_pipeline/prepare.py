@@ -375,7 +375,7 @@ def tokenize_units(
     whole, so a killed preparation resumes from the finished ones), on `workers` processes (1: this
     one; 0: every usable core; a source under POOL_MIN_BYTES always in this one). Returns the plan."""
     units = plan(path, where)
-    todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not (where / f"{i:06d}" / "done").is_file()]
+    todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not unit_done(where / f"{i:06d}")]
     workers = workers or usable_cores()
     if sum(_unit_size(units[i]) for i in todo) < POOL_MIN_BYTES:
         workers = 1  # a pool's start (each worker imports transformers: seconds) would cost more than it saves
@@ -501,12 +501,12 @@ def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
             f_mask.write(np.asarray(buf_mask, dtype=np.uint8).tobytes())
         np.save(work / "lengths.npy", np.asarray(lengths, dtype=np.int64))
         (work / "counts.json").write_text(json.dumps({**counts, "unit": asdict(unit)}))
-        (work / "done").write_text("")
+        (work / "done").write_text(json.dumps({name: _digest(work / name) for name in _UNIT_FILES}))
         shutil.rmtree(shard, ignore_errors=True)  # a leftover without `done` (renamed only whole)
         try:
             os.replace(work, shard)
         except OSError:  # another process (a requeued task's twin) put the same unit there first
-            if not (shard / "done").is_file():
+            if not unit_done(shard):
                 raise
             shutil.rmtree(work, ignore_errors=True)
     except BaseException:
@@ -516,7 +516,32 @@ def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
 
 
 def missing_units(where: Path, n: int) -> List[int]:
-    return [i for i in range(n) if not (where / f"{i:06d}" / "done").is_file()]
+    return [i for i in range(n) if not unit_done(where / f"{i:06d}")]
+
+
+_UNIT_FILES = ("tokens.u32", "mask.u8", "lengths.npy", "counts.json")
+
+
+def _digest(path: Path) -> List:
+    """[size, sha256] of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return [path.stat().st_size, h.hexdigest()]
+
+
+def unit_done(shard: Path) -> bool:
+    """A unit's shard is finished and intact: its files have the sizes and sha256 its `done` records
+    (written last, renamed in with the rest). A damaged one is logged and tokenized again."""
+    try:
+        recorded = json.loads((shard / "done").read_text())
+    except (OSError, ValueError):
+        return False
+    bad = [name for name in _UNIT_FILES if not (shard / name).is_file() or _digest(shard / name) != recorded.get(name)]
+    if bad:
+        log.warning("%s: %s do not match the unit's record (damaged); tokenizing the unit again", shard, ", ".join(bad))
+    return not bad
 
 
 def _merge_units(path: str, where: Path, n: int, work: Path):

@@ -126,10 +126,15 @@ def test_array_tasks_tokenize_their_units_and_the_merge_packs_the_same_bytes(
     prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 0, 3, workers=1)
     prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 1, 3, workers=1)
     assert tokenized == [i for i in range(n) if i % 3 == 1]
-    # The merge tokenizes nothing and packs the rows one process packs.
+    # A damaged unit (a flipped byte: its recorded sha256 no longer matches) is tokenized again by the
+    # merge, which tokenizes nothing else and packs the rows one process packs.
+    shard = next(Path(cache).glob("*.units")) / "000004" / "tokens.u32"
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0xFF
+    shard.write_bytes(bytes(data))
     tokenized.clear()
     merged = prepare(str(mixed), tiny_tokenizer, opts, cache, workers=1)
-    assert tokenized == [] and merged.directory.name == whole.directory.name
+    assert tokenized == [4] and merged.directory.name == whole.directory.name
     for name in ARRAYS:
         assert (merged.directory / name).read_bytes() == (whole.directory / name).read_bytes(), name
     assert merged.stats == whole.stats
