@@ -8,6 +8,7 @@ removed >= 0.90 and kept >= 0.95.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -80,7 +81,7 @@ def plot(points: Sequence[Dict], path: Path, title: str, removed_target: float, 
     ax.set_ylim(min(min(ys), 0) - 0.05, max(max(ys), 1) + 0.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=9)  # a long title wraps instead of running off
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
