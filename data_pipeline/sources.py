@@ -131,18 +131,23 @@ class Unit:
     file: str
     start: int = 0
     end: int = -1
-    """-1: the whole file."""
+    """-1: the whole file. For a parquet file: row groups [start, end)."""
     first_line: int = 1
-    """The line number of the line at `start` (records keep their file:line)."""
+    """The line number of the line at `start` (records keep their file:line); for parquet the index
+    of the first row (file:[row])."""
 
 
 def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
     """The source cut into units of about `unit_bytes`: plain .jsonl files at line starts, plain .txt /
-    .md files at blank lines (a document never spans two units); every other file is one unit. The
-    cut points depend only on the files and `unit_bytes`, never on how many workers read them."""
+    .md files at blank lines (a document never spans two units), parquet files at row groups; every
+    other file is one unit. The cut points depend only on the files and `unit_bytes`, never on how
+    many workers read them."""
     units: List[Unit] = []
     for file in list_files(path):
         size = file.stat().st_size if file.is_file() else 0
+        if file.suffix == ".parquet" and size > unit_bytes:
+            units += _row_group_units(file, unit_bytes)
+            continue
         if file.suffix not in _STREAMED or size <= unit_bytes:
             units.append(Unit(str(file)))
             continue
@@ -158,6 +163,23 @@ def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
         lines = _count_newlines(file, cuts)
         for i, start in enumerate(cuts):
             units.append(Unit(str(file), start, cuts[i + 1] if i + 1 < len(cuts) else -1, lines[i] + 1))
+    return units
+
+
+def _row_group_units(file: Path, unit_bytes: int) -> List[Unit]:
+    """Consecutive row groups of about `unit_bytes` (compressed, from the footer) per unit."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(file).metadata
+    units, first, rows, acc, row = [], 0, 0, 0, 0
+    for g in range(meta.num_row_groups):
+        group = meta.row_group(g)
+        acc += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
+        rows += group.num_rows
+        if acc >= unit_bytes or g == meta.num_row_groups - 1:
+            units.append(Unit(str(file), first, g + 1, row))
+            first, row, acc = g + 1, row + rows, 0
+            rows = 0
     return units
 
 
@@ -191,6 +213,8 @@ def read_unit(unit: Unit, split: str = "train") -> Iterator[Record]:
     file = Path(unit.file)
     if unit.start == 0 and unit.end < 0:
         yield from _read_file(file, split)
+    elif file.suffix == ".parquet":
+        yield from _read_parquet(file, unit)
     elif kind(file) == ".jsonl":
         yield from _read_jsonl(file, unit)
     else:
@@ -343,11 +367,14 @@ def _read_json(file: Path) -> Iterator[Record]:
         )
 
 
-def _read_parquet(file: Path) -> Iterator[Record]:
+def _read_parquet(file: Path, unit: Optional[Unit] = None) -> Iterator[Record]:
+    """Rows a 4,096-row batch at a time (of `unit`'s row groups: [start, end))."""
     import pyarrow.parquet as pq
 
-    row = 0
-    for batch in pq.ParquetFile(file).iter_batches(batch_size=4096):
+    pf = pq.ParquetFile(file)
+    groups = None if unit is None else list(range(unit.start, unit.end))
+    row = 0 if unit is None else unit.first_line
+    for batch in pf.iter_batches(batch_size=4096, row_groups=groups):
         for obj in batch.to_pylist():
             yield Record(obj, f"{file}:[{row}]")
             row += 1

@@ -139,3 +139,34 @@ def test_array_tasks_tokenize_their_units_and_the_merge_packs_the_same_bytes(
         assert (merged.directory / name).read_bytes() == (whole.directory / name).read_bytes(), name
     assert merged.stats == whole.stats
     assert "already prepared" in prep.prepare_shard(str(mixed), tiny_tokenizer, opts, cache, 0, 3)
+
+
+@pytest.mark.parametrize("unit_bytes", [300, 5000, 1 << 30])
+def test_units_read_one_after_another_are_the_source(tmp_path, unit_bytes):
+    """Plain .jsonl cut at line starts, .txt at blank lines, parquet at row groups, a compressed file
+    whole: every record once, in order, with its file:line (or file:[row])."""
+    import gzip
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_pipeline.sources import plan_units, read_records, read_unit
+
+    rng = random.Random(0)
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "a.jsonl").write_text("".join(json.dumps({"text": "x" * rng.randint(0, 200)}) + "\n" for _ in range(300)))
+    docs = ["\n".join("y" * rng.randint(1, 60) for _ in range(rng.randint(1, 4))) for _ in range(200)]
+    (d / "b.txt").write_text("\n\n".join(docs) + "\n")
+    (d / "c.jsonl.gz").write_bytes(gzip.compress((d / "a.jsonl").read_bytes()))
+    pq.write_table(
+        pa.table({"text": [f"row {i} " + "z" * (i % 90) for i in range(3000)]}), d / "d.parquet", row_group_size=200
+    )
+    units = plan_units(str(d), unit_bytes)
+    got = [(r.data, r.where) for u in units for r in read_unit(u)]
+    assert got == [(r.data, r.where) for r in read_records(str(d))] and len(got) == 300 + 200 + 300 + 3000
+    per_file = {f: sum(u.file.endswith(f) for u in units) for f in ("a.jsonl", "b.txt", "c.jsonl.gz", "d.parquet")}
+    assert per_file["c.jsonl.gz"] == 1  # a compressed file is read whole
+    if unit_bytes == 300:
+        assert min(per_file["a.jsonl"], per_file["b.txt"], per_file["d.parquet"]) > 5
