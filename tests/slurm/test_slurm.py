@@ -459,6 +459,7 @@ def test_a_corpus_prepared_by_an_array_on_two_nodes_equals_one_process(two_nodes
     overrides = ["stage=pretrain", f"data.path={corpus}", "data.prepare_workers=1"]
     logs = tmp_path / "logs"
     logs.mkdir()
+    started = time.time()
     proc = subprocess.run(
         ["bash", "slurm/prepare.sh", *overrides, f"data.cache_dir={tmp_path / 'shared'}"],
         cwd=ROOT,
@@ -470,11 +471,13 @@ def test_a_corpus_prepared_by_an_array_on_two_nodes_equals_one_process(two_nodes
     assert proc.returncode == 0, proc.stderr
     array, merge = re.search(r"array (\d+) \(2 tokenizing tasks\), merge (\d+)", proc.stdout).groups()
     info = wait_for_end(two_nodes, merge, logs / "none")
+    array_s = time.time() - started
     text = "\n".join(p.read_text() for p in sorted(logs.iterdir()))
     assert info["JobState"] == "COMPLETED", f"{info['JobState']}\n{text[-6000:]}"
     assert "tokenizing task 0 of 2" in text and "tokenizing task 1 of 2" in text and "merging the tokenized" in text
     assert "units 0::2 of 3 tokenized" in text and "units 1::2 of 3 tokenized" in text
     # The same preparation in one process, here.
+    started = time.time()
     local = subprocess.run(
         [sys.executable, "launch/prepare_data.py", "+exp=medical_qa", *overrides, f"data.cache_dir={tmp_path / 'one'}"],
         cwd=ROOT,
@@ -483,6 +486,7 @@ def test_a_corpus_prepared_by_an_array_on_two_nodes_equals_one_process(two_nodes
         timeout=300,
     )
     assert local.returncode == 0, local.stderr[-3000:]
+    print(f"prepare: 2-task array + merge {array_s:.1f} s from submission; one process {time.time() - started:.1f} s")
     keys = sorted(p.name for p in (tmp_path / "one").iterdir() if (p / "manifest.json").exists())
     assert keys == sorted(p.name for p in (tmp_path / "shared").iterdir() if (p / "manifest.json").exists())
     assert not list((tmp_path / "shared").glob("*.units"))  # the merge removed the units
