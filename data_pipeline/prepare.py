@@ -286,6 +286,11 @@ def _prepare_into(
         else:
             where = units_dir(target)
             units = tokenize_units(path, tokenizer, options, where, workers, progress=progress)
+            damaged = [i for i in range(len(units)) if not unit_done(where / f"{i:06d}")]  # each read once here
+            if damaged:  # set aside, then tokenized again
+                for i in damaged:
+                    os.replace(where / f"{i:06d}", Path(tempfile.mkdtemp(dir=where, prefix=".damaged.")) / "unit")
+                tokenize_units(path, tokenizer, options, where, workers, mine=set(damaged).__contains__)
             lengths, counts = _merge_units(path, where, len(units), work)
             tokens = np.memmap(work / "tokens.u32", dtype=np.uint32, mode="r")
             mask = np.memmap(work / "mask.u8", dtype=np.uint8, mode="r")
@@ -351,20 +356,25 @@ def plan(path: str, where: Path) -> List[Unit]:
     """The source's units: stored in `where`/plan.json by the first process to plan them, read back by
     every later one (a resume, the other array tasks, the merge)."""
     stored = where / "plan.json"
-    if stored.is_file():
-        return [Unit(**u) for u in json.loads(stored.read_text())]
+    files = sorted(str(f.resolve()) for f in list_files(path))
+    try:
+        units = [Unit(**u) for u in json.loads(stored.read_text())]
+        if sorted({u.file for u in units}) == files:
+            return units
+        log.warning("%s: its stored plan names other files than the source has now; planning again", stored)
+    except (OSError, ValueError, TypeError):
+        pass  # none yet, or unreadable: plan (the plan depends on the files only, so any process plans alike)
     units = plan_units(path, unit_bytes_for(_input_bytes(path)))
     where.mkdir(parents=True, exist_ok=True)
-    tmp = where / f".plan.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps([asdict(u) for u in units]))
+    fd, tmp = tempfile.mkstemp(dir=where, prefix=".plan.", suffix=".tmp")  # unique across nodes sharing `where`
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps([asdict(u) for u in units]))
     os.replace(tmp, stored)
-    return [Unit(**u) for u in json.loads(stored.read_text())]
+    return units
 
 
 def _unit_size(unit: Unit) -> int:
-    p = Path(unit.file)
-    end = unit.end if unit.end >= 0 else (p.stat().st_size if p.is_file() else 0)
-    return max(end - unit.start, 0)
+    return unit.size
 
 
 def tokenize_units(
@@ -375,7 +385,7 @@ def tokenize_units(
     whole, so a killed preparation resumes from the finished ones), on `workers` processes (1: this
     one; 0: every usable core; a source under POOL_MIN_BYTES always in this one). Returns the plan."""
     units = plan(path, where)
-    todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not unit_done(where / f"{i:06d}")]
+    todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not (where / f"{i:06d}" / "done").is_file()]
     workers = workers or usable_cores()
     if sum(_unit_size(units[i]) for i in todo) < POOL_MIN_BYTES:
         workers = 1  # a pool's start (each worker imports transformers: seconds) would cost more than it saves
@@ -426,6 +436,8 @@ def _worker_init(payload: bytes) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     import pickle
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(process)d: %(message)s")
+
     _worker_state["tokenizer"], _worker_state["options"] = pickle.loads(payload)
 
 
@@ -460,9 +472,7 @@ def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
     silently); returns the tokens written."""
     index, unit, where = job
     shard = where / f"{index:06d}"
-    work = where / f".{index:06d}.{os.getpid()}.tmp"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    work = Path(tempfile.mkdtemp(dir=where, prefix=f".{index:06d}.", suffix=".tmp"))
     counts: Counter = Counter()
     lengths: List[int] = []
     buf_ids: List[int] = []
@@ -502,13 +512,17 @@ def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
         np.save(work / "lengths.npy", np.asarray(lengths, dtype=np.int64))
         (work / "counts.json").write_text(json.dumps({**counts, "unit": asdict(unit)}))
         (work / "done").write_text(json.dumps({name: _digest(work / name) for name in _UNIT_FILES}))
-        shutil.rmtree(shard, ignore_errors=True)  # a leftover without `done` (renamed only whole)
-        try:
-            os.replace(work, shard)
-        except OSError:  # another process (a requeued task's twin) put the same unit there first
-            if not unit_done(shard):
-                raise
+        if (shard / "done").is_file():  # another process (a requeued task's twin) finished it meanwhile
             shutil.rmtree(work, ignore_errors=True)
+        else:
+            if shard.exists():  # a damaged one, set aside under a name of its own before ours goes in
+                os.replace(shard, Path(tempfile.mkdtemp(dir=where, prefix=".damaged.")) / "unit")
+            try:
+                os.replace(work, shard)
+            except OSError:  # the twin got there between the check and the rename
+                if not (shard / "done").is_file():
+                    raise
+                shutil.rmtree(work, ignore_errors=True)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -516,7 +530,8 @@ def _tokenize_unit(job, tokenizer, options: PrepareOptions) -> int:
 
 
 def missing_units(where: Path, n: int) -> List[int]:
-    return [i for i in range(n) if not unit_done(where / f"{i:06d}")]
+    """Units without a finished shard (not checked for damage: unit_done does that, once, at the merge)."""
+    return [i for i in range(n) if not (where / f"{i:06d}" / "done").is_file()]
 
 
 _UNIT_FILES = ("tokens.u32", "mask.u8", "lengths.npy", "counts.json")
@@ -567,7 +582,9 @@ def _merge_units(path: str, where: Path, n: int, work: Path):
             unit_counts.pop("unit", None)
             counts.update(unit_counts)
     if counts["skipped_malformed"] > 10:
-        log.warning("%s: %d malformed records skipped in all (first 10 shown)", path, counts["skipped_malformed"])
+        log.warning(
+            "%s: %d malformed records skipped in all (at most 10 shown per unit)", path, counts["skipped_malformed"]
+        )
     lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     if not len(lengths):
         raise DataError(f"{path}: no usable samples out of {counts['records']} records ({dict(counts)})")

@@ -135,6 +135,8 @@ class Unit:
     first_line: int = 1
     """The line number of the line at `start` (records keep their file:line); for parquet the index
     of the first row (file:[row])."""
+    size: int = 0
+    """Its bytes on disk (compressed, for parquet row groups): for progress and load balance."""
 
 
 def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
@@ -144,12 +146,13 @@ def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
     many workers read them."""
     units: List[Unit] = []
     for file in list_files(path):
-        size = file.stat().st_size if file.is_file() else 0
+        file = file.resolve()  # the plan is stored and read back by processes started elsewhere
+        size = file.stat().st_size if file.is_file() else sum(q.stat().st_size for q in file.rglob("*") if q.is_file())
         if file.suffix == ".parquet" and size > unit_bytes:
             units += _row_group_units(file, unit_bytes)
             continue
         if file.suffix not in _STREAMED or size <= unit_bytes:
-            units.append(Unit(str(file)))
+            units.append(Unit(str(file), size=size))
             continue
         sep = b"\n" if file.suffix == ".jsonl" else b"\n\n"
         cuts = [0]
@@ -162,7 +165,8 @@ def plan_units(path: str, unit_bytes: int = 64 << 20) -> List[Unit]:
                 cuts.append(at + 1)  # the byte after a newline: a line start (a blank line for text)
         lines = _count_newlines(file, cuts)
         for i, start in enumerate(cuts):
-            units.append(Unit(str(file), start, cuts[i + 1] if i + 1 < len(cuts) else -1, lines[i] + 1))
+            end = cuts[i + 1] if i + 1 < len(cuts) else -1
+            units.append(Unit(str(file), start, end, lines[i] + 1, (size if end < 0 else end) - start))
     return units
 
 
@@ -177,7 +181,7 @@ def _row_group_units(file: Path, unit_bytes: int) -> List[Unit]:
         acc += sum(group.column(c).total_compressed_size for c in range(group.num_columns))
         rows += group.num_rows
         if acc >= unit_bytes or g == meta.num_row_groups - 1:
-            units.append(Unit(str(file), first, g + 1, row))
+            units.append(Unit(str(file), first, g + 1, row, acc))
             first, row, acc = g + 1, row + rows, 0
             rows = 0
     return units
@@ -258,7 +262,7 @@ def _lines(file: Path, unit: Optional[Unit] = None) -> Iterator[tuple]:
                 lineno, raw = next(lines)
             except StopIteration:
                 return
-            except (EOFError, OSError) + _zstd_errors() as ex:
+            except _stream_errors(file) as ex:
                 raise DataError(
                     f"{file}:{lineno + 1}: the compressed stream is damaged or cut short after line {lineno} ({ex}); "
                     "recompress the file, or remove it from the source"
@@ -294,13 +298,20 @@ def _until(f, start: int, end: int) -> Iterator[bytes]:
         pos += len(raw)
 
 
-def _zstd_errors() -> tuple:
+def _stream_errors(file: Path) -> tuple:
+    """What a damaged or cut-short compressed file raises while it is read (none for a plain file:
+    a disk error there is not the file's fault and propagates as it is)."""
+    if file.suffix not in COMPRESSED:
+        return ()
+    import zlib
+
+    errors = (EOFError, OSError, zlib.error)
     try:
         import zstandard
 
-        return (zstandard.ZstdError,)
+        return errors + (zstandard.ZstdError,)
     except ImportError:
-        return ()
+        return errors
 
 
 def _read_text(file: Path, unit: Optional[Unit] = None) -> Iterator[Record]:

@@ -23,12 +23,23 @@
 #SBATCH --open-mode=append
 #SBATCH --output=logs/%x-%A_%a.out
 
-if [[ -z ${SLURM_JOB_ID:-} ]]; then  # submitted from a login node: the array, then the merge after it
+# The role is set by the submission below, never guessed from SLURM_JOB_ID (set inside salloc too).
+if [[ -z ${FULLFT_PREPARE_ROLE:-} ]]; then  # run by hand: submit the array, then the merge after it
     here=$(cd "$(dirname "$0")" && pwd)
     tasks=${TASKS:-4}
-    array=$(sbatch --parsable --array=0-$((tasks - 1)) ${SBATCH_FLAGS:-} "$here/prepare.sh" "$@") || exit 1
-    merge=$(sbatch --parsable --dependency=afterok:"${array%%;*}" ${SBATCH_FLAGS:-} "$here/prepare.sh" "$@") || exit 1
-    echo "array ${array%%;*} ($tasks tokenizing tasks), merge $merge (after all of them succeed)"
+    # shellcheck disable=SC2086  # SBATCH_FLAGS: several flags, split on purpose
+    array=$(sbatch --parsable --array=0-$((tasks - 1)) --export=ALL,FULLFT_PREPARE_ROLE=tokenize \
+        ${SBATCH_FLAGS:-} "$here/prepare.sh" "$@") || exit 1
+    array=${array%%;*}
+    # shellcheck disable=SC2086
+    if ! merge=$(sbatch --parsable --dependency=afterok:"$array" --export=ALL,FULLFT_PREPARE_ROLE=merge \
+        --output=logs/%x-%j.out ${SBATCH_FLAGS:-} "$here/prepare.sh" "$@"); then
+        scancel "$array"
+        echo "submitting the merge failed: cancelled the array $array" >&2
+        exit 1
+    fi
+    merge=${merge%%;*}
+    echo "array $array ($tasks tokenizing tasks), merge $merge (after all of them succeed)"
     echo "train after it: sbatch --dependency=afterok:$merge slurm/cpt.sh $*"
     exit 0
 fi
@@ -43,7 +54,7 @@ source "$FULLFT_ROOT/slurm/common.sh"
 
 fullft_setup
 EXP=${EXP-medical}
-if [[ -n ${SLURM_ARRAY_TASK_ID:-} && -n ${SLURM_ARRAY_TASK_COUNT:-} ]]; then
+if [[ $FULLFT_PREPARE_ROLE == tokenize ]]; then
     fullft_log "tokenizing task $SLURM_ARRAY_TASK_ID of $SLURM_ARRAY_TASK_COUNT on $(hostname): $(_fullft_redacted "$@")"
     exec python launch/prepare_data.py --shard "$SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT" ${EXP:+"+exp=$EXP"} "$@"
 fi

@@ -57,11 +57,17 @@ def test_a_directory_mixes_plain_and_compressed_files_in_name_order(tmp_path):
         list_files(str(tmp_path / "d" / "c.json.gz"))
 
 
+@pytest.mark.parametrize("damage", ["cut", "flipped"])
 @pytest.mark.parametrize("name", ["qa.jsonl.gz", "qa.jsonl.zst"])
-def test_a_stream_cut_short_stops_naming_the_file_and_line(tmp_path, name):
-    whole = compress(QA, tmp_path / name).read_bytes()
+def test_a_stream_cut_short_stops_naming_the_file_and_line(tmp_path, name, damage):
+    whole = bytearray(compress(QA, tmp_path / name).read_bytes())
     cut = tmp_path / f"cut-{name}"
-    cut.write_bytes(whole[: len(whole) // 2])
+    if damage == "cut":
+        cut.write_bytes(whole[: len(whole) // 2])
+    else:  # bytes in the middle of the compressed data changed (zlib.error / ZstdError, not OSError)
+        for i in range(len(whole) // 2, len(whole) // 2 + 50):
+            whole[i] ^= 0x5A
+        cut.write_bytes(bytes(whole))
     with pytest.raises(
         DataError, match=rf"cut-{name}:\d+: the compressed stream is damaged or cut short after line \d+"
     ):

@@ -170,3 +170,17 @@ def test_units_read_one_after_another_are_the_source(tmp_path, unit_bytes):
     assert per_file["c.jsonl.gz"] == 1  # a compressed file is read whole
     if unit_bytes == 300:
         assert min(per_file["a.jsonl"], per_file["b.txt"], per_file["d.parquet"]) > 5
+
+
+def test_a_plan_stored_with_one_working_directory_serves_another(tmp_path, tiny_tokenizer, mixed, monkeypatch):
+    """The plan names files by absolute path: a process started elsewhere (another array task, a resume
+    with data.path given relative to another directory) reads the same files."""
+    monkeypatch.setattr(prep, "unit_bytes_for", lambda total: 4096)
+    opts = PrepareOptions(objective="sft", seq_len=128, on_error="skip")
+    monkeypatch.chdir(mixed.parent)
+    prep.prepare_shard("mixed.jsonl", tiny_tokenizer, opts, str(tmp_path / "c"), 0, 2, workers=1)
+    monkeypatch.chdir(tmp_path.parent)
+    relative = str(mixed.relative_to(tmp_path.parent))
+    merged = prepare(relative, tiny_tokenizer, opts, str(tmp_path / "c"), workers=1)
+    whole = prepare(str(mixed), tiny_tokenizer, opts, str(tmp_path / "w"), workers=1)
+    assert (merged.directory / "input_ids.npy").read_bytes() == (whole.directory / "input_ids.npy").read_bytes()
