@@ -398,10 +398,22 @@ def tokenize_units(
         pool = None
     else:
         import multiprocessing
-        import pickle
 
         ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads (torch, gloo, tokenizers)
-        pool = ctx.Pool(workers, initializer=_worker_init, initargs=(pickle.dumps((tokenizer, options)),))
+        # One thread per worker: the workers are the parallelism (the tokenizer's own Rust threads and
+        # torch's would oversubscribe the cores). Spawned workers take the environment as it is when
+        # they start, before the tokenizer reaches them (and is imported).
+        single = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+        saved = {k: os.environ.get(k) for k in single}
+        os.environ.update(single)
+        try:
+            pool = ctx.Pool(workers, initializer=_worker_init, initargs=(tokenizer, options))
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
         results = pool.imap(_worker_unit, jobs)  # in unit order: the first failing unit's error is raised
     try:
         for i, made in zip(todo, results):
@@ -428,17 +440,9 @@ def _input_bytes(path: str) -> int:
 _worker_state: Dict = {}
 
 
-def _worker_init(payload: bytes) -> None:
-    # One thread per worker: the workers are the parallelism (the tokenizer's own Rust threads and
-    # torch's would oversubscribe the cores). Set before the tokenizer is unpickled (imported).
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    os.environ["RAYON_NUM_THREADS"] = "1"
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import pickle
-
+def _worker_init(tokenizer, options: PrepareOptions) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s worker %(process)d: %(message)s")
-
-    _worker_state["tokenizer"], _worker_state["options"] = pickle.loads(payload)
+    _worker_state["tokenizer"], _worker_state["options"] = tokenizer, options
 
 
 def _worker_unit(job) -> int:
