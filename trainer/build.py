@@ -114,9 +114,14 @@ def build(cfg: Config) -> Run:
     distilling = cfg.regularizer.distill.enabled
     if distilling and cfg.regularizer.distill.prompts:  # checked before any data or weights are read
         try:
-            rehearsal.read_prompts(Path(cfg.regularizer.distill.prompts))
+            found = rehearsal.read_prompts(Path(cfg.regularizer.distill.prompts))
         except (FileNotFoundError, ValueError) as e:
             raise type(e)(f"regularizer.distill.prompts: {e}") from None
+        if not found:
+            raise ValueError(
+                f"regularizer.distill.prompts={cfg.regularizer.distill.prompts}: no prompts in it (a prompt a "
+                'line in a .txt; in a .jsonl a record a line with "prompt", "instruction" or "messages")'
+            )
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(
                 f"regularizer.distill.prompts={cfg.regularizer.distill.prompts}: the start answers them as chat "
@@ -180,6 +185,7 @@ def build(cfg: Config) -> Run:
             dist.rank,
             dist.world_size,
             dist.local_rank,
+            system_prompt=cfg.stage.system_prompt,  # as the distill data is then prepared (and training renders)
         )
         data.distill = prepare_own_answers(cfg, tokenizer, str(answers), dist.local_rank == 0, dist.is_main)
     if distilling and teacher is None:

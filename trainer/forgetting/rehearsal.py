@@ -229,8 +229,15 @@ def own_answers(
                 "system_prompt": system_prompt}  # fmt: skip
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     out = Path(cache_dir) / "own_answers" / f"{start_key}-{digest}.jsonl"
-    if distributed.all_gather_object(out.is_file()) == [True] * world_size:
+    have = distributed.all_gather_object(out.is_file())
+    if all(have):
         log.info("regularizer.distill: the start's own answers to %d prompts, stored -> %s", len(prompts), out)
+        return out
+    if any(have):  # some nodes have them (node-local caches): theirs, copied, never made again
+        first = have.index(True)
+        text = distributed.all_gather_object(out.read_text(encoding="utf-8") if rank == first else None)[first]
+        _write_where_missing(out, text, rank, local_rank, world_size)
+        log.info("regularizer.distill: the start's own answers, copied from rank %d's node -> %s", first, out)
         return out
     started = time.time()
     got = answers_on_engine(engine, tokenizer, prompts, max_new_tokens, rank, world_size, batch_size, system_prompt)
@@ -242,14 +249,7 @@ def own_answers(
             "regularizer.distill.keep_cut_off=true (the answers would then be distilled as cut off)"
         )
     text = "".join(json.dumps(record(a, system_prompt), ensure_ascii=False) + "\n" for a in kept)
-    for turn in (rank == 0, local_rank == 0):  # rank 0 first; then any node that does not see its file
-        if turn and not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, out)
-        if world_size > 1:
-            distributed.barrier()
+    _write_where_missing(out, text, rank, local_rank, world_size)
     cut = sum(not a.finished for a in got)
     log.info(
         "regularizer.distill: the start's own answers to %d prompts generated in %.1f s: %d kept, %d cut off at "
@@ -264,3 +264,18 @@ def own_answers(
         out,
     )
     return out
+
+
+def _write_where_missing(out: Path, text: str, rank: int, local_rank: int, world_size: int) -> None:
+    """`text` to `out` by rank 0, then by the first process of every node that does not see it (the
+    same text everywhere). Collective."""
+    from trainer import distributed
+
+    for turn in (rank == 0, local_rank == 0):
+        if turn and not out.is_file():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, out)
+        if world_size > 1:
+            distributed.barrier()
