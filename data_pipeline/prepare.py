@@ -373,10 +373,6 @@ def plan(path: str, where: Path) -> List[Unit]:
     return units
 
 
-def _unit_size(unit: Unit) -> int:
-    return unit.size
-
-
 def tokenize_units(
     path: str, tokenizer, options: PrepareOptions, where: Path, workers: int, mine=None, progress: bool = False
 ) -> List[Unit]:
@@ -387,10 +383,10 @@ def tokenize_units(
     units = plan(path, where)
     todo = [i for i in range(len(units)) if (mine is None or mine(i)) and not (where / f"{i:06d}" / "done").is_file()]
     workers = workers or usable_cores()
-    if sum(_unit_size(units[i]) for i in todo) < POOL_MIN_BYTES:
+    if sum(units[i].size for i in todo) < POOL_MIN_BYTES:
         workers = 1  # a pool's start (each worker imports transformers: seconds) would cost more than it saves
     workers = min(workers, len(todo)) or 1
-    bar = _progress_bar(path, progress, total=sum(_unit_size(units[i]) for i in todo))
+    bar = _progress_bar(path, progress, total=sum(units[i].size for i in todo))
     started, tokens = time.time(), 0
     jobs = [(i, units[i], where) for i in todo]
     if workers == 1:
@@ -418,7 +414,7 @@ def tokenize_units(
     try:
         for i, made in zip(todo, results):
             tokens += made
-            bar.update(_unit_size(units[i]))
+            bar.update(units[i].size)
             bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-9):,.0f} tokens/s", refresh=False)
     finally:
         if pool is not None:
